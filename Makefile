@@ -1,0 +1,38 @@
+# twodwalk developer entry points (GNU make or BSD/macOS make 3.81+).
+#   make venv   create .venv (if missing) and install twodwalk[dev] editable
+#   make lab    open the notebooks in JupyterLab
+#   make test   lint, format check, type check, notebook strip check, tests + notebooks
+# Override the interpreter with e.g. `make test PYTHON=python3.12` (needs >= 3.11).
+
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.twodwalk-installed
+
+.PHONY: venv lab test clean-venv
+
+venv: $(STAMP)
+
+$(VPY):
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
+		|| { echo "error: $(PYTHON) is older than 3.11; run make PYTHON=/path/to/python3.11+" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+
+# Re-install only when pyproject.toml is newer than the stamp (or the venv is new).
+$(STAMP): pyproject.toml $(VPY)
+	$(VPY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+lab: $(STAMP)
+	$(VPY) -m jupyter lab notebooks/00-start-here.ipynb
+
+test: $(STAMP)
+	$(VPY) -m ruff check .
+	$(VPY) -m ruff format --check .
+	$(VPY) -m mypy
+	$(VPY) -m nbstripout --verify notebooks/*.ipynb
+	$(VPY) -m pytest tests --nbmake notebooks
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,65 @@
+"""twodwalk: x86-64 address translation under Linux KVM, in both dimensions, bit for bit.
+
+    GVA -> [guest page tables] -> GPA -> [KVM memslots] -> HVA -> [host page tables] -> HPA
+    GVA -> [guest page tables] -> GPA -> [EPT, filled in by KVM on EPT violations] -> HPA
+
+The engine keeps every paging structure as real 8-byte entries in one simulated physical memory
+and walks them with one generic walker; views and widgets only read what the engine records.
+"""
+
+from twodwalk.cpumodel import PAGE_SIZE, CpuModel
+from twodwalk.errors import AddressError, TwodwalkError
+from twodwalk.formats import DecodedEntry, EntryFormat, Ia32eFormat, Rights, ia32e_format
+from twodwalk.memory import FrameAllocator, PhysicalMemory
+from twodwalk.pagetables import PageTables
+from twodwalk.paging import (
+    GeneralProtection,
+    PageFault,
+    PagingControls,
+    X86AccessRules,
+    decode_cr3,
+    exception_for,
+    translate,
+)
+from twodwalk.walker import (
+    Access,
+    AccessKind,
+    FaultKind,
+    PhysicalTables,
+    Translation,
+    WalkFault,
+    WalkRecord,
+    WalkStep,
+    walk,
+)
+
+__all__ = [
+    "PAGE_SIZE",
+    "Access",
+    "AccessKind",
+    "AddressError",
+    "CpuModel",
+    "DecodedEntry",
+    "EntryFormat",
+    "FaultKind",
+    "FrameAllocator",
+    "GeneralProtection",
+    "Ia32eFormat",
+    "PageFault",
+    "PageTables",
+    "PagingControls",
+    "PhysicalMemory",
+    "PhysicalTables",
+    "Rights",
+    "Translation",
+    "TwodwalkError",
+    "WalkFault",
+    "WalkRecord",
+    "WalkStep",
+    "X86AccessRules",
+    "decode_cr3",
+    "exception_for",
+    "ia32e_format",
+    "translate",
+    "walk",
+]

@@ -1,0 +1,45 @@
+"""The CPU model: the few CPUID facts that change how paging behaves, in one place.
+
+Real values come from CPUID (SDM Vol 2A, CPUID leaf 80000008H: EAX[7:0] is MAXPHYADDR, EAX[15:8]
+the linear-address width; leaf 80000001H EDX[26] is 1 GiB-page support; leaf 07H ECX[16] is LA57).
+KVM reads the same bits to build its reserved-bit masks (arch/x86/kvm/mmu/mmu.c
+`reset_guest_rsvds_bits_mask`), so the engine takes them as explicit parameters, not constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twodwalk.errors import TwodwalkError
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+MAX_MAXPHYADDR = 52
+
+
+@dataclass(frozen=True)
+class CpuModel:
+    """CPUID-visible paging features of the simulated processor.
+
+    maxphyaddr: physical-address width (CPUID.80000008H:EAX[7:0]); 36..52, default 46.
+    gbpages: 1 GiB pages (CPUID.80000001H:EDX[26]); without them PS in a PDPTE is reserved.
+    la57: 5-level paging (CPUID.(EAX=07H,ECX=0):ECX[16]); needed to set CR4.LA57.
+    """
+
+    maxphyaddr: int = 46
+    gbpages: bool = True
+    la57: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.maxphyaddr, bool) or not isinstance(self.maxphyaddr, int):
+            raise TwodwalkError(f"maxphyaddr must be an integer, got {self.maxphyaddr!r}")
+        if not 36 <= self.maxphyaddr <= MAX_MAXPHYADDR:
+            raise TwodwalkError(
+                f"maxphyaddr={self.maxphyaddr} is not valid: x86-64 processors report"
+                f" 36..{MAX_MAXPHYADDR} in CPUID.80000008H:EAX[7:0]"
+            )
+
+    @property
+    def physical_limit(self) -> int:
+        """One past the highest physical address: 2**MAXPHYADDR."""
+        return 1 << self.maxphyaddr

@@ -1,0 +1,405 @@
+"""Paging-entry formats as data: which bits mean what, at which level, and which must be zero.
+
+A format is the shape of one radix tree: its depth, its index bits and the layout of its 8-byte
+entries at each level, leaf or not. The walker (walker.py) knows nothing else about x86, so the
+same loop walks guest tables, host tables and EPT tables, as KVM's one walker source
+(arch/x86/kvm/mmu/paging_tmpl.h) serves 32-bit, 64-bit and EPT formats through small helpers.
+
+Sources: SDM Vol 3A 4.5 "4-Level Paging and 5-Level Paging" (tables 4-15 .. 4-20 give the
+entry layouts) and KVM's reserved-bit masks (arch/x86/kvm/mmu/mmu.c `__reset_rsvds_bits_mask`).
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+
+from twodwalk.cpumodel import PAGE_SHIFT, CpuModel
+from twodwalk.errors import TwodwalkError, check_aligned, check_choice, check_int
+
+ENTRY_SIZE = 8
+INDEX_BITS = 9
+ENTRIES_PER_TABLE = 1 << INDEX_BITS
+PS_BIT = 7
+
+
+def bits(high: int, low: int) -> int:
+    """Mask of bits high..low inclusive (KVM's `rsvd_bits(low, high)`); 0 when high < low."""
+    return ((1 << (high + 1)) - (1 << low)) if high >= low else 0
+
+
+class Rights(enum.IntFlag):
+    """What a translation allows. x86 entries grant W (R/W=1), U (U/S=1) and X (XD=0);
+    EPT entries grant R, W and X. Rights accumulate down a walk by AND (SDM 4.6.1)."""
+
+    NONE = 0
+    R = 1
+    W = 2
+    X = 4
+    U = 8
+
+
+@dataclass(frozen=True)
+class Field:
+    """One named field of an entry, as a row of the SDM's entry tables."""
+
+    key: str
+    name: str
+    high: int
+    low: int
+    meaning: str
+    is_address: bool = False
+
+    @property
+    def mask(self) -> int:
+        return bits(self.high, self.low)
+
+    @property
+    def bit_range(self) -> str:
+        return str(self.low) if self.high == self.low else f"{self.high}:{self.low}"
+
+    def extract(self, value: int) -> int:
+        """The field's value; an address field keeps its position (a physical address)."""
+        if self.is_address:
+            return value & self.mask
+        return (value & self.mask) >> self.low
+
+    def insert(self, value: int, field_value: int) -> int:
+        """`value` with this field set to `field_value`, checked to fit."""
+        if self.is_address:
+            check_aligned(self.key, check_int(self.key, field_value, 0, 1 << 64), 1 << self.low)
+            if field_value & ~self.mask:
+                raise TwodwalkError(
+                    f"{self.key}={field_value:#x} does not fit bits {self.bit_range}: physical"
+                    f" addresses must be below {1 << (self.high + 1):#x} (MAXPHYADDR)"
+                )
+            return (value & ~self.mask) | field_value
+        width = self.high - self.low + 1
+        check_int(self.key, field_value, 0, 1 << width, valid=f"0..{(1 << width) - 1}")
+        return (value & ~self.mask) | (field_value << self.low)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The fields of one kind of entry and the bits that must be 0 when it is present."""
+
+    name: str
+    level: int
+    leaf: bool
+    fields: tuple[Field, ...]
+    reserved: int
+
+    def field(self, key: str) -> Field:
+        for field in self.fields:
+            if field.key == key:
+                return field
+        names = ", ".join(f.key for f in self.fields)
+        raise TwodwalkError(f"{self.name} has no field {key!r}: its fields are {names}")
+
+
+@dataclass(frozen=True)
+class FieldValue:
+    """A field together with its value in one entry."""
+
+    field: Field
+    value: int
+
+
+@dataclass(frozen=True)
+class DecodedEntry:
+    """An 8-byte entry read as the SDM tables read it: each field, its bits, its value."""
+
+    format_name: str
+    level: int
+    value: int
+    layout: Layout
+    present: bool
+    leaf: bool
+    reserved_set: int
+
+    @cached_property
+    def fields(self) -> tuple[FieldValue, ...]:
+        return tuple(FieldValue(f, f.extract(self.value)) for f in self.layout.fields)
+
+    def __getitem__(self, key: str) -> int:
+        return self.layout.field(key).extract(self.value)
+
+
+class EntryFormat(ABC):
+    """The shape of one kind of radix tree, and small predicates over its entries.
+
+    Levels count from 1 (the table that maps 4 KiB pages) to `levels` (the root). Subclasses
+    give the entry layouts and the few format-specific predicates; everything else is shared.
+    """
+
+    name: str
+    levels: int
+    maxphyaddr: int
+    level_names: Mapping[int, str]
+    accessed_bit: int | None
+    dirty_bit: int | None
+
+    @property
+    def input_bits(self) -> int:
+        """Width of the translated address: 48 for 4 levels, 57 for 5."""
+        return PAGE_SHIFT + INDEX_BITS * self.levels
+
+    @staticmethod
+    def shift(level: int) -> int:
+        """Lowest address bit that selects an entry of a level-`level` table."""
+        return PAGE_SHIFT + INDEX_BITS * (level - 1)
+
+    @classmethod
+    def page_size(cls, level: int) -> int:
+        """Size mapped by a leaf at `level`: 4 KiB, 2 MiB, 1 GiB."""
+        return 1 << cls.shift(level)
+
+    def index(self, address: int, level: int) -> int:
+        """Entry index of `address` in a level-`level` table (SDM 4.5.4, figure 4-8)."""
+        return (address >> self.shift(level)) & (ENTRIES_PER_TABLE - 1)
+
+    @property
+    @abstractmethod
+    def large_page_levels(self) -> frozenset[int]:
+        """Levels where bit 7 set makes the entry a leaf (a large page)."""
+
+    @property
+    @abstractmethod
+    def leaf_levels(self) -> frozenset[int]:
+        """Levels at which this CPU model can map a page: 4 KiB always, 2 MiB, maybe 1 GiB."""
+
+    @abstractmethod
+    def is_present(self, value: int) -> bool:
+        """Whether the entry is present (x86: P=1; EPT: any of R/W/X)."""
+
+    @abstractmethod
+    def rights(self, value: int) -> Rights:
+        """The rights one entry grants; the walker ANDs them down the tree."""
+
+    @abstractmethod
+    def layout(self, level: int, bit7: bool) -> Layout:
+        """The layout of a level-`level` entry, chosen by its bit 7 as KVM chooses its
+        reserved-bit mask (`rsvd_bits_mask[bit7][level - 1]`)."""
+
+    @abstractmethod
+    def check_address(self, address: int) -> str | None:
+        """Why `address` cannot be translated at all (e.g. non-canonical), or None."""
+
+    @property
+    @abstractmethod
+    def table_defaults(self) -> Mapping[str, int]:
+        """Fields a builder sets in a non-leaf entry so that the leaf alone decides rights."""
+
+    def misconfiguration(self, value: int, layout: Layout) -> str | None:
+        """A present entry that is invalid for a reason other than a reserved bit."""
+        del value, layout
+        return None
+
+    def is_leaf(self, value: int, level: int) -> bool:
+        """A level-1 entry, or a large page: bit 7 set where large pages exist."""
+        return level == 1 or (level in self.large_page_levels and bool(value >> PS_BIT & 1))
+
+    def address_mask(self, level: int, leaf: bool) -> int:
+        """Bits holding the physical address: M-1:12, or M-1:21 / M-1:30 in a large leaf."""
+        return bits(self.maxphyaddr - 1, self.shift(level) if leaf else PAGE_SHIFT)
+
+    def output_address(self, value: int, level: int) -> int:
+        """The physical address an entry points to: the next table, or the page frame."""
+        return value & self.address_mask(level, self.is_leaf(value, level))
+
+    def reserved_set(self, value: int, level: int) -> int:
+        """Reserved bits set in a present entry (KVM `is_rsvd_bits_set`)."""
+        return value & self.layout(level, bool(value >> PS_BIT & 1)).reserved
+
+    def problem(self, value: int, level: int) -> str | None:
+        """Why a present entry is invalid (reserved bits, or a format-specific rule), or None."""
+        layout = self.layout(level, bool(value >> PS_BIT & 1))
+        reserved = value & layout.reserved
+        if reserved:
+            return f"reserved bit(s) {_bit_list(reserved)} set in {layout.name}"
+        return self.misconfiguration(value, layout)
+
+    def decode(self, value: int, level: int) -> DecodedEntry:
+        """Name every field of a raw entry."""
+        check_int("entry value", value, 0, 1 << 64, valid="0 <= value < 2**64")
+        self._check_level(level)
+        layout = self.layout(level, bool(value >> PS_BIT & 1))
+        return DecodedEntry(
+            format_name=self.name,
+            level=level,
+            value=value,
+            layout=layout,
+            present=self.is_present(value),
+            leaf=self.is_leaf(value, level),
+            reserved_set=value & layout.reserved,
+        )
+
+    def encode(self, level: int, leaf: bool, **fields: int) -> int:
+        """Build an entry from named fields. A large leaf gets bit 7 (PS) set for you."""
+        self._check_level(level)
+        if leaf and level != 1 and level not in self.large_page_levels:
+            sizes = ", ".join(f"level {lv}" for lv in sorted(self.large_page_levels)) or "none"
+            raise TwodwalkError(
+                f"level={level} cannot hold a leaf in {self.name}: large pages exist at {sizes}"
+            )
+        layout = self.layout(level, leaf and level != 1)
+        value = 1 << PS_BIT if leaf and level != 1 else 0
+        for key, field_value in fields.items():
+            value = layout.field(key).insert(value, field_value)
+        return value
+
+    def _check_level(self, level: int) -> None:
+        check_int("level", level, 1, self.levels + 1, valid=f"1..{self.levels} in {self.name}")
+
+    def level_name(self, level: int) -> str:
+        return self.level_names[level]
+
+
+def _bit_list(mask: int) -> str:
+    return ",".join(str(b) for b in range(64) if mask >> b & 1)
+
+
+# --- IA-32e (4-level and 5-level) paging: SDM Vol 3A 4.5, tables 4-15 .. 4-20 -----------------
+
+_X86_LEVEL_NAMES = {5: "PML5E", 4: "PML4E", 3: "PDPTE", 2: "PDE", 1: "PTE"}
+_X86_TABLE_NAMES = {
+    5: "PML4 table",
+    4: "page-directory-pointer table",
+    3: "page directory",
+    2: "page table",
+}
+
+
+def _x86_common(address_low: int, maxphyaddr: int, target: str) -> list[Field]:
+    return [
+        Field("p", "P", 0, 0, "Present; must be 1 to reference a table or map a page"),
+        Field("rw", "R/W", 1, 1, "Read/write; if 0, writes may not be allowed"),
+        Field("us", "U/S", 2, 2, "User/supervisor; if 0, user-mode accesses are not allowed"),
+        Field("pwt", "PWT", 3, 3, "Page-level write-through"),
+        Field("pcd", "PCD", 4, 4, "Page-level cache disable"),
+        Field("a", "A", 5, 5, "Accessed; set by the processor when the entry is used"),
+        Field(
+            "address",
+            "Address",
+            maxphyaddr - 1,
+            address_low,
+            f"Physical address of the {target}",
+            is_address=True,
+        ),
+    ]
+
+
+def _x86_leaf_extra(level: int) -> list[Field]:
+    extra = [
+        Field("d", "D", 6, 6, "Dirty; set by the processor on a write through this entry"),
+        Field("g", "G", 8, 8, "Global; the translation survives a CR3 load if CR4.PGE=1"),
+        Field("pk", "PK", 62, 59, "Protection key (if CR4.PKE=1 or CR4.PKS=1)"),
+    ]
+    if level == 1:
+        extra.append(Field("pat", "PAT", 7, 7, "Memory type, with PCD and PWT (PAT index)"))
+    else:
+        extra.append(Field("ps", "PS", 7, 7, "Page size; 1: this entry maps a page"))
+        extra.append(Field("pat", "PAT", 12, 12, "Memory type, with PCD and PWT (PAT index)"))
+    return extra
+
+
+_XD = Field("xd", "XD", 63, 63, "Execute-disable (if IA32_EFER.NXE=1)")
+
+
+class Ia32eFormat(EntryFormat):
+    """IA-32e paging entries (4-level or 5-level), for guest and host page tables alike."""
+
+    accessed_bit = 5
+    dirty_bit = 6
+
+    def __init__(self, levels: int, maxphyaddr: int, gbpages: bool, nxe: bool) -> None:
+        check_choice("levels", str(levels), ("4", "5"))
+        self.levels = levels
+        self.maxphyaddr = maxphyaddr
+        self.gbpages = gbpages
+        self.nxe = nxe
+        self.name = f"IA-32e {levels}-level paging"
+        self.level_names = {lv: _X86_LEVEL_NAMES[lv] for lv in range(1, levels + 1)}
+        self._layouts = {
+            (lv, b7): self._make_layout(lv, b7)
+            for lv in range(1, levels + 1)
+            for b7 in (False, True)
+        }
+
+    @property
+    def large_page_levels(self) -> frozenset[int]:
+        return frozenset({2, 3})
+
+    @property
+    def leaf_levels(self) -> frozenset[int]:
+        return frozenset({1, 2, 3} if self.gbpages else {1, 2})
+
+    @property
+    def table_defaults(self) -> Mapping[str, int]:
+        return {"p": 1, "rw": 1, "us": 1}
+
+    def is_present(self, value: int) -> bool:
+        return bool(value & 1)
+
+    def rights(self, value: int) -> Rights:
+        granted = Rights.R
+        if value & 2:
+            granted |= Rights.W
+        if value & 4:
+            granted |= Rights.U
+        if not value >> 63:
+            granted |= Rights.X
+        return granted
+
+    def layout(self, level: int, bit7: bool) -> Layout:
+        return self._layouts[level, bit7]
+
+    def check_address(self, address: int) -> str | None:
+        """Canonical check (SDM 3.3.7.1): bits 63:N-1 must all equal bit N-1."""
+        top = address >> (self.input_bits - 1)
+        if top in (0, (1 << (65 - self.input_bits)) - 1):
+            return None
+        return (
+            f"{address:#x} is not canonical for {self.levels}-level paging: bits"
+            f" 63:{self.input_bits - 1} must all equal bit {self.input_bits - 1}"
+        )
+
+    def _make_layout(self, level: int, bit7: bool) -> Layout:
+        """Layouts and reserved masks as in KVM `__reset_rsvds_bits_mask` (Intel, long mode)."""
+        reserved = bits(51, self.maxphyaddr) | (0 if self.nxe else bits(63, 63))
+        large = bit7 and level in (2, 3)
+        if level == 1 or large:
+            size = {1: "4-KByte", 2: "2-MByte", 3: "1-GByte"}[level]
+            low = self.shift(level)
+            fields = _x86_common(low, self.maxphyaddr, f"{size} page") + _x86_leaf_extra(level)
+            reserved |= bits(low - 1, 13) if large else 0
+            if level == 3 and not self.gbpages:
+                reserved |= bits(7, 7)
+            what = f"maps a {size} page"
+        else:
+            fields = _x86_common(PAGE_SHIFT, self.maxphyaddr, _X86_TABLE_NAMES[level])
+            ps_meaning = "Page size; must be 0 to reference a table"
+            if level > 3:
+                ps_meaning = "Reserved (must be 0)"
+                reserved |= bits(7, 7)
+            fields.append(Field("ps", "PS", 7, 7, ps_meaning))
+            what = f"references a {_X86_TABLE_NAMES[level]}"
+        fields.append(_XD)
+        return Layout(
+            f"{self.level_names[level]} ({what})",
+            level,
+            level == 1 or large,
+            tuple(sorted(fields, key=lambda f: f.low)),
+            reserved,
+        )
+
+
+@lru_cache(maxsize=64)
+def ia32e_format(levels: int, cpu: CpuModel, nxe: bool = True) -> Ia32eFormat:
+    """The IA-32e format for a CPU model; EFER.NXE=0 makes bit 63 reserved (SDM 4.5.4)."""
+    if levels == 5 and not cpu.la57:
+        raise TwodwalkError("levels=5 needs a CPU model with la57=True (CPUID.07H:ECX[16])")
+    return Ia32eFormat(levels, cpu.maxphyaddr, cpu.gbpages, nxe)

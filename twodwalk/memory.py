@@ -1,0 +1,142 @@
+"""Physical memory: the one store that holds every byte of the simulated host.
+
+Host page tables, the EPT tables KVM builds, the frames backing guest RAM and therefore the
+guest's own page tables all live here, as they do in a real machine's DRAM. Memory is sparse
+(a dict of 4 KiB frames, created on first write) so a 2**46-byte address space costs only the
+frames actually touched; reading a frame never written returns zeros.
+
+Paging structures are read 8 bytes at a time, little-endian (SDM Vol 3A 4.5: "each entry is
+64 bits"), so `read_u64`/`write_u64` are the fast path used by the walker.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE
+from twodwalk.errors import AddressError, TwodwalkError, check_aligned, check_int
+
+_U64 = struct.Struct("<Q")
+_ZERO_FRAME = bytes(PAGE_SIZE)
+U64_LIMIT = 1 << 64
+
+
+class PhysicalMemory:
+    """Sparse byte-addressable physical memory below 2**maxphyaddr, in 4 KiB frames."""
+
+    def __init__(self, maxphyaddr: int = 46) -> None:
+        check_int("maxphyaddr", maxphyaddr, 12, 65, valid="12..64")
+        self.maxphyaddr = maxphyaddr
+        self.limit = 1 << maxphyaddr
+        self._frames: dict[int, bytearray] = {}
+
+    def _check(self, address: int, size: int) -> None:
+        if isinstance(address, bool) or not isinstance(address, int):
+            raise TwodwalkError(f"physical address must be an integer, got {address!r}")
+        if address < 0 or address + size > self.limit:
+            raise AddressError(
+                f"physical address {address:#x} (+{size} bytes) is outside physical memory:"
+                f" valid addresses are 0 ..{self.limit - 1:#x} (MAXPHYADDR={self.maxphyaddr})"
+            )
+
+    def read_u64(self, address: int) -> int:
+        """Read an 8-byte little-endian entry; `address` must be 8-byte aligned."""
+        self._check(address, 8)
+        check_aligned("entry address", address, 8)
+        frame = self._frames.get(address >> PAGE_SHIFT)
+        if frame is None:
+            return 0
+        value: int = _U64.unpack_from(frame, address & (PAGE_SIZE - 1))[0]
+        return value
+
+    def write_u64(self, address: int, value: int) -> None:
+        """Write an 8-byte little-endian entry; `address` must be 8-byte aligned."""
+        self._check(address, 8)
+        check_aligned("entry address", address, 8)
+        check_int("entry value", value, 0, U64_LIMIT, valid="0 <= value < 2**64")
+        _U64.pack_into(self._frame(address >> PAGE_SHIFT), address & (PAGE_SIZE - 1), value)
+
+    def read(self, address: int, size: int) -> bytes:
+        """Read `size` bytes, which may span frames."""
+        self._check(address, size)
+        out = bytearray()
+        for pfn, start, end in _pieces(address, size):
+            frame = self._frames.get(pfn, _ZERO_FRAME)
+            out += frame[start:end]
+        return bytes(out)
+
+    def write(self, address: int, data: bytes) -> None:
+        """Write bytes, which may span frames."""
+        self._check(address, len(data))
+        done = 0
+        for pfn, start, end in _pieces(address, len(data)):
+            self._frame(pfn)[start:end] = data[done : done + end - start]
+            done += end - start
+
+    def copy_frame(self, source: int, destination: int) -> None:
+        """Copy one whole 4 KiB frame (what the host does to migrate or CoW a page)."""
+        data = self.read(check_aligned("source", source, PAGE_SIZE), PAGE_SIZE)
+        self.write(check_aligned("destination", destination, PAGE_SIZE), data)
+
+    def zero_frame(self, address: int) -> None:
+        """Clear a frame: a zero frame costs no storage, so it is simply dropped."""
+        self._check(check_aligned("frame address", address, PAGE_SIZE), PAGE_SIZE)
+        self._frames.pop(address >> PAGE_SHIFT, None)
+
+    def touched_frames(self) -> Iterator[int]:
+        """Physical addresses of the frames that hold data, in ascending order."""
+        return (pfn << PAGE_SHIFT for pfn in sorted(self._frames))
+
+    def _frame(self, pfn: int) -> bytearray:
+        frame = self._frames.get(pfn)
+        if frame is None:
+            frame = self._frames[pfn] = bytearray(PAGE_SIZE)
+        return frame
+
+
+def _pieces(address: int, size: int) -> Iterator[tuple[int, int, int]]:
+    """Split [address, address+size) into (pfn, start, end) pieces within frames."""
+    while size > 0:
+        start = address & (PAGE_SIZE - 1)
+        end = min(PAGE_SIZE, start + size)
+        yield address >> PAGE_SHIFT, start, end
+        address += end - start
+        size -= end - start
+
+
+class FrameAllocator:
+    """Hands out zeroed 4 KiB frames from [first, limit), lowest first, as a kernel's buddy
+    allocator would for single pages; freed frames are reused before fresh ones."""
+
+    def __init__(self, memory: PhysicalMemory, first: int, limit: int) -> None:
+        check_aligned("first", check_int("first", first, 0, memory.limit), PAGE_SIZE)
+        check_aligned("limit", check_int("limit", limit, first + 1, memory.limit + 1), PAGE_SIZE)
+        self.memory = memory
+        self.first = first
+        self.limit = limit
+        self._next = first
+        self._free: list[int] = []
+        self.allocated: set[int] = set()
+
+    def alloc(self) -> int:
+        """Return the address of a zeroed frame; raise MemoryError when none is left."""
+        if self._free:
+            address = self._free.pop()
+        elif self._next < self.limit:
+            address, self._next = self._next, self._next + PAGE_SIZE
+        else:
+            raise MemoryError(
+                f"out of frames: all {(self.limit - self.first) // PAGE_SIZE} frames in"
+                f" [{self.first:#x}, {self.limit:#x}) are allocated"
+            )
+        self.memory.zero_frame(address)
+        self.allocated.add(address)
+        return address
+
+    def free(self, address: int) -> None:
+        """Return a frame to the allocator."""
+        if address not in self.allocated:
+            raise TwodwalkError(f"frame {address:#x} was not allocated by this allocator")
+        self.allocated.remove(address)
+        self._free.append(address)

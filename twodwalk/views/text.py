@@ -1,0 +1,100 @@
+"""Text views: entries as the SDM tables show them, walks as a hand calculation, table trees.
+
+Views only read what the engine recorded (a `DecodedEntry`, a `WalkRecord`, the entries of a
+`PageTables`); they never walk or translate anything themselves. Numbers are hex with decimal
+beside them where a learner would check an index by hand (as in the OSTEP paging simulators).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from twodwalk.formats import DecodedEntry, EntryFormat, Rights
+from twodwalk.walker import Translation, WalkFault, WalkRecord
+
+if TYPE_CHECKING:
+    from twodwalk.pagetables import TreeEntry
+
+
+def describe_entry(entry: DecodedEntry) -> str:
+    """An entry as a table of fields: bits, name, value, meaning (SDM tables 4-15..4-20)."""
+    state = "present" if entry.present else "not present"
+    lines = [
+        f"{entry.layout.name} = {entry.value:#018x} ({state})",
+        f"  {'bits':>6}  {'field':<8} {'value':>18}  meaning",
+    ]
+    for fv in entry.fields:
+        width = fv.field.high - fv.field.low + 1
+        shown = f"{fv.value:#x}" if fv.field.is_address or width > 1 else str(fv.value)
+        lines.append(
+            f"  {fv.field.bit_range:>6}  {fv.field.name:<8} {shown:>18}  {fv.field.meaning}"
+        )
+    if entry.reserved_set:
+        lines.append(f"  reserved bits set: {entry.reserved_set:#x} (a walk faults with RSVD)")
+    return "\n".join(lines)
+
+
+def rights_text(rights: Rights) -> str:
+    """Accumulated rights as letters, e.g. 'RW-U' ('-' for a right not granted)."""
+    return "".join(
+        r.name or "" if r in rights else "-" for r in (Rights.R, Rights.W, Rights.X, Rights.U)
+    )
+
+
+def format_walk(record: WalkRecord) -> str:
+    """A walk as a hand calculation: per level the index, the entry, and where it leads."""
+    fmt = record.format
+    lines = [
+        f"{fmt.name}: {record.access.kind.value} of {record.address:#x}"
+        f" ({'user' if record.access.user else 'supervisor'}), root {record.root:#x}"
+    ]
+    for step in record.steps:
+        name = fmt.level_name(step.level)
+        bits_used = f"{fmt.shift(step.level) + 8}:{fmt.shift(step.level)}"
+        line = (
+            f"  {name:<6} index[{bits_used:>5}] = {step.index:#05x} ({step.index:3d})"
+            f"  entry @ {step.entry_address:#x} = {step.value:#018x}"
+        )
+        line += _step_meaning(fmt, step.level, step.value) + f"  rights {rights_text(step.rights)}"
+        if step.written is not None:
+            line += f"  -> wrote {step.written:#018x}"
+        lines.append(line)
+    lines.append("  " + _outcome_text(record.outcome))
+    return "\n".join(lines)
+
+
+def _step_meaning(fmt: EntryFormat, level: int, value: int) -> str:
+    if not fmt.is_present(value):
+        return "  not present"
+    target = fmt.output_address(value, level)
+    if fmt.is_leaf(value, level):
+        return f"  page {target:#x} ({fmt.page_size(level) >> 10} KiB)"
+    return f"  next table {target:#x}"
+
+
+def _outcome_text(outcome: Translation | WalkFault) -> str:
+    if isinstance(outcome, Translation):
+        return (
+            f"=> physical {outcome.address:#x} in a {outcome.page_size >> 10} KiB page,"
+            f" rights {rights_text(outcome.rights)}"
+        )
+    where = "before the walk" if outcome.level is None else f"at level {outcome.level}"
+    return f"=> FAULT {where}: {outcome.kind.value}: {outcome.detail}"
+
+
+def format_tree(fmt: EntryFormat, root: int, entries: Iterable[TreeEntry]) -> str:
+    """The present entries of a table tree, indented by level (like Linux's ptdump)."""
+    lines = [f"{fmt.name}, root table at {root:#x}"]
+    for e in entries:
+        indent = "  " * (fmt.levels - e.level + 1)
+        what = (
+            f"page {fmt.output_address(e.value, e.level):#x} ({fmt.page_size(e.level) >> 10} KiB)"
+            if e.leaf
+            else f"table {fmt.output_address(e.value, e.level):#x}"
+        )
+        lines.append(
+            f"{indent}{fmt.level_name(e.level)} {e.virtual:#018x} @ {e.entry_address:#x}"
+            f" = {e.value:#018x} -> {what}"
+        )
+    return "\n".join(lines)
