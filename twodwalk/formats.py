@@ -141,6 +141,7 @@ class EntryFormat(ABC):
     level_names: Mapping[int, str]
     accessed_bit: int | None
     dirty_bit: int | None
+    all_rights: Rights
 
     @property
     def input_bits(self) -> int:
@@ -170,6 +171,14 @@ class EntryFormat(ABC):
     @abstractmethod
     def leaf_levels(self) -> frozenset[int]:
         """Levels at which this CPU model can map a page: 4 KiB always, 2 MiB, maybe 1 GiB."""
+
+    def level_for_size(self, page_size: int) -> int:
+        """The level whose leaves map `page_size` bytes; rejects sizes this format lacks."""
+        for level in sorted(self.leaf_levels):
+            if self.page_size(level) == page_size:
+                return level
+        valid = ", ".join(f"{self.page_size(lv):#x}" for lv in sorted(self.leaf_levels))
+        raise TwodwalkError(f"page_size={page_size!r} is not supported here: valid are {valid}")
 
     @abstractmethod
     def is_present(self, value: int) -> bool:
@@ -314,6 +323,7 @@ class Ia32eFormat(EntryFormat):
 
     accessed_bit = 5
     dirty_bit = 6
+    all_rights = Rights.R | Rights.W | Rights.X | Rights.U
 
     def __init__(self, levels: int, maxphyaddr: int, gbpages: bool, nxe: bool) -> None:
         check_choice("levels", str(levels), ("4", "5"))
@@ -403,3 +413,146 @@ def ia32e_format(levels: int, cpu: CpuModel, nxe: bool = True) -> Ia32eFormat:
     if levels == 5 and not cpu.la57:
         raise TwodwalkError("levels=5 needs a CPU model with la57=True (CPUID.07H:ECX[16])")
     return Ia32eFormat(levels, cpu.maxphyaddr, cpu.gbpages, nxe)
+
+
+# --- EPT: SDM Vol 3C 29.3.2 "EPT Translation Mechanism", tables 29-1 .. 29-7 -------------------
+
+_EPT_LEVEL_NAMES = {5: "EPT PML5E", 4: "EPT PML4E", 3: "EPT PDPTE", 2: "EPT PDE", 1: "EPT PTE"}
+_EPT_TABLE_NAMES = {
+    5: "EPT PML4 table",
+    4: "EPT page-directory-pointer table",
+    3: "EPT page directory",
+    2: "EPT page table",
+}
+_EPT_BAD_MEMTYPES = frozenset({2, 3, 7})
+
+
+def _ept_common(address_low: int, maxphyaddr: int, target: str) -> list[Field]:
+    return [
+        Field("r", "R", 0, 0, "Read access allowed"),
+        Field("w", "W", 1, 1, "Write access allowed"),
+        Field("x", "X", 2, 2, "Instruction fetch allowed (supervisor fetch with MBEC)"),
+        Field("a", "A", 8, 8, "Accessed (if EPTP bit 6 enables EPT A/D flags)"),
+        Field("xu", "XU", 10, 10, "User-mode fetch allowed (with MBEC; else ignored)"),
+        Field("sw", "SW", 11, 11, "Ignored by the CPU; KVM's SPTE_MMU_PRESENT software bit"),
+        Field(
+            "address",
+            "Address",
+            maxphyaddr - 1,
+            address_low,
+            f"Physical address of the {target}",
+            is_address=True,
+        ),
+    ]
+
+
+def _ept_leaf_extra(level: int) -> list[Field]:
+    extra = [
+        Field("mt", "MT", 5, 3, "EPT memory type: 0 UC, 1 WC, 4 WT, 5 WP, 6 WB"),
+        Field("ipat", "IPAT", 6, 6, "Ignore PAT memory type"),
+        Field("d", "D", 9, 9, "Dirty (if EPTP bit 6 enables EPT A/D flags)"),
+        Field("hw", "HW", 57, 57, "Ignored by the CPU; KVM: host page writable"),
+        Field("mw", "MW", 58, 58, "Ignored by the CPU; KVM: may be made writable"),
+        Field("sve", "SVE", 63, 63, "Suppress #VE"),
+    ]
+    if level > 1:
+        extra.append(Field("ps", "PS", 7, 7, "Page size; 1: this entry maps a page"))
+    return extra
+
+
+class EptFormat(EntryFormat):
+    """EPT paging-structure entries (4-level or 5-level), walked for GPA -> HPA."""
+
+    all_rights = Rights.R | Rights.W | Rights.X
+
+    def __init__(
+        self, levels: int, maxphyaddr: int, gbpages: bool, ad: bool, execute_only: bool = True
+    ) -> None:
+        check_choice("ept levels", str(levels), ("4", "5"))
+        self.levels = levels
+        self.maxphyaddr = maxphyaddr
+        self.gbpages = gbpages
+        self.ad = ad
+        self.execute_only = execute_only
+        self.accessed_bit = 8 if ad else None
+        self.dirty_bit = 9 if ad else None
+        self.name = f"EPT {levels}-level"
+        self.level_names = {lv: _EPT_LEVEL_NAMES[lv] for lv in range(1, levels + 1)}
+        self._layouts = {
+            (lv, b7): self._make_layout(lv, b7)
+            for lv in range(1, levels + 1)
+            for b7 in (False, True)
+        }
+
+    @property
+    def large_page_levels(self) -> frozenset[int]:
+        return frozenset({2, 3})
+
+    @property
+    def leaf_levels(self) -> frozenset[int]:
+        return frozenset({1, 2, 3} if self.gbpages else {1, 2})
+
+    @property
+    def table_defaults(self) -> Mapping[str, int]:
+        return {"r": 1, "w": 1, "x": 1}
+
+    def is_present(self, value: int) -> bool:
+        """SDM 29.3.2: an entry is not present when bits 2:0 are all 0."""
+        return bool(value & 7)
+
+    def rights(self, value: int) -> Rights:
+        return Rights(value & 7)
+
+    def layout(self, level: int, bit7: bool) -> Layout:
+        return self._layouts[level, bit7]
+
+    def check_address(self, address: int) -> str | None:
+        if address >> self.input_bits:
+            return (
+                f"guest-physical address {address:#x} is beyond what {self.levels}-level EPT"
+                f" translates ({self.input_bits} bits)"
+            )
+        return None
+
+    def misconfiguration(self, value: int, layout: Layout) -> str | None:
+        """SDM 29.3.3.1: write-only or write+execute, execute-only without the capability,
+        or a leaf memory type of 2, 3 or 7 (KVM `__is_bad_mt_xwr`)."""
+        xwr = value & 7
+        if xwr in (0b010, 0b110) or (xwr == 0b100 and not self.execute_only):
+            return f"{layout.name} has X/W/R = {xwr:03b}, which EPT does not allow"
+        memtype = value >> 3 & 7
+        if layout.leaf and memtype in _EPT_BAD_MEMTYPES:
+            return f"{layout.name} has memory type {memtype}, which is reserved"
+        return None
+
+    def _make_layout(self, level: int, bit7: bool) -> Layout:
+        """Reserved masks as KVM `__reset_rsvds_bits_mask_ept` builds them."""
+        reserved = bits(51, self.maxphyaddr)
+        large = bit7 and level in (2, 3)
+        if level == 1 or large:
+            size = {1: "4-KByte", 2: "2-MByte", 3: "1-GByte"}[level]
+            low = self.shift(level)
+            fields = _ept_common(low, self.maxphyaddr, f"{size} page") + _ept_leaf_extra(level)
+            reserved |= bits(low - 1, 12) if large else 0
+            if level == 3 and not self.gbpages:
+                reserved |= bits(7, 7)
+            what = f"maps a {size} page"
+        else:
+            fields = _ept_common(PAGE_SHIFT, self.maxphyaddr, _EPT_TABLE_NAMES[level])
+            reserved |= bits(7, 3) if level > 3 else bits(6, 3)
+            if level in (2, 3):
+                fields.append(Field("ps", "PS", 7, 7, "Page size; must be 0 to reference a table"))
+            what = f"references an {_EPT_TABLE_NAMES[level]}"
+        return Layout(
+            f"{self.level_names[level]} ({what})",
+            level,
+            level == 1 or large,
+            tuple(sorted(fields, key=lambda f: f.low)),
+            reserved,
+        )
+
+
+@lru_cache(maxsize=64)
+def ept_format(levels: int, cpu: CpuModel, ad: bool = True) -> EptFormat:
+    """The EPT format for a CPU model; 1 GiB EPT pages follow the CPU's 1 GiB support."""
+    return EptFormat(levels, cpu.maxphyaddr, cpu.gbpages, ad)

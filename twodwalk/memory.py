@@ -34,10 +34,11 @@ class PhysicalMemory:
     def _check(self, address: int, size: int) -> None:
         if isinstance(address, bool) or not isinstance(address, int):
             raise TwodwalkError(f"physical address must be an integer, got {address!r}")
+        check_int("size", size, 0, self.limit + 1, valid=f"0 <= size <= {self.limit:#x}")
         if address < 0 or address + size > self.limit:
             raise AddressError(
                 f"physical address {address:#x} (+{size} bytes) is outside physical memory:"
-                f" valid addresses are 0 ..{self.limit - 1:#x} (MAXPHYADDR={self.maxphyaddr})"
+                f" valid addresses are 0..{self.limit - 1:#x} (MAXPHYADDR={self.maxphyaddr})"
             )
 
     def read_u64(self, address: int) -> int:
@@ -106,15 +107,22 @@ def _pieces(address: int, size: int) -> Iterator[tuple[int, int, int]]:
 
 
 class FrameAllocator:
-    """Hands out zeroed 4 KiB frames from [first, limit), lowest first, as a kernel's buddy
-    allocator would for single pages; freed frames are reused before fresh ones."""
+    """Hands out zeroed frames of `frame_size` bytes (4 KiB, or 2 MiB for huge pages) from
+    [first, limit), lowest first, as a kernel's buddy allocator would; the most recently freed
+    frame is reused first (like the per-CPU free lists), so a freed frame is soon someone
+    else's."""
 
-    def __init__(self, memory: PhysicalMemory, first: int, limit: int) -> None:
-        check_aligned("first", check_int("first", first, 0, memory.limit), PAGE_SIZE)
-        check_aligned("limit", check_int("limit", limit, first + 1, memory.limit + 1), PAGE_SIZE)
+    def __init__(
+        self, memory: PhysicalMemory, first: int, limit: int, frame_size: int = PAGE_SIZE
+    ) -> None:
+        if frame_size <= 0 or frame_size % PAGE_SIZE:
+            raise TwodwalkError(f"frame_size={frame_size!r} must be a multiple of {PAGE_SIZE}")
+        check_aligned("first", check_int("first", first, 0, memory.limit), frame_size)
+        check_aligned("limit", check_int("limit", limit, first + 1, memory.limit + 1), frame_size)
         self.memory = memory
         self.first = first
         self.limit = limit
+        self.frame_size = frame_size
         self._next = first
         self._free: list[int] = []
         self.allocated: set[int] = set()
@@ -124,18 +132,23 @@ class FrameAllocator:
         if self._free:
             address = self._free.pop()
         elif self._next < self.limit:
-            address, self._next = self._next, self._next + PAGE_SIZE
+            address, self._next = self._next, self._next + self.frame_size
         else:
             raise MemoryError(
-                f"out of frames: all {(self.limit - self.first) // PAGE_SIZE} frames in"
+                f"out of frames: all {(self.limit - self.first) // self.frame_size} frames in"
                 f" [{self.first:#x}, {self.limit:#x}) are allocated"
             )
-        self.memory.zero_frame(address)
+        for page in range(address, address + self.frame_size, PAGE_SIZE):
+            self.memory.zero_frame(page)
         self.allocated.add(address)
         return address
 
+    def owns(self, address: int) -> bool:
+        """Whether `address` lies in this allocator's range."""
+        return self.first <= address < self.limit
+
     def free(self, address: int) -> None:
-        """Return a frame to the allocator."""
+        """Return a frame to the allocator (its contents stay until it is handed out again)."""
         if address not in self.allocated:
             raise TwodwalkError(f"frame {address:#x} was not allocated by this allocator")
         self.allocated.remove(address)

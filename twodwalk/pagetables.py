@@ -59,7 +59,7 @@ class PageTables:
     ) -> None:
         """Map [virtual, virtual+size) to [physical, ...) with leaves of `page_size` and the
         given leaf fields (e.g. rw=1, us=1, xd=1 for IA-32e; r=1, w=1, x=1, mt=6 for EPT)."""
-        level = self._leaf_level(page_size)
+        level = self.fmt.level_for_size(page_size)
         self._check_range(virtual, size, page_size)
         check_aligned(
             "physical", check_int("physical", physical, 0, 1 << self.fmt.maxphyaddr), page_size
@@ -71,6 +71,10 @@ class PageTables:
             (1 << self.fmt.maxphyaddr) + 1,
             valid=f"physical + size <= {1 << self.fmt.maxphyaddr:#x} (MAXPHYADDR)",
         )
+        layout = self.fmt.layout(level, level != 1)
+        for key in fields:
+            if key in ("address", "p") or layout.field(key).key == "ps":
+                raise TwodwalkError(f"{key} is set by map() itself: give the leaf's other fields")
         leaves = [(virtual + off, physical + off) for off in range(0, size, page_size)]
         for va, _ in leaves:
             slot = self._slot(va, level, create=False)
@@ -84,23 +88,24 @@ class PageTables:
 
     def unmap(self, virtual: int, size: int) -> None:
         """Clear the leaves covering [virtual, virtual+size); each must be wholly inside."""
-        for slot, _ in self._leaves_in(virtual, size):
+        for slot, _ in list(self._leaves_in(virtual, size)):
             self.space.write_u64(slot, 0)
 
     def protect(self, virtual: int, size: int, **fields: int) -> None:
         """Rewrite leaf fields (rw, us, xd, pk, ...) of every page in the range, keeping the
         address: what mprotect() does to the PTEs (mm/mprotect.c `change_pte_range`)."""
-        for slot, level in self._leaves_in(virtual, size):
+        for slot, level in list(self._leaves_in(virtual, size)):
             value = self.space.read_u64(slot)
             layout = self.fmt.layout(level, level != 1)
             for key, field_value in fields.items():
                 value = layout.field(key).insert(value, field_value)
             self.space.write_u64(slot, value)
 
-    def entry_address(self, virtual: int, level: int) -> int | None:
-        """Where the level-`level` entry for `virtual` lives, or None if a table is missing."""
+    def entry_address(self, virtual: int, level: int, *, create: bool = False) -> int | None:
+        """Where the level-`level` entry for `virtual` lives; None if a table on the way is
+        missing, unless `create` allocates it (Linux `pte_alloc`, `pmd_alloc`)."""
         self.fmt.decode(0, level)
-        return self._slot(virtual, level, create=False)
+        return self._slot(virtual, level, create=create)
 
     def dump(self) -> str:
         """The tree in text, one present entry a line (see `views.text.format_tree`)."""
@@ -125,13 +130,6 @@ class PageTables:
                     level - 1,
                     base | index << self.fmt.shift(level),
                 )
-
-    def _leaf_level(self, page_size: int) -> int:
-        for level in sorted(self.fmt.leaf_levels):
-            if self.fmt.page_size(level) == page_size:
-                return level
-        valid = ", ".join(f"{self.fmt.page_size(lv):#x}" for lv in sorted(self.fmt.leaf_levels))
-        raise TwodwalkError(f"page_size={page_size!r} is not supported here: valid are {valid}")
 
     def _check_range(self, virtual: int, size: int, page_size: int) -> None:
         check_int("virtual", virtual, 0, 1 << 64, valid="0 <= virtual < 2**64")
@@ -175,7 +173,7 @@ class PageTables:
         end = virtual + size
         va = virtual
         while va < end:
-            found = self._find_leaf(va)
+            found = self.find_leaf(va)
             if found is None:
                 va += PAGE_SIZE
                 continue
@@ -189,7 +187,8 @@ class PageTables:
             yield slot, level
             va += page
 
-    def _find_leaf(self, virtual: int) -> tuple[int, int] | None:
+    def find_leaf(self, virtual: int) -> tuple[int, int] | None:
+        """(entry address, level) of the present leaf mapping `virtual`, or None."""
         table = self.root
         for level in range(self.fmt.levels, 0, -1):
             slot = table + ENTRY_SIZE * self.fmt.index(virtual, level)

@@ -200,7 +200,7 @@ def walk(
     reason = fmt.check_address(address)
     if reason is not None:
         return record.fault(FaultKind.NON_CANONICAL, None, reason)
-    rights = Rights.R | Rights.W | Rights.X | Rights.U
+    rights = fmt.all_rights
     table = root
     for level in range(fmt.levels, 0, -1):
         index = fmt.index(address, level)

@@ -1,0 +1,97 @@
+"""EPT around the walk: the EPTP, the access check, and what an EPT violation reports.
+
+The EPT tables are walked by the same generic walker as guest and host tables (walker.py) with
+the EPT entry format (formats.EptFormat). This module adds what is EPT-specific around it:
+the EPTP that names the root (SDM Vol 3C 25.6.11 "Extended-Page-Table Pointer"), the rule that
+the accumulated R/W/X must allow the access (SDM 29.3.3.2 "EPT Violations"), and the exit
+qualification of an EPT violation (SDM Vol 3C table 28-7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twodwalk.errors import check_aligned, check_choice, check_int
+from twodwalk.formats import EptFormat, Rights
+from twodwalk.walker import Access, FaultKind, Violation, WalkRecord
+
+EPT_MEMTYPE_WB = 6
+EXIT_REASON_EPT_VIOLATION = 48
+EXIT_REASON_EPT_MISCONFIG = 49
+
+# Exit-qualification bits of an EPT violation (SDM Vol 3C table 28-7; KVM EPT_VIOLATION_*).
+EPT_VIOLATION_ACC_READ = 1 << 0
+EPT_VIOLATION_ACC_WRITE = 1 << 1
+EPT_VIOLATION_ACC_INSTR = 1 << 2
+EPT_VIOLATION_READABLE = 1 << 3
+EPT_VIOLATION_WRITABLE = 1 << 4
+EPT_VIOLATION_EXECUTABLE = 1 << 5
+EPT_VIOLATION_GVA_IS_VALID = 1 << 7
+EPT_VIOLATION_GVA_TRANSLATED = 1 << 8
+
+
+@dataclass(frozen=True)
+class Eptp:
+    """The EPT pointer: memory type of the tables, walk length, A/D enable, root address."""
+
+    root: int
+    levels: int
+    ad: bool
+    memtype: int = EPT_MEMTYPE_WB
+
+    def __post_init__(self) -> None:
+        check_aligned("eptp root", check_int("eptp root", self.root, 0, 1 << 52), 4096)
+        check_choice("ept levels", str(self.levels), ("4", "5"))
+
+    @property
+    def value(self) -> int:
+        """Bits 2:0 memory type, 5:3 walk length - 1, 6 A/D enable, M-1:12 the root."""
+        return self.root | int(self.ad) << 6 | (self.levels - 1) << 3 | self.memtype
+
+    @classmethod
+    def decode(cls, value: int) -> Eptp:
+        check_int("eptp", value, 0, 1 << 64)
+        return cls(
+            value & ~0xFFF & ((1 << 52) - 1), (value >> 3 & 7) + 1, bool(value >> 6 & 1), value & 7
+        )
+
+
+@dataclass(frozen=True)
+class EptAccessRules:
+    """SDM 29.3.3.2: a read needs R, a write W, a fetch X, in every entry of the walk."""
+
+    def violation(self, access: Access, rights: Rights, leaf: int) -> Violation | None:
+        del leaf
+        needed = {"read": Rights.R, "write": Rights.W, "fetch": Rights.X}[access.kind.value]
+        if needed in rights:
+            return None
+        return Violation(f"EPT entries do not allow {access.kind.value} (need {needed.name})")
+
+
+def is_misconfiguration(record: WalkRecord) -> bool:
+    """An EPT walk that stopped on a misconfigured entry (exit reason 49, not 48)."""
+    fault = record.fault
+    return fault is not None and fault.kind is FaultKind.RESERVED
+
+
+def ept_violation_qualification(record: WalkRecord, final: bool) -> int:
+    """The exit qualification of an EPT violation from the EPT walk that caused it.
+
+    Bits 2:0: the access (read, write, fetch); bits 5:3: R/W/X ANDed over the EPT entries used
+    (0 if one was not present); bit 7: a guest linear address was being translated; bit 8: the
+    access was to the final translation (1) or to a guest paging-structure entry (0).
+    """
+    assert isinstance(record.format, EptFormat)
+    access = record.access
+    qual = {
+        "read": EPT_VIOLATION_ACC_READ,
+        "write": EPT_VIOLATION_ACC_WRITE,
+        "fetch": EPT_VIOLATION_ACC_INSTR,
+    }[access.kind.value]
+    last = record.steps[-1] if record.steps else None
+    if last is not None and record.format.is_present(last.value):
+        qual |= int(last.rights & (Rights.R | Rights.W | Rights.X)) << 3
+    qual |= EPT_VIOLATION_GVA_IS_VALID
+    if final:
+        qual |= EPT_VIOLATION_GVA_TRANSLATED
+    return qual

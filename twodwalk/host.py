@@ -1,0 +1,398 @@
+"""The host kernel: the VMM process, its VMAs and page tables, demand paging, and what-ifs.
+
+HVA -> HPA is an ordinary process's translation: the VMM ("qemu") mmaps guest RAM, and the
+host kernel fills in x86-64 page tables for it in host physical memory on demand (Linux
+mm/memory.c `handle_mm_fault`). A first read of anonymous memory maps the shared zero page
+read-only (`do_anonymous_page`); the first write breaks copy-on-write into a fresh frame
+(`do_wp_page` -> `wp_page_copy`). Every change to a mapping that KVM may have copied into EPT
+calls the MMU notifiers first (`mmu_notifier_invalidate_range_start`), as swap-out, migration,
+KSM, THP split/collapse and munmap do in Linux.
+
+Simplification, said once: THP read faults allocate a huge page (as with
+/sys/kernel/mm/transparent_hugepage/use_zero_page=0); there is no huge zero page.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from twodwalk.cpumodel import PAGE_SIZE, CpuModel
+from twodwalk.errors import TwodwalkError, check_aligned, check_int
+from twodwalk.formats import ia32e_format
+from twodwalk.memory import FrameAllocator, PhysicalMemory
+from twodwalk.pagetables import PageTables
+from twodwalk.paging import PagingControls, X86AccessRules
+from twodwalk.trace import HostPageFault, HostWalk, Trace
+from twodwalk.walker import Access, AccessKind, PhysicalTables, Translation, WalkRecord, walk
+
+HUGE_PAGE_SIZE = 2 << 20
+TASK_SIZE_MAX = (1 << 47) - PAGE_SIZE  # arch/x86/include/asm/page_64_types.h, 4-level host
+MMAP_BASE = 0x7F00_0000_0000
+SWP_TYPE_BITS = 5  # arch/x86/include/asm/pgtable_64.h: swap entries in non-present PTEs
+SWP_OFFSET_FIRST_BIT = 9
+_PAGE_SPECIAL = 1  # AVL field value: bit 9, _PAGE_BIT_SPECIAL (zero page)
+_HOST_RULES = X86AccessRules(PagingControls(cr0_wp=True, efer_nxe=True))
+
+
+def swp_entry_pte(swap_type: int, offset: int) -> int:
+    """A swap entry as Linux stores it in a not-present x86-64 PTE: the type in bits 63:59,
+    the offset inverted (an L1TF mitigation) in bits 58:9 (`__swp_entry`)."""
+    shift = SWP_OFFSET_FIRST_BIT + SWP_TYPE_BITS
+    inverted = ((~offset << shift) & ((1 << 64) - 1)) >> SWP_TYPE_BITS
+    return inverted | swap_type << (64 - SWP_TYPE_BITS)
+
+
+def swp_offset(pte: int) -> int:
+    """The swap offset of a swap PTE (`__swp_offset`)."""
+    shift = SWP_OFFSET_FIRST_BIT + SWP_TYPE_BITS
+    return (~pte << SWP_TYPE_BITS & ((1 << 64) - 1)) >> shift
+
+
+@dataclass
+class Vma:
+    """A virtual memory area: [start, end), anonymous, 4 KiB pages or THP-backed."""
+
+    start: int
+    end: int
+    huge: bool
+    name: str
+
+
+class MmuNotifier(Protocol):
+    """A listener for changes to a process's mappings (include/linux/mmu_notifier.h)."""
+
+    def invalidate_range(self, process: Process, start: int, end: int, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class UserPage:
+    """What get_user_pages found: the host frame of an HVA, its mapping size and writability."""
+
+    hpa: int
+    page_size: int
+    writable: bool
+    record: WalkRecord
+
+
+class Process:
+    """A host process: VMAs and x86-64 page tables in host memory."""
+
+    def __init__(self, kernel: HostKernel, pid: int, name: str) -> None:
+        self.kernel = kernel
+        self.pid = pid
+        self.name = name
+        self.vmas: list[Vma] = []
+        self.tables = PageTables(kernel.format, kernel.memory, kernel.frames.alloc)
+        self._mmap_top = MMAP_BASE
+
+    def mmap(self, size: int, huge: bool = False, name: str = "anon") -> int:
+        """Anonymous private mapping, placed top-down (mm/mmap.c); `huge` backs it with THP
+        (or hugetlbfs) 2 MiB pages and aligns it to 2 MiB. Returns the HVA."""
+        align = HUGE_PAGE_SIZE if huge else PAGE_SIZE
+        check_int("size", size, 1, 1 << 46, valid="a positive size below 64 TiB")
+        check_aligned("size", size, align)
+        start = (self._mmap_top - size) & ~(align - 1)
+        if start < 1 << 32:
+            raise MemoryError(f"no room for a mapping of {size:#x} bytes")
+        self._mmap_top = start - align
+        self.vmas.append(Vma(start, start + size, huge, name))
+        return start
+
+    def munmap(self, hva: int, size: int) -> None:
+        """Remove the mapping of [hva, hva+size): notify, clear entries, free frames."""
+        check_aligned("hva", hva, PAGE_SIZE)
+        check_aligned("size", size, PAGE_SIZE)
+        self.kernel.notify(self, hva, hva + size, "munmap")
+        va = hva
+        while va < hva + size:
+            found = self.tables.find_leaf(va)
+            page = PAGE_SIZE if found is None else self.kernel.format.page_size(found[1])
+            if found is not None:
+                if va % page or va + page > hva + size:
+                    raise TwodwalkError(
+                        f"munmap of [{hva:#x}, {hva + size:#x}) splits a huge"
+                        f" page at {va - va % page:#x}: split it first"
+                    )
+                self.kernel.put_frame(
+                    self.kernel.format.output_address(
+                        self.kernel.memory.read_u64(found[0]), found[1]
+                    )
+                )
+                self.kernel.memory.write_u64(found[0], 0)
+            va += page
+        self.vmas = [piece for vma in self.vmas for piece in _cut(vma, hva, hva + size)]
+
+    def find_vma(self, hva: int) -> Vma | None:
+        return next((v for v in self.vmas if v.start <= hva < v.end), None)
+
+
+def _cut(vma: Vma, start: int, end: int) -> list[Vma]:
+    pieces = []
+    if vma.start < start:
+        pieces.append(Vma(vma.start, min(vma.end, start), vma.huge, vma.name))
+    if vma.end > end:
+        pieces.append(Vma(max(vma.start, end), vma.end, vma.huge, vma.name))
+    return pieces if vma.start < end and vma.end > start else [vma]
+
+
+class HostKernel:
+    """The host: one physical memory, page allocators, the zero page, swap, and processes."""
+
+    def __init__(
+        self,
+        memory: PhysicalMemory,
+        cpu: CpuModel,
+        frames: FrameAllocator,
+        huge_frames: FrameAllocator,
+    ) -> None:
+        self.memory = memory
+        self.cpu = cpu
+        self.frames = frames
+        self.huge_frames = huge_frames
+        self.format = ia32e_format(4, cpu, nxe=True)
+        self.zero_page = frames.alloc()
+        self.refcount: dict[int, int] = {}
+        self.swap: dict[int, bytes] = {}
+        self.notifiers: list[MmuNotifier] = []
+        self.mmu_notifiers_enabled = True
+        self.processes: list[Process] = []
+
+    def spawn(self, name: str) -> Process:
+        process = Process(self, len(self.processes) + 1, name)
+        self.processes.append(process)
+        return process
+
+    def notify(self, process: Process, start: int, end: int, reason: str) -> None:
+        """mmu_notifier_invalidate_range_start: tell listeners (KVM) before a mapping changes;
+        the what-if switch `mmu_notifiers_enabled=False` shows what goes wrong without it."""
+        if self.mmu_notifiers_enabled:
+            for listener in self.notifiers:
+                listener.invalidate_range(process, start, end, reason)
+
+    # --- demand paging --------------------------------------------------------------------
+
+    def get_user_page(
+        self,
+        process: Process,
+        hva: int,
+        write: bool,
+        trace: Trace | None = None,
+        fault_in: bool = True,
+    ) -> UserPage | None:
+        """get_user_pages for one page (mm/gup.c): walk the process's tables in software and
+        fault the page in if needed. None when the HVA is in no VMA (EFAULT)."""
+        if process.find_vma(hva) is None:
+            return None
+        record = self.walk(process, hva, write)
+        if record.fault is not None and fault_in:
+            if trace is not None:
+                trace.add(HostWalk(record))
+            self.handle_mm_fault(process, hva, write, trace)
+            record = self.walk(process, hva, write)
+        if trace is not None:
+            trace.add(HostWalk(record))
+        if not isinstance(record.outcome, Translation):
+            return None
+        page = record.outcome.page_size
+        leaf = record.steps[-1].value
+        return UserPage(record.outcome.address & ~(page - 1), page, bool(leaf & 2), record)
+
+    def walk(self, process: Process, hva: int, write: bool) -> WalkRecord:
+        """A software walk of the process's page tables, as a user access would see them."""
+        kind = AccessKind.WRITE if write else AccessKind.READ
+        return walk(
+            self.format,
+            process.tables.root,
+            hva,
+            Access(kind, user=True),
+            PhysicalTables(self.memory),
+            _HOST_RULES,
+        )
+
+    def handle_mm_fault(
+        self, process: Process, hva: int, write: bool, trace: Trace | None = None
+    ) -> None:
+        """Resolve a fault on `hva` as Linux does for private anonymous memory."""
+        vma = process.find_vma(hva)
+        if vma is None:
+            raise TwodwalkError(f"hva={hva:#x} is in no VMA of {process.name}: SIGSEGV")
+        if vma.huge and self._huge_slot(process, hva) is not None:
+            resolution, hpa = self._huge_fault(process, hva)
+        else:
+            resolution, hpa = self._pte_fault(process, hva, write)
+        if trace is not None:
+            trace.add(HostPageFault(hva, write, resolution, hpa))
+
+    def _huge_slot(self, process: Process, hva: int) -> int | None:
+        """The empty PMD slot for a THP fault (`do_huge_pmd_anonymous_page`), or None."""
+        slot = process.tables.entry_address(hva, 2, create=True)
+        assert slot is not None
+        return slot if self.memory.read_u64(slot) == 0 else None
+
+    def _huge_fault(self, process: Process, hva: int) -> tuple[str, int]:
+        frame = self.huge_frames.alloc()
+        self.refcount[frame] = 1
+        slot = self._huge_slot(process, hva)
+        assert slot is not None
+        self.memory.write_u64(
+            slot, self.format.encode(2, True, address=frame, rw=1, us=1, d=1, xd=1)
+        )
+        return "THP: new zeroed 2 MiB page", frame
+
+    def _pte_fault(self, process: Process, hva: int, write: bool) -> tuple[str, int]:
+        slot = process.tables.entry_address(hva, 1, create=True)
+        assert slot is not None
+        pte = self.memory.read_u64(slot)
+        page_va = hva & ~(PAGE_SIZE - 1)
+        if pte == 0 and not write:
+            self.memory.write_u64(slot, self._pte(self.zero_page, writable=False, special=True))
+            return "zero page mapped read-only", self.zero_page
+        if pte == 0:
+            frame = self._new_frame()
+            self.memory.write_u64(slot, self._pte(frame, writable=True))
+            return "anonymous page: new zeroed frame", frame
+        if not pte & 1:
+            frame = self._new_frame()
+            offset = swp_offset(pte)
+            self.memory.write(frame, self.swap.pop(offset))
+            self.memory.write_u64(slot, self._pte(frame, writable=True, dirty=write))
+            return f"swap-in from swap offset {offset:#x}", frame
+        old = self.format.output_address(pte, 1)
+        self.notify(process, page_va, page_va + PAGE_SIZE, "copy-on-write")
+        frame = self._new_frame()
+        if old != self.zero_page:
+            self.memory.copy_frame(old, frame)
+        self.put_frame(old)
+        self.memory.write_u64(slot, self._pte(frame, writable=True))
+        what = "zero page" if old == self.zero_page else f"shared frame {old:#x}"
+        return f"copy-on-write break of the {what}", frame
+
+    def _pte(
+        self, frame: int, *, writable: bool, dirty: bool | None = None, special: bool = False
+    ) -> int:
+        """A user PTE for anonymous memory: U/S=1, XD=1, D=1 when created writable
+        (`do_anonymous_page`: pte_mkdirty(pte_mkwrite(entry)))."""
+        d = writable if dirty is None else dirty
+        return self.format.encode(
+            1,
+            True,
+            address=frame,
+            rw=int(writable),
+            us=1,
+            d=int(d),
+            xd=1,
+            avl=_PAGE_SPECIAL if special else 0,
+        )
+
+    def _new_frame(self) -> int:
+        frame = self.frames.alloc()
+        self.refcount[frame] = 1
+        return frame
+
+    def put_frame(self, frame: int) -> None:
+        """Drop one mapping of a frame (a PTE, or a PMD of a THP); free the frame, or the
+        whole THP, when no mapping is left. The zero page is never freed."""
+        if frame == self.zero_page:
+            return
+        head = frame & ~(HUGE_PAGE_SIZE - 1) if self.huge_frames.owns(frame) else frame
+        self.refcount[head] -= 1
+        if self.refcount[head] <= 0:
+            del self.refcount[head]
+            allocator = self.huge_frames if self.huge_frames.owns(head) else self.frames
+            allocator.free(head)
+
+    # --- what-ifs -------------------------------------------------------------------------
+
+    def _pte_of(self, process: Process, hva: int) -> tuple[int, int]:
+        """(slot, frame) of a present 4 KiB mapping, or a clear error."""
+        check_aligned("hva", hva, PAGE_SIZE)
+        found = process.tables.find_leaf(hva)
+        if found is None:
+            raise TwodwalkError(f"hva={hva:#x} is not mapped in {process.name}: touch it first")
+        if found[1] != 1:
+            raise TwodwalkError(f"hva={hva:#x} is in a 2 MiB THP: split_thp() it first")
+        return found[0], self.format.output_address(self.memory.read_u64(found[0]), 1)
+
+    def swap_out(self, process: Process, hva: int) -> int:
+        """Write a page to swap and free its frame (mm/vmscan.c `shrink_folio_list`,
+        `try_to_unmap`). Returns the swap offset; the next touch swaps it back in."""
+        slot, frame = self._pte_of(process, hva)
+        self.notify(process, hva, hva + PAGE_SIZE, "swap-out")
+        offset = len(self.swap) + 1 + max(self.swap, default=0)
+        self.swap[offset] = self.memory.read(frame, PAGE_SIZE)
+        self.memory.write_u64(slot, swp_entry_pte(0, offset))
+        self.put_frame(frame)
+        return offset
+
+    def migrate(self, process: Process, hva: int) -> int:
+        """Move a page to another frame (mm/migrate.c `migrate_pages`). Returns the new HPA."""
+        slot, frame = self._pte_of(process, hva)
+        self.notify(process, hva, hva + PAGE_SIZE, "migration")
+        new = self._new_frame()
+        self.memory.copy_frame(frame, new)
+        pte = self.memory.read_u64(slot)
+        self.memory.write_u64(slot, self.format.layout(1, False).field("address").insert(pte, new))
+        self.put_frame(frame)
+        return new
+
+    def ksm_merge(self, process: Process, hva: int, other: int) -> int:
+        """Merge two identical pages into one write-protected frame (mm/ksm.c
+        `try_to_merge_one_page`: write_protect_page, then replace_page). Returns the frame."""
+        slot_a, frame_a = self._pte_of(process, hva)
+        slot_b, frame_b = self._pte_of(process, other)
+        if self.memory.read(frame_a, PAGE_SIZE) != self.memory.read(frame_b, PAGE_SIZE):
+            raise TwodwalkError(
+                f"pages at {hva:#x} and {other:#x} differ: KSM merges only identical pages"
+            )
+        for va, slot in ((hva, slot_a), (other, slot_b)):
+            self.notify(process, va, va + PAGE_SIZE, "KSM merge")
+            self.memory.write_u64(slot, self._pte(frame_a, writable=False, dirty=False))
+        self.refcount[frame_a] += 1
+        self.put_frame(frame_b)
+        return frame_a
+
+    def split_thp(self, process: Process, hva: int) -> None:
+        """Replace a 2 MiB PMD mapping by a page table of 512 PTEs (`__split_huge_pmd`)."""
+        base = hva & ~(HUGE_PAGE_SIZE - 1)
+        found = process.tables.find_leaf(base)
+        if found is None or found[1] != 2:
+            raise TwodwalkError(f"hva={hva:#x} is not mapped by a 2 MiB page")
+        slot, _ = found
+        pmd = self.memory.read_u64(slot)
+        frame = self.format.output_address(pmd, 2)
+        self.notify(process, base, base + HUGE_PAGE_SIZE, "THP split")
+        table = self.frames.alloc()
+        for i in range(512):
+            self.memory.write_u64(
+                table + 8 * i,
+                self._pte(frame + i * PAGE_SIZE, writable=bool(pmd & 2), dirty=bool(pmd >> 6 & 1)),
+            )
+        self.refcount[frame] = 512
+        self.memory.write_u64(
+            slot, self.format.encode(2, False, address=table, **self.format.table_defaults)
+        )
+
+    def collapse_thp(self, process: Process, hva: int) -> int:
+        """khugepaged: copy 512 small pages into one 2 MiB page (`collapse_huge_page`).
+        Returns the new 2 MiB frame."""
+        base = hva & ~(HUGE_PAGE_SIZE - 1)
+        vma = process.find_vma(base)
+        if vma is None or not vma.huge or vma.end < base + HUGE_PAGE_SIZE:
+            raise TwodwalkError(f"hva={hva:#x} is not in a THP-enabled VMA")
+        slot = process.tables.entry_address(base, 2)
+        if slot is None or self.format.is_leaf(self.memory.read_u64(slot), 2):
+            raise TwodwalkError(f"hva={hva:#x} is not mapped by small pages")
+        self.notify(process, base, base + HUGE_PAGE_SIZE, "THP collapse")
+        table = self.format.output_address(self.memory.read_u64(slot), 2)
+        new = self.huge_frames.alloc()
+        self.refcount[new] = 1
+        for i in range(512):
+            pte = self.memory.read_u64(table + 8 * i)
+            if pte & 1:
+                old = self.format.output_address(pte, 1)
+                self.memory.copy_frame(old, new + i * PAGE_SIZE)
+                self.put_frame(old)
+        self.memory.write_u64(slot, self.format.encode(2, True, address=new, rw=1, us=1, d=1, xd=1))
+        self.frames.free(table)
+        return new

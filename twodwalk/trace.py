@@ -1,0 +1,205 @@
+"""The trace: what happened during one access, in order. The engine writes it; views read it.
+
+Every view (text, plots, graphs, widgets, notebooks) consumes these events and nothing else;
+none of them walks or translates again. Hardware walks are kept whole as `WalkRecord`s, so the
+two-dimensional walk's references (guest level i, EPT level j) fall out of the data:
+`memory_references()` flattens them in the order the hardware makes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from twodwalk.walker import WalkRecord
+
+
+@dataclass(frozen=True)
+class GuestWalk:
+    """The hardware walk of the guest tables (each table GPA translated through EPT first)."""
+
+    record: WalkRecord
+
+
+@dataclass(frozen=True)
+class EptWalk:
+    """The hardware EPT walk of the final guest-physical address."""
+
+    record: WalkRecord
+
+
+@dataclass(frozen=True)
+class NativeWalk:
+    """A one-dimensional hardware walk: shadow tables (EPT off) or the host's own tables."""
+
+    record: WalkRecord
+
+
+@dataclass(frozen=True)
+class VmExit:
+    """A VM exit to KVM: reason number and name, qualification and guest-physical address."""
+
+    reason: int
+    name: str
+    qualification: int | None = None
+    gpa: int | None = None
+    gva: int | None = None
+
+
+@dataclass(frozen=True)
+class KvmStep:
+    """One software step of KVM or the host kernel, named after the function that does it."""
+
+    function: str
+    detail: str
+    gfn: int | None = None
+    hva: int | None = None
+    hpa: int | None = None
+    level: int | None = None
+
+
+@dataclass(frozen=True)
+class HostWalk:
+    """KVM's software walk of the VMM's host page tables (hva_to_pfn -> get_user_pages)."""
+
+    record: WalkRecord
+
+
+@dataclass(frozen=True)
+class HostPageFault:
+    """A host page fault taken on the VMM's behalf (mm/memory.c `handle_mm_fault`)."""
+
+    hva: int
+    write: bool
+    resolution: str
+    hpa: int
+
+
+@dataclass(frozen=True)
+class EptInstall:
+    """KVM wrote an EPT entry (a new table link or a leaf)."""
+
+    level: int
+    entry_address: int
+    old: int
+    new: int
+    leaf: bool
+
+
+@dataclass(frozen=True)
+class Retry:
+    """KVM re-entered the guest, which retries the access from the start."""
+
+    attempt: int
+
+
+@dataclass(frozen=True)
+class DataAccess:
+    """The access itself reached memory."""
+
+    hpa: int
+    kind: str
+    value: int
+
+
+Event = (
+    GuestWalk
+    | EptWalk
+    | NativeWalk
+    | VmExit
+    | KvmStep
+    | HostWalk
+    | HostPageFault
+    | EptInstall
+    | Retry
+    | DataAccess
+)
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One hardware memory reference of a walk: which dimension, which level, where, what.
+
+    guest_level is None for references of the final EPT walk; ept_level is None for the
+    guest entry read itself. `number` counts references from 1 within one attempt.
+    """
+
+    number: int
+    dimension: str
+    guest_level: int | None
+    ept_level: int | None
+    address: int
+    value: int
+
+
+@dataclass
+class Trace:
+    """The ordered events of one access."""
+
+    events: list[Event] = field(default_factory=list)
+
+    def add(self, event: Event) -> None:
+        self.events.append(event)
+
+    def __iter__(self) -> Iterator[Event]:
+        return iter(self.events)
+
+    def of_type(self, kind: type[T]) -> list[T]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+    def attempts(self) -> list[list[Event]]:
+        """The events split at each `Retry`: one list per attempt of the access."""
+        out: list[list[Event]] = [[]]
+        for event in self.events:
+            if isinstance(event, Retry):
+                out.append([])
+            out[-1].append(event)
+        return out
+
+    def memory_references(self, attempt: int = -1) -> list[Reference]:
+        """The hardware references of one attempt (default: the last), in hardware order."""
+        refs: list[Reference] = []
+        for event in self.attempts()[attempt]:
+            if isinstance(event, GuestWalk):
+                refs.extend(_guest_walk_references(event.record, len(refs)))
+            elif isinstance(event, EptWalk):
+                refs.extend(_walk_references(event.record, "ept", None, len(refs)))
+            elif isinstance(event, NativeWalk):
+                refs.extend(_walk_references(event.record, "native", None, len(refs)))
+        return refs
+
+
+def _walk_references(
+    record: WalkRecord, dimension: str, guest_level: int | None, start: int
+) -> list[Reference]:
+    """References of a one-dimensional walk; EPT references carry the guest level they
+    served (None for the final GPA)."""
+    refs: list[Reference] = []
+    for n, step in enumerate(record.steps, start + 1):
+        if dimension == "ept":
+            refs.append(
+                Reference(n, "ept", guest_level, step.level, step.read.physical, step.value)
+            )
+        else:
+            refs.append(Reference(n, dimension, step.level, None, step.read.physical, step.value))
+    return refs
+
+
+def _guest_walk_references(record: WalkRecord, start: int) -> list[Reference]:
+    refs: list[Reference] = []
+    for step in record.steps:
+        for nested in step.read.nested:
+            refs.extend(_walk_references(nested, "ept", step.level, start + len(refs)))
+        refs.append(
+            Reference(
+                start + len(refs) + 1, "guest", step.level, None, step.read.physical, step.value
+            )
+        )
+    fault = record.fault
+    if fault is not None and fault.nested is not None:
+        refs.extend(_walk_references(fault.nested, "ept", fault.level, start + len(refs)))
+    return refs
