@@ -7,9 +7,21 @@ The engine keeps every paging structure as real 8-byte entries in one simulated 
 and walks them with one generic walker; views and widgets only read what the engine records.
 """
 
+from twodwalk.cpu import AccessResult, InternalError, MmioExit, Vcpu
 from twodwalk.cpumodel import PAGE_SIZE, CpuModel
+from twodwalk.ept import Eptp, ept_violation_qualification
 from twodwalk.errors import AddressError, TwodwalkError
-from twodwalk.formats import DecodedEntry, EntryFormat, Ia32eFormat, Rights, ia32e_format
+from twodwalk.formats import (
+    DecodedEntry,
+    EntryFormat,
+    EptFormat,
+    Ia32eFormat,
+    Rights,
+    ept_format,
+    ia32e_format,
+)
+from twodwalk.kvm.memslots import KvmError
+from twodwalk.machine import Machine
 from twodwalk.memory import FrameAllocator, PhysicalMemory
 from twodwalk.pagetables import PageTables
 from twodwalk.paging import (
@@ -37,14 +49,21 @@ __all__ = [
     "PAGE_SIZE",
     "Access",
     "AccessKind",
+    "AccessResult",
     "AddressError",
     "CpuModel",
     "DecodedEntry",
     "EntryFormat",
+    "EptFormat",
+    "Eptp",
     "FaultKind",
     "FrameAllocator",
     "GeneralProtection",
     "Ia32eFormat",
+    "InternalError",
+    "KvmError",
+    "Machine",
+    "MmioExit",
     "PageFault",
     "PageTables",
     "PagingControls",
@@ -53,11 +72,14 @@ __all__ = [
     "Rights",
     "Translation",
     "TwodwalkError",
+    "Vcpu",
     "WalkFault",
     "WalkRecord",
     "WalkStep",
     "X86AccessRules",
     "decode_cr3",
+    "ept_format",
+    "ept_violation_qualification",
     "exception_for",
     "ia32e_format",
     "translate",

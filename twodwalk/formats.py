@@ -290,6 +290,7 @@ def _x86_common(address_low: int, maxphyaddr: int, target: str) -> list[Field]:
         Field("pwt", "PWT", 3, 3, "Page-level write-through"),
         Field("pcd", "PCD", 4, 4, "Page-level cache disable"),
         Field("a", "A", 5, 5, "Accessed; set by the processor when the entry is used"),
+        Field("avl", "AVL", 11, 9, "Ignored by the CPU; for software (Linux: bit 9 special)"),
         Field(
             "address",
             "Address",

@@ -236,7 +236,7 @@ class HostKernel:
         slot = self._huge_slot(process, hva)
         assert slot is not None
         self.memory.write_u64(
-            slot, self.format.encode(2, True, address=frame, rw=1, us=1, d=1, xd=1)
+            slot, self.format.encode(2, True, address=frame, p=1, rw=1, us=1, d=1, xd=1)
         )
         return "THP: new zeroed 2 MiB page", frame
 
@@ -278,6 +278,7 @@ class HostKernel:
             1,
             True,
             address=frame,
+            p=1,
             rw=int(writable),
             us=1,
             d=int(d),
@@ -393,6 +394,8 @@ class HostKernel:
                 old = self.format.output_address(pte, 1)
                 self.memory.copy_frame(old, new + i * PAGE_SIZE)
                 self.put_frame(old)
-        self.memory.write_u64(slot, self.format.encode(2, True, address=new, rw=1, us=1, d=1, xd=1))
+        self.memory.write_u64(
+            slot, self.format.encode(2, True, address=new, p=1, rw=1, us=1, d=1, xd=1)
+        )
         self.frames.free(table)
         return new

@@ -16,7 +16,6 @@ from typing import Protocol
 from twodwalk.cpumodel import PAGE_SIZE
 from twodwalk.errors import AddressError, TwodwalkError, check_aligned, check_int
 from twodwalk.formats import ENTRIES_PER_TABLE, ENTRY_SIZE, EntryFormat
-from twodwalk.views.text import format_tree
 
 
 class PhysicalSpace(Protocol):
@@ -106,10 +105,6 @@ class PageTables:
         missing, unless `create` allocates it (Linux `pte_alloc`, `pmd_alloc`)."""
         self.fmt.decode(0, level)
         return self._slot(virtual, level, create=create)
-
-    def dump(self) -> str:
-        """The tree in text, one present entry a line (see `views.text.format_tree`)."""
-        return format_tree(self.fmt, self.root, self.entries())
 
     def entries(self) -> Iterator[TreeEntry]:
         """Every present entry, depth first in address order: the tree as `dump` shows it."""

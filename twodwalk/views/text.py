@@ -14,7 +14,7 @@ from twodwalk.formats import DecodedEntry, EntryFormat, Rights
 from twodwalk.walker import Translation, WalkFault, WalkRecord
 
 if TYPE_CHECKING:
-    from twodwalk.pagetables import TreeEntry
+    from twodwalk.pagetables import PageTables, TreeEntry
 
 
 def describe_entry(entry: DecodedEntry) -> str:
@@ -81,6 +81,11 @@ def _outcome_text(outcome: Translation | WalkFault) -> str:
         )
     where = "before the walk" if outcome.level is None else f"at level {outcome.level}"
     return f"=> FAULT {where}: {outcome.kind.value}: {outcome.detail}"
+
+
+def dump_tables(tables: PageTables) -> str:
+    """A page-table tree in text, one present entry a line (what `PageTables` built)."""
+    return format_tree(tables.fmt, tables.root, tables.entries())
 
 
 def format_tree(fmt: EntryFormat, root: int, entries: Iterable[TreeEntry]) -> str:

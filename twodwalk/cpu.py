@@ -1,0 +1,258 @@
+"""The vCPU: control registers and `access()`, with the two-dimensional walk under EPT.
+
+With EPT on, the hardware walks two trees for one access (SDM Vol 3C 29.3.2 "EPT Translation
+Mechanism"): every guest paging-structure address is a GPA and goes through the EPT walk before
+the guest entry can be read, and the final GPA goes through it too. An EPT walk that fails
+exits to KVM (an EPT violation, reason 48, or a misconfiguration, reason 49); KVM fixes the EPT
+or hands the access to userspace as MMIO, and re-entering the guest retries the access.
+A fault the guest itself must see (#PF, #GP) is delivered to the guest, never to KVM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from twodwalk.ept import (
+    EXIT_REASON_EPT_MISCONFIG,
+    EXIT_REASON_EPT_VIOLATION,
+    ept_violation_qualification,
+    is_misconfiguration,
+)
+from twodwalk.errors import TwodwalkError, check_int
+from twodwalk.kvm.mmu import EmulateMmio, TdpMmu
+from twodwalk.memory import PhysicalMemory
+from twodwalk.paging import (
+    GeneralProtection,
+    PageFault,
+    PagingControls,
+    X86AccessRules,
+    decode_cr3,
+    exception_for,
+)
+from twodwalk.trace import DataAccess, EptWalk, GuestWalk, KvmStep, Retry, Trace, VmExit
+from twodwalk.walker import (
+    Access,
+    AccessKind,
+    FaultKind,
+    TableRead,
+    WalkFault,
+    WalkRecord,
+    walk,
+)
+
+if TYPE_CHECKING:
+    from twodwalk.machine import Machine
+
+MAX_ATTEMPTS = 16
+ACCESS_SIZE = 8
+
+
+@dataclass(frozen=True)
+class MmioExit:
+    """KVM_EXIT_MMIO: the access went to userspace (struct kvm_run `mmio`)."""
+
+    phys_addr: int
+    is_write: bool
+    len: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class InternalError:
+    """KVM_EXIT_INTERNAL_ERROR: KVM could not emulate the access (e.g. a fetch from MMIO)."""
+
+    suberror: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class AccessResult:
+    """What one `access()` did: the guest-visible fault or exit, the value, the addresses
+    in all four spaces, and the trace of everything in order."""
+
+    fault: PageFault | GeneralProtection | None
+    exit: MmioExit | InternalError | None
+    value: int | None
+    gpa: int | None
+    hva: int | None
+    hpa: int | None
+    trace: Trace = field(repr=False)
+
+
+class EptTables:
+    """Guest tables read through EPT: each table GPA is translated by an EPT walk first.
+    With EPT A/D on, the processor treats these accesses as writes (SDM 29.3.5)."""
+
+    def __init__(self, mmu: TdpMmu, memory: PhysicalMemory) -> None:
+        self.mmu = mmu
+        self.memory = memory
+        self.access = Access(AccessKind.WRITE if mmu.fmt.ad else AccessKind.READ)
+
+    def read_entry(self, address: int, access: Access) -> TableRead:
+        record = self.mmu.walk(address, self.access)
+        if record.translation is None:
+            return TableRead(0, 0, failed=record)
+        hpa = record.translation.address
+        return TableRead(self.memory.read_u64(hpa), hpa, nested=(record,))
+
+    def write_entry(self, read: TableRead, value: int) -> None:
+        self.memory.write_u64(read.physical, value)
+
+
+class Vcpu:
+    """One virtual CPU. Plain attributes are the control-register bits that paging reads."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.cr3 = 0
+        self.cr0_wp = True
+        self.cr4_smep = False
+        self.cr4_smap = False
+        self.cr4_la57 = False
+        self.cr4_pke = False
+        self.efer_nxe = True
+        self.rflags_ac = False
+        self.pkru = 0
+        self.cpl = 0
+
+    def controls(self) -> PagingControls:
+        return PagingControls(
+            cr0_wp=self.cr0_wp,
+            cr4_la57=self.cr4_la57,
+            cr4_smep=self.cr4_smep,
+            cr4_smap=self.cr4_smap,
+            cr4_pke=self.cr4_pke,
+            efer_nxe=self.efer_nxe,
+            rflags_ac=self.rflags_ac,
+            pkru=self.pkru,
+        )
+
+    def access(self, gva: int, kind: AccessKind | str, value: int | None = None) -> AccessResult:
+        """Run one 8-byte access at `gva` in the guest, as KVM_RUN would, and report it."""
+        check_int("gva", gva, 0, 1 << 64, valid="0 <= gva < 2**64")
+        access = Access.of(kind, self.cpl)
+        if (gva & 0xFFF) + ACCESS_SIZE > 0x1000:
+            raise TwodwalkError(
+                f"gva={gva:#x}: an {ACCESS_SIZE}-byte access there would cross a"
+                " 4 KiB page boundary; use an address with (gva & 0xfff) <= 0xff8"
+            )
+        if access.is_write:
+            check_int("value", value, 0, 1 << 64, valid="a 64-bit value for a write")
+        elif value is not None:
+            raise TwodwalkError(
+                f"value={value!r} is only for writes; a {access.kind.value} takes no value"
+            )
+        trace = Trace()
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt:
+                trace.add(Retry(attempt))
+            result = self._attempt(gva, access, value, trace)
+            if result is not None:
+                return result
+        raise TwodwalkError(f"access to {gva:#x} did not complete in {MAX_ATTEMPTS} attempts")
+
+    def _attempt(
+        self, gva: int, access: Access, value: int | None, trace: Trace
+    ) -> AccessResult | None:
+        machine = self.machine
+        controls = self.controls()
+        root = decode_cr3(self.cr3, machine.cpu_model).root
+        guest = walk(
+            controls.format(machine.cpu_model),
+            root,
+            gva,
+            access,
+            EptTables(machine.vm.mmu, machine.memory),
+            X86AccessRules(controls),
+        )
+        trace.add(GuestWalk(guest))
+        fault = guest.fault
+        if fault is not None and fault.nested is not None:
+            return self._ept_exit(guest, fault.nested, final=False, value=value, trace=trace)
+        if fault is not None:
+            return self._result(trace, fault=exception_for(guest, controls))
+        assert guest.translation is not None
+        gpa = guest.translation.address
+        final = machine.vm.mmu.walk(gpa, replace(access, user=False, implicit=False))
+        trace.add(EptWalk(final))
+        if final.translation is None:
+            return self._ept_exit(guest, final, final=True, value=value, trace=trace)
+        hpa = final.translation.address
+        data = self._data_access(hpa, access, value, trace)
+        return self._result(trace, value=data, gpa=gpa, hva=machine.vm.gpa_to_hva(gpa), hpa=hpa)
+
+    def _data_access(self, hpa: int, access: Access, value: int | None, trace: Trace) -> int:
+        memory = self.machine.memory
+        if access.is_write:
+            assert value is not None
+            memory.write(hpa, value.to_bytes(ACCESS_SIZE, "little"))
+            data = value
+        else:
+            data = int.from_bytes(memory.read(hpa, ACCESS_SIZE), "little")
+        trace.add(DataAccess(hpa, access.kind.value, data))
+        return data if not access.is_write else value or 0
+
+    def _ept_exit(
+        self, guest: WalkRecord, record: WalkRecord, *, final: bool, value: int | None, trace: Trace
+    ) -> AccessResult | None:
+        """A VM exit for a failed EPT walk; None means KVM fixed it and the guest retries."""
+        mmu = self.machine.vm.mmu
+        gpa = record.address
+        if is_misconfiguration(record):
+            trace.add(VmExit(EXIT_REASON_EPT_MISCONFIG, "EPT_MISCONFIG", None, gpa, guest.address))
+            resolution = mmu.handle_ept_misconfig(gpa, trace)
+        else:
+            qualification = ept_violation_qualification(record, final)
+            trace.add(
+                VmExit(
+                    EXIT_REASON_EPT_VIOLATION, "EPT_VIOLATION", qualification, gpa, guest.address
+                )
+            )
+            resolution = mmu.handle_ept_violation(gpa, qualification, trace)
+        if not isinstance(resolution, EmulateMmio):
+            return None
+        if not final:
+            return self._table_in_no_memslot(guest, trace)
+        access = guest.access
+        if access.is_fetch:
+            exit_ = InternalError(
+                "KVM_INTERNAL_ERROR_EMULATION", f"instruction fetch from MMIO at GPA {gpa:#x}"
+            )
+            return self._result(trace, exit=exit_, gpa=gpa)
+        data = (value or 0).to_bytes(ACCESS_SIZE, "little") if access.is_write else bytes(8)
+        mmio = MmioExit(gpa, access.is_write, ACCESS_SIZE, data)
+        return self._result(trace, exit=mmio, gpa=gpa)
+
+    def _table_in_no_memslot(self, guest: WalkRecord, trace: Trace) -> AccessResult:
+        """KVM emulates the instruction; its software walker cannot read a guest table that
+        lies in no memslot and treats the entry as not present (paging_tmpl.h
+        `walk_addr_generic`, error path): the guest gets #PF with P=0."""
+        assert guest.fault is not None
+        trace.add(
+            KvmStep(
+                "walk_addr_generic",
+                "guest page table is in no memslot: treated as"
+                " not present; #PF injected into the guest",
+            )
+        )
+        level = guest.fault.level
+        not_present = WalkFault(
+            FaultKind.NOT_PRESENT, level, guest.address, "guest page table lies in no memslot"
+        )
+        return self._result(
+            trace, fault=exception_for(replace(guest, outcome=not_present), self.controls())
+        )
+
+    @staticmethod
+    def _result(
+        trace: Trace,
+        *,
+        fault: PageFault | GeneralProtection | None = None,
+        exit: MmioExit | InternalError | None = None,
+        value: int | None = None,
+        gpa: int | None = None,
+        hva: int | None = None,
+        hpa: int | None = None,
+    ) -> AccessResult:
+        return AccessResult(fault, exit, value, gpa, hva, hpa, trace)

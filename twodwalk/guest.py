@@ -1,0 +1,60 @@
+"""The guest OS: its page tables, written as real entries into guest RAM.
+
+A guest kernel keeps its page tables in its own RAM, at guest-physical addresses. Here the
+guest's page-table code writes them through the VMM's view of guest RAM (memslot -> HVA ->
+host page tables -> host frame), as a loader or firmware does before the guest runs; either way
+the entries end up in the host frames that back guest RAM, and the vCPU walks them there.
+Page-table pages are taken from the top of guest RAM downward.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twodwalk.cpumodel import PAGE_SIZE
+from twodwalk.formats import ia32e_format
+from twodwalk.pagetables import PageTables
+
+if TYPE_CHECKING:
+    from twodwalk.machine import Machine
+
+
+class GuestPhysical:
+    """Guest RAM as seen by address: 8-byte entries at GPAs (a `PhysicalSpace`)."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+
+    def read_u64(self, address: int) -> int:
+        return int.from_bytes(self.machine.read_gpa(address, 8), "little")
+
+    def write_u64(self, address: int, value: int) -> None:
+        self.machine.write_gpa(address, value.to_bytes(8, "little"))
+
+
+class GuestOS:
+    """The guest kernel's page-table code (arch/x86/mm in a Linux guest, say)."""
+
+    def __init__(self, machine: Machine, levels: int, ram_top: int) -> None:
+        self.machine = machine
+        self.format = ia32e_format(levels, machine.cpu_model, nxe=True)
+        self._next_table = ram_top
+        self.page_tables = PageTables(self.format, GuestPhysical(machine), self.alloc_table)
+
+    def alloc_table(self) -> int:
+        """A zeroed page for a new page table, from the top of guest RAM down."""
+        self._next_table -= PAGE_SIZE
+        self.machine.write_gpa(self._next_table, bytes(PAGE_SIZE))
+        return self._next_table
+
+    def map(
+        self, gva: int, gpa: int, size: int, *, page_size: int = PAGE_SIZE, **fields: int
+    ) -> None:
+        """Map [gva, gva+size) to [gpa, ...) in the guest's tables (e.g. rw=1, us=1, xd=1)."""
+        self.page_tables.map(gva, gpa, size, page_size=page_size, **fields)
+
+    def unmap(self, gva: int, size: int) -> None:
+        self.page_tables.unmap(gva, size)
+
+    def protect(self, gva: int, size: int, **fields: int) -> None:
+        self.page_tables.protect(gva, size, **fields)

@@ -1,0 +1,266 @@
+"""KVM memslots: the table that turns a guest-physical address into a host-virtual one.
+
+`set_user_memory_region` follows `KVM_SET_USER_MEMORY_REGION` (Documentation/virt/kvm/api.rst)
+and its checks in virt/kvm/kvm_main.c `__kvm_set_memory_region` in the kernel's order, failing
+with the same errno. Translation is `__gfn_to_hva_memslot`: hva = userspace_addr +
+(gfn - base_gfn) * 4096. The dirty bitmap is KVM's (one bit per page, bit 0 = first page).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno as errno_codes
+from dataclasses import dataclass, field
+
+from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE
+from twodwalk.errors import TwodwalkError
+
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+KVM_MEM_READONLY = 1 << 1
+KVM_USER_MEM_SLOTS = 32764  # x86: KVM_MEM_SLOTS_NUM = SHRT_MAX - KVM_PRIVATE_MEM_SLOTS
+KVM_ADDRESS_SPACE_NUM = 2  # x86 with SMM: address space 1 is SMM
+KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
+
+
+class KvmError(TwodwalkError):
+    """A KVM ioctl failed: `errno` is what the kernel returns, the message says which rule."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        self.errno = errno
+        super().__init__(f"{errno_codes.errorcode[errno]}: {message}")
+
+
+class Change(enum.Enum):
+    """What a successful call did (`enum kvm_mr_change`)."""
+
+    CREATE = "create"
+    DELETE = "delete"
+    MOVE = "move"
+    FLAGS_ONLY = "flags only"
+    NONE = "no change"
+
+
+@dataclass
+class Memslot:
+    """One memslot: a guest-physical range backed by a range of the VMM's virtual memory."""
+
+    as_id: int
+    id: int
+    base_gfn: int
+    npages: int
+    userspace_addr: int
+    flags: int
+    dirty_bitmap: bytearray | None = field(default=None, repr=False)
+
+    @property
+    def guest_phys_addr(self) -> int:
+        return self.base_gfn << PAGE_SHIFT
+
+    @property
+    def memory_size(self) -> int:
+        return self.npages << PAGE_SHIFT
+
+    @property
+    def readonly(self) -> bool:
+        return bool(self.flags & KVM_MEM_READONLY)
+
+    @property
+    def dirty_logging(self) -> bool:
+        return bool(self.flags & KVM_MEM_LOG_DIRTY_PAGES)
+
+    def contains(self, gfn: int) -> bool:
+        return self.base_gfn <= gfn < self.base_gfn + self.npages
+
+    def gfn_to_hva(self, gfn: int) -> int:
+        """`__gfn_to_hva_memslot`."""
+        return self.userspace_addr + ((gfn - self.base_gfn) << PAGE_SHIFT)
+
+    def hva_to_gfn(self, hva: int) -> int:
+        """`hva_to_gfn_memslot`: the inverse, used by the MMU notifiers."""
+        return self.base_gfn + ((hva - self.userspace_addr) >> PAGE_SHIFT)
+
+    def mark_dirty(self, gfn: int) -> None:
+        """`mark_page_dirty_in_slot`: set the page's bit when dirty logging is on."""
+        if self.dirty_bitmap is not None:
+            rel = gfn - self.base_gfn
+            self.dirty_bitmap[rel >> 3] |= 1 << (rel & 7)
+
+
+@dataclass(frozen=True)
+class MemslotChange:
+    """The result of a `set_user_memory_region` call: what changed, from what, to what."""
+
+    change: Change
+    old: Memslot | None
+    new: Memslot | None
+
+
+class Memslots:
+    """All memslots of a VM, in their address spaces, with the generation counter that
+    invalidates cached MMIO entries (`kvm_memslots.generation`)."""
+
+    def __init__(self, max_gpa_bits: int) -> None:
+        self.max_gpa_bits = max_gpa_bits
+        self.slots: dict[tuple[int, int], Memslot] = {}
+        self.generation = 0
+
+    def set_user_memory_region(
+        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
+    ) -> MemslotChange:
+        """Create, delete (size 0), move or re-flag a slot; raise KvmError as the kernel does."""
+        for name, value in (
+            ("slot", slot),
+            ("flags", flags),
+            ("guest_phys_addr", guest_phys_addr),
+            ("memory_size", memory_size),
+            ("userspace_addr", userspace_addr),
+        ):
+            _check_u64(name, value, 32 if name in ("slot", "flags") else 64)
+        as_id, sid = slot >> 16, slot & 0xFFFF
+        _validate(flags, guest_phys_addr, memory_size, userspace_addr, as_id, sid)
+        old = self.slots.get((as_id, sid))
+        if memory_size == 0:
+            if old is None:
+                raise KvmError(errno_codes.EINVAL, f"slot {sid} is empty: nothing to delete")
+            return self._commit((as_id, sid), MemslotChange(Change.DELETE, old, None))
+        base_gfn, npages = guest_phys_addr >> PAGE_SHIFT, memory_size >> PAGE_SHIFT
+        new = Memslot(as_id, sid, base_gfn, npages, userspace_addr, flags)
+        change = _classify(old, new)
+        if change is Change.NONE:
+            return MemslotChange(Change.NONE, old, old)
+        if change in (Change.CREATE, Change.MOVE):
+            self._check_overlap(new)
+            self._check_max_gfn(new)
+        if new.dirty_logging:
+            keep = old.dirty_bitmap if old is not None and old.dirty_logging else None
+            new.dirty_bitmap = keep if keep is not None else bytearray((npages + 7) // 8)
+        return self._commit((as_id, sid), MemslotChange(change, old, new))
+
+    def _check_max_gfn(self, new: Memslot) -> None:
+        """x86 `kvm_arch_prepare_memory_region`: the last GFN must be one the MMU can map."""
+        if new.base_gfn + new.npages > 1 << (self.max_gpa_bits - PAGE_SHIFT):
+            raise KvmError(
+                errno_codes.EINVAL,
+                f"the slot ends at GPA {new.guest_phys_addr + new.memory_size:#x}, beyond"
+                f" the {self.max_gpa_bits}-bit guest-physical space (kvm_mmu_max_gfn)",
+            )
+
+    def _check_overlap(self, new: Memslot) -> None:
+        for (as_id, sid), other in self.slots.items():
+            if as_id != new.as_id or sid == new.id:
+                continue
+            if (
+                new.base_gfn < other.base_gfn + other.npages
+                and other.base_gfn < new.base_gfn + new.npages
+            ):
+                raise KvmError(
+                    errno_codes.EEXIST,
+                    f"GPA range [{new.guest_phys_addr:#x}, "
+                    f"{new.guest_phys_addr + new.memory_size:#x}) overlaps slot {sid}"
+                    f" [{other.guest_phys_addr:#x}, "
+                    f"{other.guest_phys_addr + other.memory_size:#x})",
+                )
+
+    def _commit(self, key: tuple[int, int], result: MemslotChange) -> MemslotChange:
+        if result.new is None:
+            del self.slots[key]
+        else:
+            self.slots[key] = result.new
+        self.generation += KVM_ADDRESS_SPACE_NUM  # kvm_swap_active_memslots
+        return result
+
+    def gfn_to_memslot(self, gfn: int, as_id: int = 0) -> Memslot | None:
+        """`gfn_to_memslot`: the slot covering a GFN, or None (an MMIO hole)."""
+        for (slot_as, _), slot in self.slots.items():
+            if slot_as == as_id and slot.contains(gfn):
+                return slot
+        return None
+
+    def get_dirty_log(self, slot: int) -> bytes:
+        """KVM_GET_DIRTY_LOG: the bitmap since the last call; the kernel then clears it
+        (the caller re-write-protects: see `Vm.get_dirty_log`)."""
+        as_id, sid = slot >> 16, slot & 0xFFFF
+        if as_id >= KVM_ADDRESS_SPACE_NUM or sid >= KVM_USER_MEM_SLOTS:
+            raise KvmError(errno_codes.EINVAL, f"slot {slot:#x} is not a valid slot number")
+        memslot = self.slots.get((as_id, sid))
+        if memslot is None or memslot.dirty_bitmap is None:
+            raise KvmError(
+                errno_codes.ENOENT,
+                f"slot {sid} has no dirty log: create it with KVM_MEM_LOG_DIRTY_PAGES",
+            )
+        snapshot = bytes(memslot.dirty_bitmap)
+        memslot.dirty_bitmap[:] = bytes(len(snapshot))
+        return snapshot
+
+
+def _check_u64(name: str, value: object, width: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << width:
+        raise TwodwalkError(
+            f"{name}={value!r} is not valid: it is a __u{width} in"
+            f" struct kvm_userspace_memory_region (0 .. 2**{width}-1)"
+        )
+
+
+def _validate(flags: int, gpa: int, size: int, hva: int, as_id: int, sid: int) -> None:
+    """The checks of `check_memory_region_flags` and `__kvm_set_memory_region`, in order."""
+    valid_flags = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
+    rules = [
+        (
+            flags & ~valid_flags,
+            f"flags={flags:#x} has unknown bits {flags & ~valid_flags:#x}:"
+            " valid are KVM_MEM_LOG_DIRTY_PAGES (1) and KVM_MEM_READONLY (2)",
+        ),
+        (size % PAGE_SIZE, f"memory_size={size:#x} is not a multiple of 4 KiB"),
+        (gpa % PAGE_SIZE, f"guest_phys_addr={gpa:#x} is not 4 KiB aligned"),
+        (hva % PAGE_SIZE, f"userspace_addr={hva:#x} is not 4 KiB aligned"),
+        (
+            not _access_ok(hva, size),
+            f"userspace_addr={hva:#x} + memory_size={size:#x} is not"
+            " user memory (access_ok fails; user addresses end at"
+            " 0x7ffffffff000)",
+        ),
+        (
+            as_id >= KVM_ADDRESS_SPACE_NUM,
+            f"address space {as_id} does not exist (x86 has 0 and 1, for SMM)",
+        ),
+        (
+            sid >= KVM_USER_MEM_SLOTS,
+            f"slot id {sid} is too large: user slots are below {KVM_USER_MEM_SLOTS}",
+        ),
+        (gpa + size >= 1 << 64, f"guest_phys_addr={gpa:#x} + memory_size={size:#x} overflows"),
+        (
+            (size >> PAGE_SHIFT) > KVM_MEM_MAX_NR_PAGES,
+            f"memory_size={size:#x} is more than 2**31-1 pages",
+        ),
+    ]
+    for broken, message in rules:
+        if broken:
+            raise KvmError(errno_codes.EINVAL, message)
+
+
+def _access_ok(hva: int, size: int) -> bool:
+    """x86-64 `access_ok`: the whole range lies below TASK_SIZE_MAX and does not wrap."""
+    return hva + size <= (1 << 47) - PAGE_SIZE
+
+
+def _classify(old: Memslot | None, new: Memslot) -> Change:
+    """CREATE, MOVE, FLAGS_ONLY or NONE; other changes to an existing slot are EINVAL."""
+    if old is None:
+        return Change.CREATE
+    if new.userspace_addr != old.userspace_addr:
+        raise KvmError(
+            errno_codes.EINVAL,
+            f"slot {old.id} exists: its userspace_addr cannot"
+            " change (delete it and create it again)",
+        )
+    if new.npages != old.npages:
+        raise KvmError(errno_codes.EINVAL, f"slot {old.id} exists: its size cannot change")
+    if (new.flags ^ old.flags) & KVM_MEM_READONLY:
+        raise KvmError(
+            errno_codes.EINVAL, f"slot {old.id} exists: KVM_MEM_READONLY cannot be toggled"
+        )
+    if new.base_gfn != old.base_gfn:
+        return Change.MOVE
+    if new.flags != old.flags:
+        return Change.FLAGS_ONLY
+    return Change.NONE

@@ -1,0 +1,107 @@
+"""The whole box: one host, one VMM process that mmaps guest RAM, one VM, one vCPU.
+
+`Machine` wires the actors as a real KVM setup does: the host kernel owns physical memory;
+the VMM ("qemu") mmaps guest RAM; KVM_SET_USER_MEMORY_REGION makes memslot 0 map GPA
+[0, guest_ram) to that HVA; the guest OS writes its page tables into guest RAM; the vCPU runs
+accesses. Host physical memory is laid out as: 4 KiB frames from 16 MiB to 1 GiB (page tables,
+EPT tables, small pages) and 2 MiB frames from 1 GiB to 4 GiB (THP).
+"""
+
+from __future__ import annotations
+
+import errno
+
+from twodwalk.cpu import Vcpu
+from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE, CpuModel
+from twodwalk.errors import TwodwalkError, check_choice, check_int
+from twodwalk.guest import GuestOS
+from twodwalk.host import HUGE_PAGE_SIZE, HostKernel
+from twodwalk.kvm.memslots import KvmError
+from twodwalk.kvm.vm import Vm
+from twodwalk.memory import FrameAllocator, PhysicalMemory
+
+SMALL_FRAMES = (16 << 20, 1 << 30)
+HUGE_FRAMES = (1 << 30, 4 << 30)
+
+
+class Machine:
+    """A KVM guest on x86-64, from guest page tables down to host frames."""
+
+    def __init__(
+        self,
+        guest_ram: int = 32 << 20,
+        tdp: bool = True,
+        guest_levels: int = 4,
+        ept_levels: int | None = None,
+        maxphyaddr: int = 46,
+        gbpages: bool = True,
+        ept_ad: bool = True,
+        thp: bool = False,
+    ) -> None:
+        check_int(
+            "guest_ram", guest_ram, PAGE_SIZE, (1 << 30) + 1, valid="4 KiB .. 1 GiB of guest RAM"
+        )
+        align = HUGE_PAGE_SIZE if thp else PAGE_SIZE
+        if guest_ram % align:
+            raise TwodwalkError(f"guest_ram={guest_ram:#x} must be a multiple of {align:#x}")
+        check_choice("guest_levels", str(guest_levels), ("4", "5"))
+        if not tdp:
+            raise TwodwalkError("tdp=False (shadow paging) is not available yet; use tdp=True")
+        self.cpu_model = CpuModel(maxphyaddr=maxphyaddr, gbpages=gbpages, la57=True)
+        if ept_levels is None:
+            ept_levels = 5 if maxphyaddr > 48 else 4  # KVM: 5-level EPT only when needed
+        check_choice("ept_levels", str(ept_levels), ("4", "5"))
+        self.memory = PhysicalMemory(maxphyaddr)
+        self.host = HostKernel(
+            self.memory,
+            self.cpu_model,
+            FrameAllocator(self.memory, *SMALL_FRAMES),
+            FrameAllocator(self.memory, *HUGE_FRAMES, frame_size=HUGE_PAGE_SIZE),
+        )
+        self.vmm = self.host.spawn("qemu")
+        self.guest_ram = guest_ram
+        self.ram_hva = self.vmm.mmap(guest_ram, huge=thp, name="guest RAM")
+        self.vm = Vm(self.host, self.vmm, self.cpu_model, ept_levels, ept_ad)
+        self.vm.set_user_memory_region(0, 0, 0, guest_ram, self.ram_hva)
+        self.guest = GuestOS(self, guest_levels, ram_top=guest_ram)
+        self.vcpu = Vcpu(self)
+        self.vcpu.cr4_la57 = guest_levels == 5
+        self.vcpu.cr3 = self.guest.page_tables.root
+
+    def read_gpa(self, gpa: int, size: int) -> bytes:
+        """Read guest memory as the VMM does: memslot -> HVA -> host page tables -> frame."""
+        out = bytearray()
+        for page_gpa, offset, length in _pages(gpa, size):
+            out += self.memory.read(self._hpa_for_vmm(page_gpa, write=False) + offset, length)
+        return bytes(out)
+
+    def write_gpa(self, gpa: int, data: bytes) -> None:
+        """Write guest memory as the VMM does (faulting host pages in; no dirty-log bit)."""
+        done = 0
+        for page_gpa, offset, length in _pages(gpa, len(data)):
+            hpa = self._hpa_for_vmm(page_gpa, write=True)
+            self.memory.write(hpa + offset, data[done : done + length])
+            done += length
+
+    def _hpa_for_vmm(self, page_gpa: int, write: bool) -> int:
+        hva = self.vm.gpa_to_hva(page_gpa)
+        if hva is None:
+            raise TwodwalkError(f"gpa={page_gpa:#x} is in no memslot: the VMM has no memory there")
+        page = self.host.get_user_page(self.vmm, hva, write)
+        if page is None:
+            raise KvmError(errno.EFAULT, f"HVA {hva:#x} of GPA {page_gpa:#x} is not mapped")
+        return page.hpa + (hva & (page.page_size - 1))
+
+
+def _pages(gpa: int, size: int) -> list[tuple[int, int, int]]:
+    """Split [gpa, gpa+size) into (page GPA, offset, length) pieces."""
+    check_int("gpa", gpa, 0, 1 << 64)
+    check_int("size", size, 0, 1 << 32)
+    pieces = []
+    while size > 0:
+        offset = gpa & (PAGE_SIZE - 1)
+        length = min(size, PAGE_SIZE - offset)
+        pieces.append(((gpa >> PAGE_SHIFT) << PAGE_SHIFT, offset, length))
+        gpa += length
+        size -= length
+    return pieces
