@@ -255,7 +255,7 @@ def test_controls_reject_pkru_outside_32_bits(pkru: int) -> None:
 
 def test_encode_rejects_unknown_field_listing_the_valid_ones() -> None:
     fmt = PagingControls().format(CpuModel())
-    pte_fields = "p, rw, us, pwt, pcd, a, d, pat, g, address, pk, xd"
+    pte_fields = "p, rw, us, pwt, pcd, a, d, pat, g, avl, address, pk, xd"
     with pytest.raises(
         TwodwalkError, match=rf"PTE .* has no field 'nx': its fields are {pte_fields}$"
     ):
