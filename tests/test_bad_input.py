@@ -260,7 +260,7 @@ def test_encode_rejects_unknown_field_listing_the_valid_ones() -> None:
         TwodwalkError, match=rf"PTE .* has no field 'nx': its fields are {pte_fields}$"
     ):
         fmt.encode(1, True, nx=1)
-    pml4e_fields = "p, rw, us, pwt, pcd, a, ps, address, xd"
+    pml4e_fields = "p, rw, us, pwt, pcd, a, ps, avl, address, xd"
     with pytest.raises(
         TwodwalkError, match=rf"PML4E .* no field 'g': its fields are {pml4e_fields}$"
     ):
