@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from twodwalk.walker import WalkRecord
+from twodwalk.walker import WalkRecord, WalkStep
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,7 @@ class Reference:
     ept_level: int | None
     address: int
     value: int
+    step: WalkStep = field(repr=False, compare=False)
 
 
 @dataclass
@@ -182,10 +183,12 @@ def _walk_references(
     for n, step in enumerate(record.steps, start + 1):
         if dimension == "ept":
             refs.append(
-                Reference(n, "ept", guest_level, step.level, step.read.physical, step.value)
+                Reference(n, "ept", guest_level, step.level, step.read.physical, step.value, step)
             )
         else:
-            refs.append(Reference(n, dimension, step.level, None, step.read.physical, step.value))
+            refs.append(
+                Reference(n, dimension, step.level, None, step.read.physical, step.value, step)
+            )
     return refs
 
 
@@ -196,7 +199,13 @@ def _guest_walk_references(record: WalkRecord, start: int) -> list[Reference]:
             refs.extend(_walk_references(nested, "ept", step.level, start + len(refs)))
         refs.append(
             Reference(
-                start + len(refs) + 1, "guest", step.level, None, step.read.physical, step.value
+                start + len(refs) + 1,
+                "guest",
+                step.level,
+                None,
+                step.read.physical,
+                step.value,
+                step,
             )
         )
     fault = record.fault

@@ -11,9 +11,24 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from twodwalk.formats import DecodedEntry, EntryFormat, Rights
+from twodwalk.trace import (
+    EptInstall,
+    EptWalk,
+    Event,
+    GuestWalk,
+    HostPageFault,
+    HostWalk,
+    KvmStep,
+    NativeWalk,
+    Retry,
+    Trace,
+    VmExit,
+)
 from twodwalk.walker import Translation, WalkFault, WalkRecord
 
 if TYPE_CHECKING:
+    from twodwalk.cpu import AccessResult
+    from twodwalk.kvm.memslots import Memslot
     from twodwalk.pagetables import PageTables, TreeEntry
 
 
@@ -102,4 +117,89 @@ def format_tree(fmt: EntryFormat, root: int, entries: Iterable[TreeEntry]) -> st
             f"{indent}{fmt.level_name(e.level)} {e.virtual:#018x} @ {e.entry_address:#x}"
             f" = {e.value:#018x} -> {what}"
         )
+    return "\n".join(lines)
+
+
+def entry_flags(fmt: EntryFormat, level: int, value: int) -> str:
+    """Bochs-style flag letters: upper case when set, lower case when clear."""
+    entry = fmt.decode(value, level)
+    letters = [
+        fv.field.name if fv.value else fv.field.name.lower()
+        for fv in reversed(entry.fields)
+        if fv.field.high == fv.field.low and fv.field.key not in ("sw", "hw", "mw")
+    ]
+    return " ".join(letters)
+
+
+def format_2d_walk(trace: Trace, attempt: int = -1) -> str:
+    """A Bochs-style dump of one attempt's hardware references: for each guest level, the EPT
+    entries that translated the guest table's GPA come first, then the guest entry itself."""
+    lines = []
+    for ref in trace.memory_references(attempt):
+        step = ref.step
+        name = step.format.level_name(step.level)
+        if ref.dimension == "ept":
+            served = "final GPA" if ref.guest_level is None else f"guest L{ref.guest_level} table"
+            label = f"  {name} ({served})"
+        else:
+            label = name
+        lines.append(
+            f"{ref.number:3d} {label:<28} @ {ref.address:#014x} = {ref.value:#018x}"
+            f"  {entry_flags(step.format, step.level, step.value)}"
+        )
+    return "\n".join(lines)
+
+
+def format_trace(trace: Trace) -> str:
+    """The story of one access, event by event: walks, exits, KVM's steps, retries."""
+    lines = []
+    for event in trace:
+        lines.append(_event_text(event))
+    return "\n".join(lines)
+
+
+def _event_text(event: Event) -> str:
+    if isinstance(event, GuestWalk | EptWalk | NativeWalk | HostWalk):
+        kind = type(event).__name__
+        return f"{kind}: {_outcome_text(event.record.outcome)}"
+    if isinstance(event, VmExit):
+        qual = "" if event.qualification is None else f" qualification {event.qualification:#x}"
+        return f"VM exit {event.reason} {event.name}: GPA {event.gpa:#x}{qual}"
+    if isinstance(event, KvmStep):
+        return f"  KVM {event.function}: {event.detail}"
+    if isinstance(event, HostPageFault):
+        return f"  host page fault at HVA {event.hva:#x}: {event.resolution} (HPA {event.hpa:#x})"
+    if isinstance(event, EptInstall):
+        what = "leaf" if event.leaf else "table link"
+        return (
+            f"  EPT L{event.level} {what} @ {event.entry_address:#x}: {event.old:#x} ->"
+            f" {event.new:#x}"
+        )
+    if isinstance(event, Retry):
+        return f"VM entry: the guest retries (attempt {event.attempt + 1})"
+    return f"data {event.kind} at HPA {event.hpa:#x}: {event.value:#x}"
+
+
+def info_memslots(slots: Iterable[Memslot]) -> str:
+    """Memslots as a table, in the spirit of QEMU's `info mtree` / KVM's memslot dump."""
+    lines = ["slot as  GPA range                               HVA              pages  flags"]
+    for m in sorted(slots, key=lambda m: (m.as_id, m.base_gfn)):
+        flags = ",".join(n for bit, n in ((1, "LOG_DIRTY"), (2, "READONLY")) if m.flags & bit)
+        end = m.guest_phys_addr + m.memory_size - 1
+        lines.append(
+            f"{m.id:4d} {m.as_id:2d}  {m.guest_phys_addr:#018x}-{end:#018x}"
+            f"  {m.userspace_addr:#014x} {m.npages:6d}  {flags or '-'}"
+        )
+    return "\n".join(lines)
+
+
+def monitor(result: AccessResult) -> str:
+    """QEMU-monitor-style lines for one access: gva2gpa, gpa2hva, gpa2hpa."""
+    if result.gpa is None:
+        return "gva2gpa: Unmapped (the access faulted or exited)"
+    lines = [f"gpa: {result.gpa:#x}"]
+    if result.hva is not None:
+        lines.append(f"Host virtual address for {result.gpa:#x} is {result.hva:#x}")
+    if result.hpa is not None:
+        lines.append(f"Host physical address for {result.gpa:#x} is {result.hpa:#x}")
     return "\n".join(lines)
