@@ -21,6 +21,7 @@ from twodwalk.ept import (
 )
 from twodwalk.errors import TwodwalkError, check_int
 from twodwalk.kvm.mmu import EmulateMmio, TdpMmu
+from twodwalk.kvm.shadow import EmulateWrite, InjectFault, ShadowMmu
 from twodwalk.memory import PhysicalMemory
 from twodwalk.paging import (
     GeneralProtection,
@@ -30,7 +31,16 @@ from twodwalk.paging import (
     decode_cr3,
     exception_for,
 )
-from twodwalk.trace import DataAccess, EptWalk, GuestWalk, KvmStep, Retry, Trace, VmExit
+from twodwalk.trace import (
+    DataAccess,
+    EptWalk,
+    GuestWalk,
+    KvmStep,
+    NativeWalk,
+    Retry,
+    Trace,
+    VmExit,
+)
 from twodwalk.walker import (
     Access,
     AccessKind,
@@ -45,6 +55,7 @@ if TYPE_CHECKING:
     from twodwalk.machine import Machine
 
 MAX_ATTEMPTS = 16
+EXIT_REASON_EXCEPTION_NMI = 0
 ACCESS_SIZE = 8
 
 
@@ -155,6 +166,16 @@ class Vcpu:
     def _attempt(
         self, gva: int, access: Access, value: int | None, trace: Trace
     ) -> AccessResult | None:
+        """One try of the access, up to a result or a fixed exit (None: retry)."""
+        mmu = self.machine.vm.mmu
+        if isinstance(mmu, ShadowMmu):
+            return self._attempt_shadow(mmu, gva, access, value, trace)
+        return self._attempt_tdp(mmu, gva, access, value, trace)
+
+    def _attempt_tdp(
+        self, mmu: TdpMmu, gva: int, access: Access, value: int | None, trace: Trace
+    ) -> AccessResult | None:
+        """With EPT: the two-dimensional hardware walk (SDM 29.3.2)."""
         machine = self.machine
         controls = self.controls()
         root = decode_cr3(self.cr3, machine.cpu_model).root
@@ -163,7 +184,7 @@ class Vcpu:
             root,
             gva,
             access,
-            EptTables(machine.vm.mmu, machine.memory),
+            EptTables(mmu, machine.memory),
             X86AccessRules(controls),
         )
         trace.add(GuestWalk(guest))
@@ -174,7 +195,7 @@ class Vcpu:
             return self._result(trace, fault=exception_for(guest, controls))
         assert guest.translation is not None
         gpa = guest.translation.address
-        final = machine.vm.mmu.walk(gpa, replace(access, user=False, implicit=False))
+        final = mmu.walk(gpa, replace(access, user=False, implicit=False))
         trace.add(EptWalk(final))
         if final.translation is None:
             return self._ept_exit(guest, final, final=True, value=value, trace=trace)
@@ -197,7 +218,7 @@ class Vcpu:
         self, guest: WalkRecord, record: WalkRecord, *, final: bool, value: int | None, trace: Trace
     ) -> AccessResult | None:
         """A VM exit for a failed EPT walk; None means KVM fixed it and the guest retries."""
-        mmu = self.machine.vm.mmu
+        mmu = self.machine.vm.ept
         gpa = record.address
         if is_misconfiguration(record):
             trace.add(VmExit(EXIT_REASON_EPT_MISCONFIG, "EPT_MISCONFIG", None, gpa, guest.address))
@@ -214,7 +235,11 @@ class Vcpu:
             return None
         if not final:
             return self._table_in_no_memslot(guest, trace)
-        access = guest.access
+        return self._mmio_exit(gpa, guest.access, value, trace)
+
+    def _mmio_exit(self, gpa: int, access: Access, value: int | None, trace: Trace) -> AccessResult:
+        """KVM's emulator hands the access to userspace (KVM_EXIT_MMIO); it cannot fetch
+        instructions from MMIO (KVM_EXIT_INTERNAL_ERROR)."""
         if access.is_fetch:
             exit_ = InternalError(
                 "KVM_INTERNAL_ERROR_EMULATION", f"instruction fetch from MMIO at GPA {gpa:#x}"
@@ -223,6 +248,45 @@ class Vcpu:
         data = (value or 0).to_bytes(ACCESS_SIZE, "little") if access.is_write else bytes(8)
         mmio = MmioExit(gpa, access.is_write, ACCESS_SIZE, data)
         return self._result(trace, exit=mmio, gpa=gpa)
+
+    def _attempt_shadow(
+        self, mmu: ShadowMmu, gva: int, access: Access, value: int | None, trace: Trace
+    ) -> AccessResult | None:
+        """With EPT off: the hardware walks KVM's shadow tables; a #PF exits to KVM
+        (exit reason 0, exception #PF), which decides what the guest sees."""
+        machine = self.machine
+        controls = self.controls()
+        if controls.cr4_pke:
+            raise TwodwalkError("cr4_pke=True needs EPT: KVM exposes PKU only with tdp=True")
+        fmt = controls.format(machine.cpu_model)
+        guest_root = decode_cr3(self.cr3, machine.cpu_model).root
+        hardware = mmu.walk(mmu.root_for(guest_root, fmt), gva, access, controls)
+        trace.add(NativeWalk(hardware))
+        if hardware.translation is not None:
+            hpa = hardware.translation.address
+            gpa = (mmu.spte_gfn[hardware.steps[-1].entry_address] << 12) | (gva & 0xFFF)
+            data = self._data_access(hpa, access, value, trace)
+            return self._result(trace, value=data, gpa=gpa, hva=machine.vm.gpa_to_hva(gpa), hpa=hpa)
+        exception = exception_for(hardware, controls)
+        if isinstance(exception, GeneralProtection):
+            return self._result(trace, fault=exception)
+        trace.add(VmExit(EXIT_REASON_EXCEPTION_NMI, "EXCEPTION_NMI (#PF)", gva, None, gva))
+        resolution = mmu.page_fault(gva, access, controls, guest_root, hardware, trace)
+        if isinstance(resolution, InjectFault):
+            return self._result(trace, fault=resolution.exception)
+        if isinstance(resolution, EmulateMmio):
+            return self._mmio_exit(resolution.gpa, access, value, trace)
+        if isinstance(resolution, EmulateWrite):
+            data = self._data_access(resolution.hpa, access, value, trace)
+            mmu.track_write(resolution.gpa, trace)
+            return self._result(
+                trace,
+                value=data,
+                gpa=resolution.gpa,
+                hva=machine.vm.gpa_to_hva(resolution.gpa),
+                hpa=resolution.hpa,
+            )
+        return None
 
     def _table_in_no_memslot(self, guest: WalkRecord, trace: Trace) -> AccessResult:
         """KVM emulates the instruction; its software walker cannot read a guest table that

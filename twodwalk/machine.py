@@ -45,8 +45,6 @@ class Machine:
         if guest_ram % align:
             raise TwodwalkError(f"guest_ram={guest_ram:#x} must be a multiple of {align:#x}")
         check_choice("guest_levels", str(guest_levels), ("4", "5"))
-        if not tdp:
-            raise TwodwalkError("tdp=False (shadow paging) is not available yet; use tdp=True")
         self.cpu_model = CpuModel(maxphyaddr=maxphyaddr, gbpages=gbpages, la57=True)
         if ept_levels is None:
             ept_levels = 5 if maxphyaddr > 48 else 4  # KVM: 5-level EPT only when needed
@@ -61,7 +59,9 @@ class Machine:
         self.vmm = self.host.spawn("qemu")
         self.guest_ram = guest_ram
         self.ram_hva = self.vmm.mmap(guest_ram, huge=thp, name="guest RAM")
-        self.vm = Vm(self.host, self.vmm, self.cpu_model, ept_levels, ept_ad)
+        self.vm = Vm(
+            self.host, self.vmm, self.cpu_model, tdp=tdp, ept_levels=ept_levels, ept_ad=ept_ad
+        )
         self.vm.set_user_memory_region(0, 0, 0, guest_ram, self.ram_hva)
         self.guest = GuestOS(self, guest_levels, ram_top=guest_ram)
         self.vcpu = Vcpu(self)

@@ -77,9 +77,18 @@ class HostPageFault:
 
 
 @dataclass(frozen=True)
-class EptInstall:
-    """KVM wrote an EPT entry (a new table link or a leaf)."""
+class KvmWalk:
+    """KVM's software walk of the guest's page tables (shadow paging, paging_tmpl.h)."""
 
+    record: WalkRecord
+
+
+@dataclass(frozen=True)
+class SpteWrite:
+    """KVM wrote an entry of its own tables: `table` is "ept" or "shadow" (KVM calls both
+    kinds of entry an SPTE). A zero `new` is a zap."""
+
+    table: str
     level: int
     entry_address: int
     old: int
@@ -111,7 +120,8 @@ Event = (
     | KvmStep
     | HostWalk
     | HostPageFault
-    | EptInstall
+    | SpteWrite
+    | KvmWalk
     | Retry
     | DataAccess
 )

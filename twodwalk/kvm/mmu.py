@@ -32,7 +32,7 @@ from twodwalk.host import HostKernel, Process
 from twodwalk.kvm.memslots import KvmError, Memslot, Memslots
 from twodwalk.pagetables import PageTables
 from twodwalk.paging import PFERR_FETCH, PFERR_PRESENT, PFERR_USER, PFERR_WRITE
-from twodwalk.trace import EptInstall, KvmStep, Trace
+from twodwalk.trace import KvmStep, SpteWrite, Trace
 from twodwalk.walker import Access, PhysicalTables, WalkRecord, walk
 
 PFERR_GUEST_FINAL = 1 << 32
@@ -74,18 +74,95 @@ class EmulateMmio:
 Resolution = Fixed | EmulateMmio
 
 
-class TdpMmu:
-    """KVM's EPT for one VM: the root, the page fault path, zaps, and dirty-log protection."""
+class KvmMmu:
+    """What KVM's MMU does the same way with EPT and with shadow paging: register for MMU
+    notifiers, find the host page behind a GFN, and zap what the host or a memslot change
+    made stale."""
 
-    def __init__(self, host: HostKernel, vmm: Process, memslots: Memslots, fmt: EptFormat) -> None:
+    def __init__(self, host: HostKernel, vmm: Process, memslots: Memslots) -> None:
         self.host = host
         self.vmm = vmm
         self.memslots = memslots
+        self.log: list[KvmStep] = []
+        host.notifiers.append(self)
+
+    def zap_gfn_range(self, start: int, end: int) -> int:
+        """Clear every leaf mapping a GFN in [start, end); return how many were cleared."""
+        raise NotImplementedError
+
+    def _hva_to_pfn(self, hva: int, write: bool, trace: Trace) -> tuple[int, bool, int]:
+        """virt/kvm/kvm_main.c `hva_to_pfn`: try a writable page without faulting (the fast
+        path), else get_user_pages for the access, then see if it happens to be writable."""
+        page = self.host.get_user_page(self.vmm, hva, True, fault_in=False)
+        if page is None or not page.writable:
+            page = self.host.get_user_page(self.vmm, hva, write, trace)
+            if page is None:
+                trace.add(
+                    KvmStep("hva_to_pfn", "HVA not backed by any VMA: KVM_RUN fails", hva=hva)
+                )
+                raise KvmError(
+                    errno.EFAULT,
+                    f"KVM_RUN: guest memory at HVA {hva:#x} is not mapped in the VMM (munmapped?)",
+                )
+        else:
+            trace.add(KvmStep("hva_to_pfn_fast", "host page present and writable", hva=hva))
+        trace.add(
+            KvmStep(
+                "hva_to_pfn",
+                f"HVA {hva & ~0xFFF:#x} -> HPA {page.hpa:#x}"
+                f" ({page.page_size >> 10} KiB host page,"
+                f" {'writable' if page.writable else 'read-only'})",
+                hva=hva & ~0xFFF,
+                hpa=page.hpa,
+            )
+        )
+        return page.hpa, page.writable, page.page_size
+
+    def _mmio_gen(self) -> int:
+        return self.memslots.generation & ((1 << 19) - 1)
+
+    def invalidate_range(self, process: Process, start: int, end: int, reason: str) -> None:
+        """`kvm_mmu_notifier_invalidate_range_start`: zap the EPT entries of every GFN whose
+        HVA lies in [start, end) of the VMM, so the next access faults and sees the change."""
+        if process is not self.vmm:
+            return
+        for memslot in self.memslots.slots.values():
+            lo = max(start, memslot.userspace_addr)
+            hi = min(end, memslot.userspace_addr + memslot.memory_size)
+            if lo < hi:
+                first, last = memslot.hva_to_gfn(lo), memslot.hva_to_gfn(hi - 1)
+                zapped = self.zap_gfn_range(first, last + 1)
+                self.log.append(
+                    KvmStep(
+                        "kvm_mmu_notifier_invalidate_range_start",
+                        f"{reason}: HVA [{lo:#x}, {hi:#x}) is GFN [{first:#x},"
+                        f" {last + 1:#x}); zapped {zapped} EPT entries",
+                        gfn=first,
+                        hva=lo,
+                    )
+                )
+
+    def zap_memslot(self, memslot: Memslot) -> int:
+        """`kvm_arch_flush_shadow_memslot`: before a slot is deleted or moved."""
+        zapped = self.zap_gfn_range(memslot.base_gfn, memslot.base_gfn + memslot.npages)
+        self.log.append(
+            KvmStep(
+                "kvm_arch_flush_shadow_memslot",
+                f"memslot {memslot.id}: zapped {zapped} EPT entries",
+                gfn=memslot.base_gfn,
+            )
+        )
+        return zapped
+
+
+class TdpMmu(KvmMmu):
+    """KVM's EPT for one VM: the root, the page fault path, zaps, and dirty-log protection."""
+
+    def __init__(self, host: HostKernel, vmm: Process, memslots: Memslots, fmt: EptFormat) -> None:
+        super().__init__(host, vmm, memslots)
         self.fmt = fmt
         self.tables = PageTables(fmt, host.memory, host.frames.alloc)
         self.eptp = Eptp(self.tables.root, fmt.levels, fmt.ad)
-        self.log: list[KvmStep] = []
-        host.notifiers.append(self)
 
     # --- what the hardware does -------------------------------------------------------------
 
@@ -205,34 +282,6 @@ class TdpMmu:
             memslot.mark_dirty(gfn)
         return Fixed()
 
-    def _hva_to_pfn(self, hva: int, write: bool, trace: Trace) -> tuple[int, bool, int]:
-        """virt/kvm/kvm_main.c `hva_to_pfn`: try a writable page without faulting (the fast
-        path), else get_user_pages for the access, then see if it happens to be writable."""
-        page = self.host.get_user_page(self.vmm, hva, True, fault_in=False)
-        if page is None or not page.writable:
-            page = self.host.get_user_page(self.vmm, hva, write, trace)
-            if page is None:
-                trace.add(
-                    KvmStep("hva_to_pfn", "HVA not backed by any VMA: KVM_RUN fails", hva=hva)
-                )
-                raise KvmError(
-                    errno.EFAULT,
-                    f"KVM_RUN: guest memory at HVA {hva:#x} is not mapped in the VMM (munmapped?)",
-                )
-        else:
-            trace.add(KvmStep("hva_to_pfn_fast", "host page present and writable", hva=hva))
-        trace.add(
-            KvmStep(
-                "hva_to_pfn",
-                f"HVA {hva & ~0xFFF:#x} -> HPA {page.hpa:#x}"
-                f" ({page.page_size >> 10} KiB host page,"
-                f" {'writable' if page.writable else 'read-only'})",
-                hva=hva & ~0xFFF,
-                hpa=page.hpa,
-            )
-        )
-        return page.hpa, page.writable, page.page_size
-
     def _mapping_level(
         self, memslot: Memslot, gfn: int, hva: int, host_size: int, trace: Trace
     ) -> int:
@@ -306,35 +355,11 @@ class TdpMmu:
         old = self.host.memory.read_u64(address)
         self.host.memory.write_u64(address, new)
         leaf = new == 0 or is_mmio_spte(new) or self.fmt.is_leaf(new, level)
-        event = EptInstall(level, address, old, new, leaf)
+        event = SpteWrite("ept", level, address, old, new, leaf)
         if trace is not None:
             trace.add(event)
 
-    def _mmio_gen(self) -> int:
-        return self.memslots.generation & ((1 << 19) - 1)
-
     # --- zaps: MMU notifiers, memslot changes, dirty logging ----------------------------------
-
-    def invalidate_range(self, process: Process, start: int, end: int, reason: str) -> None:
-        """`kvm_mmu_notifier_invalidate_range_start`: zap the EPT entries of every GFN whose
-        HVA lies in [start, end) of the VMM, so the next access faults and sees the change."""
-        if process is not self.vmm:
-            return
-        for memslot in self.memslots.slots.values():
-            lo = max(start, memslot.userspace_addr)
-            hi = min(end, memslot.userspace_addr + memslot.memory_size)
-            if lo < hi:
-                first, last = memslot.hva_to_gfn(lo), memslot.hva_to_gfn(hi - 1)
-                zapped = self.zap_gfn_range(first, last + 1)
-                self.log.append(
-                    KvmStep(
-                        "kvm_mmu_notifier_invalidate_range_start",
-                        f"{reason}: HVA [{lo:#x}, {hi:#x}) is GFN [{first:#x},"
-                        f" {last + 1:#x}); zapped {zapped} EPT entries",
-                        gfn=first,
-                        hva=lo,
-                    )
-                )
 
     def zap_gfn_range(self, start: int, end: int) -> int:
         """`kvm_tdp_mmu_zap_leafs`: clear every leaf mapping a GFN in [start, end); a huge
@@ -349,18 +374,6 @@ class TdpMmu:
                 self.host.memory.write_u64(found[0], 0)
                 zapped += 1
             gfn = (gfn & ~(pages - 1)) + pages
-        return zapped
-
-    def zap_memslot(self, memslot: Memslot) -> int:
-        """`kvm_arch_flush_shadow_memslot`: before a slot is deleted or moved."""
-        zapped = self.zap_gfn_range(memslot.base_gfn, memslot.base_gfn + memslot.npages)
-        self.log.append(
-            KvmStep(
-                "kvm_arch_flush_shadow_memslot",
-                f"memslot {memslot.id}: zapped {zapped} EPT entries",
-                gfn=memslot.base_gfn,
-            )
-        )
         return zapped
 
     def write_protect(self, memslot: Memslot, gfns: range | None = None) -> int:

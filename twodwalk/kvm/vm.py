@@ -9,23 +9,46 @@ turning dirty logging on write-protects and splits the slot (`kvm_mmu_slot_apply
 from __future__ import annotations
 
 from twodwalk.cpumodel import PAGE_SHIFT, CpuModel
+from twodwalk.errors import TwodwalkError
 from twodwalk.formats import ept_format
 from twodwalk.host import HostKernel, Process
 from twodwalk.kvm.memslots import Change, MemslotChange, Memslots
 from twodwalk.kvm.mmu import TdpMmu
+from twodwalk.kvm.shadow import ShadowMmu
 
 
 class Vm:
-    """One KVM VM (a `struct kvm`): memslots, and the TDP MMU that builds its EPT."""
+    """One KVM VM (a `struct kvm`): memslots, and the MMU that builds its EPT (TDP) or its
+    shadow page tables (EPT off)."""
 
     def __init__(
-        self, host: HostKernel, vmm: Process, cpu: CpuModel, ept_levels: int, ept_ad: bool
+        self,
+        host: HostKernel,
+        vmm: Process,
+        cpu: CpuModel,
+        *,
+        tdp: bool,
+        ept_levels: int,
+        ept_ad: bool,
     ) -> None:
         self.host = host
         self.vmm = vmm
         self.cpu = cpu
-        self.memslots = Memslots(max_gpa_bits=cpu.maxphyaddr)
-        self.mmu = TdpMmu(host, vmm, self.memslots, ept_format(ept_levels, cpu, ept_ad))
+        self.tdp = tdp
+        # kvm_mmu_max_gfn: the host MAXPHYADDR with TDP, 52 bits with shadow paging.
+        self.memslots = Memslots(max_gpa_bits=cpu.maxphyaddr if tdp else 52)
+        self.mmu: TdpMmu | ShadowMmu
+        if tdp:
+            self.mmu = TdpMmu(host, vmm, self.memslots, ept_format(ept_levels, cpu, ept_ad))
+        else:
+            self.mmu = ShadowMmu(host, vmm, self.memslots, cpu)
+
+    @property
+    def ept(self) -> TdpMmu:
+        """The TDP MMU that builds the EPT; only with tdp=True."""
+        if not isinstance(self.mmu, TdpMmu):
+            raise TwodwalkError("this VM runs with EPT off (tdp=False): its shadow MMU is vm.mmu")
+        return self.mmu
 
     def set_user_memory_region(
         self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int

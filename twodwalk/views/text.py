@@ -12,15 +12,16 @@ from typing import TYPE_CHECKING
 
 from twodwalk.formats import DecodedEntry, EntryFormat, Rights
 from twodwalk.trace import (
-    EptInstall,
     EptWalk,
     Event,
     GuestWalk,
     HostPageFault,
     HostWalk,
     KvmStep,
+    KvmWalk,
     NativeWalk,
     Retry,
+    SpteWrite,
     Trace,
     VmExit,
 )
@@ -159,7 +160,7 @@ def format_trace(trace: Trace) -> str:
 
 
 def _event_text(event: Event) -> str:
-    if isinstance(event, GuestWalk | EptWalk | NativeWalk | HostWalk):
+    if isinstance(event, GuestWalk | EptWalk | NativeWalk | HostWalk | KvmWalk):
         kind = type(event).__name__
         return f"{kind}: {_outcome_text(event.record.outcome)}"
     if isinstance(event, VmExit):
@@ -169,10 +170,10 @@ def _event_text(event: Event) -> str:
         return f"  KVM {event.function}: {event.detail}"
     if isinstance(event, HostPageFault):
         return f"  host page fault at HVA {event.hva:#x}: {event.resolution} (HPA {event.hpa:#x})"
-    if isinstance(event, EptInstall):
+    if isinstance(event, SpteWrite):
         what = "leaf" if event.leaf else "table link"
         return (
-            f"  EPT L{event.level} {what} @ {event.entry_address:#x}: {event.old:#x} ->"
+            f"  {event.table} L{event.level} {what} @ {event.entry_address:#x}: {event.old:#x} ->"
             f" {event.new:#x}"
         )
     if isinstance(event, Retry):

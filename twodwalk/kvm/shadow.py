@@ -1,0 +1,345 @@
+"""KVM's shadow MMU (EPT off): shadow page tables that map GVA -> HPA directly.
+
+Without EPT the CPU walks only one tree, so KVM builds it: a shadow table per guest table,
+mapping guest-virtual addresses straight to host frames (arch/x86/kvm/mmu/paging_tmpl.h). A
+#PF in the guest exits to KVM, which walks the guest's own tables in software
+(`FNAME(walk_addr_generic)`, each entry read through memslot -> HVA -> host page), injects the
+#PF if the guest's tables say so, and otherwise writes shadow entries (`FNAME(fetch)`).
+To keep the shadow in sync, KVM write-protects every guest page-table page it shadows: a guest
+write to its own page table traps, is emulated, and zaps the shadow entries derived from the
+entry written (`kvm_mmu_track_write` -> `kvm_mmu_pte_write`). A clean guest PTE (D=0) is
+shadowed read-only so the first write traps and KVM can set the guest's D bit
+(`FNAME(protect_clean_gpte)`).
+
+Simplifications, said once: shadow leaves are always 4 KiB; there are no unsync pages (every
+guest page-table write traps); KVM keeps PKU off without EPT, so CR4.PKE is rejected here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE, CpuModel
+from twodwalk.formats import ENTRY_SIZE, EntryFormat, Ia32eFormat, Rights, bits
+from twodwalk.host import HostKernel, Process
+from twodwalk.kvm.memslots import Memslot, Memslots
+from twodwalk.kvm.mmu import EmulateMmio, Fixed, KvmMmu
+from twodwalk.paging import (
+    GeneralProtection,
+    PageFault,
+    PagingControls,
+    X86AccessRules,
+    exception_for,
+)
+from twodwalk.trace import KvmStep, KvmWalk, SpteWrite, Trace
+from twodwalk.walker import Access, PhysicalTables, TableRead, WalkRecord, walk
+
+
+@dataclass(frozen=True)
+class InjectFault:
+    """KVM's software walk of the guest tables faulted: the guest gets this exception."""
+
+    exception: PageFault | GeneralProtection
+
+
+@dataclass(frozen=True)
+class EmulateWrite:
+    """A guest write to one of its own (write-protected) page tables: KVM emulates it."""
+
+    gpa: int
+    hpa: int
+
+
+ShadowResolution = Fixed | EmulateMmio | InjectFault | EmulateWrite
+
+
+class GuestTablesViaMemslots:
+    """How KVM's software walker reads guest tables: GPA -> memslot -> HVA -> host page.
+    A table in no memslot reads as a not-present entry (`walk_addr_generic` error path)."""
+
+    def __init__(self, mmu: ShadowMmu) -> None:
+        self.mmu = mmu
+
+    def read_entry(self, address: int, access: Access) -> TableRead:
+        hpa = self.mmu.gpa_to_hpa(address, write=False)
+        if hpa is None:
+            return TableRead(0, address)
+        return TableRead(self.mmu.host.memory.read_u64(hpa), hpa)
+
+    def write_entry(self, read: TableRead, value: int) -> None:
+        self.mmu.host.memory.write_u64(read.physical, value)
+
+
+class ShadowMmu(KvmMmu):
+    """Shadow page tables for one VM, in host memory, walked by the CPU instead of EPT."""
+
+    def __init__(self, host: HostKernel, vmm: Process, memslots: Memslots, cpu: CpuModel) -> None:
+        super().__init__(host, vmm, memslots)
+        self.cpu = cpu
+        self.roots: dict[tuple[int, int], int] = {}
+        self.shadowed: dict[int, set[int]] = {}
+        self.rmap: dict[int, set[int]] = {}
+        self.spte_gfn: dict[int, int] = {}
+        self.mmio_mask = bits(51, cpu.maxphyaddr) | 1
+
+    def root_for(self, guest_root: int, fmt: Ia32eFormat) -> int:
+        """`kvm_mmu_new_pgd`: the shadow root for a guest CR3 (cached per root and depth)."""
+        key = (guest_root, fmt.levels)
+        if key not in self.roots:
+            self.roots[key] = self.host.frames.alloc()
+            self.shadowed.setdefault(guest_root >> PAGE_SHIFT, set()).add(self.roots[key])
+        return self.roots[key]
+
+    def walk(self, root: int, gva: int, access: Access, controls: PagingControls) -> WalkRecord:
+        """The CPU's walk of the shadow tables (native paging, host memory)."""
+        return walk(
+            controls.format(self.cpu),
+            root,
+            gva,
+            access,
+            PhysicalTables(self.host.memory),
+            X86AccessRules(controls),
+        )
+
+    def gpa_to_hpa(self, gpa: int, write: bool, trace: Trace | None = None) -> int | None:
+        """memslot -> HVA -> host page for KVM's own reads of guest memory; None for a hole."""
+        memslot = self.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
+        if memslot is None:
+            return None
+        hva = memslot.gfn_to_hva(gpa >> PAGE_SHIFT)
+        page = self.host.get_user_page(self.vmm, hva, write, trace)
+        if page is None:
+            return None
+        return page.hpa + (hva & (page.page_size - 1)) + (gpa & (PAGE_SIZE - 1))
+
+    def page_fault(
+        self,
+        gva: int,
+        access: Access,
+        controls: PagingControls,
+        guest_root: int,
+        hardware: WalkRecord,
+        trace: Trace,
+    ) -> ShadowResolution:
+        """`FNAME(page_fault)`: MMIO fast path, software walk of the guest tables, inject or
+        emulate or build the shadow entries."""
+        mmio = self._mmio_fast_path(hardware, trace)
+        if mmio is not None:
+            return mmio
+        fmt = controls.format(self.cpu)
+        guest = walk(
+            fmt, guest_root, gva, access, GuestTablesViaMemslots(self), X86AccessRules(controls)
+        )
+        trace.add(KvmWalk(guest))
+        exception = exception_for(guest, controls)
+        if exception is not None:
+            trace.add(
+                KvmStep(
+                    "kvm_inject_emulated_page_fault",
+                    f"the guest's own tables fault:"
+                    f" inject {type(exception).__name__} into the guest",
+                )
+            )
+            return InjectFault(exception)
+        assert guest.translation is not None
+        gpa = guest.translation.address
+        gfn = gpa >> PAGE_SHIFT
+        memslot = self.memslots.gfn_to_memslot(gfn)
+        if memslot is None or (access.is_write and memslot.readonly):
+            trace.add(
+                KvmStep("kvm_faultin_pfn", "no RAM behind this GPA: emulate as MMIO", gfn=gfn)
+            )
+            if memslot is None:
+                self._install_mmio(hardware, gpa, trace)
+            return EmulateMmio(gpa, access.is_write)
+        hpa = self.gpa_to_hpa(gpa, access.is_write, trace)
+        if hpa is None:
+            return EmulateMmio(gpa, access.is_write)
+        if access.is_write and gfn in self.shadowed:
+            trace.add(
+                KvmStep(
+                    "kvm_mmu_track_write",
+                    f"GFN {gfn:#x} holds a guest page table"
+                    " that KVM shadows: the write traps and is emulated",
+                    gfn=gfn,
+                )
+            )
+            return EmulateWrite(gpa, hpa)
+        self._fetch(guest, hardware.root, hpa & ~0xFFF, access, trace)
+        return Fixed()
+
+    def _mmio_fast_path(self, hardware: WalkRecord, trace: Trace) -> EmulateMmio | None:
+        """`handle_mmio_page_fault`: a #PF with RSVD on a cached MMIO entry."""
+        if not hardware.steps:
+            return None
+        spte = hardware.steps[-1].value
+        if not self.is_mmio_spte(spte):
+            return None
+        last = hardware.steps[-1]
+        if (spte >> 52 & 0x7FF) == self._mmio_gen() & 0x7FF:
+            gpa = (spte & bits(self.cpu.maxphyaddr - 1, 12)) | (hardware.address & 0xFFF)
+            trace.add(
+                KvmStep(
+                    "handle_mmio_page_fault",
+                    "RSVD fault on an MMIO entry of the current generation: fast MMIO path",
+                    gfn=gpa >> PAGE_SHIFT,
+                )
+            )
+            return EmulateMmio(gpa, hardware.access.is_write)
+        self._write(last.entry_address, 1, 0, trace)
+        return None
+
+    def is_mmio_spte(self, spte: int) -> bool:
+        """An MMIO entry sets P and every reserved bit above MAXPHYADDR (`make_mmio_spte`
+        with shadow paging), so the hardware faults with RSVD."""
+        return self.mmio_mask != 1 and spte & self.mmio_mask == self.mmio_mask
+
+    def _install_mmio(self, hardware: WalkRecord, gpa: int, trace: Trace) -> None:
+        slot = self._leaf_slot(hardware.format, hardware.root, hardware.address, trace)
+        if self.mmio_mask != 1:
+            gen = (self._mmio_gen() & 0x7FF) << 52
+            self._write(
+                slot,
+                1,
+                self.mmio_mask | gen | (gpa & ~0xFFF & bits(self.cpu.maxphyaddr - 1, 12)),
+                trace,
+            )
+
+    def _fetch(self, guest: WalkRecord, root: int, hpa: int, access: Access, trace: Trace) -> None:
+        """`FNAME(fetch)`: write-protect and link a shadow table for each guest table on the
+        walk, then the 4 KiB leaf with the rights the guest walk accumulated."""
+        fmt = guest.format
+        assert guest.translation is not None
+        table = root
+        for step in guest.steps:
+            self._shadow_table(table, step.table >> PAGE_SHIFT, trace)
+            if step.level == 1:
+                break
+            table = self._child(fmt, table, guest.address, step.level, trace)
+        for level in range(guest.steps[-1].level - 1, 0, -1):
+            table = self._child(fmt, table, guest.address, level + 1, trace)
+        gfn = guest.translation.address >> PAGE_SHIFT
+        writable = self._leaf_writable(guest, gfn, access)
+        rights = guest.translation.rights
+        spte = fmt.encode(
+            1,
+            True,
+            address=hpa,
+            p=1,
+            rw=int(writable),
+            us=int(Rights.U in rights),
+            xd=int(Rights.X not in rights),
+            a=1,
+            d=int(writable and access.is_write),
+        )
+        slot = table + ENTRY_SIZE * fmt.index(guest.address, 1)
+        self._write(slot, 1, spte, trace)
+        self.rmap.setdefault(gfn, set()).add(slot)
+        self.spte_gfn[slot] = gfn
+        memslot = self.memslots.gfn_to_memslot(gfn)
+        if writable and memslot is not None:
+            memslot.mark_dirty(gfn)
+        trace.add(
+            KvmStep(
+                "FNAME(fetch)",
+                f"shadow leaf GVA {guest.address & ~0xFFF:#x} -> HPA"
+                f" {hpa:#x} ({'writable' if writable else 'read-only'})",
+                gfn=gfn,
+                hpa=hpa,
+                level=1,
+            )
+        )
+
+    def _leaf_writable(self, guest: WalkRecord, gfn: int, access: Access) -> bool:
+        """W in the shadow leaf only if the guest allows writes, the guest PTE is already
+        dirty (`FNAME(protect_clean_gpte)`), the page holds no shadowed guest table, the host
+        page is writable, and dirty logging does not want to see the first write."""
+        assert guest.translation is not None
+        leaf = guest.steps[-1]
+        value = leaf.written if leaf.written is not None else leaf.value
+        memslot = self.memslots.gfn_to_memslot(gfn)
+        if memslot is None or Rights.W not in guest.translation.rights or not value >> 6 & 1:
+            return False
+        host = self.host.get_user_page(self.vmm, memslot.gfn_to_hva(gfn), False, fault_in=False)
+        return (
+            gfn not in self.shadowed
+            and host is not None
+            and host.writable
+            and not (memslot.dirty_logging and not access.is_write)
+        )
+
+    def _shadow_table(self, shadow: int, gfn: int, trace: Trace) -> None:
+        """Note that `shadow` shadows the guest table at `gfn`, and write-protect that gfn
+        everywhere it is mapped (`account_shadowed` -> `kvm_mmu_slot_gfn_write_protect`)."""
+        self.shadowed.setdefault(gfn, set()).add(shadow)
+        for slot in self.rmap.get(gfn, set()):
+            spte = self.host.memory.read_u64(slot)
+            if spte & 2:
+                self._write(slot, 1, spte & ~2, trace)
+
+    def _child(self, fmt: EntryFormat, table: int, gva: int, level: int, trace: Trace) -> int:
+        """The shadow table below `table` for `gva`, allocated and linked if missing."""
+        slot = table + ENTRY_SIZE * fmt.index(gva, level)
+        value = self.host.memory.read_u64(slot)
+        if value & 1 and not self.is_mmio_spte(value):
+            return fmt.output_address(value, level)
+        child = self.host.frames.alloc()
+        self._write(
+            slot, level, fmt.encode(level, False, address=child, p=1, rw=1, us=1, a=1), trace
+        )
+        return child
+
+    def _leaf_slot(self, fmt: EntryFormat, root: int, gva: int, trace: Trace) -> int:
+        table = root
+        for level in range(fmt.levels, 1, -1):
+            table = self._child(fmt, table, gva, level, trace)
+        return table + ENTRY_SIZE * fmt.index(gva, 1)
+
+    def _write(self, address: int, level: int, new: int, trace: Trace | None) -> None:
+        old = self.host.memory.read_u64(address)
+        self.host.memory.write_u64(address, new)
+        if trace is not None:
+            trace.add(SpteWrite("shadow", level, address, old, new, level == 1))
+
+    def track_write(self, gpa: int, trace: Trace) -> int:
+        """`kvm_mmu_pte_write`: after an emulated write to a guest page table, zap the shadow
+        entry at the same index in every shadow table of that page. Returns how many."""
+        zapped = 0
+        for shadow in self.shadowed.get(gpa >> PAGE_SHIFT, set()):
+            slot = shadow + (gpa & 0xFF8)
+            if self.host.memory.read_u64(slot):
+                self._write(slot, 0, 0, trace)
+                zapped += 1
+        trace.add(
+            KvmStep(
+                "kvm_mmu_pte_write",
+                f"guest wrote its page table at GPA {gpa:#x}:"
+                f" zapped {zapped} shadow entries derived from it",
+                gfn=gpa >> PAGE_SHIFT,
+            )
+        )
+        return zapped
+
+    def zap_gfn_range(self, start: int, end: int) -> int:
+        """Zap the shadow leaves that map a GFN in [start, end) (the rmap walk of
+        `kvm_unmap_gfn_range`)."""
+        zapped = 0
+        for gfn in [g for g in self.rmap if start <= g < end]:
+            for slot in self.rmap.pop(gfn):
+                if self.host.memory.read_u64(slot) & 1:
+                    self.host.memory.write_u64(slot, 0)
+                    zapped += 1
+        return zapped
+
+    def write_protect(self, memslot: Memslot, gfns: range | None = None) -> int:
+        """Dirty logging: clear W in every shadow leaf of the slot's GFNs (the rmap walk of
+        `kvm_mmu_slot_remove_write_access`), so the next write faults and is logged."""
+        gfns = gfns or range(memslot.base_gfn, memslot.base_gfn + memslot.npages)
+        count = 0
+        for gfn in [g for g in self.rmap if g in gfns]:
+            for slot in self.rmap[gfn]:
+                spte = self.host.memory.read_u64(slot)
+                if spte & 2:
+                    self.host.memory.write_u64(slot, spte & ~2)
+                    count += 1
+        return count
