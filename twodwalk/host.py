@@ -9,7 +9,8 @@ calls the MMU notifiers first (`mmu_notifier_invalidate_range_start`), as swap-o
 KSM, THP split/collapse and munmap do in Linux.
 
 Simplification, said once: THP read faults allocate a huge page (as with
-/sys/kernel/mm/transparent_hugepage/use_zero_page=0); there is no huge zero page.
+/sys/kernel/mm/transparent_hugepage/use_zero_page=0); there is no huge zero page. 1 GiB pages
+come from hugetlbfs (a VMA of 1 GiB pages), as QEMU's `-mem-path /dev/hugepages1G` gives.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from twodwalk.trace import HostPageFault, HostWalk, Trace
 from twodwalk.walker import Access, AccessKind, PhysicalTables, Translation, WalkRecord, walk
 
 HUGE_PAGE_SIZE = 2 << 20
+GIGANTIC_PAGE_SIZE = 1 << 30
 TASK_SIZE_MAX = (1 << 47) - PAGE_SIZE  # arch/x86/include/asm/page_64_types.h, 4-level host
 MMAP_BASE = 0x7F00_0000_0000
 SWP_TYPE_BITS = 5  # arch/x86/include/asm/pgtable_64.h: swap entries in non-present PTEs
@@ -55,8 +57,12 @@ class Vma:
 
     start: int
     end: int
-    huge: bool
+    page_size: int
     name: str
+
+    @property
+    def huge(self) -> bool:
+        return self.page_size > PAGE_SIZE
 
 
 class MmuNotifier(Protocol):
@@ -86,17 +92,22 @@ class Process:
         self.tables = PageTables(kernel.format, kernel.memory, kernel.frames.alloc)
         self._mmap_top = MMAP_BASE
 
-    def mmap(self, size: int, huge: bool = False, name: str = "anon") -> int:
-        """Anonymous private mapping, placed top-down (mm/mmap.c); `huge` backs it with THP
-        (or hugetlbfs) 2 MiB pages and aligns it to 2 MiB. Returns the HVA."""
-        align = HUGE_PAGE_SIZE if huge else PAGE_SIZE
+    def mmap(
+        self, size: int, huge: bool = False, name: str = "anon", page_size: int | None = None
+    ) -> int:
+        """Anonymous private mapping, placed top-down (mm/mmap.c). `huge` backs it with
+        2 MiB THP pages; `page_size=1 << 30` with 1 GiB hugetlbfs pages. Returns the HVA."""
+        align = page_size or (HUGE_PAGE_SIZE if huge else PAGE_SIZE)
+        if align not in self.kernel.allocators:
+            sizes = ", ".join(f"{s:#x}" for s in sorted(self.kernel.allocators))
+            raise TwodwalkError(f"page_size={align:#x} is not available: this host has {sizes}")
         check_int("size", size, 1, 1 << 46, valid="a positive size below 64 TiB")
         check_aligned("size", size, align)
         start = (self._mmap_top - size) & ~(align - 1)
         if start < 1 << 32:
             raise MemoryError(f"no room for a mapping of {size:#x} bytes")
         self._mmap_top = start - align
-        self.vmas.append(Vma(start, start + size, huge, name))
+        self.vmas.append(Vma(start, start + size, align, name))
         return start
 
     def munmap(self, hva: int, size: int) -> None:
@@ -130,9 +141,9 @@ class Process:
 def _cut(vma: Vma, start: int, end: int) -> list[Vma]:
     pieces = []
     if vma.start < start:
-        pieces.append(Vma(vma.start, min(vma.end, start), vma.huge, vma.name))
+        pieces.append(Vma(vma.start, min(vma.end, start), vma.page_size, vma.name))
     if vma.end > end:
-        pieces.append(Vma(max(vma.start, end), vma.end, vma.huge, vma.name))
+        pieces.append(Vma(max(vma.start, end), vma.end, vma.page_size, vma.name))
     return pieces if vma.start < end and vma.end > start else [vma]
 
 
@@ -145,11 +156,17 @@ class HostKernel:
         cpu: CpuModel,
         frames: FrameAllocator,
         huge_frames: FrameAllocator,
+        gigantic_frames: FrameAllocator | None = None,
     ) -> None:
         self.memory = memory
         self.cpu = cpu
         self.frames = frames
         self.huge_frames = huge_frames
+        self.allocators = {
+            a.frame_size: a for a in (frames, huge_frames, gigantic_frames) if a is not None
+        }
+        if not cpu.gbpages:
+            self.allocators.pop(GIGANTIC_PAGE_SIZE, None)
         self.format = ia32e_format(4, cpu, nxe=True)
         self.zero_page = frames.alloc()
         self.refcount: dict[int, int] = {}
@@ -217,28 +234,32 @@ class HostKernel:
         vma = process.find_vma(hva)
         if vma is None:
             raise TwodwalkError(f"hva={hva:#x} is in no VMA of {process.name}: SIGSEGV")
-        if vma.huge and self._huge_slot(process, hva) is not None:
-            resolution, hpa = self._huge_fault(process, hva)
+        if vma.huge and self._huge_slot(process, vma, hva) is not None:
+            resolution, hpa = self._huge_fault(process, vma, hva)
         else:
             resolution, hpa = self._pte_fault(process, hva, write)
         if trace is not None:
             trace.add(HostPageFault(hva, write, resolution, hpa))
 
-    def _huge_slot(self, process: Process, hva: int) -> int | None:
-        """The empty PMD slot for a THP fault (`do_huge_pmd_anonymous_page`), or None."""
-        slot = process.tables.entry_address(hva, 2, create=True)
+    def _huge_slot(self, process: Process, vma: Vma, hva: int) -> int | None:
+        """The empty PMD (or PUD) slot for a huge fault (`do_huge_pmd_anonymous_page`,
+        `hugetlb_fault`), or None once the huge page was split into small ones."""
+        slot = process.tables.entry_address(
+            hva, self.format.level_for_size(vma.page_size), create=True
+        )
         assert slot is not None
         return slot if self.memory.read_u64(slot) == 0 else None
 
-    def _huge_fault(self, process: Process, hva: int) -> tuple[str, int]:
-        frame = self.huge_frames.alloc()
+    def _huge_fault(self, process: Process, vma: Vma, hva: int) -> tuple[str, int]:
+        frame = self.allocators[vma.page_size].alloc()
         self.refcount[frame] = 1
-        slot = self._huge_slot(process, hva)
+        slot = self._huge_slot(process, vma, hva)
         assert slot is not None
+        level = self.format.level_for_size(vma.page_size)
         self.memory.write_u64(
-            slot, self.format.encode(2, True, address=frame, p=1, rw=1, us=1, d=1, xd=1)
+            slot, self.format.encode(level, True, address=frame, p=1, rw=1, us=1, d=1, xd=1)
         )
-        return "THP: new zeroed 2 MiB page", frame
+        return f"new zeroed {vma.page_size >> 20} MiB huge page", frame
 
     def _pte_fault(self, process: Process, hva: int, write: bool) -> tuple[str, int]:
         slot = process.tables.entry_address(hva, 1, create=True)
@@ -296,11 +317,11 @@ class HostKernel:
         whole THP, when no mapping is left. The zero page is never freed."""
         if frame == self.zero_page:
             return
-        head = frame & ~(HUGE_PAGE_SIZE - 1) if self.huge_frames.owns(frame) else frame
+        allocator = next(a for a in self.allocators.values() if a.owns(frame))
+        head = frame & ~(allocator.frame_size - 1)
         self.refcount[head] -= 1
         if self.refcount[head] <= 0:
             del self.refcount[head]
-            allocator = self.huge_frames if self.huge_frames.owns(head) else self.frames
             allocator.free(head)
 
     # --- what-ifs -------------------------------------------------------------------------
@@ -379,7 +400,7 @@ class HostKernel:
         Returns the new 2 MiB frame."""
         base = hva & ~(HUGE_PAGE_SIZE - 1)
         vma = process.find_vma(base)
-        if vma is None or not vma.huge or vma.end < base + HUGE_PAGE_SIZE:
+        if vma is None or vma.page_size != HUGE_PAGE_SIZE or vma.end < base + HUGE_PAGE_SIZE:
             raise TwodwalkError(f"hva={hva:#x} is not in a THP-enabled VMA")
         slot = process.tables.entry_address(base, 2)
         if slot is None or self.format.is_leaf(self.memory.read_u64(slot), 2):

@@ -4,7 +4,8 @@
 the VMM ("qemu") mmaps guest RAM; KVM_SET_USER_MEMORY_REGION makes memslot 0 map GPA
 [0, guest_ram) to that HVA; the guest OS writes its page tables into guest RAM; the vCPU runs
 accesses. Host physical memory is laid out as: 4 KiB frames from 16 MiB to 1 GiB (page tables,
-EPT tables, small pages) and 2 MiB frames from 1 GiB to 4 GiB (THP).
+EPT tables, small pages), 2 MiB frames from 1 GiB to 4 GiB (THP) and 1 GiB frames from 4 GiB
+to 8 GiB (hugetlbfs).
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from twodwalk.cpu import Vcpu
 from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE, CpuModel
 from twodwalk.errors import TwodwalkError, check_choice, check_int
 from twodwalk.guest import GuestOS
-from twodwalk.host import HUGE_PAGE_SIZE, HostKernel
+from twodwalk.host import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, HostKernel
 from twodwalk.kvm.memslots import KvmError
 from twodwalk.kvm.vm import Vm
 from twodwalk.memory import FrameAllocator, PhysicalMemory
 
 SMALL_FRAMES = (16 << 20, 1 << 30)
 HUGE_FRAMES = (1 << 30, 4 << 30)
+GIGANTIC_FRAMES = (4 << 30, 8 << 30)
 
 
 class Machine:
@@ -37,11 +39,16 @@ class Machine:
         gbpages: bool = True,
         ept_ad: bool = True,
         thp: bool = False,
+        hugetlb_1g: bool = False,
     ) -> None:
+        """Guest RAM is backed by 4 KiB anonymous pages, by 2 MiB THP (`thp`), or by 1 GiB
+        hugetlbfs pages (`hugetlb_1g`, which needs `gbpages` and whole GiBs of RAM)."""
         check_int(
             "guest_ram", guest_ram, PAGE_SIZE, (1 << 30) + 1, valid="4 KiB .. 1 GiB of guest RAM"
         )
-        align = HUGE_PAGE_SIZE if thp else PAGE_SIZE
+        if thp and hugetlb_1g:
+            raise TwodwalkError("choose one backing for guest RAM: thp=True or hugetlb_1g=True")
+        align = GIGANTIC_PAGE_SIZE if hugetlb_1g else HUGE_PAGE_SIZE if thp else PAGE_SIZE
         if guest_ram % align:
             raise TwodwalkError(f"guest_ram={guest_ram:#x} must be a multiple of {align:#x}")
         check_choice("guest_levels", str(guest_levels), ("4", "5"))
@@ -55,10 +62,11 @@ class Machine:
             self.cpu_model,
             FrameAllocator(self.memory, *SMALL_FRAMES),
             FrameAllocator(self.memory, *HUGE_FRAMES, frame_size=HUGE_PAGE_SIZE),
+            FrameAllocator(self.memory, *GIGANTIC_FRAMES, frame_size=GIGANTIC_PAGE_SIZE),
         )
         self.vmm = self.host.spawn("qemu")
         self.guest_ram = guest_ram
-        self.ram_hva = self.vmm.mmap(guest_ram, huge=thp, name="guest RAM")
+        self.ram_hva = self.vmm.mmap(guest_ram, name="guest RAM", page_size=align)
         self.vm = Vm(
             self.host, self.vmm, self.cpu_model, tdp=tdp, ept_levels=ept_levels, ept_ad=ept_ad
         )
