@@ -116,7 +116,7 @@ class Vcpu:
 
     def __init__(self, machine: Machine) -> None:
         self.machine = machine
-        self.cr3 = 0
+        self._cr3 = 0
         self.cr0_wp = True
         self.cr4_smep = False
         self.cr4_smap = False
@@ -126,6 +126,18 @@ class Vcpu:
         self.rflags_ac = False
         self.pkru = 0
         self.cpl = 0
+
+    @property
+    def cr3(self) -> int:
+        """CR3: the guest-physical address of the root table, plus PWT/PCD."""
+        return self._cr3
+
+    @cr3.setter
+    def cr3(self, value: int) -> None:
+        """MOV to CR3 (without PCIDs): bits above MAXPHYADDR would raise #GP, so they are
+        rejected here. There is no TLB model yet, so nothing is cached to flush."""
+        decode_cr3(value, self.machine.cpu_model)
+        self._cr3 = value
 
     def controls(self) -> PagingControls:
         return PagingControls(

@@ -88,6 +88,10 @@ def ept_violation_qualification(record: WalkRecord, final: bool) -> int:
         "write": EPT_VIOLATION_ACC_WRITE,
         "fetch": EPT_VIOLATION_ACC_INSTR,
     }[access.kind.value]
+    if not final and record.format.ad:
+        # SDM table 28-7, note: with EPT A/D on, guest paging-structure accesses count as
+        # writes, and a violation on one sets both bit 0 and bit 1.
+        qual |= EPT_VIOLATION_ACC_READ | EPT_VIOLATION_ACC_WRITE
     last = record.steps[-1] if record.steps else None
     if last is not None and record.format.is_present(last.value):
         qual |= int(last.rights & (Rights.R | Rights.W | Rights.X)) << 3

@@ -133,7 +133,8 @@ class Memslots:
             self._check_max_gfn(new)
         if new.dirty_logging:
             keep = old.dirty_bitmap if old is not None and old.dirty_logging else None
-            new.dirty_bitmap = keep if keep is not None else bytearray((npages + 7) // 8)
+            # kvm_dirty_bitmap_bytes: one bit per page, rounded up to whole longs
+            new.dirty_bitmap = keep if keep is not None else bytearray((npages + 63) // 64 * 8)
         return self._commit((as_id, sid), MemslotChange(change, old, new))
 
     def _check_max_gfn(self, new: Memslot) -> None:

@@ -12,6 +12,7 @@ software path. MMU notifiers and memslot changes zap entries, so the next access
 from __future__ import annotations
 
 import errno
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE
@@ -74,7 +75,7 @@ class EmulateMmio:
 Resolution = Fixed | EmulateMmio
 
 
-class KvmMmu:
+class KvmMmu(ABC):
     """What KVM's MMU does the same way with EPT and with shadow paging: register for MMU
     notifiers, find the host page behind a GFN, and zap what the host or a memslot change
     made stale."""
@@ -86,9 +87,9 @@ class KvmMmu:
         self.log: list[KvmStep] = []
         host.notifiers.append(self)
 
+    @abstractmethod
     def zap_gfn_range(self, start: int, end: int) -> int:
         """Clear every leaf mapping a GFN in [start, end); return how many were cleared."""
-        raise NotImplementedError
 
     def _hva_to_pfn(self, hva: int, write: bool, trace: Trace) -> tuple[int, bool, int]:
         """virt/kvm/kvm_main.c `hva_to_pfn`: try a writable page without faulting (the fast
