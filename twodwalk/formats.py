@@ -138,10 +138,27 @@ class EntryFormat(ABC):
     name: str
     levels: int
     maxphyaddr: int
+    gbpages: bool
     level_names: Mapping[int, str]
+    table_names: Mapping[int, str]
     accessed_bit: int | None
     dirty_bit: int | None
     all_rights: Rights
+
+    def __init__(
+        self, name: str, levels: int, maxphyaddr: int, gbpages: bool, level_names: Mapping[int, str]
+    ) -> None:
+        check_choice("levels", str(levels), ("4", "5"))
+        self.name = name
+        self.levels = levels
+        self.maxphyaddr = maxphyaddr
+        self.gbpages = gbpages
+        self.level_names = {lv: level_names[lv] for lv in range(1, levels + 1)}
+        self._layouts = {
+            (lv, b7): self._make_layout(lv, b7)
+            for lv in range(1, levels + 1)
+            for b7 in (False, True)
+        }
 
     @property
     def input_bits(self) -> int:
@@ -163,14 +180,14 @@ class EntryFormat(ABC):
         return (address >> self.shift(level)) & (ENTRIES_PER_TABLE - 1)
 
     @property
-    @abstractmethod
     def large_page_levels(self) -> frozenset[int]:
-        """Levels where bit 7 set makes the entry a leaf (a large page)."""
+        """Levels where bit 7 set makes the entry a leaf (a large page): PDE and PDPTE."""
+        return frozenset({2, 3})
 
     @property
-    @abstractmethod
     def leaf_levels(self) -> frozenset[int]:
         """Levels at which this CPU model can map a page: 4 KiB always, 2 MiB, maybe 1 GiB."""
+        return frozenset({1, 2, 3} if self.gbpages else {1, 2})
 
     def level_for_size(self, page_size: int) -> int:
         """The level whose leaves map `page_size` bytes; rejects sizes this format lacks."""
@@ -188,10 +205,40 @@ class EntryFormat(ABC):
     def rights(self, value: int) -> Rights:
         """The rights one entry grants; the walker ANDs them down the tree."""
 
-    @abstractmethod
     def layout(self, level: int, bit7: bool) -> Layout:
         """The layout of a level-`level` entry, chosen by its bit 7 as KVM chooses its
         reserved-bit mask (`rsvd_bits_mask[bit7][level - 1]`)."""
+        return self._layouts[level, bit7]
+
+    @abstractmethod
+    def _fields(self, level: int, leaf: bool) -> list[Field]:
+        """The entry's fields other than the address."""
+
+    @abstractmethod
+    def _reserved(self, level: int, leaf: bool, large: bool) -> int:
+        """Reserved bits other than 51:MAXPHYADDR and a 1 GiB PS without 1 GiB pages."""
+
+    def _make_layout(self, level: int, bit7: bool) -> Layout:
+        """What both formats share: a leaf's address starts at its page size, bits
+        51:MAXPHYADDR are reserved, and so is PS in a PDPTE without 1 GiB pages."""
+        large = bit7 and level in self.large_page_levels
+        leaf = level == 1 or large
+        target = f"{_PAGE_NAMES[level]} page" if leaf else self.table_names[level]
+        low = self.shift(level) if leaf else PAGE_SHIFT
+        address = Field(
+            "address",
+            "Address",
+            self.maxphyaddr - 1,
+            low,
+            f"Physical address of the {target}",
+            is_address=True,
+        )
+        reserved = bits(51, self.maxphyaddr) | self._reserved(level, leaf, large)
+        if large and level == 3 and not self.gbpages:
+            reserved |= bits(PS_BIT, PS_BIT)
+        what = f"maps a {target}" if leaf else f"references the {target}"
+        fields = sorted([address, *self._fields(level, leaf)], key=lambda f: f.low)
+        return Layout(f"{self.level_names[level]} ({what})", level, leaf, tuple(fields), reserved)
 
     @abstractmethod
     def check_address(self, address: int) -> str | None:
@@ -273,6 +320,7 @@ def _bit_list(mask: int) -> str:
 
 # --- IA-32e (4-level and 5-level) paging: SDM Vol 3A 4.5, tables 4-15 .. 4-20 -----------------
 
+_PAGE_NAMES = {1: "4-KByte", 2: "2-MByte", 3: "1-GByte"}
 _X86_LEVEL_NAMES = {5: "PML5E", 4: "PML4E", 3: "PDPTE", 2: "PDE", 1: "PTE"}
 _X86_TABLE_NAMES = {
     5: "PML4 table",
@@ -280,43 +328,23 @@ _X86_TABLE_NAMES = {
     3: "page directory",
     2: "page table",
 }
-
-
-def _x86_common(address_low: int, maxphyaddr: int, target: str) -> list[Field]:
-    return [
-        Field("p", "P", 0, 0, "Present; must be 1 to reference a table or map a page"),
-        Field("rw", "R/W", 1, 1, "Read/write; if 0, writes may not be allowed"),
-        Field("us", "U/S", 2, 2, "User/supervisor; if 0, user-mode accesses are not allowed"),
-        Field("pwt", "PWT", 3, 3, "Page-level write-through"),
-        Field("pcd", "PCD", 4, 4, "Page-level cache disable"),
-        Field("a", "A", 5, 5, "Accessed; set by the processor when the entry is used"),
-        Field("avl", "AVL", 11, 9, "Ignored by the CPU; for software (Linux: bit 9 special)"),
-        Field(
-            "address",
-            "Address",
-            maxphyaddr - 1,
-            address_low,
-            f"Physical address of the {target}",
-            is_address=True,
-        ),
-    ]
-
-
-def _x86_leaf_extra(level: int) -> list[Field]:
-    extra = [
-        Field("d", "D", 6, 6, "Dirty; set by the processor on a write through this entry"),
-        Field("g", "G", 8, 8, "Global; the translation survives a CR3 load if CR4.PGE=1"),
-        Field("pk", "PK", 62, 59, "Protection key (if CR4.PKE=1 or CR4.PKS=1)"),
-    ]
-    if level == 1:
-        extra.append(Field("pat", "PAT", 7, 7, "Memory type, with PCD and PWT (PAT index)"))
-    else:
-        extra.append(Field("ps", "PS", 7, 7, "Page size; 1: this entry maps a page"))
-        extra.append(Field("pat", "PAT", 12, 12, "Memory type, with PCD and PWT (PAT index)"))
-    return extra
-
-
-_XD = Field("xd", "XD", 63, 63, "Execute-disable (if IA32_EFER.NXE=1)")
+_X86_COMMON = [
+    Field("p", "P", 0, 0, "Present; must be 1 to reference a table or map a page"),
+    Field("rw", "R/W", 1, 1, "Read/write; if 0, writes may not be allowed"),
+    Field("us", "U/S", 2, 2, "User/supervisor; if 0, user-mode accesses are not allowed"),
+    Field("pwt", "PWT", 3, 3, "Page-level write-through"),
+    Field("pcd", "PCD", 4, 4, "Page-level cache disable"),
+    Field("a", "A", 5, 5, "Accessed; set by the processor when the entry is used"),
+    Field("avl", "AVL", 11, 9, "Ignored by the CPU; for software (Linux: bit 9 special)"),
+    Field("xd", "XD", 63, 63, "Execute-disable (if IA32_EFER.NXE=1)"),
+]
+_X86_LEAF = [
+    Field("d", "D", 6, 6, "Dirty; set by the processor on a write through this entry"),
+    Field("g", "G", 8, 8, "Global; the translation survives a CR3 load if CR4.PGE=1"),
+    Field("pk", "PK", 62, 59, "Protection key (if CR4.PKE=1 or CR4.PKS=1)"),
+]
+_PS_LEAF = Field("ps", "PS", 7, 7, "Page size; 1: this entry maps a page")
+_PS_TABLE = Field("ps", "PS", 7, 7, "Page size; must be 0 to reference a table")
 
 
 class Ia32eFormat(EntryFormat):
@@ -325,28 +353,13 @@ class Ia32eFormat(EntryFormat):
     accessed_bit = 5
     dirty_bit = 6
     all_rights = Rights.R | Rights.W | Rights.X | Rights.U
+    table_names = _X86_TABLE_NAMES
 
     def __init__(self, levels: int, maxphyaddr: int, gbpages: bool, nxe: bool) -> None:
-        check_choice("levels", str(levels), ("4", "5"))
-        self.levels = levels
-        self.maxphyaddr = maxphyaddr
-        self.gbpages = gbpages
         self.nxe = nxe
-        self.name = f"IA-32e {levels}-level paging"
-        self.level_names = {lv: _X86_LEVEL_NAMES[lv] for lv in range(1, levels + 1)}
-        self._layouts = {
-            (lv, b7): self._make_layout(lv, b7)
-            for lv in range(1, levels + 1)
-            for b7 in (False, True)
-        }
-
-    @property
-    def large_page_levels(self) -> frozenset[int]:
-        return frozenset({2, 3})
-
-    @property
-    def leaf_levels(self) -> frozenset[int]:
-        return frozenset({1, 2, 3} if self.gbpages else {1, 2})
+        super().__init__(
+            f"IA-32e {levels}-level paging", levels, maxphyaddr, gbpages, _X86_LEVEL_NAMES
+        )
 
     @property
     def table_defaults(self) -> Mapping[str, int]:
@@ -365,9 +378,6 @@ class Ia32eFormat(EntryFormat):
             granted |= Rights.X
         return granted
 
-    def layout(self, level: int, bit7: bool) -> Layout:
-        return self._layouts[level, bit7]
-
     def check_address(self, address: int) -> str | None:
         """Canonical check (SDM 3.3.7.1): bits 63:N-1 must all equal bit N-1."""
         top = address >> (self.input_bits - 1)
@@ -378,34 +388,32 @@ class Ia32eFormat(EntryFormat):
             f" 63:{self.input_bits - 1} must all equal bit {self.input_bits - 1}"
         )
 
-    def _make_layout(self, level: int, bit7: bool) -> Layout:
-        """Layouts and reserved masks as in KVM `__reset_rsvds_bits_mask` (Intel, long mode)."""
-        reserved = bits(51, self.maxphyaddr) | (0 if self.nxe else bits(63, 63))
-        large = bit7 and level in (2, 3)
-        if level == 1 or large:
-            size = {1: "4-KByte", 2: "2-MByte", 3: "1-GByte"}[level]
-            low = self.shift(level)
-            fields = _x86_common(low, self.maxphyaddr, f"{size} page") + _x86_leaf_extra(level)
-            reserved |= bits(low - 1, 13) if large else 0
-            if level == 3 and not self.gbpages:
-                reserved |= bits(7, 7)
-            what = f"maps a {size} page"
-        else:
-            fields = _x86_common(PAGE_SHIFT, self.maxphyaddr, _X86_TABLE_NAMES[level])
-            ps_meaning = "Page size; must be 0 to reference a table"
-            if level > 3:
-                ps_meaning = "Reserved (must be 0)"
-                reserved |= bits(7, 7)
-            fields.append(Field("ps", "PS", 7, 7, ps_meaning))
-            what = f"references a {_X86_TABLE_NAMES[level]}"
-        fields.append(_XD)
-        return Layout(
-            f"{self.level_names[level]} ({what})",
-            level,
-            level == 1 or large,
-            tuple(sorted(fields, key=lambda f: f.low)),
-            reserved,
+    def _fields(self, level: int, leaf: bool) -> list[Field]:
+        if not leaf:
+            ps = (
+                _PS_TABLE
+                if level in self.large_page_levels
+                else Field("ps", "PS", 7, 7, "Reserved (must be 0)")
+            )
+            return [*_X86_COMMON, ps]
+        pat = Field(
+            "pat",
+            "PAT",
+            7 if level == 1 else 12,
+            7 if level == 1 else 12,
+            "Memory type, with PCD and PWT (PAT index)",
         )
+        return [*_X86_COMMON, *_X86_LEAF, pat, *([_PS_LEAF] if level > 1 else [])]
+
+    def _reserved(self, level: int, leaf: bool, large: bool) -> int:
+        """KVM `__reset_rsvds_bits_mask` (Intel, long mode): XD without NXE; bits 29:13 or
+        20:13 inside a large leaf's address (bit 12 is PAT); PS in a PML4E/PML5E."""
+        reserved = 0 if self.nxe else bits(63, 63)
+        if large:
+            reserved |= bits(self.shift(level) - 1, 13)
+        if not leaf and level > 3:
+            reserved |= bits(PS_BIT, PS_BIT)
+        return reserved
 
 
 @lru_cache(maxsize=64)
@@ -426,72 +434,38 @@ _EPT_TABLE_NAMES = {
     2: "EPT page table",
 }
 _EPT_BAD_MEMTYPES = frozenset({2, 3, 7})
-
-
-def _ept_common(address_low: int, maxphyaddr: int, target: str) -> list[Field]:
-    return [
-        Field("r", "R", 0, 0, "Read access allowed"),
-        Field("w", "W", 1, 1, "Write access allowed"),
-        Field("x", "X", 2, 2, "Instruction fetch allowed (supervisor fetch with MBEC)"),
-        Field("a", "A", 8, 8, "Accessed (if EPTP bit 6 enables EPT A/D flags)"),
-        Field("xu", "XU", 10, 10, "User-mode fetch allowed (with MBEC; else ignored)"),
-        Field("sw", "SW", 11, 11, "Ignored by the CPU; KVM's SPTE_MMU_PRESENT software bit"),
-        Field(
-            "address",
-            "Address",
-            maxphyaddr - 1,
-            address_low,
-            f"Physical address of the {target}",
-            is_address=True,
-        ),
-    ]
-
-
-def _ept_leaf_extra(level: int) -> list[Field]:
-    extra = [
-        Field("mt", "MT", 5, 3, "EPT memory type: 0 UC, 1 WC, 4 WT, 5 WP, 6 WB"),
-        Field("ipat", "IPAT", 6, 6, "Ignore PAT memory type"),
-        Field("d", "D", 9, 9, "Dirty (if EPTP bit 6 enables EPT A/D flags)"),
-        Field("hw", "HW", 57, 57, "Ignored by the CPU; KVM: host page writable"),
-        Field("mw", "MW", 58, 58, "Ignored by the CPU; KVM: may be made writable"),
-        Field("sve", "SVE", 63, 63, "Suppress #VE"),
-    ]
-    if level > 1:
-        extra.append(Field("ps", "PS", 7, 7, "Page size; 1: this entry maps a page"))
-    return extra
+_EPT_COMMON = [
+    Field("r", "R", 0, 0, "Read access allowed"),
+    Field("w", "W", 1, 1, "Write access allowed"),
+    Field("x", "X", 2, 2, "Instruction fetch allowed (supervisor fetch with MBEC)"),
+    Field("a", "A", 8, 8, "Accessed (if EPTP bit 6 enables EPT A/D flags)"),
+    Field("xu", "XU", 10, 10, "User-mode fetch allowed (with MBEC; else ignored)"),
+    Field("sw", "SW", 11, 11, "Ignored by the CPU; KVM's SPTE_MMU_PRESENT software bit"),
+]
+_EPT_LEAF = [
+    Field("mt", "MT", 5, 3, "EPT memory type: 0 UC, 1 WC, 4 WT, 5 WP, 6 WB"),
+    Field("ipat", "IPAT", 6, 6, "Ignore PAT memory type"),
+    Field("d", "D", 9, 9, "Dirty (if EPTP bit 6 enables EPT A/D flags)"),
+    Field("hw", "HW", 57, 57, "Ignored by the CPU; KVM: host page writable"),
+    Field("mw", "MW", 58, 58, "Ignored by the CPU; KVM: may be made writable"),
+    Field("sve", "SVE", 63, 63, "Suppress #VE"),
+]
 
 
 class EptFormat(EntryFormat):
     """EPT paging-structure entries (4-level or 5-level), walked for GPA -> HPA."""
 
     all_rights = Rights.R | Rights.W | Rights.X
+    table_names = _EPT_TABLE_NAMES
 
     def __init__(
         self, levels: int, maxphyaddr: int, gbpages: bool, ad: bool, execute_only: bool = True
     ) -> None:
-        check_choice("ept levels", str(levels), ("4", "5"))
-        self.levels = levels
-        self.maxphyaddr = maxphyaddr
-        self.gbpages = gbpages
         self.ad = ad
         self.execute_only = execute_only
         self.accessed_bit = 8 if ad else None
         self.dirty_bit = 9 if ad else None
-        self.name = f"EPT {levels}-level"
-        self.level_names = {lv: _EPT_LEVEL_NAMES[lv] for lv in range(1, levels + 1)}
-        self._layouts = {
-            (lv, b7): self._make_layout(lv, b7)
-            for lv in range(1, levels + 1)
-            for b7 in (False, True)
-        }
-
-    @property
-    def large_page_levels(self) -> frozenset[int]:
-        return frozenset({2, 3})
-
-    @property
-    def leaf_levels(self) -> frozenset[int]:
-        return frozenset({1, 2, 3} if self.gbpages else {1, 2})
+        super().__init__(f"EPT {levels}-level", levels, maxphyaddr, gbpages, _EPT_LEVEL_NAMES)
 
     @property
     def table_defaults(self) -> Mapping[str, int]:
@@ -503,9 +477,6 @@ class EptFormat(EntryFormat):
 
     def rights(self, value: int) -> Rights:
         return Rights(value & 7)
-
-    def layout(self, level: int, bit7: bool) -> Layout:
-        return self._layouts[level, bit7]
 
     def check_address(self, address: int) -> str | None:
         if address >> self.input_bits:
@@ -526,31 +497,19 @@ class EptFormat(EntryFormat):
             return f"{layout.name} has memory type {memtype}, which is reserved"
         return None
 
-    def _make_layout(self, level: int, bit7: bool) -> Layout:
-        """Reserved masks as KVM `__reset_rsvds_bits_mask_ept` builds them."""
-        reserved = bits(51, self.maxphyaddr)
-        large = bit7 and level in (2, 3)
-        if level == 1 or large:
-            size = {1: "4-KByte", 2: "2-MByte", 3: "1-GByte"}[level]
-            low = self.shift(level)
-            fields = _ept_common(low, self.maxphyaddr, f"{size} page") + _ept_leaf_extra(level)
-            reserved |= bits(low - 1, 12) if large else 0
-            if level == 3 and not self.gbpages:
-                reserved |= bits(7, 7)
-            what = f"maps a {size} page"
-        else:
-            fields = _ept_common(PAGE_SHIFT, self.maxphyaddr, _EPT_TABLE_NAMES[level])
-            reserved |= bits(7, 3) if level > 3 else bits(6, 3)
-            if level in (2, 3):
-                fields.append(Field("ps", "PS", 7, 7, "Page size; must be 0 to reference a table"))
-            what = f"references an {_EPT_TABLE_NAMES[level]}"
-        return Layout(
-            f"{self.level_names[level]} ({what})",
-            level,
-            level == 1 or large,
-            tuple(sorted(fields, key=lambda f: f.low)),
-            reserved,
-        )
+    def _fields(self, level: int, leaf: bool) -> list[Field]:
+        if leaf:
+            return [*_EPT_COMMON, *_EPT_LEAF, *([_PS_LEAF] if level > 1 else [])]
+        return [*_EPT_COMMON, *([_PS_TABLE] if level in self.large_page_levels else [])]
+
+    def _reserved(self, level: int, leaf: bool, large: bool) -> int:
+        """KVM `__reset_rsvds_bits_mask_ept`: bits 29:12 or 20:12 inside a large leaf's
+        address; bits 7:3 in a non-leaf PML5E/PML4E, 6:3 in a non-leaf PDPTE/PDE."""
+        if large:
+            return bits(self.shift(level) - 1, 12)
+        if not leaf:
+            return bits(7, 3) if level > 3 else bits(6, 3)
+        return 0
 
 
 @lru_cache(maxsize=64)
