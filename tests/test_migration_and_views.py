@@ -59,6 +59,7 @@ def test_1gib_hugetlbfs_backing_gives_a_1gib_ept_leaf_and_14_references() -> Non
     m.vcpu.access(GVA, "write", 5)
     found = m.vm.ept.tables.find_leaf(0x3000_0000)
     assert found is not None and found[1] == 3
+    m.vcpu.flush_tlb()
     warm = m.vcpu.access(GVA, "read")
     assert warm.value == 5
     assert len(warm.trace.memory_references()) == (4 + 1) * (2 + 1) - 1
@@ -76,6 +77,7 @@ def test_text_views_tell_the_story_of_a_cold_access() -> None:
     assert "VM exit 48 EPT_VIOLATION" in story
     assert "kvm_mmu_hugepage_adjust" in story
     assert "VM entry: the guest retries" in story
+    m.vcpu.flush_tlb()
     dump = format_2d_walk(m.vcpu.access(GVA + 8, "read").trace).splitlines()
     assert len(dump) == 24
     assert dump[0].split()[:3] == ["1", "EPT", "PML4E"] and "(guest L4 table)" in dump[0]

@@ -11,7 +11,7 @@ import pytest
 
 import twodwalk as tw
 from twodwalk.kvm.shadow import ShadowMmu
-from twodwalk.trace import KvmStep, KvmWalk, NativeWalk, VmExit
+from twodwalk.trace import KvmStep, KvmWalk, NativeWalk, TlbHit, VmExit
 
 DATA_GVA = 0x40_0000
 DATA_GPA = 0x10_0000
@@ -93,6 +93,9 @@ def test_first_access_exits_and_kvm_walks_the_guest_tables_in_software() -> None
     software = r.trace.of_type(KvmWalk)
     assert len(software) == 1 and software[0].record.translation is not None
     assert software[0].record.translation.address == DATA_GPA
+    cached = m.vcpu.access(DATA_GVA, "read")
+    assert cached.trace.of_type(TlbHit) and cached.trace.memory_references() == []
+    m.vcpu.flush_tlb()
     warm = m.vcpu.access(DATA_GVA, "read")
     assert warm.trace.of_type(VmExit) == []
     assert len(warm.trace.memory_references()) == 4, "the CPU walks only the shadow tables"
@@ -130,7 +133,7 @@ def test_guest_edit_of_its_page_table_traps_and_the_next_access_sees_it() -> Non
     assert (after.gpa, after.value) == (DATA_GPA + 0x1008, 0x1234)
 
 
-def test_same_edit_under_ept_needs_no_exit() -> None:
+def test_same_edit_under_ept_needs_no_exit_and_the_tlb_stays_stale_until_invlpg() -> None:
     m = machine(True)
     m.vcpu.access(DATA_GVA + 8, "read")
     pte_gpa = m.guest.page_tables.entry_address(DATA_GVA, 1)
@@ -141,7 +144,11 @@ def test_same_edit_under_ept_needs_no_exit() -> None:
     new = (old & ~0xF_FFFF_FFFF_F000) | (DATA_GPA + 0x1000)
     edit = m.vcpu.access(PT_WINDOW + (pte_gpa & 0xFFF), "write", new)
     assert edit.trace.of_type(VmExit) == []
-    assert m.vcpu.access(DATA_GVA + 8, "read").value == 0x1234
+    stale = m.vcpu.access(DATA_GVA + 8, "read")
+    assert (stale.value, stale.gpa) == (0xABCD, DATA_GPA + 8), "the TLB still has the old page"
+    m.vcpu.invlpg(DATA_GVA)
+    fresh = m.vcpu.access(DATA_GVA + 8, "read")
+    assert (fresh.value, fresh.gpa) == (0x1234, DATA_GPA + 0x1008)
 
 
 def test_clean_guest_pte_is_shadowed_read_only_until_the_first_write() -> None:

@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING
 from twodwalk.ept import (
     EXIT_REASON_EPT_MISCONFIG,
     EXIT_REASON_EPT_VIOLATION,
+    EptAccessRules,
     ept_violation_qualification,
     is_misconfiguration,
 )
 from twodwalk.errors import TwodwalkError, check_int
+from twodwalk.formats import Rights
 from twodwalk.kvm.mmu import EmulateMmio, TdpMmu
 from twodwalk.kvm.shadow import EmulateWrite, InjectFault, ShadowMmu
 from twodwalk.memory import PhysicalMemory
@@ -31,6 +33,7 @@ from twodwalk.paging import (
     decode_cr3,
     exception_for,
 )
+from twodwalk.tlb import Tag, Tlb, TlbEntry
 from twodwalk.trace import (
     DataAccess,
     EptWalk,
@@ -38,6 +41,7 @@ from twodwalk.trace import (
     KvmStep,
     NativeWalk,
     Retry,
+    TlbHit,
     Trace,
     VmExit,
 )
@@ -126,6 +130,10 @@ class Vcpu:
         self.rflags_ac = False
         self.pkru = 0
         self.cpl = 0
+        self.cr4_pge = True
+        self.vpid = 1  # KVM gives each vCPU a VPID when the CPU has them (vmx.c allocate_vpid)
+        self.tlb = Tlb()
+        machine.vm.mmu.tlb_flushers.append(self._kvm_flush)
 
     @property
     def cr3(self) -> int:
@@ -134,10 +142,31 @@ class Vcpu:
 
     @cr3.setter
     def cr3(self, value: int) -> None:
-        """MOV to CR3 (without PCIDs): bits above MAXPHYADDR would raise #GP, so they are
-        rejected here. There is no TLB model yet, so nothing is cached to flush."""
+        """MOV to CR3 without PCIDs (SDM Vol 3A 4.10.4.1): bits above MAXPHYADDR would
+        raise #GP, so they are rejected; the load flushes the TLB's non-global entries."""
         decode_cr3(value, self.machine.cpu_model)
         self._cr3 = value
+        self.tlb.invalidate(lambda e: e.global_page or e.tag.vpid != self.vpid)
+
+    def flush_tlb(self) -> None:
+        """Flush every TLB entry of this vCPU, global ones too (INVVPID single-context)."""
+        self.tlb.invalidate(lambda e: e.tag.vpid != self.vpid)
+
+    def invlpg(self, gva: int) -> None:
+        """INVLPG: drop the translations of the page holding `gva`, global ones too."""
+        check_int("gva", gva, 0, 1 << 64, valid="0 <= gva < 2**64")
+        self.tlb.invalidate(
+            lambda e: e.tag.vpid != self.vpid or not e.page <= gva < e.page + e.page_size
+        )
+
+    def _kvm_flush(self) -> None:
+        """`kvm_flush_remote_tlbs` after KVM zaps or write-protects entries: INVEPT of the
+        EPTP with EPT, INVVPID without."""
+        self.flush_tlb()
+
+    def _tag(self) -> Tag:
+        mmu = self.machine.vm.mmu
+        return Tag(self.vpid, 0, mmu.eptp.value if isinstance(mmu, TdpMmu) else 0)
 
     def controls(self) -> PagingControls:
         return PagingControls(
@@ -179,6 +208,9 @@ class Vcpu:
         self, gva: int, access: Access, value: int | None, trace: Trace
     ) -> AccessResult | None:
         """One try of the access, up to a result or a fixed exit (None: retry)."""
+        hit = self._tlb_hit(gva, access, value, trace)
+        if hit is not None:
+            return hit
         mmu = self.machine.vm.mmu
         if isinstance(mmu, ShadowMmu):
             return self._attempt_shadow(mmu, gva, access, value, trace)
@@ -212,8 +244,63 @@ class Vcpu:
         if final.translation is None:
             return self._ept_exit(guest, final, final=True, value=value, trace=trace)
         hpa = final.translation.address
+        page_size = min(guest.translation.page_size, final.translation.page_size)
+        self._fill_tlb(gva, page_size, hpa, gpa, guest, final.translation.rights)
         data = self._data_access(hpa, access, value, trace)
         return self._result(trace, value=data, gpa=gpa, hva=machine.vm.gpa_to_hva(gpa), hpa=hpa)
+
+    def _tlb_hit(
+        self, gva: int, access: Access, value: int | None, trace: Trace
+    ) -> AccessResult | None:
+        """Serve the access from the TLB if an entry allows it. An entry whose rights do
+        not allow the access, or a write through a clean entry, is dropped and the CPU walks
+        (SDM Vol 3A 4.10.4.1: a page fault invalidates the address's TLB entries)."""
+        entry = self.tlb.lookup(self._tag(), gva)
+        if entry is None:
+            return None
+        controls = self.controls()
+        refused = X86AccessRules(controls).violation(access, entry.rights, entry.leaf)
+        if entry.ept_rights is not None and refused is None:
+            refused = EptAccessRules().violation(access, entry.ept_rights, 0)
+        if refused is not None or (access.is_write and not entry.dirty):
+            self.tlb.invalidate(lambda e: e is not entry)
+            return None
+        offset = gva & (entry.page_size - 1)
+        trace.add(TlbHit(entry.page, entry.page_size, entry.frame))
+        data = self._data_access(entry.frame + offset, access, value, trace)
+        gpa = None if entry.gpa_page is None else entry.gpa_page + offset
+        hva = None if gpa is None else self.machine.vm.gpa_to_hva(gpa)
+        return self._result(trace, value=data, gpa=gpa, hva=hva, hpa=entry.frame + offset)
+
+    def _fill_tlb(
+        self,
+        gva: int,
+        page_size: int,
+        hpa: int,
+        gpa: int,
+        walk_leaf: WalkRecord,
+        ept_rights: Rights | None,
+    ) -> None:
+        """Cache what a successful walk found, at the smaller of the two page sizes (a
+        combined mapping cannot be larger than either of its translations)."""
+        assert walk_leaf.translation is not None
+        step = walk_leaf.steps[-1]
+        leaf = step.written if step.written is not None else step.value
+        mask = page_size - 1
+        self.tlb.insert(
+            TlbEntry(
+                self._tag(),
+                gva & ~mask,
+                page_size,
+                hpa & ~mask,
+                gpa & ~mask,
+                walk_leaf.translation.rights,
+                ept_rights,
+                leaf,
+                bool(leaf >> 6 & 1),
+                bool(leaf >> 8 & 1) and self.cr4_pge,
+            )
+        )
 
     def _data_access(self, hpa: int, access: Access, value: int | None, trace: Trace) -> int:
         memory = self.machine.memory
@@ -277,6 +364,7 @@ class Vcpu:
         if hardware.translation is not None:
             hpa = hardware.translation.address
             gpa = (mmu.spte_gfn[hardware.steps[-1].entry_address] << 12) | (gva & 0xFFF)
+            self._fill_tlb(gva, hardware.translation.page_size, hpa, gpa, hardware, None)
             data = self._data_access(hpa, access, value, trace)
             return self._result(trace, value=data, gpa=gpa, hva=machine.vm.gpa_to_hva(gpa), hpa=hpa)
         exception = exception_for(hardware, controls)

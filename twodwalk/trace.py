@@ -37,6 +37,15 @@ class NativeWalk:
 
 
 @dataclass(frozen=True)
+class TlbHit:
+    """The TLB held the translation: no walk, no memory reference for it."""
+
+    page: int
+    page_size: int
+    frame: int
+
+
+@dataclass(frozen=True)
 class VmExit:
     """A VM exit to KVM: reason number and name, qualification and guest-physical address."""
 
@@ -116,6 +125,7 @@ Event = (
     GuestWalk
     | EptWalk
     | NativeWalk
+    | TlbHit
     | VmExit
     | KvmStep
     | HostWalk

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE
@@ -85,7 +86,14 @@ class KvmMmu(ABC):
         self.vmm = vmm
         self.memslots = memslots
         self.log: list[KvmStep] = []
+        self.tlb_flushers: list[Callable[[], None]] = []
         host.notifiers.append(self)
+
+    def flush_remote_tlbs(self) -> None:
+        """`kvm_flush_remote_tlbs`: after a zap or a write-protect, no vCPU may keep using
+        a translation cached from the old entries."""
+        for flush in self.tlb_flushers:
+            flush()
 
     @abstractmethod
     def zap_gfn_range(self, start: int, end: int) -> int:
@@ -353,8 +361,14 @@ class TdpMmu(KvmMmu):
         self._set_spte(table + ENTRY_SIZE * self.fmt.index(gpa, level), level, spte, trace)
 
     def _set_spte(self, address: int, level: int, new: int, trace: Trace | None) -> None:
+        """Write an EPT entry; flush TLBs when it took away a translation or a right that
+        a vCPU may have cached (`mmu_spte_update` returning "flush")."""
         old = self.host.memory.read_u64(address)
         self.host.memory.write_u64(address, new)
+        if self.fmt.is_present(old) and not is_mmio_spte(old):
+            moved = self.fmt.output_address(old, level) != self.fmt.output_address(new, level)
+            if moved or (old & 7) & ~(new & 7):
+                self.flush_remote_tlbs()
         leaf = new == 0 or is_mmio_spte(new) or self.fmt.is_leaf(new, level)
         event = SpteWrite("ept", level, address, old, new, leaf)
         if trace is not None:
@@ -375,6 +389,8 @@ class TdpMmu(KvmMmu):
                 self.host.memory.write_u64(found[0], 0)
                 zapped += 1
             gfn = (gfn & ~(pages - 1)) + pages
+        if zapped:
+            self.flush_remote_tlbs()
         return zapped
 
     def write_protect(self, memslot: Memslot, gfns: range | None = None) -> int:
@@ -395,6 +411,8 @@ class TdpMmu(KvmMmu):
             if spte & 2:
                 self.host.memory.write_u64(found[0], spte & ~2 & ~(1 << 9))
                 count += 1
+        if count:
+            self.flush_remote_tlbs()
         return count
 
     def _split(self, slot_address: int, level: int) -> None:

@@ -272,10 +272,14 @@ class ShadowMmu(KvmMmu):
         """Note that `shadow` shadows the guest table at `gfn`, and write-protect that gfn
         everywhere it is mapped (`account_shadowed` -> `kvm_mmu_slot_gfn_write_protect`)."""
         self.shadowed.setdefault(gfn, set()).add(shadow)
+        protected = False
         for slot in self.rmap.get(gfn, set()):
             spte = self.host.memory.read_u64(slot)
             if spte & 2:
                 self._write(slot, 1, spte & ~2, trace)
+                protected = True
+        if protected:
+            self.flush_remote_tlbs()
 
     def _child(self, fmt: EntryFormat, table: int, gva: int, level: int, trace: Trace) -> int:
         """The shadow table below `table` for `gva`, allocated and linked if missing."""
@@ -318,6 +322,8 @@ class ShadowMmu(KvmMmu):
                 gfn=gpa >> PAGE_SHIFT,
             )
         )
+        if zapped:
+            self.flush_remote_tlbs()
         return zapped
 
     def zap_gfn_range(self, start: int, end: int) -> int:
@@ -329,6 +335,8 @@ class ShadowMmu(KvmMmu):
                 if self.host.memory.read_u64(slot) & 1:
                     self.host.memory.write_u64(slot, 0)
                     zapped += 1
+        if zapped:
+            self.flush_remote_tlbs()
         return zapped
 
     def write_protect(self, memslot: Memslot, gfns: range | None = None) -> int:
@@ -342,4 +350,6 @@ class ShadowMmu(KvmMmu):
                 if spte & 2:
                     self.host.memory.write_u64(slot, spte & ~2)
                     count += 1
+        if count:
+            self.flush_remote_tlbs()
         return count

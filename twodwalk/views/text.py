@@ -22,6 +22,7 @@ from twodwalk.trace import (
     NativeWalk,
     Retry,
     SpteWrite,
+    TlbHit,
     Trace,
     VmExit,
 )
@@ -178,6 +179,11 @@ def _event_text(event: Event) -> str:
         )
     if isinstance(event, Retry):
         return f"VM entry: the guest retries (attempt {event.attempt + 1})"
+    if isinstance(event, TlbHit):
+        return (
+            f"TLB hit: page {event.page:#x} ({event.page_size >> 10} KiB) -> frame"
+            f" {event.frame:#x}; no walk"
+        )
     return f"data {event.kind} at HPA {event.hpa:#x}: {event.value:#x}"
 
 

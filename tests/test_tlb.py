@@ -1,0 +1,149 @@
+"""The TLB (SDM Vol 3C 29.4, Vol 3A 4.10): combined mappings, invalidation, KVM's flushes."""
+
+from __future__ import annotations
+
+import twodwalk as tw
+from twodwalk.tlb import KIB4, MIB2, Tlb
+from twodwalk.trace import GuestWalk, NativeWalk, TlbHit, VmExit
+
+GVA = 0x40_0000
+GPA = 0x10_0000
+KERNEL_GVA = 0xFFFF_8000_0040_0000
+
+
+def machine(tdp: bool = True) -> tw.Machine:
+    m = tw.Machine(guest_ram=16 << 20, tdp=tdp)
+    m.guest.map(GVA, GPA, 4 * 4096, rw=1, us=1)
+    m.guest.map(KERNEL_GVA, GPA + 0x8000, 4096, rw=1, g=1)
+    return m
+
+
+def hit(r: tw.AccessResult) -> bool:
+    return bool(r.trace.of_type(TlbHit)) and r.trace.memory_references() == []
+
+
+def test_second_access_hits_and_costs_no_memory_reference() -> None:
+    for tdp in (True, False):
+        m = machine(tdp)
+        first = m.vcpu.access(GVA, "read")
+        second = m.vcpu.access(GVA, "read")
+        assert not hit(first) and hit(second)
+        assert (second.gpa, second.hpa) == (first.gpa, first.hpa)
+        assert m.vcpu.tlb.stats.hits == 1
+
+
+def test_cr3_load_flushes_non_global_entries_and_keeps_global_ones() -> None:
+    m = machine()
+    m.vcpu.access(GVA, "read")
+    m.vcpu.access(KERNEL_GVA, "read")
+    m.vcpu.cr3 = m.vcpu.cr3
+    assert not hit(m.vcpu.access(GVA, "read"))
+    assert hit(m.vcpu.access(KERNEL_GVA, "read")), "G=1 with CR4.PGE survives MOV to CR3"
+    m.vcpu.flush_tlb()
+    assert not hit(m.vcpu.access(KERNEL_GVA, "read"))
+
+
+def test_without_pge_global_entries_go_too() -> None:
+    m = machine()
+    m.vcpu.cr4_pge = False
+    m.vcpu.access(KERNEL_GVA, "read")
+    m.vcpu.cr3 = m.vcpu.cr3
+    assert not hit(m.vcpu.access(KERNEL_GVA, "read"))
+
+
+def test_invlpg_drops_only_that_page() -> None:
+    m = machine()
+    m.vcpu.access(GVA, "read")
+    m.vcpu.access(GVA + 0x1000, "read")
+    m.vcpu.invlpg(GVA + 0x123)
+    assert not hit(m.vcpu.access(GVA, "read"))
+    assert hit(m.vcpu.access(GVA + 0x1000, "read"))
+
+
+def test_write_through_a_clean_entry_walks_again_to_set_dirty() -> None:
+    m = machine()
+    m.vcpu.access(GVA, "read")
+    write = m.vcpu.access(GVA, "write", 5)
+    assert not hit(write)
+    pte = write.trace.of_type(GuestWalk)[0].record.steps[-1]
+    assert pte.written is not None and pte.written >> 6 & 1
+    assert hit(m.vcpu.access(GVA, "write", 6))
+
+
+def test_an_entry_that_does_not_allow_the_access_is_dropped_and_the_walk_faults() -> None:
+    m = machine()
+    m.vcpu.access(KERNEL_GVA, "read")
+    m.vcpu.cpl = 3
+    r = m.vcpu.access(KERNEL_GVA, "read")
+    assert isinstance(r.fault, tw.PageFault) and r.fault.error_code == 5
+    assert r.trace.of_type(GuestWalk)
+
+
+def test_stale_entry_after_a_pte_edit_until_invlpg() -> None:
+    m = machine()
+    assert m.vcpu.access(GVA, "read").gpa == GPA
+    m.guest.page_tables.protect(GVA, 4096, us=1)
+    pte = m.guest.page_tables.entry_address(GVA, 1)
+    assert pte is not None
+    m.write_gpa(pte, ((GPA + 0x3000) | 0x67).to_bytes(8, "little"))
+    assert m.vcpu.access(GVA, "read").gpa == GPA, "no INVLPG: the old translation is used"
+    m.vcpu.invlpg(GVA)
+    assert m.vcpu.access(GVA, "read").gpa == GPA + 0x3000
+
+
+def test_kvm_flushes_after_a_notifier_zap() -> None:
+    m = machine()
+    first = m.vcpu.access(GVA, "write", 9)
+    assert first.hva is not None
+    m.host.swap_out(m.vmm, first.hva & ~0xFFF)
+    again = m.vcpu.access(GVA, "read")
+    assert not hit(again) and again.value == 9
+    assert again.trace.of_type(VmExit)
+
+
+def test_without_notifiers_the_tlb_and_ept_both_stay_stale() -> None:
+    m = machine()
+    first = m.vcpu.access(GVA, "write", 9)
+    assert first.hva is not None
+    m.host.mmu_notifiers_enabled = False
+    m.host.swap_out(m.vmm, first.hva & ~0xFFF)
+    again = m.vcpu.access(GVA, "read")
+    assert hit(again) and again.hpa == first.hpa
+
+
+def test_enabling_dirty_logging_flushes_so_the_next_write_is_logged() -> None:
+    m = machine()
+    m.vcpu.access(GVA, "write", 1)
+    m.vcpu.access(GVA, "write", 2)
+    m.vm.set_user_memory_region(0, 1, 0, m.guest_ram, m.ram_hva)
+    m.vm.get_dirty_log(0)
+    write = m.vcpu.access(GVA, "write", 3)
+    assert not hit(write)
+    bitmap = m.vm.get_dirty_log(0)
+    assert bitmap[(GPA >> 12) // 8] >> ((GPA >> 12) % 8) & 1
+
+
+def test_switched_off_every_access_walks() -> None:
+    m = machine()
+    m.vcpu.tlb.enabled = False
+    m.vcpu.access(GVA, "read")
+    r = m.vcpu.access(GVA, "read")
+    assert not hit(r) and len(r.trace.memory_references()) == 24
+
+
+def test_combined_entry_is_the_smaller_page() -> None:
+    m = tw.Machine(guest_ram=16 << 20)
+    m.guest.map(0x60_0000, 0x40_0000, MIB2, page_size=MIB2, rw=1)
+    m.vcpu.access(0x60_0000, "read")
+    sizes = {e.page_size for e in m.vcpu.tlb.entries()}
+    assert sizes == {KIB4}, "a 2 MiB guest page over 4 KiB EPT pages caches 4 KiB"
+    assert not hit(m.vcpu.access(0x60_1000, "read"))
+
+
+def test_lru_replacement_in_a_set() -> None:
+    m = machine(tdp=False)
+    m.vcpu.tlb = Tlb({KIB4: (1, 2)})
+    for page in range(3):
+        m.vcpu.access(GVA + page * 4096, "read")
+    assert not hit(m.vcpu.access(GVA, "read")), "the oldest of three went from a 2-way set"
+    assert m.vcpu.access(GVA + 2 * 4096, "read").trace.of_type(NativeWalk) == []
