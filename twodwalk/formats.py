@@ -249,6 +249,11 @@ class EntryFormat(ABC):
     def table_defaults(self) -> Mapping[str, int]:
         """Fields a builder sets in a non-leaf entry so that the leaf alone decides rights."""
 
+    @property
+    @abstractmethod
+    def leaf_defaults(self) -> Mapping[str, int]:
+        """Fields a builder sets in a leaf unless told otherwise (present; WB for EPT)."""
+
     def misconfiguration(self, value: int, layout: Layout) -> str | None:
         """A present entry that is invalid for a reason other than a reserved bit."""
         del value, layout
@@ -365,6 +370,10 @@ class Ia32eFormat(EntryFormat):
     def table_defaults(self) -> Mapping[str, int]:
         return {"p": 1, "rw": 1, "us": 1}
 
+    @property
+    def leaf_defaults(self) -> Mapping[str, int]:
+        return {"p": 1}
+
     def is_present(self, value: int) -> bool:
         return bool(value & 1)
 
@@ -470,6 +479,10 @@ class EptFormat(EntryFormat):
     @property
     def table_defaults(self) -> Mapping[str, int]:
         return {"r": 1, "w": 1, "x": 1}
+
+    @property
+    def leaf_defaults(self) -> Mapping[str, int]:
+        return {"r": 1, "mt": 6}
 
     def is_present(self, value: int) -> bool:
         """SDM 29.3.2: an entry is not present when bits 2:0 are all 0."""

@@ -72,7 +72,7 @@ class PageTables:
         )
         layout = self.fmt.layout(level, level != 1)
         for key in fields:
-            if key in ("address", "p") or layout.field(key).key == "ps":
+            if key == "address" or layout.field(key).key == "ps":
                 raise TwodwalkError(f"{key} is set by map() itself: give the leaf's other fields")
         leaves = [(virtual + off, physical + off) for off in range(0, size, page_size)]
         for va, _ in leaves:
@@ -80,7 +80,7 @@ class PageTables:
             if slot is not None and self.fmt.is_present(self.space.read_u64(slot)):
                 raise TwodwalkError(f"virtual={va:#x} is already mapped: unmap it first")
         for va, pa in leaves:
-            entry = self.fmt.encode(level, True, address=pa, **{"p": 1, **fields})
+            entry = self.fmt.encode(level, True, address=pa, **{**self.fmt.leaf_defaults, **fields})
             slot = self._slot(va, level, create=True)
             assert slot is not None
             self.space.write_u64(slot, entry)

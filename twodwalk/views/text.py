@@ -200,13 +200,25 @@ def info_memslots(slots: Iterable[Memslot]) -> str:
     return "\n".join(lines)
 
 
+def gva2gpa(result: AccessResult) -> str:
+    """QEMU monitor `gva2gpa` for the address of one access."""
+    return "Unmapped" if result.gpa is None else f"gpa: {result.gpa:#x}"
+
+
+def gpa2hva(result: AccessResult) -> str:
+    """QEMU monitor `gpa2hva`: the memslot route."""
+    if result.gpa is None or result.hva is None:
+        return "No memory is mapped at that address"
+    return f"Host virtual address for {result.gpa:#x} (guest RAM) is {result.hva:#x}"
+
+
+def gpa2hpa(result: AccessResult) -> str:
+    """QEMU monitor `gpa2hpa`: where the access landed in host memory."""
+    if result.gpa is None or result.hpa is None:
+        return "No memory is mapped at that address"
+    return f"Host physical address for {result.gpa:#x} (guest RAM) is {result.hpa:#x}"
+
+
 def monitor(result: AccessResult) -> str:
-    """QEMU-monitor-style lines for one access: gva2gpa, gpa2hva, gpa2hpa."""
-    if result.gpa is None:
-        return "gva2gpa: Unmapped (the access faulted or exited)"
-    lines = [f"gpa: {result.gpa:#x}"]
-    if result.hva is not None:
-        lines.append(f"Host virtual address for {result.gpa:#x} is {result.hva:#x}")
-    if result.hpa is not None:
-        lines.append(f"Host physical address for {result.gpa:#x} is {result.hpa:#x}")
-    return "\n".join(lines)
+    """The three QEMU-monitor lines for one access: gva2gpa, gpa2hva, gpa2hpa."""
+    return "\n".join(view(result) for view in (gva2gpa, gpa2hva, gpa2hpa))

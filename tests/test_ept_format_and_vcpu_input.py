@@ -1,0 +1,167 @@
+"""EPT entry format rules (SDM Vol 3C 29.3.2-29.3.3), exit qualifications, and bad input to
+the vCPU and the Machine."""
+
+from __future__ import annotations
+
+import pytest
+
+import twodwalk as tw
+from twodwalk.ept import EptAccessRules, ept_violation_qualification, is_misconfiguration
+from twodwalk.memory import PhysicalMemory
+from twodwalk.pagetables import PageTables
+from twodwalk.walker import Access, AccessKind, FaultKind, PhysicalTables, walk
+
+CPU = tw.CpuModel(maxphyaddr=46)
+FMT = tw.ept_format(4, CPU)
+
+
+@pytest.mark.parametrize("xwr", [0b010, 0b110])
+def test_write_without_read_is_a_misconfiguration(xwr: int) -> None:
+    for level in (4, 3, 2, 1):
+        assert FMT.problem(0x1000 | xwr | (6 << 3 if level == 1 else 0), level) is not None
+
+
+def test_execute_only_is_allowed_only_with_the_capability() -> None:
+    leaf = 0x1000 | 0b100 | 6 << 3
+    assert FMT.problem(leaf, 1) is None
+    no_exec_only = tw.EptFormat(4, 46, True, True, execute_only=False)
+    assert no_exec_only.problem(leaf, 1) is not None
+
+
+@pytest.mark.parametrize(
+    ("memtype", "bad"),
+    [(0, False), (1, False), (2, True), (3, True), (4, False), (5, False), (6, False), (7, True)],
+)
+def test_leaf_memory_types(memtype: int, bad: bool) -> None:
+    assert (FMT.problem(0x1000 | 0b111 | memtype << 3, 1) is not None) == bad
+
+
+@pytest.mark.parametrize(
+    ("level", "value", "reserved"),
+    [
+        (4, 0x1000 | 7 | 1 << 7, True),  # bit 7 in a PML4E
+        (4, 0x1000 | 7 | 1 << 3, True),  # bits 7:3 in a non-leaf PML4E
+        (3, 0x1000 | 7 | 1 << 6, True),  # bits 6:3 in a non-leaf PDPTE
+        (2, 0x20_0000 | 7 | 6 << 3 | 1 << 7 | 1 << 12, True),  # bit 12 inside a 2 MiB leaf
+        (3, 0x4000_0000 | 7 | 6 << 3 | 1 << 7 | 1 << 29, True),  # bit 29 inside a 1 GiB leaf
+        (1, 0x1000 | 7 | 6 << 3 | 1 << 46, True),  # bit 46 with MAXPHYADDR 46
+        (1, 0x1000 | 7 | 6 << 3 | 1 << 63 | 1 << 52, False),  # SVE and ignored bits
+    ],
+)
+def test_ept_reserved_bits(level: int, value: int, reserved: bool) -> None:
+    assert (FMT.problem(value, level) is not None) == reserved
+
+
+def test_1gib_ept_leaf_needs_the_capability() -> None:
+    no_1g = tw.ept_format(4, tw.CpuModel(maxphyaddr=46, gbpages=False))
+    leaf = 0x4000_0000 | 7 | 6 << 3 | 1 << 7
+    assert FMT.problem(leaf, 3) is None
+    assert no_1g.problem(leaf, 3) is not None
+
+
+def ept_tree() -> tuple[PhysicalMemory, PageTables]:
+    memory = PhysicalMemory(46)
+    frames = tw.FrameAllocator(memory, 0x10_0000, 0x100_0000)
+    return memory, PageTables(FMT, memory, frames.alloc)
+
+
+def test_violation_qualification_ands_the_rights_of_the_entries_used() -> None:
+    memory, tables = ept_tree()
+    tables.map(0x20_0000, 0x80_0000, 4096, r=1, w=0, x=1, mt=6)
+    record = walk(
+        FMT,
+        tables.root,
+        0x20_0010,
+        Access(AccessKind.WRITE),
+        PhysicalTables(memory),
+        EptAccessRules(),
+    )
+    assert record.fault is not None and record.fault.kind is FaultKind.PERMISSION
+    qual = ept_violation_qualification(record, final=True)
+    assert qual == 0b010 | 0b101 << 3 | 1 << 7 | 1 << 8
+    missing = walk(
+        FMT,
+        tables.root,
+        0x40_0000,
+        Access(AccessKind.READ),
+        PhysicalTables(memory),
+        EptAccessRules(),
+    )
+    assert ept_violation_qualification(missing, final=True) == 0b001 | 1 << 7 | 1 << 8
+
+
+def test_misconfigured_entry_on_a_walk_is_a_misconfiguration_not_a_violation() -> None:
+    memory, tables = ept_tree()
+    tables.map(0x20_0000, 0x80_0000, 4096, r=1, w=1, x=1, mt=6)
+    slot = tables.find_leaf(0x20_0000)
+    assert slot is not None
+    memory.write_u64(slot[0], 0x80_0000 | 0b110)
+    record = walk(
+        FMT,
+        tables.root,
+        0x20_0000,
+        Access(AccessKind.READ),
+        PhysicalTables(memory),
+        EptAccessRules(),
+    )
+    assert is_misconfiguration(record)
+
+
+def test_eptp_encoding() -> None:
+    eptp = tw.Eptp(0x12_3000, 4, True)
+    assert eptp.value == 0x12_3000 | 1 << 6 | 3 << 3 | 6
+    assert tw.Eptp.decode(eptp.value) == eptp
+
+
+@pytest.fixture
+def m() -> tw.Machine:
+    machine = tw.Machine(guest_ram=4 << 20)
+    machine.guest.map(0x40_0000, 0x10_0000, 4096, rw=1)
+    return machine
+
+
+@pytest.mark.parametrize(
+    ("gva", "kind", "value", "match"),
+    [
+        (0x40_0FFC, "read", None, "cross a 4 KiB page boundary"),
+        (0x40_0000, "read", 5, "only for writes"),
+        (0x40_0000, "write", None, "value"),
+        (0x40_0000, "write", 1 << 64, "value"),
+        (-1, "read", None, "gva"),
+        (1 << 64, "read", None, "gva"),
+        (0x40_0000, "exec", None, "kind='exec' is not valid: choose one of read, write, fetch"),
+    ],
+)
+def test_bad_access_arguments(
+    m: tw.Machine, gva: int, kind: str, value: int | None, match: str
+) -> None:
+    with pytest.raises(tw.TwodwalkError, match=match):
+        m.vcpu.access(gva, kind, value)
+
+
+def test_bad_cpl(m: tw.Machine) -> None:
+    m.vcpu.cpl = 4
+    with pytest.raises(tw.TwodwalkError, match="cpl"):
+        m.vcpu.access(0x40_0000, "read")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"guest_ram": 1000}, "guest_ram"),
+        ({"guest_ram": 2 << 30}, "guest_ram"),
+        ({"guest_levels": 3}, "guest_levels=.3. is not valid"),
+        ({"ept_levels": 6}, "ept_levels"),
+        ({"maxphyaddr": 60}, "maxphyaddr=60"),
+        ({"thp": True, "guest_ram": 3 << 20}, "multiple of 0x200000"),
+        ({"thp": True, "hugetlb_1g": True}, "choose one backing"),
+    ],
+)
+def test_bad_machine_arguments(kwargs: dict[str, int], match: str) -> None:
+    with pytest.raises(tw.TwodwalkError, match=match):
+        tw.Machine(**kwargs)  # type: ignore[arg-type]
+
+
+def test_read_gpa_outside_every_memslot_is_a_clear_error(m: tw.Machine) -> None:
+    with pytest.raises(tw.TwodwalkError, match="no memslot"):
+        m.read_gpa(0x8000_0000, 8)
