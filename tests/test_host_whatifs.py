@@ -216,7 +216,9 @@ OPS = st.one_of(
     st.builds(Op, st.just("write"), st.integers(0, PAGES - 1), st.integers(0, (1 << 64) - 1)),
     st.builds(Op, st.sampled_from(["swap", "migrate"]), st.integers(0, PAGES - 1)),
     st.builds(Op, st.sampled_from(["log_on", "log_off"]), st.just(0)),
+    st.builds(Op, st.just("remap"), st.integers(0, PAGES - 1)),
 )
+ALT_GPA = 0x80_0000  # a second GPA for each page, which the guest may remap the page to
 
 
 def check_ept_matches_host(m: tw.Machine) -> int:
@@ -237,16 +239,23 @@ def check_ept_matches_host(m: tw.Machine) -> int:
 def test_ept_leaves_always_match_memslot_and_host_tables(ops: list[Op]) -> None:
     m = tw.Machine(guest_ram=32 * MIB, guest_levels=4, ept_levels=4, maxphyaddr=48, gbpages=False)
     m.guest.map(PROP_GVA, PROP_GPA, PAGES * 0x1000, rw=1, us=1)
-    model: dict[int, int] = {}
+    model: dict[int, int] = {}  # GPA -> value last written there
+    backing = {page: PROP_GPA + page * 0x1000 for page in range(PAGES)}
     for op in ops:
-        gva, gpa = PROP_GVA + op.page * 0x1000, PROP_GPA + op.page * 0x1000
+        gva, gpa = PROP_GVA + op.page * 0x1000, backing[op.page]
         hva = m.vm.gpa_to_hva(gpa)
         assert hva is not None
         if op.what == "read":
-            assert m.vcpu.access(gva, "read").value == model.get(op.page, 0)
+            assert m.vcpu.access(gva, "read").value == model.get(gpa, 0)
         elif op.what == "write":
             assert m.vcpu.access(gva, "write", op.value).fault is None
-            model[op.page] = op.value
+            model[gpa] = op.value
+        elif op.what == "remap":
+            other = ALT_GPA + op.page * 0x1000
+            backing[op.page] = other if gpa != other else PROP_GPA + op.page * 0x1000
+            m.guest.unmap(gva, 0x1000)
+            m.guest.map(gva, backing[op.page], 0x1000, rw=1, us=1)
+            m.vcpu.invlpg(gva)
         elif op.what in ("swap", "migrate"):
             found = m.vmm.tables.find_leaf(hva)
             if found is None:
@@ -262,5 +271,6 @@ def test_ept_leaves_always_match_memslot_and_host_tables(ops: list[Op]) -> None:
             m.vm.set_user_memory_region(0, int(op.what == "log_on"), 0, m.guest_ram, m.ram_hva)
         check_ept_matches_host(m)
     for page in range(PAGES):
-        assert m.vcpu.access(PROP_GVA + page * 0x1000, "read").value == model.get(page, 0)
+        value = m.vcpu.access(PROP_GVA + page * 0x1000, "read").value
+        assert value == model.get(backing[page], 0)
     assert check_ept_matches_host(m) >= PAGES
