@@ -99,8 +99,11 @@ class Memslots:
     """All memslots of a VM, in their address spaces, with the generation counter that
     invalidates cached MMIO entries (`kvm_memslots.generation`)."""
 
-    def __init__(self, max_gpa_bits: int) -> None:
+    def __init__(self, max_gpa_bits: int, address_spaces: int = KVM_ADDRESS_SPACE_NUM) -> None:
+        """`address_spaces`: 2 on x86 with SMM (`kvm_arch_nr_memslot_as_ids`); a KVM
+        without SMM, such as the PVM flavour, has 1 (KVM_CAP_MULTI_ADDRESS_SPACE = 0)."""
         self.max_gpa_bits = max_gpa_bits
+        self.address_spaces = address_spaces
         self.slots: dict[tuple[int, int], Memslot] = {}
         self.generation = 0
 
@@ -117,7 +120,9 @@ class Memslots:
         ):
             _check_u64(name, value, 32 if name in ("slot", "flags") else 64)
         as_id, sid = slot >> 16, slot & 0xFFFF
-        _validate(flags, guest_phys_addr, memory_size, userspace_addr, as_id, sid)
+        _validate(
+            flags, guest_phys_addr, memory_size, userspace_addr, as_id, sid, self.address_spaces
+        )
         old = self.slots.get((as_id, sid))
         if memory_size == 0:
             if old is None:
@@ -167,7 +172,7 @@ class Memslots:
             del self.slots[key]
         else:
             self.slots[key] = result.new
-        self.generation += KVM_ADDRESS_SPACE_NUM  # kvm_swap_active_memslots
+        self.generation += self.address_spaces  # kvm_swap_active_memslots
         return result
 
     def gfn_to_memslot(self, gfn: int, as_id: int = 0) -> Memslot | None:
@@ -181,7 +186,7 @@ class Memslots:
         """KVM_GET_DIRTY_LOG: the bitmap since the last call; the kernel then clears it
         (the caller re-write-protects: see `Vm.get_dirty_log`)."""
         as_id, sid = slot >> 16, slot & 0xFFFF
-        if as_id >= KVM_ADDRESS_SPACE_NUM or sid >= KVM_USER_MEM_SLOTS:
+        if as_id >= self.address_spaces or sid >= KVM_USER_MEM_SLOTS:
             raise KvmError(errno_codes.EINVAL, f"slot {slot:#x} is not a valid slot number")
         memslot = self.slots.get((as_id, sid))
         if memslot is None or memslot.dirty_bitmap is None:
@@ -202,7 +207,9 @@ def _check_u64(name: str, value: object, width: int) -> None:
         )
 
 
-def _validate(flags: int, gpa: int, size: int, hva: int, as_id: int, sid: int) -> None:
+def _validate(
+    flags: int, gpa: int, size: int, hva: int, as_id: int, sid: int, address_spaces: int
+) -> None:
     """The checks of `check_memory_region_flags` and `__kvm_set_memory_region`, in order."""
     valid_flags = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
     rules = [
@@ -221,8 +228,9 @@ def _validate(flags: int, gpa: int, size: int, hva: int, as_id: int, sid: int) -
             " 0x7ffffffff000)",
         ),
         (
-            as_id >= KVM_ADDRESS_SPACE_NUM,
-            f"address space {as_id} does not exist (x86 has 0 and 1, for SMM)",
+            as_id >= address_spaces,
+            f"address space {as_id} does not exist: this KVM has {address_spaces}"
+            " (x86 with SMM has 0 and 1)",
         ),
         (
             sid >= KVM_USER_MEM_SLOTS,

@@ -1,0 +1,34 @@
+"""The engine against real KVM on /dev/kvm; skipped with the reason where there is none."""
+
+from __future__ import annotations
+
+import pytest
+
+from twodwalk import realkvm
+
+REASON = realkvm.unavailable_reason()
+needs_kvm = pytest.mark.skipif(REASON is not None, reason=f"no usable /dev/kvm: {REASON}")
+
+
+@needs_kvm
+def test_memslot_errnos_agree_with_the_kernel() -> None:
+    report = realkvm.memslot_fuzz(3000, seed=7)
+    assert report.disagreements == [], report.table()
+    outcomes = {o.real for o in report.outcomes}
+    assert {0, 22, 17} <= outcomes, "the run reached successes, EINVAL and EEXIST"
+
+
+@needs_kvm
+def test_flavour_is_read_from_the_host() -> None:
+    kvm = realkvm.RealKvm()
+    try:
+        flavour = kvm.flavour()
+    finally:
+        kvm.close()
+    assert flavour.nr_memslots >= 32
+    assert flavour.address_spaces in (1, 2)
+
+
+def test_unavailable_reason_is_a_sentence_or_none() -> None:
+    reason = realkvm.unavailable_reason()
+    assert reason is None or ("KVM" in reason or "kvm" in reason)

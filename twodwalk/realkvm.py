@@ -1,0 +1,366 @@
+"""Replay on real KVM (/dev/kvm): what the engine says, checked against the kernel.
+
+Standard library only (os, fcntl, mmap, ctypes, struct), Linux x86-64 only. Importing this
+module anywhere is safe; using it where /dev/kvm cannot be opened raises `KvmUnavailableError`
+saying why. The ioctls and structures are those of Documentation/virt/kvm/api.rst.
+
+What can be compared is what userspace can observe: the errno of each ioctl, KVM_RUN exits,
+dirty bitmaps, and the guest's own memory. The tables KVM builds for itself (EPT or shadow
+pages) are not visible from userspace.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import platform
+import random
+import struct
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from twodwalk.cpumodel import PAGE_SIZE
+from twodwalk.errors import TwodwalkError
+from twodwalk.kvm.memslots import KVM_USER_MEM_SLOTS, KvmError, Memslots
+
+KVMIO = 0xAE
+
+
+def _io(nr: int) -> int:
+    return KVMIO << 8 | nr
+
+
+def _iow(nr: int, size: int) -> int:
+    return 1 << 30 | size << 16 | KVMIO << 8 | nr
+
+
+KVM_GET_API_VERSION = _io(0x00)
+KVM_CREATE_VM = _io(0x01)
+KVM_CHECK_EXTENSION = _io(0x03)
+KVM_SET_USER_MEMORY_REGION = _iow(0x46, 32)
+KVM_CAP_NR_MEMSLOTS = 10
+KVM_CAP_READONLY_MEM = 81
+KVM_CAP_MULTI_ADDRESS_SPACE = 118
+_MEMORY_REGION = struct.Struct("=IIQQQ")  # struct kvm_userspace_memory_region
+
+
+class KvmUnavailableError(TwodwalkError):
+    """Real KVM cannot be used here; the message says why."""
+
+
+def unavailable_reason() -> str | None:
+    """Why /dev/kvm cannot be used on this machine, or None when it can."""
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return f"real KVM needs Linux on x86-64; this is {sys.platform} on {platform.machine()}"
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"/dev/kvm cannot be opened ({exc.strerror}): no KVM here (Binder, a container?)"
+    os.close(fd)
+    return None
+
+
+@dataclass(frozen=True)
+class KvmFlavour:
+    """What this host's KVM is: its module, whether it uses TDP (EPT/NPT) or shadows guest
+    paging in software, and its capabilities that change the memslot rules."""
+
+    module: str
+    tdp: bool
+    address_spaces: int
+    nr_memslots: int
+    readonly_mem: bool
+    mmio_caching: bool
+
+
+def _module_flag(path: str) -> bool:
+    try:
+        return Path(path).read_text().strip() in ("Y", "1")
+    except OSError:
+        return False
+
+
+class RealKvm:
+    """The /dev/kvm system file descriptor."""
+
+    def __init__(self) -> None:
+        reason = unavailable_reason()
+        if reason is not None:
+            raise KvmUnavailableError(reason)
+        self.fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        version = fcntl.ioctl(self.fd, KVM_GET_API_VERSION)
+        if version != 12:
+            raise KvmUnavailableError(f"KVM API version {version}; twodwalk speaks version 12")
+
+    def check_extension(self, cap: int) -> int:
+        return fcntl.ioctl(self.fd, KVM_CHECK_EXTENSION, cap)
+
+    def flavour(self) -> KvmFlavour:
+        """Read the module parameters and capabilities that the engine must mirror."""
+        modules = {
+            m for m in ("kvm_intel", "kvm_amd", "kvm_pvm") if Path(f"/sys/module/{m}").exists()
+        }
+        module = sorted(modules)[0] if modules else "kvm"
+        tdp = _module_flag("/sys/module/kvm_intel/parameters/ept") or _module_flag(
+            "/sys/module/kvm_amd/parameters/npt"
+        )
+        return KvmFlavour(
+            module=module,
+            tdp=tdp and module != "kvm_pvm",
+            address_spaces=max(1, self.check_extension(KVM_CAP_MULTI_ADDRESS_SPACE)),
+            nr_memslots=self.check_extension(KVM_CAP_NR_MEMSLOTS),
+            readonly_mem=bool(self.check_extension(KVM_CAP_READONLY_MEM)),
+            mmio_caching=_module_flag("/sys/module/kvm/parameters/mmio_caching"),
+        )
+
+    def create_vm(self) -> RealVm:
+        return RealVm(fcntl.ioctl(self.fd, KVM_CREATE_VM, 0))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class RealVm:
+    """A VM file descriptor."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def set_user_memory_region(
+        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
+    ) -> None:
+        """KVM_SET_USER_MEMORY_REGION; raises `KvmError` with the kernel's errno."""
+        arg = _MEMORY_REGION.pack(slot, flags, guest_phys_addr, memory_size, userspace_addr)
+        try:
+            fcntl.ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, arg)
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            raise KvmError(code, f"KVM_SET_USER_MEMORY_REGION: {exc.strerror}") from None
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class HostBuffer:
+    """Anonymous memory in this process, to back real memslots."""
+
+    def __init__(self, size: int) -> None:
+        self.map = mmap.mmap(
+            -1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, mmap.PROT_READ | mmap.PROT_WRITE
+        )
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+        self.size = size
+
+
+# --- memslots: the same calls on both sides, errno by errno -----------------------------------
+
+
+@dataclass(frozen=True)
+class MemslotCall:
+    """One KVM_SET_USER_MEMORY_REGION call."""
+
+    slot: int
+    flags: int
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+
+    def describe(self) -> str:
+        return (
+            f"slot={self.slot:#x} flags={self.flags:#x} gpa={self.guest_phys_addr:#x}"
+            f" size={self.memory_size:#x} hva={self.userspace_addr:#x}"
+        )
+
+
+@dataclass(frozen=True)
+class MemslotOutcome:
+    """The errno each side returned for one call (0: success)."""
+
+    call: MemslotCall
+    real: int
+    engine: int
+
+    @property
+    def agree(self) -> bool:
+        return self.real == self.engine
+
+
+def _errno_of(apply: Callable[[int, int, int, int, int], object], call: MemslotCall) -> int:
+    try:
+        apply(call.slot, call.flags, call.guest_phys_addr, call.memory_size, call.userspace_addr)
+    except KvmError as exc:
+        return exc.errno
+    return 0
+
+
+POOL_PAGES = 256
+
+
+def random_memslot_calls(rng: random.Random, pool: int, count: int) -> Iterator[MemslotCall]:
+    """Random calls that reach every rule: slot ids (small, at the limit, other address
+    spaces), known and unknown flags, aligned and misaligned addresses and sizes, overlaps,
+    deletes, moves and flag changes of slots created before. Sizes stay small: KVM allocates
+    per-page metadata for every slot it creates."""
+    made: dict[int, MemslotCall] = {}
+    for _ in range(count):
+        roll = rng.random()
+        if made and roll < 0.35:
+            yield _variant(rng, rng.choice(list(made.values())))
+            continue
+        slot = rng.choice(
+            [
+                0,
+                1,
+                2,
+                3,
+                4,
+                5,
+                KVM_USER_MEM_SLOTS - 1,
+                KVM_USER_MEM_SLOTS,
+                0xFFFF,
+                1 << 16 | 1,
+                2 << 16 | 1,
+            ]
+        )
+        flags = rng.choice([0, 0, 1, 2, 3, 4, 1 << 31])
+        pages = rng.randint(1, 16)
+        gpa = rng.randint(0, 64) * PAGE_SIZE
+        hva = pool + rng.randint(0, POOL_PAGES - 16) * PAGE_SIZE
+        size = pages * PAGE_SIZE
+        match rng.randint(0, 19):
+            case 0:
+                gpa += rng.choice([1, 0x800])
+            case 1:
+                hva += rng.choice([1, 0x800])
+            case 2:
+                size += rng.choice([1, 0x800])
+            case 3:
+                hva = rng.choice([0xFFFF_8880_0000_0000, (1 << 47) - PAGE_SIZE, 1 << 47])
+            case 4:
+                gpa = rng.choice([1 << 46, (1 << 52) - PAGE_SIZE, (1 << 64) - PAGE_SIZE])
+            case 5:
+                size = 0
+            case _:
+                pass
+        call = MemslotCall(slot, flags, gpa, size, hva)
+        made[slot] = call
+        yield call
+
+
+def _variant(rng: random.Random, old: MemslotCall) -> MemslotCall:
+    """A move, a flag change, a delete, a resize or a new HVA of an earlier slot."""
+    kind = rng.randint(0, 4)
+    if kind == 0:
+        return MemslotCall(
+            old.slot, old.flags, rng.randint(0, 64) * PAGE_SIZE, old.memory_size, old.userspace_addr
+        )
+    if kind == 1:
+        return MemslotCall(
+            old.slot,
+            rng.choice([0, 1, 2, 3]),
+            old.guest_phys_addr,
+            old.memory_size,
+            old.userspace_addr,
+        )
+    if kind == 2:
+        return MemslotCall(old.slot, 0, 0, 0, old.userspace_addr)
+    if kind == 3:
+        return MemslotCall(
+            old.slot,
+            old.flags,
+            old.guest_phys_addr,
+            old.memory_size + PAGE_SIZE,
+            old.userspace_addr,
+        )
+    return MemslotCall(
+        old.slot, old.flags, old.guest_phys_addr, old.memory_size, old.userspace_addr + PAGE_SIZE
+    )
+
+
+LIMIT_CASES = (
+    # Rejected before KVM allocates anything: more than 2**31-1 pages, and a GPA range that
+    # wraps around 2**64.
+    MemslotCall(9, 0, 0, (1 << 31) << 12, 0),
+    MemslotCall(9, 0, (1 << 64) - PAGE_SIZE, 2 * PAGE_SIZE, 0),
+)
+
+
+def compare_memslots(calls: list[MemslotCall], kvm: RealKvm | None = None) -> list[MemslotOutcome]:
+    """Apply the calls to a fresh real VM and to the engine's memslots; the errno of each."""
+    kvm = kvm or RealKvm()
+    flavour = kvm.flavour()
+    vm = kvm.create_vm()
+    engine = Memslots(
+        max_gpa_bits=52 if not flavour.tdp else _host_maxphyaddr(),
+        address_spaces=flavour.address_spaces,
+    )
+    outcomes: list[MemslotOutcome] = []
+    try:
+        for call in calls:
+            real = _errno_of(vm.set_user_memory_region, call)
+            ours = _errno_of(engine.set_user_memory_region, call)
+            outcomes.append(MemslotOutcome(call, real, ours))
+    finally:
+        vm.close()
+    return outcomes
+
+
+def _host_maxphyaddr() -> int:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("address sizes"):
+            return int(line.split(":")[1].split()[0])
+    return 46
+
+
+@dataclass
+class MemslotReport:
+    """Agreement counts of a memslot run and the calls that disagreed."""
+
+    outcomes: list[MemslotOutcome] = field(default_factory=list)
+
+    @property
+    def disagreements(self) -> list[MemslotOutcome]:
+        return [o for o in self.outcomes if not o.agree]
+
+    def table(self) -> str:
+        by_errno: dict[str, int] = {}
+        for o in self.outcomes:
+            name = "success" if o.real == 0 else errno.errorcode[o.real]
+            by_errno[name] = by_errno.get(name, 0) + 1
+        lines = [
+            f"memslot calls: {len(self.outcomes)}, agree:"
+            f" {len(self.outcomes) - len(self.disagreements)}"
+        ]
+        lines += [f"  real KVM {name:<8} {n:6d}" for name, n in sorted(by_errno.items())]
+        for o in self.disagreements:
+            lines.append(
+                f"  DISAGREE {o.call.describe()}: real {_name(o.real)}, engine {_name(o.engine)}"
+            )
+        return "\n".join(lines)
+
+
+def _name(code: int) -> str:
+    return "success" if code == 0 else errno.errorcode[code]
+
+
+def memslot_fuzz(cases: int, seed: int) -> MemslotReport:
+    """Random memslot call sequences, in batches on fresh VMs, plus the limit cases."""
+    kvm = RealKvm()
+    pool = HostBuffer(POOL_PAGES * PAGE_SIZE)
+    rng = random.Random(seed)
+    report = MemslotReport()
+    try:
+        report.outcomes += compare_memslots(list(LIMIT_CASES), kvm)
+        done = 0
+        while done < cases:
+            batch = list(random_memslot_calls(rng, pool.address, min(50, cases - done)))
+            report.outcomes += compare_memslots(batch, kvm)
+            done += len(batch)
+    finally:
+        kvm.close()
+    return report
