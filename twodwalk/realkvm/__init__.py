@@ -1,0 +1,29 @@
+"""Replay on real KVM (/dev/kvm): what the engine says, checked against the kernel.
+
+Standard library only (os, fcntl, mmap, ctypes, struct), Linux x86-64 only. Importing this
+package anywhere is safe; using it where /dev/kvm cannot be opened raises
+`KvmUnavailableError` saying why.
+
+What can be compared is what the guest and the VMM can observe: the errno of each ioctl,
+KVM_RUN exits, dirty bitmaps, the guest's exceptions and its own memory. The tables KVM builds
+for itself (EPT or shadow pages) are not visible from userspace.
+"""
+
+from twodwalk.realkvm.device import (
+    KvmFlavour,
+    KvmUnavailableError,
+    RealKvm,
+    RealVm,
+    unavailable_reason,
+)
+from twodwalk.realkvm.memslots import MemslotReport, memslot_fuzz
+
+__all__ = [
+    "KvmFlavour",
+    "KvmUnavailableError",
+    "MemslotReport",
+    "RealKvm",
+    "RealVm",
+    "memslot_fuzz",
+    "unavailable_reason",
+]
