@@ -32,3 +32,20 @@ def test_flavour_is_read_from_the_host() -> None:
 def test_unavailable_reason_is_a_sentence_or_none() -> None:
     reason = realkvm.unavailable_reason()
     assert reason is None or ("KVM" in reason or "kvm" in reason)
+
+
+@needs_kvm
+def test_paging_cases_agree_with_the_kernel() -> None:
+    report = realkvm.paging_fuzz(3000, seed=11)
+    assert report.disagreements == [], report.table()
+    for category in (
+        "read ok",
+        "write ok",
+        "fetch ok",
+        "#PF not present",
+        "#PF protection",
+        "#PF reserved",
+        "vector 13",
+        "MMIO exit",
+    ):
+        assert report.agree.get(category, 0) > 0, f"no {category!r} case in {report.agree}"

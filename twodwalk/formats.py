@@ -360,8 +360,11 @@ class Ia32eFormat(EntryFormat):
     all_rights = Rights.R | Rights.W | Rights.X | Rights.U
     table_names = _X86_TABLE_NAMES
 
-    def __init__(self, levels: int, maxphyaddr: int, gbpages: bool, nxe: bool) -> None:
+    def __init__(
+        self, levels: int, maxphyaddr: int, gbpages: bool, nxe: bool, amd: bool = False
+    ) -> None:
         self.nxe = nxe
+        self.amd = amd
         super().__init__(
             f"IA-32e {levels}-level paging", levels, maxphyaddr, gbpages, _X86_LEVEL_NAMES
         )
@@ -415,13 +418,16 @@ class Ia32eFormat(EntryFormat):
         return [*_X86_COMMON, *_X86_LEAF, pat, *([_PS_LEAF] if level > 1 else [])]
 
     def _reserved(self, level: int, leaf: bool, large: bool) -> int:
-        """KVM `__reset_rsvds_bits_mask` (Intel, long mode): XD without NXE; bits 29:13 or
-        20:13 inside a large leaf's address (bit 12 is PAT); PS in a PML4E/PML5E."""
+        """KVM `__reset_rsvds_bits_mask` (long mode): XD without NXE; bits 29:13 or 20:13
+        inside a large leaf's address (bit 12 is PAT); PS in a PML4E/PML5E, and on AMD bit 8
+        there too."""
         reserved = 0 if self.nxe else bits(63, 63)
         if large:
             reserved |= bits(self.shift(level) - 1, 13)
         if not leaf and level > 3:
             reserved |= bits(PS_BIT, PS_BIT)
+            if self.amd:
+                reserved |= bits(8, 8)  # nonleaf_bit8_rsvd
         return reserved
 
 
@@ -430,7 +436,7 @@ def ia32e_format(levels: int, cpu: CpuModel, nxe: bool = True) -> Ia32eFormat:
     """The IA-32e format for a CPU model; EFER.NXE=0 makes bit 63 reserved (SDM 4.5.4)."""
     if levels == 5 and not cpu.la57:
         raise TwodwalkError("levels=5 needs a CPU model with la57=True (CPUID.07H:ECX[16])")
-    return Ia32eFormat(levels, cpu.maxphyaddr, cpu.gbpages, nxe)
+    return Ia32eFormat(levels, cpu.maxphyaddr, cpu.gbpages, nxe, cpu.vendor == "amd")
 
 
 # --- EPT: SDM Vol 3C 29.3.2 "EPT Translation Mechanism", tables 29-1 .. 29-7 -------------------

@@ -17,13 +17,21 @@ from twodwalk.realkvm.device import (
     unavailable_reason,
 )
 from twodwalk.realkvm.memslots import MemslotReport, memslot_fuzz
+from twodwalk.realkvm.paging import QUIRKS, PagingReport, paging_fuzz
+from twodwalk.realkvm.runtime import Controls, Observed, RealRunner
 
 __all__ = [
+    "QUIRKS",
+    "Controls",
     "KvmFlavour",
     "KvmUnavailableError",
     "MemslotReport",
+    "Observed",
+    "PagingReport",
     "RealKvm",
+    "RealRunner",
     "RealVm",
     "memslot_fuzz",
+    "paging_fuzz",
     "unavailable_reason",
 ]

@@ -14,7 +14,7 @@ import os
 import platform
 import struct
 import sys
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 from twodwalk.errors import TwodwalkError
@@ -113,6 +113,26 @@ class RealKvm:
     def create_vm(self) -> RealVm:
         return RealVm(fcntl.ioctl(self.fd, KVM_CREATE_VM, 0))
 
+    def vcpu_mmap_size(self) -> int:
+        """KVM_GET_VCPU_MMAP_SIZE: the size of a vCPU's struct kvm_run mapping."""
+        return fcntl.ioctl(self.fd, KVM_GET_VCPU_MMAP_SIZE, 0)
+
+    def supported_cpuid(self) -> list[CpuidEntry]:
+        """KVM_GET_SUPPORTED_CPUID, retried with room for more entries on E2BIG (api.rst)."""
+        nent = 64
+        while True:
+            raw = bytearray(struct.pack("=II", nent, 0) + bytes(_CPUID_ENTRY.size * nent))
+            try:
+                _ioctl(self.fd, KVM_GET_SUPPORTED_CPUID, raw, "KVM_GET_SUPPORTED_CPUID")
+            except KvmError as exc:
+                if exc.errno != errno.E2BIG or nent >= 4096:
+                    raise
+                nent *= 2
+                continue
+            count = struct.unpack_from("=I", raw)[0]
+            size = _CPUID_ENTRY.size
+            return [CpuidEntry(*_CPUID_ENTRY.unpack_from(raw, 8 + size * i)) for i in range(count)]
+
     def close(self) -> None:
         os.close(self.fd)
 
@@ -134,6 +154,10 @@ class RealVm:
             code = exc.errno or errno.EIO
             raise KvmError(code, f"KVM_SET_USER_MEMORY_REGION: {exc.strerror}") from None
 
+    def create_vcpu(self, vcpu_id: int, mmap_size: int) -> RealVcpu:
+        """KVM_CREATE_VCPU; `mmap_size` is `RealKvm.vcpu_mmap_size()`."""
+        return RealVcpu(fcntl.ioctl(self.fd, KVM_CREATE_VCPU, vcpu_id), mmap_size)
+
     def close(self) -> None:
         os.close(self.fd)
 
@@ -147,3 +171,283 @@ class HostBuffer:
         )
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
         self.size = size
+
+
+# --- a vCPU: registers, CPUID and KVM_RUN ------------------------------------------------------
+
+
+def _ior(nr: int, size: int) -> int:
+    return 2 << 30 | size << 16 | KVMIO << 8 | nr
+
+
+def _iowr(nr: int, size: int) -> int:
+    return 3 << 30 | size << 16 | KVMIO << 8 | nr
+
+
+KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
+KVM_GET_SUPPORTED_CPUID = _iowr(0x05, 8)
+KVM_CREATE_VCPU = _io(0x41)
+KVM_RUN = _io(0x80)
+KVM_GET_REGS = _ior(0x81, 144)
+KVM_SET_REGS = _iow(0x82, 144)
+KVM_GET_SREGS = _ior(0x83, 312)
+KVM_SET_SREGS = _iow(0x84, 312)
+KVM_SET_CPUID2 = _iow(0x90, 8)
+
+KVM_EXIT_IO = 2
+KVM_EXIT_MMIO = 6
+KVM_EXIT_INTR = 10
+KVM_EXIT_INTERNAL_ERROR = 17
+KVM_EXIT_IO_OUT = 1
+# api.rst, "The kvm_run structure": the exit reasons a plain x86 VM without an in-kernel
+# irqchip can meet.
+EXIT_REASONS = {
+    0: "KVM_EXIT_UNKNOWN",
+    1: "KVM_EXIT_EXCEPTION",
+    2: "KVM_EXIT_IO",
+    3: "KVM_EXIT_HYPERCALL",
+    4: "KVM_EXIT_DEBUG",
+    5: "KVM_EXIT_HLT",
+    6: "KVM_EXIT_MMIO",
+    7: "KVM_EXIT_IRQ_WINDOW_OPEN",
+    8: "KVM_EXIT_SHUTDOWN",
+    9: "KVM_EXIT_FAIL_ENTRY",
+    10: "KVM_EXIT_INTR",
+    17: "KVM_EXIT_INTERNAL_ERROR",
+    24: "KVM_EXIT_SYSTEM_EVENT",
+    29: "KVM_EXIT_X86_RDMSR",
+    30: "KVM_EXIT_X86_WRMSR",
+    37: "KVM_EXIT_NOTIFY",
+    39: "KVM_EXIT_MEMORY_FAULT",
+}
+
+_CPUID_ENTRY = struct.Struct("=7I12x")  # struct kvm_cpuid_entry2
+_REGS = struct.Struct("=18Q")  # struct kvm_regs
+_SEGMENT = struct.Struct("=QIH9Bx")  # struct kvm_segment
+_DTABLE = struct.Struct("=QH6x")  # struct kvm_dtable
+_CONTROL = struct.Struct("=7Q32x")  # cr0 cr2 cr3 cr4 cr8 efer apic_base, interrupt_bitmap
+_RUN_HEAD = struct.Struct("=BB6xI")  # kvm_run: request_interrupt_window, immediate_exit, exit
+_RUN_IO = struct.Struct("=BBHIQ")  # kvm_run.io: direction, size, port, count, data_offset
+_RUN_MMIO = struct.Struct("=Q8sIB")  # kvm_run.mmio: phys_addr, data, len, is_write
+_RUN_UNION = 32
+
+
+class KvmExitError(RuntimeError):
+    """KVM_RUN returned something the caller did not expect; the message names it."""
+
+
+@dataclass(frozen=True)
+class CpuidEntry:
+    """One struct kvm_cpuid_entry2."""
+
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+
+@dataclass(frozen=True)
+class Regs:
+    """struct kvm_regs (KVM_GET_REGS / KVM_SET_REGS)."""
+
+    rax: int = 0
+    rbx: int = 0
+    rcx: int = 0
+    rdx: int = 0
+    rsi: int = 0
+    rdi: int = 0
+    rsp: int = 0
+    rbp: int = 0
+    r8: int = 0
+    r9: int = 0
+    r10: int = 0
+    r11: int = 0
+    r12: int = 0
+    r13: int = 0
+    r14: int = 0
+    r15: int = 0
+    rip: int = 0
+    rflags: int = 0x2
+
+
+@dataclass(frozen=True)
+class Segment:
+    """struct kvm_segment: a segment register's selector and hidden part (`long` is L)."""
+
+    base: int
+    limit: int
+    selector: int
+    type: int
+    present: int
+    dpl: int
+    db: int
+    s: int
+    long: int
+    g: int
+    avl: int = 0
+    unusable: int = 0
+
+
+@dataclass(frozen=True)
+class Sregs:
+    """struct kvm_sregs (KVM_GET_SREGS / KVM_SET_SREGS); descriptor tables as (base, limit).
+    The pending-interrupt bitmap is always written as zero."""
+
+    cs: Segment
+    ds: Segment
+    es: Segment
+    fs: Segment
+    gs: Segment
+    ss: Segment
+    tr: Segment
+    ldt: Segment
+    gdt: tuple[int, int]
+    idt: tuple[int, int]
+    cr0: int
+    cr2: int
+    cr3: int
+    cr4: int
+    cr8: int
+    efer: int
+    apic_base: int
+
+    def pack(self) -> bytes:
+        segments = (self.cs, self.ds, self.es, self.fs, self.gs, self.ss, self.tr, self.ldt)
+        return b"".join(
+            [
+                *(_SEGMENT.pack(*astuple(seg)) for seg in segments),
+                _DTABLE.pack(*self.gdt),
+                _DTABLE.pack(*self.idt),
+                _CONTROL.pack(
+                    self.cr0, self.cr2, self.cr3, self.cr4, self.cr8, self.efer, self.apic_base
+                ),
+            ]
+        )
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Sregs:
+        cs, ds, es, fs, gs, ss, tr, ldt = (
+            Segment(*_SEGMENT.unpack_from(raw, _SEGMENT.size * i)) for i in range(8)
+        )
+        gdt_base, gdt_limit = _DTABLE.unpack_from(raw, 192)
+        idt_base, idt_limit = _DTABLE.unpack_from(raw, 208)
+        cr0, cr2, cr3, cr4, cr8, efer, apic_base = _CONTROL.unpack_from(raw, 224)
+        return cls(
+            cs,
+            ds,
+            es,
+            fs,
+            gs,
+            ss,
+            tr,
+            ldt,
+            (gdt_base, gdt_limit),
+            (idt_base, idt_limit),
+            cr0,
+            cr2,
+            cr3,
+            cr4,
+            cr8,
+            efer,
+            apic_base,
+        )
+
+
+def _ioctl(fd: int, request: int, arg: bytes | bytearray, name: str) -> None:
+    """An ioctl on a structure (a bytearray is filled in place; any size, unlike a bytes
+    argument); a failure raises `KvmError` naming the ioctl, with the kernel's errno."""
+    try:
+        fcntl.ioctl(fd, request, arg if isinstance(arg, bytearray) else bytearray(arg), True)
+    except OSError as exc:
+        raise KvmError(exc.errno or errno.EIO, f"{name}: {exc.strerror}") from None
+
+
+class RealVcpu:
+    """A vCPU file descriptor and its mmap()ed struct kvm_run (api.rst, KVM_CREATE_VCPU)."""
+
+    def __init__(self, fd: int, mmap_size: int) -> None:
+        self.fd = fd
+        self.run_map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def set_cpuid2(self, entries: list[CpuidEntry]) -> None:
+        raw = struct.pack("=II", len(entries), 0) + b"".join(
+            _CPUID_ENTRY.pack(*astuple(e)) for e in entries
+        )
+        _ioctl(self.fd, KVM_SET_CPUID2, raw, "KVM_SET_CPUID2")
+
+    def get_regs(self) -> Regs:
+        raw = bytearray(_REGS.size)
+        _ioctl(self.fd, KVM_GET_REGS, raw, "KVM_GET_REGS")
+        return Regs(*_REGS.unpack(raw))
+
+    def set_regs(self, regs: Regs) -> None:
+        _ioctl(self.fd, KVM_SET_REGS, _REGS.pack(*astuple(regs)), "KVM_SET_REGS")
+
+    def get_sregs(self) -> Sregs:
+        raw = bytearray(312)
+        _ioctl(self.fd, KVM_GET_SREGS, raw, "KVM_GET_SREGS")
+        return Sregs.unpack(bytes(raw))
+
+    def set_sregs(self, sregs: Sregs) -> None:
+        _ioctl(self.fd, KVM_SET_SREGS, sregs.pack(), "KVM_SET_SREGS")
+
+    def run(self) -> int:
+        """KVM_RUN once; the exit reason (a signal's EINTR comes back as KVM_EXIT_INTR)."""
+        try:
+            fcntl.ioctl(self.fd, KVM_RUN, 0)
+        except InterruptedError:
+            return KVM_EXIT_INTR
+        except OSError as exc:
+            raise KvmError(exc.errno or errno.EIO, f"KVM_RUN: {exc.strerror}") from None
+        reason: int = _RUN_HEAD.unpack_from(self.run_map)[2]
+        return reason
+
+    def complete_pending(self) -> None:
+        """Finish a KVM_EXIT_IO/MMIO without entering the guest: api.rst says such an operation
+        is complete only once userspace re-enters KVM_RUN, and immediate_exit makes that entry
+        return -EINTR before running the guest."""
+        self.run_map[1] = 1
+        try:
+            for _ in range(8):  # a split MMIO access exits once per fragment
+                try:
+                    fcntl.ioctl(self.fd, KVM_RUN, 0)
+                except InterruptedError:
+                    return
+                except OSError as exc:
+                    raise KvmError(exc.errno or errno.EIO, f"KVM_RUN: {exc.strerror}") from None
+            raise KvmExitError("KVM_RUN with immediate_exit kept exiting to userspace")
+        finally:
+            self.run_map[1] = 0
+
+    def io(self) -> tuple[int, int]:
+        """kvm_run.io of a KVM_EXIT_IO: (direction, port)."""
+        direction, _size, port, _count, _offset = _RUN_IO.unpack_from(self.run_map, _RUN_UNION)
+        return direction, port
+
+    def mmio(self) -> tuple[int, int, bool, bytes]:
+        """kvm_run.mmio of a KVM_EXIT_MMIO: (phys_addr, len, is_write, data)."""
+        phys_addr, data, length, is_write = _RUN_MMIO.unpack_from(self.run_map, _RUN_UNION)
+        return phys_addr, length, bool(is_write), data[:length]
+
+    def emulation_failure(self) -> bytes | None:
+        """For a KVM_EXIT_INTERNAL_ERROR of suberror KVM_INTERNAL_ERROR_EMULATION that carries
+        the instruction (flag KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, api.rst):
+        the bytes KVM fetched at RIP and could not emulate; None for any other exit."""
+        reason, suberror, ndata, flags, size = struct.unpack_from("=8xI20xIIQB", self.run_map)
+        if reason != KVM_EXIT_INTERNAL_ERROR or suberror != 1 or ndata < 2 or not flags & 1:
+            return None
+        start = _RUN_UNION + 16
+        return bytes(self.run_map[start + 1 : start + 1 + min(size, 15)])
+
+    def exit_details(self) -> str:
+        """The first words of kvm_run's exit union, for error messages (fail_entry's hardware
+        reason, internal's suberror and data)."""
+        words = struct.unpack_from("=4Q", self.run_map, _RUN_UNION)
+        return " ".join(f"{w:#x}" for w in words)
+
+    def close(self) -> None:
+        self.run_map.close()
+        os.close(self.fd)

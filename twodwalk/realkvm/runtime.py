@@ -1,0 +1,384 @@
+"""A guest runtime on real KVM: one access (read, write or fetch) at one GVA under the caller's
+page tables, at CPL 0 or 3, with the paging controls set as asked, and what the guest saw.
+
+The guest is a plain long-mode guest (SDM Vol. 3A 9.8.5): its GDT, TSS, IDT, handlers and
+stack live in guest RAM at [RUNTIME_GPA, RUNTIME_GPA + RUNTIME_SIZE), mapped under PML4 entry
+RUNTIME_PML4_SLOT of the caller's PML4. The machine code is runtime.S, assembled once with GNU
+as and embedded below as RUNTIME_CODE. The VMM side is Documentation/virt/kvm/api.rst:
+KVM_SET_SREGS/KVM_SET_REGS, KVM_RUN, and the KVM_EXIT_IO reports of the guest's OUTs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from twodwalk.cpumodel import PAGE_SIZE
+from twodwalk.errors import AddressError, TwodwalkError, check_aligned, check_choice, check_int
+from twodwalk.realkvm.device import (
+    EXIT_REASONS,
+    KVM_EXIT_INTERNAL_ERROR,
+    KVM_EXIT_INTR,
+    KVM_EXIT_IO,
+    KVM_EXIT_IO_OUT,
+    KVM_EXIT_MMIO,
+    HostBuffer,
+    KvmExitError,
+    RealKvm,
+    Regs,
+    Segment,
+    Sregs,
+)
+
+RUNTIME_PML4_SLOT = 511
+RUNTIME_GPA = 0x1F0_0000
+RUNTIME_SIZE = 0x10_0000
+RUNTIME_GVA = 0xFFFF_FF80_0000_0000  # PML4 entry 511, sign-extended (SDM Vol. 3A 3.3.7.1)
+
+# runtime.S assembled (`as --64`, then `objcopy -O binary -j .text`); see that file.
+RUNTIME_CODE = (
+    b"\x48\x8b\x07\xe6\xf0\x00\x00\x00\x48\x89\x37\xe6\xf0\x00\x00\x00\xff\xe7\x00\x00\x00\x00"
+    b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x6a\x00\x6a\x00\xe9\xed\x01\x00\x00\x00\x00\x00"
+    b"\x00\x00\x00\x00\x6a\x00\x6a\x01\xe9\xdd\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x6a\x00"
+    b"\x6a\x02\xe9\xcd\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x6a\x00\x6a\x03\xe9\xbd\x01\x00"
+    b"\x00\x00\x00\x00\x00\x00\x00\x00\x6a\x00\x6a\x04\xe9\xad\x01\x00\x00\x00\x00\x00\x00\x00"
+    b"\x00\x00\x6a\x00\x6a\x05\xe9\x9d\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x6a\x00\x6a\x06"
+    b"\xe9\x8d\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x6a\x00\x6a\x07\xe9\x7d\x01\x00\x00\x00"
+    b"\x00\x00\x00\x00\x00\x00\x6a\x08\xe9\x6f\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+    b"\x6a\x00\x6a\x09\xe9\x5d\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x6a\x0a\xe9\x4f\x01\x00"
+    b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x6a\x0b\xe9\x3f\x01\x00\x00\x00\x00\x00\x00\x00"
+    b"\x00\x00\x00\x00\x6a\x0c\xe9\x2f\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x6a\x0d"
+    b"\xe9\x1f\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x6a\x0e\xe9\x0f\x01\x00\x00\x00"
+    b"\x00\x00\x00\x00\x00\x00\x00\x00\x6a\x00\x6a\x0f\xe9\xfd\x00\x00\x00\x00\x00\x00\x00\x00"
+    b"\x00\x00\x6a\x00\x6a\x10\xe9\xed\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x6a\x11\xe9\xdf"
+    b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x6a\x00\x6a\x12\xe9\xcd\x00\x00\x00\x00"
+    b"\x00\x00\x00\x00\x00\x00\x6a\x00\x6a\x13\xe9\xbd\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+    b"\x6a\x00\x6a\x14\xe9\xad\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x6a\x15\xe9\x9f\x00\x00"
+    b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x6a\x00\x6a\x16\xe9\x8d\x00\x00\x00\x00\x00\x00"
+    b"\x00\x00\x00\x00\x6a\x00\x6a\x17\xe9\x7d\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x6a\x00"
+    b"\x6a\x18\xeb\x70\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x6a\x00\x6a\x19\xeb\x60\x00\x00"
+    b"\x00\x00\x00\x00\x00\x00\x00\x00\x6a\x00\x6a\x1a\xeb\x50\x00\x00\x00\x00\x00\x00\x00\x00"
+    b"\x00\x00\x6a\x00\x6a\x1b\xeb\x40\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x6a\x00\x6a\x1c"
+    b"\xeb\x30\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x6a\x1d\xeb\x22\x00\x00\x00\x00\x00\x00"
+    b"\x00\x00\x00\x00\x00\x00\x6a\x1e\xeb\x12\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+    b"\x6a\x00\x6a\x1f\xeb\x00\x58\x5b\x5a\x0f\x20\xd1\xe6\xf1"
+)
+STUBS = {"read": 0x00, "write": 0x08, "fetch": 0x10}  # offsets in RUNTIME_CODE
+HANDLERS = 0x20  # vector n's handler at HANDLERS + HANDLER_STRIDE * n
+HANDLER_STRIDE = 0x10
+DONE_PORT = 0xF0
+EXCEPTION_PORT = 0xF1
+
+# Pages of the runtime area (the same offset from RUNTIME_GPA and from RUNTIME_GVA).
+_PDPT, _PD, _PT = 0x0000, 0x1000, 0x2000
+_CODE = 0x3000  # supervisor: the ring-0 stubs and the handlers
+_USER = 0x4000  # user: the ring-3 stubs
+_TABLES = 0x5000  # supervisor: the GDT, the TSS at +_TSS, the IDT at +_IDT
+_STACK = 0x6000  # supervisor: the ring-0 stack, RSP0 at its top
+_TSS, _IDT = 0x80, 0x200
+# The TSS ends with an all-clear I/O bitmap for ports 0..0xFF (and its 0xFF byte) so ring 3
+# may OUT its report (SDM Vol. 1 19.5.2). IOPL=3 would do, but PVM keeps no guest IOPL.
+_TSS_LIMIT = 104 + 32
+_KERNEL_CS, _KERNEL_SS, _USER_SS, _USER_CS, _TR = 0x08, 0x10, 0x1B, 0x23, 0x28
+
+_P, _RW, _US, _A, _D = 1, 2, 4, 0x20, 0x40
+_PHYS_MASK = 0x000F_FFFF_FFFF_F000
+_CR0_PE, _CR0_ET, _CR0_NE, _CR0_WP, _CR0_PG = 1, 1 << 4, 1 << 5, 1 << 16, 1 << 31
+_CR4_PAE, _CR4_SMEP, _CR4_SMAP = 1 << 5, 1 << 20, 1 << 21
+_EFER_SCE, _EFER_LME, _EFER_LMA, _EFER_NXE = 1, 1 << 8, 1 << 10, 1 << 11
+_RFLAGS_FIXED, _RFLAGS_AC = 0x2, 1 << 18
+_INT3 = 0xCC
+_MAX_EXITS = 16
+
+
+@dataclass(frozen=True)
+class Controls:
+    """The paging controls of one run (SDM Vol. 3A 4.1.3, 4.6) and the CPL (0 or 3)."""
+
+    cr0_wp: bool
+    cr4_smep: bool
+    cr4_smap: bool
+    efer_nxe: bool
+    rflags_ac: bool
+    cpl: int
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What real KVM showed for one access: the exception the guest took (vector, error code
+    as pushed, CR2 for #PF), or the completed access (a read's 8 bytes, a fetch's int3 run), or
+    the KVM_EXIT_MMIO it became (data: the bytes written, empty for a read); and the pages
+    the caller loaded, as they are afterwards (for A/D bits and written data)."""
+
+    vector: int | None
+    error_code: int | None
+    cr2: int | None
+    value: int | None
+    fetched: bool
+    mmio: tuple[int, int, bool, bytes] | None
+    pages: Mapping[int, bytes]
+
+    def read_u64(self, gpa: int) -> int:
+        """8 bytes of guest RAM after the run, from a page the caller loaded."""
+        page = self.pages[gpa & ~(PAGE_SIZE - 1)]
+        return int.from_bytes(page[gpa & (PAGE_SIZE - 1) :][:8], "little")
+
+
+def _gdt() -> bytes:
+    """Flat 64-bit kernel and user segments and a busy 64-bit TSS (SDM Vol. 3A 3.4.5, 8.2.3)."""
+    tss = RUNTIME_GVA + _TABLES + _TSS
+    tss_low = _TSS_LIMIT | (tss & 0xFF_FFFF) << 16 | 0x8B << 40 | (tss >> 24 & 0xFF) << 56
+    return struct.pack(
+        "<7Q",
+        0,
+        0x00AF_9B00_0000_FFFF,  # _KERNEL_CS: L=1, DPL 0, code
+        0x00CF_9300_0000_FFFF,  # _KERNEL_SS: DPL 0, data
+        0x00CF_F300_0000_FFFF,  # _USER_SS: DPL 3, data
+        0x00AF_FB00_0000_FFFF,  # _USER_CS: L=1, DPL 3, code
+        tss_low,
+        tss >> 32,
+    )
+
+
+def _idt() -> bytes:
+    """64-bit interrupt gates for vectors 0..31 (SDM Vol. 3A 6.14.1); vector 3's has DPL 3 so
+    that an int3 at CPL 3 reaches it (SDM Vol. 3A 6.12.1.1)."""
+    gates = []
+    for vector in range(32):
+        handler = RUNTIME_GVA + _CODE + HANDLERS + HANDLER_STRIDE * vector
+        kind = 0xEE if vector == 3 else 0x8E
+        low = handler & 0xFFFF | _KERNEL_CS << 16 | kind << 40 | (handler >> 16 & 0xFFFF) << 48
+        gates.append(struct.pack("<QQ", low, handler >> 32))
+    return b"".join(gates)
+
+
+def _runtime_image() -> bytes:
+    """The runtime area's used pages: its page tables, code, descriptor tables and stack.
+    Every entry is accessed (and leaves of written pages dirty) already."""
+    image = bytearray(_STACK + 0x1000)
+    struct.pack_into("<Q", image, _PDPT, RUNTIME_GPA + _PD | _P | _RW | _US | _A)
+    struct.pack_into("<Q", image, _PD, RUNTIME_GPA + _PT | _P | _RW | _US | _A)
+    leaves = {
+        _CODE: _P | _A,
+        _USER: _P | _US | _A,
+        _TABLES: _P | _RW | _A | _D,
+        _STACK: _P | _RW | _A | _D,
+    }
+    for page, flags in leaves.items():
+        struct.pack_into("<Q", image, _PT + 8 * (page >> 12), RUNTIME_GPA + page | flags)
+    image[_CODE : _CODE + len(RUNTIME_CODE)] = RUNTIME_CODE
+    image[_USER : _USER + HANDLERS] = RUNTIME_CODE[:HANDLERS]
+    gdt = _gdt()
+    image[_TABLES : _TABLES + len(gdt)] = gdt
+    struct.pack_into("<Q", image, _TABLES + _TSS + 4, RUNTIME_GVA + _STACK + 0x1000)  # RSP0
+    struct.pack_into("<H", image, _TABLES + _TSS + 102, 104)  # I/O map base
+    image[_TABLES + _TSS + _TSS_LIMIT] = 0xFF
+    image[_TABLES + _IDT : _TABLES + _IDT + 32 * 16] = _idt()
+    return bytes(image)
+
+
+_IMAGE = _runtime_image()
+
+
+def _flat(selector: int, code: bool, dpl: int) -> Segment:
+    """A flat 64-bit code or data segment as KVM_SET_SREGS takes it."""
+    return Segment(
+        base=0,
+        limit=0xFFFF_FFFF,
+        selector=selector,
+        type=11 if code else 3,
+        present=1,
+        dpl=dpl,
+        db=0 if code else 1,
+        s=1,
+        long=1 if code else 0,
+        g=1,
+    )
+
+
+class RealRunner:
+    """One real VM with one vCPU and one RAM memslot (slot 0 at GPA 0, anonymous memory);
+    `run` replays one access on it. KVM_GET_SUPPORTED_CPUID goes to KVM_SET_CPUID2 as is."""
+
+    def __init__(self, ram_size: int = 32 << 20) -> None:
+        check_int("ram_size", ram_size, RUNTIME_GPA + RUNTIME_SIZE, 1 << 40)
+        if ram_size % mmap.PAGESIZE:
+            raise AddressError(f"ram_size={ram_size:#x} is not a multiple of the page size")
+        self.ram_size = ram_size
+        self._kvm = RealKvm()
+        self._vm = self._kvm.create_vm()
+        self._vcpu = self._vm.create_vcpu(0, self._kvm.vcpu_mmap_size())
+        self._mem = HostBuffer(ram_size)
+        self._slot_present = False
+        self._loaded: list[int] = []
+        cpuid = self._kvm.supported_cpuid()
+        self._vcpu.set_cpuid2(cpuid)
+        leaves = {(e.function, e.index): e for e in cpuid}
+        self.cpuid_maxphyaddr = leaves[0x8000_0008, 0].eax & 0xFF
+        self.cpuid_gbpages = bool(leaves[0x8000_0001, 0].edx >> 26 & 1)
+        self.cpuid_la57 = bool(leaves[7, 0].ecx >> 16 & 1)
+        vendor = struct.pack("<III", leaves[0, 0].ebx, leaves[0, 0].edx, leaves[0, 0].ecx)
+        self.cpuid_vendor = "amd" if vendor in (b"AuthenticAMD", b"HygonGenuine") else "intel"
+        self._apic_base = self._vcpu.get_sregs().apic_base
+
+    def run(
+        self,
+        pages: Mapping[int, bytes],
+        cr3: int,
+        gva: int,
+        kind: str,
+        controls: Controls,
+        value: int = 0,
+    ) -> Observed:
+        """Load guest RAM (`pages`: page-aligned GPA -> up to 4 KiB of bytes; every other
+        page reads as zeros) and the runtime, do one `kind` access ("read": `mov rax,
+        [rdi]`, "write": `mov [rdi], rsi` of `value`, "fetch": `jmp rdi` onto the caller's
+        int3) at `gva` under `cr3`, and return what happened. PML4 entry RUNTIME_PML4_SLOT of
+        the table at `cr3` is overwritten. The memslot is deleted and re-created first, which
+        zaps KVM's shadow pages, and every register is set again: runs do not see each other.
+        """
+        check_choice("kind", kind, tuple(STUBS))
+        if controls.cpl not in (0, 3):
+            raise TwodwalkError(f"cpl={controls.cpl!r} is not supported: valid is 0 or 3")
+        for address, page in pages.items():
+            check_int("page address", address, 0, self.ram_size - PAGE_SIZE + 1)
+            check_aligned("page address", address, PAGE_SIZE)
+            check_int("page length", len(page), 0, PAGE_SIZE + 1)
+        check_int("gva", gva, 0, 1 << 64)
+        check_int("value", value, 0, 1 << 64)
+        check_int("cr3", cr3, 0, 1 << 64)
+        pml4 = cr3 & _PHYS_MASK
+        if pml4 + 0x1000 > self.ram_size or RUNTIME_GPA <= pml4 < RUNTIME_GPA + RUNTIME_SIZE:
+            raise AddressError(f"cr3={cr3:#x}: the PML4 must be in RAM, outside the runtime area")
+        self._vcpu.complete_pending()
+        self._load(pages, pml4)
+        self._set_state(cr3, gva, kind, controls, value)
+        return self._observe(gva, kind, controls.cpl)
+
+    def _load(self, pages: Mapping[int, bytes], pml4: int) -> None:
+        """Delete the memslot, fill RAM, re-create the memslot (api.rst, KVM_SET_USER_MEMORY_
+        REGION: a zero memory_size deletes the slot; KVM drops its shadow pages with it).
+        Outside the runtime area only the pages an earlier run loaded can be non-zero, so
+        clearing those (not all of RAM) keeps a run cheap."""
+        if self._slot_present:
+            self._vm.set_user_memory_region(0, 0, 0, 0, self._mem.address)
+            self._slot_present = False
+        memory = self._mem.map
+        for address in self._loaded:
+            ctypes.memset(self._mem.address + address, 0, PAGE_SIZE)
+        for address, page in pages.items():
+            memory[address : address + len(page)] = page
+        self._loaded = sorted(pages)
+        memory[RUNTIME_GPA : RUNTIME_GPA + len(_IMAGE)] = _IMAGE
+        entry = RUNTIME_GPA + _PDPT | _P | _RW | _US | _A
+        struct.pack_into("<Q", memory, pml4 + 8 * RUNTIME_PML4_SLOT, entry)
+        self._vm.set_user_memory_region(0, 0, 0, self.ram_size, self._mem.address)
+        self._slot_present = True
+
+    def _set_state(self, cr3: int, gva: int, kind: str, controls: Controls, value: int) -> None:
+        """Long mode by KVM_SET_SREGS (SDM Vol. 3A 9.8.5), the stub's registers by
+        KVM_SET_REGS: RDI the GVA, RSI the value, RFLAGS.AC as asked."""
+        user = controls.cpl == 3
+        data = _flat(_USER_SS if user else _KERNEL_SS, False, controls.cpl)
+        tables = RUNTIME_GVA + _TABLES
+        cr0 = _CR0_PE | _CR0_ET | _CR0_NE | _CR0_PG | (_CR0_WP if controls.cr0_wp else 0)
+        cr4 = _CR4_PAE | (_CR4_SMEP if controls.cr4_smep else 0)
+        cr4 |= _CR4_SMAP if controls.cr4_smap else 0
+        efer = _EFER_SCE | _EFER_LME | _EFER_LMA | (_EFER_NXE if controls.efer_nxe else 0)
+        self._vcpu.set_sregs(
+            Sregs(
+                cs=_flat(_USER_CS if user else _KERNEL_CS, True, controls.cpl),
+                ds=data,
+                es=data,
+                fs=data,
+                gs=data,
+                ss=data,
+                tr=Segment(tables + _TSS, _TSS_LIMIT, _TR, 11, 1, 0, 0, 0, 0, 0),
+                ldt=Segment(0, 0, 0, 2, 0, 0, 0, 0, 0, 0, unusable=1),
+                gdt=(tables, 7 * 8 - 1),
+                idt=(tables + _IDT, 32 * 16 - 1),
+                cr0=cr0,
+                cr2=0,
+                cr3=cr3,
+                cr4=cr4,
+                cr8=0,
+                efer=efer,
+                apic_base=self._apic_base,
+            )
+        )
+        rflags = _RFLAGS_FIXED | (_RFLAGS_AC if controls.rflags_ac else 0)
+        stub = RUNTIME_GVA + (_USER if user else _CODE) + STUBS[kind]
+        self._vcpu.set_regs(
+            Regs(rsi=value, rdi=gva, rsp=RUNTIME_GVA + _STACK + 0x1000, rip=stub, rflags=rflags)
+        )
+
+    def _observe(self, gva: int, kind: str, cpl: int) -> Observed:
+        """KVM_RUN until the guest reports (an OUT to DONE_PORT or EXCEPTION_PORT), an MMIO
+        exit or the int3 KVM cannot emulate; anything else raises `KvmExitError` naming the
+        exit."""
+        vcpu = self._vcpu
+        for _ in range(_MAX_EXITS):
+            reason = vcpu.run()
+            if reason == KVM_EXIT_INTR:
+                continue
+            if reason == KVM_EXIT_MMIO:
+                phys_addr, length, is_write, data = vcpu.mmio()
+                mmio = (phys_addr, length, is_write, data if is_write else b"")
+                return Observed(None, None, None, None, False, mmio, self._ram())
+            if reason == KVM_EXIT_INTERNAL_ERROR and self._int3_not_emulated(gva, kind):
+                return Observed(None, None, None, None, True, None, self._ram())
+            if reason == KVM_EXIT_IO:
+                direction, port = vcpu.io()
+                if direction == KVM_EXIT_IO_OUT and port == DONE_PORT and kind != "fetch":
+                    read = vcpu.get_regs().rax if kind == "read" else None
+                    return Observed(None, None, None, read, False, None, self._ram())
+                if direction == KVM_EXIT_IO_OUT and port == EXCEPTION_PORT:
+                    return self._exception(gva, kind, cpl)
+            name = EXIT_REASONS.get(reason, f"exit reason {reason}")
+            raise KvmExitError(
+                f"{kind} at GVA {gva:#x}: KVM_RUN stopped with {name}"
+                f" (kvm_run union: {vcpu.exit_details()}; RIP {vcpu.get_regs().rip:#x})"
+            )
+        raise KvmExitError(f"{kind} at GVA {gva:#x}: no report after {_MAX_EXITS} exits")
+
+    def _int3_not_emulated(self, gva: int, kind: str) -> bool:
+        """Whether KVM stopped at the fetch target's int3 because it could not emulate it.
+        PVM runs guest ring 0 deprivileged and hands its int3 to KVM's instruction emulator,
+        which has no INT n in 64-bit mode: KVM_INTERNAL_ERROR_EMULATION with the int3 at
+        RIP == gva. Reaching it means the fetch was allowed, as a #BP would."""
+        insn = self._vcpu.emulation_failure()
+        if kind != "fetch" or not insn:
+            return False
+        return insn[0] == _INT3 and self._vcpu.get_regs().rip == gva
+
+    def _exception(self, gva: int, kind: str, cpl: int) -> Observed:
+        """The handler's report: RAX vector, RBX error code, RDX the pushed RIP, RCX CR2.
+        The RIP must be the stub's access (or, for a fetch, the target) so that a fault of the
+        runtime itself, or a fetch target that is not int3, is never taken for the access's."""
+        regs = self._vcpu.get_regs()
+        vector, error_code, rip, cr2 = regs.rax, regs.rbx, regs.rdx, regs.rcx
+        access = RUNTIME_GVA + (_USER if cpl == 3 else _CODE) + STUBS[kind]
+        if kind == "fetch" and vector == 3 and rip == (gva + 1) % (1 << 64):
+            return Observed(None, None, None, None, True, None, self._ram())
+        at_target = kind == "fetch" and rip == gva and (vector != 14 or cr2 == gva)
+        if vector == 3 or not (rip == access or at_target):
+            raise KvmExitError(
+                f"{kind} at GVA {gva:#x}: the guest took vector {vector} (error code"
+                f" {error_code:#x}, CR2 {cr2:#x}) at RIP {rip:#x}, not at the access"
+                f" ({access:#x}{' or its target' if kind == 'fetch' else ''})"
+            )
+        cr2_seen = cr2 if vector == 14 else None
+        return Observed(vector, error_code, cr2_seen, None, False, None, self._ram())
+
+    def _ram(self) -> dict[int, bytes]:
+        """The pages the caller loaded, as they are after the run."""
+        return {a: bytes(self._mem.map[a : a + PAGE_SIZE]) for a in self._loaded}
+
+    def close(self) -> None:
+        self._vcpu.close()
+        self._vm.close()
+        self._kvm.close()
+        self._mem.map.close()
