@@ -138,7 +138,21 @@ def test_second_mmio_access_is_an_ept_misconfig_without_a_memslot_walk() -> None
     assert r.exit == tw.MmioExit(MMIO_GPA + 8, True, 8, (5).to_bytes(8, "little"))
 
 
-@pytest.mark.parametrize("change", ["create", "flags-only", "delete"])
+def test_deleting_a_slot_zaps_everything_mmio_entries_too() -> None:
+    """KVM_X86_QUIRK_SLOT_ZAP_ALL (on by default): a DELETE zaps every entry of the VM."""
+    m = mmio_machine()
+    hva = m.vmm.mmap(SLOT1_SIZE)
+    m.vm.set_user_memory_region(1, 0, SLOT1_GPA, SLOT1_SIZE, hva)
+    m.vcpu.access(MMIO_GVA, "read")
+    m.vm.set_user_memory_region(1, 0, 0, 0, 0)
+    found = ept(m).find_leaf(MMIO_GPA)
+    assert found is None or m.memory.read_u64(found[0]) == 0
+    r = m.vcpu.access(MMIO_GVA, "read")
+    assert EPT_MISCONFIG not in exit_reasons(r)
+    assert isinstance(r.exit, tw.MmioExit) and r.exit.phys_addr == MMIO_GPA
+
+
+@pytest.mark.parametrize("change", ["create", "flags-only"])
 def test_memslot_change_makes_the_cached_mmio_entry_stale(change: str) -> None:
     m = mmio_machine()
     hva = m.vmm.mmap(SLOT1_SIZE)

@@ -152,16 +152,22 @@ class KvmMmu(ABC):
                 )
 
     def zap_memslot(self, memslot: Memslot) -> int:
-        """`kvm_arch_flush_shadow_memslot`: before a slot is deleted or moved."""
-        zapped = self.zap_gfn_range(memslot.base_gfn, memslot.base_gfn + memslot.npages)
+        """`kvm_arch_flush_shadow_memslot` before a slot is deleted or moved: with
+        KVM_X86_QUIRK_SLOT_ZAP_ALL (on by default) KVM zaps every entry of the VM
+        (`kvm_mmu_zap_all_fast`), not only the slot's."""
+        zapped = self.zap_all()
         self.log.append(
             KvmStep(
                 "kvm_arch_flush_shadow_memslot",
-                f"memslot {memslot.id}: zapped {zapped} EPT entries",
+                f"memslot {memslot.id} changes: zapped all {zapped} entries (SLOT_ZAP_ALL quirk)",
                 gfn=memslot.base_gfn,
             )
         )
         return zapped
+
+    @abstractmethod
+    def zap_all(self) -> int:
+        """`kvm_mmu_zap_all_fast`: drop every translation KVM built; return how many."""
 
 
 class TdpMmu(KvmMmu):
@@ -391,6 +397,15 @@ class TdpMmu(KvmMmu):
             gfn = (gfn & ~(pages - 1)) + pages
         if zapped:
             self.flush_remote_tlbs()
+        return zapped
+
+    def zap_all(self) -> int:
+        zapped = 0
+        for entry in list(self.tables.entries()):
+            if entry.leaf and self.host.memory.read_u64(entry.entry_address):
+                self.host.memory.write_u64(entry.entry_address, 0)
+                zapped += 1
+        self.flush_remote_tlbs()
         return zapped
 
     def write_protect(self, memslot: Memslot, gfns: range | None = None) -> int:

@@ -326,6 +326,16 @@ class ShadowMmu(KvmMmu):
             self.flush_remote_tlbs()
         return zapped
 
+    def zap_all(self) -> int:
+        """Forget every shadow table: the next access per CR3 builds a new root."""
+        zapped = sum(len(slots) for slots in self.rmap.values())
+        self.roots.clear()
+        self.shadowed.clear()
+        self.rmap.clear()
+        self.spte_gfn.clear()
+        self.flush_remote_tlbs()
+        return zapped
+
     def zap_gfn_range(self, start: int, end: int) -> int:
         """Zap the shadow leaves that map a GFN in [start, end) (the rmap walk of
         `kvm_unmap_gfn_range`)."""

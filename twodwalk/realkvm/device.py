@@ -35,6 +35,7 @@ KVM_GET_API_VERSION = _io(0x00)
 KVM_CREATE_VM = _io(0x01)
 KVM_CHECK_EXTENSION = _io(0x03)
 KVM_SET_USER_MEMORY_REGION = _iow(0x46, 32)
+KVM_GET_DIRTY_LOG = _iow(0x42, 16)  # struct kvm_dirty_log: slot, padding, bitmap pointer
 KVM_CAP_NR_MEMSLOTS = 10
 KVM_CAP_READONLY_MEM = 81
 KVM_CAP_MULTI_ADDRESS_SPACE = 118
@@ -153,6 +154,17 @@ class RealVm:
         except OSError as exc:
             code = exc.errno or errno.EIO
             raise KvmError(code, f"KVM_SET_USER_MEMORY_REGION: {exc.strerror}") from None
+
+    def get_dirty_log(self, slot: int, npages: int) -> bytes:
+        """KVM_GET_DIRTY_LOG: one bit per page of the slot; the kernel fills a buffer
+        rounded up to whole longs, which is what comes back."""
+        bitmap = ctypes.create_string_buffer((npages + 63) // 64 * 8)
+        arg = struct.pack("=IIQ", slot, 0, ctypes.addressof(bitmap))
+        try:
+            fcntl.ioctl(self.fd, KVM_GET_DIRTY_LOG, arg)
+        except OSError as exc:
+            raise KvmError(exc.errno or errno.EIO, f"KVM_GET_DIRTY_LOG: {exc.strerror}") from None
+        return bitmap.raw
 
     def create_vcpu(self, vcpu_id: int, mmap_size: int) -> RealVcpu:
         """KVM_CREATE_VCPU; `mmap_size` is `RealKvm.vcpu_mmap_size()`."""

@@ -214,6 +214,7 @@ class RealRunner:
         self._mem = HostBuffer(ram_size)
         self._slot_present = False
         self._loaded: list[int] = []
+        self._extra: dict[int, HostBuffer] = {}
         cpuid = self._kvm.supported_cpuid()
         self._vcpu.set_cpuid2(cpuid)
         leaves = {(e.function, e.index): e for e in cpuid}
@@ -223,6 +224,20 @@ class RealRunner:
         vendor = struct.pack("<III", leaves[0, 0].ebx, leaves[0, 0].edx, leaves[0, 0].ecx)
         self.cpuid_vendor = "amd" if vendor in (b"AuthenticAMD", b"HygonGenuine") else "intel"
         self._apic_base = self._vcpu.get_sregs().apic_base
+
+    def add_memslot(self, slot: int, flags: int, guest_phys_addr: int, size: int) -> HostBuffer:
+        """A further memslot (slot 0 is RAM) backed by fresh anonymous memory, which the
+        caller may fill; it stays across runs (only slot 0 is re-created)."""
+        if slot == 0:
+            raise TwodwalkError("slot=0 is the runner's RAM: use another slot id")
+        buffer = HostBuffer(size)
+        self._vm.set_user_memory_region(slot, flags, guest_phys_addr, size, buffer.address)
+        self._extra[slot] = buffer
+        return buffer
+
+    def get_dirty_log(self, slot: int) -> bytes:
+        """KVM_GET_DIRTY_LOG of a slot made with `add_memslot`."""
+        return self._vm.get_dirty_log(slot, self._extra[slot].size // PAGE_SIZE)
 
     def run(
         self,
