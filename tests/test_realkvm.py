@@ -49,3 +49,30 @@ def test_paging_cases_agree_with_the_kernel() -> None:
         "MMIO exit",
     ):
         assert report.agree.get(category, 0) > 0, f"no {category!r} case in {report.agree}"
+
+
+@needs_kvm
+def test_readonly_slot_and_hole_exit_the_same_way() -> None:
+    from twodwalk.realkvm.slots import readonly_and_hole
+
+    runner = realkvm.RealRunner()
+    try:
+        outcomes = readonly_and_hole(runner)
+    finally:
+        runner.close()
+    assert [o.what for o in outcomes if not o.agree] == []
+    writes = [o.real[1] for o in outcomes if o.what.startswith("write")]
+    assert all(mmio is not None and mmio[2] for mmio in writes), "READONLY and hole writes exit"
+
+
+@needs_kvm
+def test_dirty_log_bitmaps_agree() -> None:
+    from twodwalk.realkvm.slots import dirty_log
+
+    runner = realkvm.RealRunner()
+    try:
+        outcomes = dirty_log(runner, seed=3, rounds=6)
+    finally:
+        runner.close()
+    assert all(o.agree for o in outcomes), [(o.round, o.real, o.engine) for o in outcomes]
+    assert any(any(o.real) for o in outcomes), "some round dirtied pages"

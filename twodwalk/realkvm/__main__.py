@@ -30,7 +30,31 @@ def main(argv: list[str] | None = None) -> int:
     print(paging.table())
     memslots = memslot_fuzz(args.memslot_cases, args.seed)
     print(memslots.table())
-    return 1 if paging.disagreements or memslots.disagreements else 0
+    slot_disagreements = _slots(args.seed)
+    return 1 if paging.disagreements or memslots.disagreements or slot_disagreements else 0
+
+
+def _slots(seed: int) -> int:
+    """READONLY/hole MMIO exits and dirty-log bitmaps; prints them, returns disagreements."""
+    from twodwalk.realkvm.runtime import RealRunner
+    from twodwalk.realkvm.slots import dirty_log, readonly_and_hole
+
+    runner = RealRunner()
+    try:
+        mmio = readonly_and_hole(runner)
+    finally:
+        runner.close()
+    runner = RealRunner()
+    try:
+        logs = dirty_log(runner, seed)
+    finally:
+        runner.close()
+    bad = [o.what for o in mmio if not o.agree] + [f"round {o.round}" for o in logs if not o.agree]
+    print(f"MMIO accesses: {len(mmio)}, agree: {sum(o.agree for o in mmio)}")
+    print(f"dirty-log rounds: {len(logs)}, agree: {sum(o.agree for o in logs)}")
+    for what in bad:
+        print(f"  DISAGREE {what}")
+    return len(bad)
 
 
 if __name__ == "__main__":
