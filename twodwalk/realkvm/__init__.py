@@ -9,6 +9,7 @@ KVM_RUN exits, dirty bitmaps, the guest's exceptions and its own memory. The tab
 for itself (EPT or shadow pages) are not visible from userspace.
 """
 
+from twodwalk.realkvm.check import CheckResult, check
 from twodwalk.realkvm.device import (
     KvmFlavour,
     KvmUnavailableError,
@@ -22,6 +23,7 @@ from twodwalk.realkvm.runtime import Controls, Observed, RealRunner
 
 __all__ = [
     "QUIRKS",
+    "CheckResult",
     "Controls",
     "KvmFlavour",
     "KvmUnavailableError",
@@ -31,6 +33,7 @@ __all__ = [
     "RealKvm",
     "RealRunner",
     "RealVm",
+    "check",
     "memslot_fuzz",
     "paging_fuzz",
     "unavailable_reason",

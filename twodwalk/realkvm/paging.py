@@ -20,6 +20,7 @@ from twodwalk.cpumodel import PAGE_SIZE, CpuModel
 from twodwalk.formats import bits, ia32e_format
 from twodwalk.memory import PhysicalMemory
 from twodwalk.paging import GeneralProtection, PagingControls, exception_for, translate
+from twodwalk.realkvm.device import RealKvm
 from twodwalk.realkvm.runtime import Controls, Observed, RealRunner
 
 RAM_SIZE = 32 << 20
@@ -219,6 +220,7 @@ class Quirk:
     out of the engine, listed here, and counted apart from agreements and disagreements."""
 
     name: str
+    module: str
     description: str
     matches: Callable[[PagingCase, Answer, Answer], bool]
 
@@ -241,6 +243,7 @@ def _smap_on_fetch(case: PagingCase, engine: Answer, real: Answer) -> bool:
 QUIRKS = (
     Quirk(
         "PVM: SMAP on fetches",
+        "kvm_pvm",
         "kvm_pvm faults a CPL0 instruction fetch from a user page when CR4.SMAP=1 and"
         " EFLAGS.AC=0 (#PF P, plus I/D as usual); the SDM says SMAP never applies to"
         " fetches, so the engine does not fault",
@@ -302,12 +305,17 @@ def paging_fuzz(cases: int, seed: int, runner: RealRunner | None = None) -> Pagi
     )
     rng = random.Random(seed)
     report = PagingReport()
+    kvm = RealKvm()
+    try:
+        quirks = [q for q in QUIRKS if q.module == kvm.flavour().module]
+    finally:
+        kvm.close()
     start = time.perf_counter()
     try:
         for number in range(cases):
             case = random_case(rng, number, cpu)
             ours, theirs = engine_answer(case, cpu), real_answer(case, runner)
-            quirk = next((q for q in QUIRKS if q.matches(case, ours, theirs)), None)
+            quirk = next((q for q in quirks if q.matches(case, ours, theirs)), None)
             if ours == theirs:
                 name = ours.category(case.kind)
                 report.agree[name] = report.agree.get(name, 0) + 1

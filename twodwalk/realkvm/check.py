@@ -1,0 +1,54 @@
+"""One call that runs every comparison with real KVM and says how it went, for the command
+line and the notebook alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twodwalk.realkvm.device import unavailable_reason
+from twodwalk.realkvm.memslots import memslot_fuzz
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The report text and whether anything disagreed (None: real KVM is not available)."""
+
+    text: str
+    disagreements: int | None
+
+
+def check(cases: int = 1000, memslot_cases: int = 1000, seed: int = 0) -> CheckResult:
+    """Paging cases, memslot calls, MMIO exits and dirty logs on real KVM and on the engine."""
+    reason = unavailable_reason()
+    if reason is not None:
+        return CheckResult(f"skipped: {reason}", None)
+    from twodwalk.realkvm.paging import QUIRKS, paging_fuzz
+    from twodwalk.realkvm.runtime import RealRunner
+    from twodwalk.realkvm.slots import dirty_log, readonly_and_hole
+
+    paging = paging_fuzz(cases, seed)
+    memslots = memslot_fuzz(memslot_cases, seed)
+    runner = RealRunner()
+    try:
+        mmio = readonly_and_hole(runner)
+    finally:
+        runner.close()
+    runner = RealRunner()
+    try:
+        logs = dirty_log(runner, seed)
+    finally:
+        runner.close()
+    bad = [f"  DISAGREE {o.what}" for o in mmio if not o.agree]
+    bad += [f"  DISAGREE dirty log round {o.round}" for o in logs if not o.agree]
+    lines = [
+        f"seed {seed}",
+        paging.table(),
+        memslots.table(),
+        f"MMIO accesses (READONLY slot, hole): {len(mmio)}, agree: {sum(o.agree for o in mmio)}",
+        f"dirty-log rounds: {len(logs)}, agree: {sum(o.agree for o in logs)}",
+        *bad,
+        "known quirks of KVM flavours (not engine rules):",
+        *(f"  {q.name} ({q.module}): {q.description}" for q in QUIRKS),
+    ]
+    total = len(paging.disagreements) + len(memslots.disagreements) + len(bad)
+    return CheckResult("\n".join(lines), total)
