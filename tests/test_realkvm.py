@@ -76,3 +76,23 @@ def test_dirty_log_bitmaps_agree() -> None:
         runner.close()
     assert all(o.agree for o in outcomes), [(o.round, o.real, o.engine) for o in outcomes]
     assert any(any(o.real) for o in outcomes), "some round dirtied pages"
+
+
+def test_without_kvm_the_check_skips_and_the_command_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from twodwalk.realkvm import __main__ as cli
+    from twodwalk.realkvm import check as check_module
+
+    monkeypatch.setattr(check_module, "unavailable_reason", lambda: "no /dev/kvm on this box")
+    result = realkvm.check(cases=10, memslot_cases=10)
+    assert (result.disagreements, result.text) == (None, "skipped: no /dev/kvm on this box")
+    assert cli.main(["--cases", "5"]) == 2
+    assert "no /dev/kvm on this box" in capsys.readouterr().err
+
+
+@needs_kvm
+def test_command_exits_0_when_everything_agrees() -> None:
+    from twodwalk.realkvm import __main__ as cli
+
+    assert cli.main(["--cases", "200", "--memslot-cases", "200", "--seed", "9"]) == 0

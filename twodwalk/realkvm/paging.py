@@ -297,12 +297,7 @@ def paging_fuzz(cases: int, seed: int, runner: RealRunner | None = None) -> Pagi
     """Run `cases` random cases on real KVM and on the engine, configured like the real CPU."""
     own = runner is None
     runner = runner or RealRunner(RAM_SIZE)
-    cpu = CpuModel(
-        maxphyaddr=runner.cpuid_maxphyaddr,
-        gbpages=runner.cpuid_gbpages,
-        la57=False,
-        vendor=runner.cpuid_vendor,
-    )
+    cpu = runner.cpu_model()
     rng = random.Random(seed)
     report = PagingReport()
     kvm = RealKvm()

@@ -16,7 +16,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from twodwalk.cpumodel import PAGE_SIZE
+from twodwalk.cpumodel import PAGE_SIZE, CpuModel
 from twodwalk.errors import AddressError, TwodwalkError, check_aligned, check_choice, check_int
 from twodwalk.realkvm.device import (
     EXIT_REASONS,
@@ -224,6 +224,16 @@ class RealRunner:
         vendor = struct.pack("<III", leaves[0, 0].ebx, leaves[0, 0].edx, leaves[0, 0].ecx)
         self.cpuid_vendor = "amd" if vendor in (b"AuthenticAMD", b"HygonGenuine") else "intel"
         self._apic_base = self._vcpu.get_sregs().apic_base
+
+    def cpu_model(self) -> CpuModel:
+        """The engine's CPU model for this host, from KVM_GET_SUPPORTED_CPUID. LA57 stays off
+        whatever CPUID says, because KVM_SET_SREGS refuses CR4.LA57 on kvm_pvm."""
+        return CpuModel(
+            maxphyaddr=self.cpuid_maxphyaddr,
+            gbpages=self.cpuid_gbpages,
+            la57=False,
+            vendor=self.cpuid_vendor,
+        )
 
     def add_memslot(self, slot: int, flags: int, guest_phys_addr: int, size: int) -> HostBuffer:
         """A further memslot (slot 0 is RAM) backed by fresh anonymous memory, which the
