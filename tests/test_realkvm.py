@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 
 from twodwalk import realkvm
@@ -82,8 +84,8 @@ def test_without_kvm_the_check_skips_and_the_command_exits_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from twodwalk.realkvm import __main__ as cli
-    from twodwalk.realkvm import check as check_module
 
+    check_module = importlib.import_module("twodwalk.realkvm.check")
     monkeypatch.setattr(check_module, "unavailable_reason", lambda: "no /dev/kvm on this box")
     result = realkvm.check(cases=10, memslot_cases=10)
     assert (result.disagreements, result.text) == (None, "skipped: no /dev/kvm on this box")
