@@ -98,3 +98,28 @@ def test_command_exits_0_when_everything_agrees() -> None:
     from twodwalk.realkvm import __main__ as cli
 
     assert cli.main(["--cases", "200", "--memslot-cases", "200", "--seed", "9"]) == 0
+
+
+@needs_kvm
+@pytest.mark.parametrize(
+    ("cpl", "kind", "fields"),
+    [
+        (0, "read", {"rw": 1}),
+        (0, "write", {"rw": 1}),
+        (3, "read", {"rw": 1}),  # supervisor page: #PF 5
+        (3, "write", {"rw": 0, "us": 1}),  # #PF 7
+        (0, "fetch", {"rw": 1, "xd": 1}),  # #PF 0x11
+    ],
+)
+def test_replay_of_a_machine_access_agrees(cpl: int, kind: str, fields: dict[str, int]) -> None:
+    import twodwalk as tw
+    from twodwalk.realkvm.replay import replay
+
+    m = tw.Machine(guest_ram=8 << 20)
+    m.guest.map(0x40_0000, 0x10_0000, 4096, **fields)
+    m.write_gpa(0x10_0008, (0x1234_5678).to_bytes(8, "little"))
+    m.vcpu.cpl = cpl
+    result = replay(m, 0x40_0008, kind, 7 if kind == "write" else None)
+    assert result.agree, result.differences
+    if result.engine.fault is None and kind == "read":
+        assert result.real.value == 0x1234_5678

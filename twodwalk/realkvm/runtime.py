@@ -2,10 +2,11 @@
 page tables, at CPL 0 or 3, with the paging controls set as asked, and what the guest saw.
 
 The guest is a plain long-mode guest (SDM Vol. 3A 9.8.5): its GDT, TSS, IDT, handlers and
-stack live in guest RAM at [RUNTIME_GPA, RUNTIME_GPA + RUNTIME_SIZE), mapped under PML4 entry
-RUNTIME_PML4_SLOT of the caller's PML4. The machine code is runtime.S, assembled once with GNU
-as and embedded below as RUNTIME_CODE. The VMM side is Documentation/virt/kvm/api.rst:
-KVM_SET_SREGS/KVM_SET_REGS, KVM_RUN, and the KVM_EXIT_IO reports of the guest's OUTs.
+stack live in the top RUNTIME_SIZE bytes of guest RAM (RUNTIME_GPA with the default 32 MiB),
+mapped under PML4 entry RUNTIME_PML4_SLOT of the caller's PML4. The machine code is runtime.S,
+assembled once with GNU as and embedded below as RUNTIME_CODE. The VMM side is
+Documentation/virt/kvm/api.rst: KVM_SET_SREGS/KVM_SET_REGS, KVM_RUN, and the KVM_EXIT_IO
+reports of the guest's OUTs.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from twodwalk.realkvm.device import (
 )
 
 RUNTIME_PML4_SLOT = 511
-RUNTIME_GPA = 0x1F0_0000
+RUNTIME_GPA = 0x1F0_0000  # where the runtime sits with the default 32 MiB of RAM (the top MiB)
 RUNTIME_SIZE = 0x10_0000
 RUNTIME_GVA = 0xFFFF_FF80_0000_0000  # PML4 entry 511, sign-extended (SDM Vol. 3A 3.3.7.1)
 
@@ -155,12 +156,12 @@ def _idt() -> bytes:
     return b"".join(gates)
 
 
-def _runtime_image() -> bytes:
+def _runtime_image(base: int) -> bytes:
     """The runtime area's used pages: its page tables, code, descriptor tables and stack.
     Every entry is accessed (and leaves of written pages dirty) already."""
     image = bytearray(_STACK + 0x1000)
-    struct.pack_into("<Q", image, _PDPT, RUNTIME_GPA + _PD | _P | _RW | _US | _A)
-    struct.pack_into("<Q", image, _PD, RUNTIME_GPA + _PT | _P | _RW | _US | _A)
+    struct.pack_into("<Q", image, _PDPT, base + _PD | _P | _RW | _US | _A)
+    struct.pack_into("<Q", image, _PD, base + _PT | _P | _RW | _US | _A)
     leaves = {
         _CODE: _P | _A,
         _USER: _P | _US | _A,
@@ -168,7 +169,7 @@ def _runtime_image() -> bytes:
         _STACK: _P | _RW | _A | _D,
     }
     for page, flags in leaves.items():
-        struct.pack_into("<Q", image, _PT + 8 * (page >> 12), RUNTIME_GPA + page | flags)
+        struct.pack_into("<Q", image, _PT + 8 * (page >> 12), base + page | flags)
     image[_CODE : _CODE + len(RUNTIME_CODE)] = RUNTIME_CODE
     image[_USER : _USER + HANDLERS] = RUNTIME_CODE[:HANDLERS]
     gdt = _gdt()
@@ -178,9 +179,6 @@ def _runtime_image() -> bytes:
     image[_TABLES + _TSS + _TSS_LIMIT] = 0xFF
     image[_TABLES + _IDT : _TABLES + _IDT + 32 * 16] = _idt()
     return bytes(image)
-
-
-_IMAGE = _runtime_image()
 
 
 def _flat(selector: int, code: bool, dpl: int) -> Segment:
@@ -204,10 +202,12 @@ class RealRunner:
     `run` replays one access on it. KVM_GET_SUPPORTED_CPUID goes to KVM_SET_CPUID2 as is."""
 
     def __init__(self, ram_size: int = 32 << 20) -> None:
-        check_int("ram_size", ram_size, RUNTIME_GPA + RUNTIME_SIZE, 1 << 40)
+        check_int("ram_size", ram_size, 2 * RUNTIME_SIZE, 1 << 40)
         if ram_size % mmap.PAGESIZE:
             raise AddressError(f"ram_size={ram_size:#x} is not a multiple of the page size")
         self.ram_size = ram_size
+        self.runtime_gpa = ram_size - RUNTIME_SIZE  # the runtime takes the top of RAM
+        self._image = _runtime_image(self.runtime_gpa)
         self._kvm = RealKvm()
         self._vm = self._kvm.create_vm()
         self._vcpu = self._vm.create_vcpu(0, self._kvm.vcpu_mmap_size())
@@ -276,7 +276,7 @@ class RealRunner:
         check_int("value", value, 0, 1 << 64)
         check_int("cr3", cr3, 0, 1 << 64)
         pml4 = cr3 & _PHYS_MASK
-        if pml4 + 0x1000 > self.ram_size or RUNTIME_GPA <= pml4 < RUNTIME_GPA + RUNTIME_SIZE:
+        if pml4 + 0x1000 > self.ram_size or pml4 >= self.runtime_gpa:
             raise AddressError(f"cr3={cr3:#x}: the PML4 must be in RAM, outside the runtime area")
         self._vcpu.complete_pending()
         self._load(pages, pml4)
@@ -297,8 +297,8 @@ class RealRunner:
         for address, page in pages.items():
             memory[address : address + len(page)] = page
         self._loaded = sorted(pages)
-        memory[RUNTIME_GPA : RUNTIME_GPA + len(_IMAGE)] = _IMAGE
-        entry = RUNTIME_GPA + _PDPT | _P | _RW | _US | _A
+        memory[self.runtime_gpa : self.runtime_gpa + len(self._image)] = self._image
+        entry = self.runtime_gpa + _PDPT | _P | _RW | _US | _A
         struct.pack_into("<Q", memory, pml4 + 8 * RUNTIME_PML4_SLOT, entry)
         self._vm.set_user_memory_region(0, 0, 0, self.ram_size, self._mem.address)
         self._slot_present = True
