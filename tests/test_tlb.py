@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import twodwalk as tw
 from twodwalk.tlb import KIB4, MIB2, Tlb
 from twodwalk.trace import GuestWalk, NativeWalk, TlbHit, VmExit
@@ -147,3 +149,71 @@ def test_lru_replacement_in_a_set() -> None:
         m.vcpu.access(GVA + page * 4096, "read")
     assert not hit(m.vcpu.access(GVA, "read")), "the oldest of three went from a 2-way set"
     assert m.vcpu.access(GVA + 2 * 4096, "read").trace.of_type(NativeWalk) == []
+
+
+def test_pcid_keeps_other_address_spaces_and_bit_63_skips_the_flush() -> None:
+    m = machine()
+    m.vcpu.cr4_pcide = True
+    root = m.vcpu.cr3 & ~0xFFF
+    m.vcpu.mov_cr3(root | 1)
+    m.vcpu.access(GVA, "read")  # cached under PCID 1
+    m.vcpu.mov_cr3(root | 2)
+    assert not hit(m.vcpu.access(GVA, "read")), "PCID 2 has its own entries"
+    m.vcpu.mov_cr3(1 << 63 | root | 1)
+    assert hit(m.vcpu.access(GVA, "read")), "back to PCID 1 without a flush"
+    assert m.vcpu.cr3 == root | 1, "bit 63 is not stored"
+    m.vcpu.mov_cr3(root | 1)
+    assert not hit(m.vcpu.access(GVA, "read")), "without bit 63 the new PCID is flushed"
+    m.vcpu.mov_cr3(root | 2)
+    m.vcpu.cr3 = 1 << 63 | root | 2
+    assert not hit(m.vcpu.access(GVA, "read")), "plain assignment always flushes"
+
+
+def test_invvpid_kinds() -> None:
+    m = machine()
+    m.vcpu.access(GVA, "read")
+    m.vcpu.access(GVA + 0x1000, "read")
+    m.vcpu.access(KERNEL_GVA, "read")
+    m.vcpu.invvpid("address", gva=GVA)
+    assert not hit(m.vcpu.access(GVA, "read"))
+    assert hit(m.vcpu.access(GVA + 0x1000, "read"))
+    m.vcpu.invvpid("single-retaining-globals")
+    assert hit(m.vcpu.access(KERNEL_GVA, "read"))
+    assert not hit(m.vcpu.access(GVA + 0x1000, "read"))
+    m.vcpu.invvpid("single", vpid=7)
+    assert hit(m.vcpu.access(GVA + 0x1000, "read")), "another VPID's flush leaves ours"
+
+
+def test_invept_single_and_global() -> None:
+    m = machine()
+    m.vcpu.access(GVA, "read")
+    m.vcpu.invept("single", eptp=0x1234_5000)
+    assert hit(m.vcpu.access(GVA, "read")), "another EPTP"
+    m.vcpu.invept("single")
+    assert not hit(m.vcpu.access(GVA, "read"))
+    m.vcpu.invept("global")
+    assert not hit(m.vcpu.access(GVA, "read"))
+
+
+def test_without_vpid_every_vm_exit_flushes() -> None:
+    m = machine()
+    m.guest.map(0x90_0000, 0x4000_0000, 4096, rw=1)  # MMIO: every access exits
+    m.vcpu.vpid = 0
+    m.vcpu.access(GVA, "read")
+    assert hit(m.vcpu.access(GVA, "read"))
+    m.vcpu.access(0x90_0000, "read")
+    assert not hit(m.vcpu.access(GVA, "read")), "the MMIO exit flushed VPID 0's entries"
+    m.vcpu.vpid = 1
+    m.vcpu.access(GVA, "read")
+    m.vcpu.access(0x90_0000, "read")
+    assert hit(m.vcpu.access(GVA, "read")), "with a VPID the entries survive exits"
+
+
+def test_bad_invalidation_arguments() -> None:
+    m = machine()
+    with pytest.raises(tw.TwodwalkError, match="kind='some' is not valid"):
+        m.vcpu.invvpid("some")
+    with pytest.raises(tw.TwodwalkError, match="gva"):
+        m.vcpu.invvpid("address")
+    with pytest.raises(tw.TwodwalkError, match="kind='local' is not valid"):
+        m.vcpu.invept("local")

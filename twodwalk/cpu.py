@@ -20,7 +20,7 @@ from twodwalk.ept import (
     ept_violation_qualification,
     is_misconfiguration,
 )
-from twodwalk.errors import TwodwalkError, check_int
+from twodwalk.errors import TwodwalkError, check_choice, check_int
 from twodwalk.formats import Rights
 from twodwalk.kvm.mmu import EmulateMmio, TdpMmu
 from twodwalk.kvm.shadow import EmulateWrite, InjectFault, ShadowMmu
@@ -131,42 +131,99 @@ class Vcpu:
         self.pkru = 0
         self.cpl = 0
         self.cr4_pge = True
+        self.cr4_pcide = False
         self.vpid = 1  # KVM gives each vCPU a VPID when the CPU has them (vmx.c allocate_vpid)
         self.tlb = Tlb()
         machine.vm.mmu.tlb_flushers.append(self._kvm_flush)
 
     @property
     def cr3(self) -> int:
-        """CR3: the guest-physical address of the root table, plus PWT/PCD."""
+        """CR3: the guest-physical address of the root table, plus PWT/PCD or a PCID."""
         return self._cr3
 
     @cr3.setter
     def cr3(self, value: int) -> None:
-        """MOV to CR3 without PCIDs (SDM Vol 3A 4.10.4.1): bits above MAXPHYADDR would
-        raise #GP, so they are rejected; the load flushes the TLB's non-global entries."""
-        decode_cr3(value, self.machine.cpu_model)
-        self._cr3 = value
-        self.tlb.invalidate(lambda e: e.global_page or e.tag.vpid != self.vpid)
+        """A flushing MOV to CR3: plain assignment never keeps the old PCID's entries, even
+        with bit 63 set (use `mov_cr3` for the no-flush form)."""
+        self.mov_cr3(value & ~(1 << 63))
+
+    def mov_cr3(self, value: int) -> None:
+        """MOV to CR3 (SDM Vol 3A 4.10.4.1). Bits above MAXPHYADDR raise #GP, so they are
+        rejected. With CR4.PCIDE=0 the load invalidates every non-global entry (PCID 0); with
+        PCIDE=1 it invalidates the non-global entries of the new PCID, unless bit 63 is set,
+        which asks for no invalidation and is not stored."""
+        decode_cr3(value, self.machine.cpu_model, pcide=self.cr4_pcide)
+        self._cr3 = value & ~(1 << 63)
+        if self.cr4_pcide and value >> 63:
+            return
+        vpid, pcid = self.vpid, self._pcid()
+        self.tlb.invalidate(lambda e: e.global_page or e.tag.vpid != vpid or e.tag.pcid != pcid)
 
     def flush_tlb(self) -> None:
         """Flush every TLB entry of this vCPU, global ones too (INVVPID single-context)."""
-        self.tlb.invalidate(lambda e: e.tag.vpid != self.vpid)
+        self.invvpid("single")
 
     def invlpg(self, gva: int) -> None:
-        """INVLPG: drop the translations of the page holding `gva`, global ones too."""
+        """INVLPG: drop the translations of the page holding `gva` for the current PCID,
+        and global ones for every PCID (SDM Vol 3A 4.10.4.1)."""
         check_int("gva", gva, 0, 1 << 64, valid="0 <= gva < 2**64")
+        vpid, pcid = self.vpid, self._pcid()
         self.tlb.invalidate(
-            lambda e: e.tag.vpid != self.vpid or not e.page <= gva < e.page + e.page_size
+            lambda e: (
+                e.tag.vpid != vpid
+                or not e.page <= gva < e.page + e.page_size
+                or (not e.global_page and e.tag.pcid != pcid)
+            )
         )
+
+    def invvpid(self, kind: str, vpid: int | None = None, gva: int | None = None) -> None:
+        """INVVPID (SDM Vol 3C 31.3): "address" (one linear address of a VPID),
+        "single" (a VPID), "single-retaining-globals", or "all" (every VPID but 0)."""
+        check_choice("kind", kind, ("address", "single", "single-retaining-globals", "all"))
+        target = self.vpid if vpid is None else vpid
+        if kind == "address":
+            address = check_int("gva", gva, 0, 1 << 64, valid="a linear address for kind=address")
+            self.tlb.invalidate(
+                lambda e: e.tag.vpid != target or not e.page <= address < e.page + e.page_size
+            )
+        elif kind == "single":
+            self.tlb.invalidate(lambda e: e.tag.vpid != target)
+        elif kind == "single-retaining-globals":
+            self.tlb.invalidate(lambda e: e.tag.vpid != target or e.global_page)
+        else:
+            self.tlb.invalidate(lambda e: e.tag.vpid == 0)
+
+    def invept(self, kind: str, eptp: int | None = None) -> None:
+        """INVEPT (SDM Vol 3C 31.3): "single" drops the combined and guest-physical mappings
+        tagged with one EPTP (default: the VM's), "global" those of every EPTP."""
+        check_choice("kind", kind, ("single", "global"))
+        if kind == "global":
+            self.tlb.invalidate(lambda e: e.tag.eptp == 0)
+            return
+        target = self.machine.vm.ept.eptp.value if eptp is None else eptp
+        self.tlb.invalidate(lambda e: e.tag.eptp != target)
 
     def _kvm_flush(self) -> None:
         """`kvm_flush_remote_tlbs` after KVM zaps or write-protects entries: INVEPT of the
-        EPTP with EPT, INVVPID without."""
-        self.flush_tlb()
+        VM's EPTP with EPT (`ept_sync_context`), INVVPID of the vCPU's VPID without."""
+        if isinstance(self.machine.vm.mmu, TdpMmu):
+            self.invept("single")
+        else:
+            self.invvpid("single")
+
+    def _vm_exit(self, trace: Trace, event: VmExit) -> None:
+        """A VM exit; without a VPID (vpid=0) every exit and entry flushes the linear and
+        combined mappings of VPID 0 (SDM Vol 3C 29.4.3.3)."""
+        trace.add(event)
+        if self.vpid == 0:
+            self.tlb.invalidate(lambda e: e.tag.vpid != 0)
+
+    def _pcid(self) -> int:
+        return self._cr3 & 0xFFF if self.cr4_pcide else 0
 
     def _tag(self) -> Tag:
         mmu = self.machine.vm.mmu
-        return Tag(self.vpid, 0, mmu.eptp.value if isinstance(mmu, TdpMmu) else 0)
+        return Tag(self.vpid, self._pcid(), mmu.eptp.value if isinstance(mmu, TdpMmu) else 0)
 
     def controls(self) -> PagingControls:
         return PagingControls(
@@ -320,14 +377,17 @@ class Vcpu:
         mmu = self.machine.vm.ept
         gpa = record.address
         if is_misconfiguration(record):
-            trace.add(VmExit(EXIT_REASON_EPT_MISCONFIG, "EPT_MISCONFIG", None, gpa, guest.address))
+            self._vm_exit(
+                trace, VmExit(EXIT_REASON_EPT_MISCONFIG, "EPT_MISCONFIG", None, gpa, guest.address)
+            )
             resolution = mmu.handle_ept_misconfig(gpa, trace)
         else:
             qualification = ept_violation_qualification(record, final)
-            trace.add(
+            self._vm_exit(
+                trace,
                 VmExit(
                     EXIT_REASON_EPT_VIOLATION, "EPT_VIOLATION", qualification, gpa, guest.address
-                )
+                ),
             )
             resolution = mmu.handle_ept_violation(gpa, qualification, trace)
         if not isinstance(resolution, EmulateMmio):
@@ -370,7 +430,9 @@ class Vcpu:
         exception = exception_for(hardware, controls)
         if isinstance(exception, GeneralProtection):
             return self._result(trace, fault=exception)
-        trace.add(VmExit(EXIT_REASON_EXCEPTION_NMI, "EXCEPTION_NMI (#PF)", gva, None, gva))
+        self._vm_exit(
+            trace, VmExit(EXIT_REASON_EXCEPTION_NMI, "EXCEPTION_NMI (#PF)", gva, None, gva)
+        )
         resolution = mmu.page_fault(gva, access, controls, guest_root, hardware, trace)
         if isinstance(resolution, InjectFault):
             return self._result(trace, fault=resolution.exception)
