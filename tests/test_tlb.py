@@ -144,7 +144,7 @@ def test_combined_entry_is_the_smaller_page() -> None:
 
 def test_lru_replacement_in_a_set() -> None:
     m = machine(tdp=False)
-    m.vcpu.tlb = Tlb({KIB4: (1, 2)})
+    m.vcpu.caches.tlb = Tlb({KIB4: (1, 2)})
     for page in range(3):
         m.vcpu.access(GVA + page * 4096, "read")
     assert not hit(m.vcpu.access(GVA, "read")), "the oldest of three went from a 2-way set"

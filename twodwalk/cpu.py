@@ -33,7 +33,7 @@ from twodwalk.paging import (
     decode_cr3,
     exception_for,
 )
-from twodwalk.tlb import Tag, Tlb, TlbEntry
+from twodwalk.tlb import Tag, Tlb, TlbEntry, TranslationCaches
 from twodwalk.trace import (
     DataAccess,
     EptWalk,
@@ -133,7 +133,7 @@ class Vcpu:
         self.cr4_pge = True
         self.cr4_pcide = False
         self.vpid = 1  # KVM gives each vCPU a VPID when the CPU has them (vmx.c allocate_vpid)
-        self.tlb = Tlb()
+        self.caches = TranslationCaches()
         machine.vm.mmu.tlb_flushers.append(self._kvm_flush)
 
     @property
@@ -156,8 +156,12 @@ class Vcpu:
         self._cr3 = value & ~(1 << 63)
         if self.cr4_pcide and value >> 63:
             return
-        vpid, pcid = self.vpid, self._pcid()
-        self.tlb.invalidate(lambda e: e.global_page or e.tag.vpid != vpid or e.tag.pcid != pcid)
+        self.caches.flush_pcid(self.vpid, self._pcid())
+
+    @property
+    def tlb(self) -> Tlb:
+        """The TLB proper (see `caches` for the paging-structure and guest-physical caches)."""
+        return self.caches.tlb
 
     def flush_tlb(self) -> None:
         """Flush every TLB entry of this vCPU, global ones too (INVVPID single-context)."""
@@ -183,25 +187,20 @@ class Vcpu:
         target = self.vpid if vpid is None else vpid
         if kind == "address":
             address = check_int("gva", gva, 0, 1 << 64, valid="a linear address for kind=address")
-            self.tlb.invalidate(
-                lambda e: e.tag.vpid != target or not e.page <= address < e.page + e.page_size
-            )
-        elif kind == "single":
-            self.tlb.invalidate(lambda e: e.tag.vpid != target)
-        elif kind == "single-retaining-globals":
-            self.tlb.invalidate(lambda e: e.tag.vpid != target or e.global_page)
+            self.caches.flush_address(target, None, address)
+        elif kind == "all":
+            self.caches.flush_all_vpids()
         else:
-            self.tlb.invalidate(lambda e: e.tag.vpid == 0)
+            self.caches.flush_vpid(target, keep_global=kind == "single-retaining-globals")
 
     def invept(self, kind: str, eptp: int | None = None) -> None:
         """INVEPT (SDM Vol 3C 31.3): "single" drops the combined and guest-physical mappings
         tagged with one EPTP (default: the VM's), "global" those of every EPTP."""
         check_choice("kind", kind, ("single", "global"))
         if kind == "global":
-            self.tlb.invalidate(lambda e: e.tag.eptp == 0)
-            return
-        target = self.machine.vm.ept.eptp.value if eptp is None else eptp
-        self.tlb.invalidate(lambda e: e.tag.eptp != target)
+            self.caches.flush_eptp(None)
+        else:
+            self.caches.flush_eptp(self.machine.vm.ept.eptp.value if eptp is None else eptp)
 
     def _kvm_flush(self) -> None:
         """`kvm_flush_remote_tlbs` after KVM zaps or write-protects entries: INVEPT of the
@@ -216,7 +215,7 @@ class Vcpu:
         combined mappings of VPID 0 (SDM Vol 3C 29.4.3.3)."""
         trace.add(event)
         if self.vpid == 0:
-            self.tlb.invalidate(lambda e: e.tag.vpid != 0)
+            self.caches.flush_vpid(0)
 
     def _pcid(self) -> int:
         return self._cr3 & 0xFFF if self.cr4_pcide else 0

@@ -68,10 +68,10 @@ class Tlb:
 
     def __post_init__(self) -> None:
         for size, (sets, ways) in self.geometry.items():
-            if size not in (KIB4, MIB2, GIB1) or sets < 1 or ways < 1:
+            if size < KIB4 or size & (size - 1) or sets < 1 or ways < 1:
                 raise TwodwalkError(
-                    f"TLB geometry {size:#x}: ({sets}, {ways}) is not valid:"
-                    " page sizes 4 KiB, 2 MiB, 1 GiB with >= 1 set and way"
+                    f"cache geometry {size:#x}: ({sets}, {ways}) is not valid: a power-of-two"
+                    " size of at least 4 KiB, with >= 1 set and >= 1 way"
                 )
         self._sets: dict[int, list[OrderedDict[tuple[Tag, int], TlbEntry]]] = {
             size: [OrderedDict() for _ in range(sets)] for size, (sets, _) in self.geometry.items()
@@ -116,3 +116,80 @@ class Tlb:
 
     def entries(self) -> list[TlbEntry]:
         return [e for sets in self._sets.values() for ways in sets for e in ways.values()]
+
+
+def _psc_geometry(level: int) -> Mapping[int, tuple[int, int]]:
+    """A paging-structure cache for level `level` entries: keyed by the address bits above
+    the level below (so its "page" is 2 MiB for the PDE cache, 1 GiB for the PDPTE cache ...)."""
+    return {1 << (12 + 9 * (level - 1)): (1, {2: 32, 3: 4}.get(level, 2))}
+
+
+@dataclass
+class TranslationCaches:
+    """Every translation cache of one logical processor (SDM Vol 3C 29.4.2-29.4.3):
+
+    - `tlb`: linear (EPT off) or combined (EPT on) mappings of whole pages;
+    - `psc[L]`: paging-structure caches: a linear-address prefix -> the host-physical (and
+      guest-physical) address of the level L-1 table and the rights accumulated above it,
+      so a walk can start there (PML4E cache L=4, PDPTE cache L=3, PDE cache L=2);
+    - `guest_physical`: guest-physical mappings (GPA page -> HPA page from EPT), tagged
+      by the EPTP only, used for the GPA of each guest table and the final GPA.
+
+    Each can be switched off (`enabled`); `off()` switches all of them off."""
+
+    tlb: Tlb = field(default_factory=Tlb)
+    psc: dict[int, Tlb] = field(
+        default_factory=lambda: {lv: Tlb(_psc_geometry(lv)) for lv in (5, 4, 3, 2)}
+    )
+    guest_physical: Tlb = field(default_factory=Tlb)
+
+    def all(self) -> list[Tlb]:
+        return [self.tlb, *self.psc.values(), self.guest_physical]
+
+    def off(self) -> None:
+        for cache in self.all():
+            cache.enabled = False
+
+    def flush_vpid(self, vpid: int, keep_global: bool = False) -> None:
+        """INVVPID single-context (or retaining globals): linear and combined mappings and
+        paging-structure caches of one VPID; guest-physical mappings stay."""
+        self.tlb.invalidate(lambda e: e.tag.vpid != vpid or (keep_global and e.global_page))
+        for psc in self.psc.values():
+            psc.invalidate(lambda e: e.tag.vpid != vpid)
+
+    def flush_all_vpids(self) -> None:
+        """INVVPID all-context: every VPID but 0 (the host's)."""
+        for cache in (self.tlb, *self.psc.values()):
+            cache.invalidate(lambda e: e.tag.vpid == 0)
+
+    def flush_pcid(self, vpid: int, pcid: int) -> None:
+        """MOV to CR3: the non-global TLB entries and all paging-structure entries of a PCID."""
+        self.tlb.invalidate(lambda e: e.global_page or e.tag.vpid != vpid or e.tag.pcid != pcid)
+        for psc in self.psc.values():
+            psc.invalidate(lambda e: e.tag.vpid != vpid or e.tag.pcid != pcid)
+
+    def flush_address(self, vpid: int, pcid: int | None, address: int) -> None:
+        """INVLPG (pcid: the current PCID) or INVVPID individual-address (pcid None: every
+        PCID): the page's TLB entries (global ones too) and every paging-structure entry of
+        the PCID, whatever its address (SDM Vol 3A 4.10.4.1)."""
+        self.tlb.invalidate(
+            lambda e: (
+                e.tag.vpid != vpid
+                or not e.page <= address < e.page + e.page_size
+                or (pcid is not None and not e.global_page and e.tag.pcid != pcid)
+            )
+        )
+        for psc in self.psc.values():
+            psc.invalidate(
+                lambda e: e.tag.vpid != vpid or (pcid is not None and e.tag.pcid != pcid)
+            )
+
+    def flush_eptp(self, eptp: int | None) -> None:
+        """INVEPT single-context (eptp) or global (None): combined, paging-structure and
+        guest-physical mappings derived from that EPT (from any EPT)."""
+
+        def keep(e: TlbEntry) -> bool:
+            return e.tag.eptp == 0 if eptp is None else e.tag.eptp != eptp
+
+        for cache in self.all():
+            cache.invalidate(keep)
