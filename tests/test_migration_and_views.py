@@ -59,7 +59,7 @@ def test_1gib_hugetlbfs_backing_gives_a_1gib_ept_leaf_and_14_references() -> Non
     m.vcpu.access(GVA, "write", 5)
     found = m.vm.ept.tables.find_leaf(0x3000_0000)
     assert found is not None and found[1] == 3
-    m.vcpu.flush_tlb()
+    m.vcpu.caches.off()
     warm = m.vcpu.access(GVA, "read")
     assert warm.value == 5
     assert len(warm.trace.memory_references()) == (4 + 1) * (2 + 1) - 1

@@ -6,7 +6,7 @@ import pytest
 
 import twodwalk as tw
 from twodwalk.tlb import KIB4, MIB2, Tlb
-from twodwalk.trace import GuestWalk, NativeWalk, TlbHit, VmExit
+from twodwalk.trace import CacheHit, GuestWalk, NativeWalk, TlbHit, VmExit
 
 GVA = 0x40_0000
 GPA = 0x10_0000
@@ -127,7 +127,7 @@ def test_enabling_dirty_logging_flushes_so_the_next_write_is_logged() -> None:
 
 def test_switched_off_every_access_walks() -> None:
     m = machine()
-    m.vcpu.tlb.enabled = False
+    m.vcpu.caches.off()
     m.vcpu.access(GVA, "read")
     r = m.vcpu.access(GVA, "read")
     assert not hit(r) and len(r.trace.memory_references()) == 24
@@ -217,3 +217,59 @@ def test_bad_invalidation_arguments() -> None:
         m.vcpu.invvpid("address")
     with pytest.raises(tw.TwodwalkError, match="kind='local' is not valid"):
         m.vcpu.invept("local")
+
+
+def refs_by_dimension(r: tw.AccessResult) -> tuple[int, int]:
+    refs = r.trace.memory_references()
+    return (sum(x.dimension == "guest" for x in refs), sum(x.dimension == "ept" for x in refs))
+
+
+def test_pde_cache_starts_the_walk_at_the_page_table() -> None:
+    m = machine()
+    m.vcpu.access(GVA, "read")
+    m.vcpu.caches.tlb.enabled = False
+    m.vcpu.caches.guest_physical.enabled = False
+    r = m.vcpu.access(GVA + 0x1000, "read")
+    last = r.trace.attempts()[-1]  # the first attempt took an EPT violation on the new page
+    hits = [e.cache for e in last if isinstance(e, CacheHit)]
+    assert hits == ["paging-structure cache L2"]
+    assert refs_by_dimension(r) == (1, 4), "the PTE, then the final GPA's EPT walk"
+    step = r.trace.of_type(GuestWalk)[-1].record.steps[0]
+    assert (step.level, step.read.cached) == (1, "paging-structure cache")
+
+
+def test_guest_physical_mappings_serve_the_table_gpas() -> None:
+    m = machine()
+    m.vcpu.access(GVA, "read")
+    m.vcpu.caches.tlb.enabled = False
+    for psc in m.vcpu.caches.psc.values():
+        psc.enabled = False
+    r = m.vcpu.access(GVA + 0x1000, "read")
+    assert refs_by_dimension(r) == (4, 4), "guest entries read, their GPAs already translated"
+    cached = [s.read.cached for s in r.trace.of_type(GuestWalk)[0].record.steps]
+    assert cached == ["guest-physical"] * 4
+    m.vcpu.invept("single")
+    assert refs_by_dimension(m.vcpu.access(GVA, "read")) == (4, 20)
+
+
+def test_all_caches_off_gives_the_uncached_count() -> None:
+    m = machine()
+    m.vcpu.caches.off()
+    m.vcpu.access(GVA, "read")
+    assert refs_by_dimension(m.vcpu.access(GVA, "read")) == (4, 20)
+
+
+def test_stale_pde_cache_until_invlpg() -> None:
+    m = machine()
+    m.guest.map(GVA + 0x20_0000, GPA + 0x4000, 4096, rw=1, us=1)  # another PT, next 2 MiB
+    m.vcpu.access(GVA, "read")
+    m.vcpu.access(GVA + 0x20_0000, "read")
+    pde = m.guest.page_tables.entry_address(GVA, 2)
+    other = m.guest.page_tables.entry_address(GVA + 0x20_0000, 2)
+    assert pde is not None and other is not None
+    m.write_gpa(pde, m.read_gpa(other, 8))  # the PDE now points at the other page table
+    m.vcpu.caches.tlb.enabled = False
+    stale = m.vcpu.access(GVA, "read")
+    assert stale.gpa == GPA, "the PDE cache still has the old page table"
+    m.vcpu.invlpg(GVA + 0x1000)  # INVLPG drops every PSC entry of the PCID
+    assert m.vcpu.access(GVA, "read").gpa == GPA + 0x4000

@@ -89,11 +89,11 @@ def as_expected(refs: list[Reference]) -> list[Expected]:
 
 
 def warm(m: tw.Machine, gva: int = GVA, kind: str = "read") -> tw.AccessResult:
-    """Access twice, flushing the TLB in between so the second access walks; return the
-    second (warm: EPT and host tables filled) access, checked to be exit-free."""
+    """Access twice with the translation caches off, so the second access walks in full;
+    return the second (warm: EPT and host tables filled) access, checked to be exit-free."""
+    m.vcpu.caches.off()
     first = m.vcpu.access(gva, kind, 0x1234 if kind == "write" else None)
     assert first.fault is None and first.exit is None
-    m.vcpu.flush_tlb()
     second = m.vcpu.access(gva, kind, 0x1234 if kind == "write" else None)
     assert len(second.trace.attempts()) == 1
     assert second.trace.of_type(VmExit) == []

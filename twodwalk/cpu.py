@@ -21,7 +21,7 @@ from twodwalk.ept import (
     is_misconfiguration,
 )
 from twodwalk.errors import TwodwalkError, check_choice, check_int
-from twodwalk.formats import Rights
+from twodwalk.formats import EntryFormat, Rights
 from twodwalk.kvm.mmu import EmulateMmio, TdpMmu
 from twodwalk.kvm.shadow import EmulateWrite, InjectFault, ShadowMmu
 from twodwalk.memory import PhysicalMemory
@@ -35,6 +35,7 @@ from twodwalk.paging import (
 )
 from twodwalk.tlb import Tag, Tlb, TlbEntry, TranslationCaches
 from twodwalk.trace import (
+    CacheHit,
     DataAccess,
     EptWalk,
     GuestWalk,
@@ -52,6 +53,7 @@ from twodwalk.walker import (
     TableRead,
     WalkFault,
     WalkRecord,
+    WalkStart,
     walk,
 )
 
@@ -95,21 +97,82 @@ class AccessResult:
     trace: Trace = field(repr=False)
 
 
-class EptTables:
-    """Guest tables read through EPT: each table GPA is translated by an EPT walk first.
-    With EPT A/D on, the processor treats these accesses as writes (SDM 29.3.5)."""
+@dataclass(frozen=True)
+class GpaTranslation:
+    """A GPA's translation: the HPA, the EPT page size and rights, and the EPT walk that
+    found it (None when a guest-physical mapping answered); hpa None: the walk failed."""
 
-    def __init__(self, mmu: TdpMmu, memory: PhysicalMemory) -> None:
+    hpa: int | None
+    page_size: int
+    rights: Rights
+    record: WalkRecord | None
+
+
+class GuestPhysical:
+    """GPA -> HPA as the processor does it under EPT: a guest-physical mapping from the cache
+    if one allows the access, else an EPT walk whose result is cached (SDM Vol 3C 29.4.2)."""
+
+    def __init__(self, mmu: TdpMmu, cache: Tlb) -> None:
         self.mmu = mmu
+        self.cache = cache
+        self.tag = Tag(0, 0, mmu.eptp.value)
+
+    def translate(self, gpa: int, access: Access) -> GpaTranslation:
+        hit = self.cache.lookup(self.tag, gpa)
+        if hit is not None:
+            refused = EptAccessRules().violation(access, hit.rights, 0)
+            if refused is None and (hit.dirty or not access.is_write):
+                offset = gpa & (hit.page_size - 1)
+                return GpaTranslation(hit.frame + offset, hit.page_size, hit.rights, None)
+            self.cache.invalidate(lambda e: e is not hit)
+        record = self.mmu.walk(gpa, access)
+        t = record.translation
+        if t is None:
+            return GpaTranslation(None, 0, Rights.NONE, record)
+        step = record.steps[-1]
+        leaf = step.written if step.written is not None else step.value
+        dirty = not self.mmu.fmt.ad or bool(leaf >> 9 & 1)
+        self.cache.insert(
+            TlbEntry(
+                self.tag,
+                gpa & ~(t.page_size - 1),
+                t.page_size,
+                t.address & ~(t.page_size - 1),
+                None,
+                t.rights,
+                None,
+                leaf,
+                dirty,
+                False,
+            )
+        )
+        return GpaTranslation(t.address, t.page_size, t.rights, record)
+
+
+class EptTables:
+    """Guest tables read through EPT: each table GPA is translated first, by a
+    paging-structure cache that already knows the table, by a guest-physical mapping, or by
+    an EPT walk. With EPT A/D on, these accesses count as writes (SDM 29.3.5)."""
+
+    def __init__(self, gpa: GuestPhysical, memory: PhysicalMemory, known: dict[int, int]) -> None:
+        self.gpa = gpa
         self.memory = memory
-        self.access = Access(AccessKind.WRITE if mmu.fmt.ad else AccessKind.READ)
+        self.known = known
+        self.access = Access(AccessKind.WRITE if gpa.mmu.fmt.ad else AccessKind.READ)
 
     def read_entry(self, address: int, access: Access) -> TableRead:
-        record = self.mmu.walk(address, self.access)
-        if record.translation is None:
-            return TableRead(0, 0, failed=record)
-        hpa = record.translation.address
-        return TableRead(self.memory.read_u64(hpa), hpa, nested=(record,))
+        page = address & ~0xFFF
+        if page in self.known:
+            hpa = self.known[page] | (address & 0xFFF)
+            return TableRead(self.memory.read_u64(hpa), hpa, cached="paging-structure cache")
+        found = self.gpa.translate(address, self.access)
+        if found.hpa is None:
+            assert found.record is not None
+            return TableRead(0, 0, failed=found.record)
+        value = self.memory.read_u64(found.hpa)
+        if found.record is None:
+            return TableRead(value, found.hpa, cached="guest-physical")
+        return TableRead(value, found.hpa, nested=(found.record,))
 
     def write_entry(self, read: TableRead, value: int) -> None:
         self.memory.write_u64(read.physical, value)
@@ -164,21 +227,18 @@ class Vcpu:
         return self.caches.tlb
 
     def flush_tlb(self) -> None:
-        """Flush every TLB entry of this vCPU, global ones too (INVVPID single-context)."""
+        """Flush every translation this vCPU caches: TLB (global entries too),
+        paging-structure caches and guest-physical mappings (INVVPID single-context plus,
+        with EPT, INVEPT single-context), so that the next access walks from scratch."""
         self.invvpid("single")
+        if isinstance(self.machine.vm.mmu, TdpMmu):
+            self.invept("single")
 
     def invlpg(self, gva: int) -> None:
         """INVLPG: drop the translations of the page holding `gva` for the current PCID,
         and global ones for every PCID (SDM Vol 3A 4.10.4.1)."""
         check_int("gva", gva, 0, 1 << 64, valid="0 <= gva < 2**64")
-        vpid, pcid = self.vpid, self._pcid()
-        self.tlb.invalidate(
-            lambda e: (
-                e.tag.vpid != vpid
-                or not e.page <= gva < e.page + e.page_size
-                or (not e.global_page and e.tag.pcid != pcid)
-            )
-        )
+        self.caches.flush_address(self.vpid, self._pcid(), gva)
 
     def invvpid(self, kind: str, vpid: int | None = None, gva: int | None = None) -> None:
         """INVVPID (SDM Vol 3C 31.3): "address" (one linear address of a VPID),
@@ -275,18 +335,16 @@ class Vcpu:
     def _attempt_tdp(
         self, mmu: TdpMmu, gva: int, access: Access, value: int | None, trace: Trace
     ) -> AccessResult | None:
-        """With EPT: the two-dimensional hardware walk (SDM 29.3.2)."""
+        """With EPT: the two-dimensional hardware walk (SDM 29.3.2), helped by the
+        paging-structure caches and the guest-physical mappings."""
         machine = self.machine
         controls = self.controls()
+        fmt = controls.format(machine.cpu_model)
         root = decode_cr3(self.cr3, machine.cpu_model).root
-        guest = walk(
-            controls.format(machine.cpu_model),
-            root,
-            gva,
-            access,
-            EptTables(mmu, machine.memory),
-            X86AccessRules(controls),
-        )
+        start, known = self._psc_start(fmt, gva, trace)
+        gpa_path = GuestPhysical(mmu, self.caches.guest_physical)
+        tables = EptTables(gpa_path, machine.memory, known)
+        guest = walk(fmt, root, gva, access, tables, X86AccessRules(controls), start)
         trace.add(GuestWalk(guest))
         fault = guest.fault
         if fault is not None and fault.nested is not None:
@@ -294,16 +352,57 @@ class Vcpu:
         if fault is not None:
             return self._result(trace, fault=exception_for(guest, controls))
         assert guest.translation is not None
+        self._fill_psc(guest)
         gpa = guest.translation.address
-        final = mmu.walk(gpa, replace(access, user=False, implicit=False))
-        trace.add(EptWalk(final))
-        if final.translation is None:
-            return self._ept_exit(guest, final, final=True, value=value, trace=trace)
-        hpa = final.translation.address
-        page_size = min(guest.translation.page_size, final.translation.page_size)
-        self._fill_tlb(gva, page_size, hpa, gpa, guest, final.translation.rights)
+        final = gpa_path.translate(gpa, replace(access, user=False, implicit=False))
+        if final.record is not None:
+            trace.add(EptWalk(final.record))
+        hpa = final.hpa
+        if hpa is None:
+            assert final.record is not None
+            return self._ept_exit(guest, final.record, final=True, value=value, trace=trace)
+        if final.record is None:
+            trace.add(CacheHit("guest-physical", gpa, hpa))
+        page_size = min(guest.translation.page_size, final.page_size)
+        self._fill_tlb(gva, page_size, hpa, gpa, guest, final.rights)
         data = self._data_access(hpa, access, value, trace)
         return self._result(trace, value=data, gpa=gpa, hva=machine.vm.gpa_to_hva(gpa), hpa=hpa)
+
+    def _psc_start(
+        self, fmt: EntryFormat, gva: int, trace: Trace
+    ) -> tuple[WalkStart | None, dict[int, int]]:
+        """The deepest paging-structure cache entry for `gva`: where the walk can begin
+        (SDM Vol 3A 4.10.3.2: the PDE cache first, then the PDPTE and PML4E caches)."""
+        tag = self._tag()
+        for level in range(2, fmt.levels + 1):
+            entry = self.caches.psc[level].lookup(tag, gva)
+            if entry is not None and entry.gpa_page is not None:
+                trace.add(CacheHit(f"paging-structure cache L{level}", entry.page, entry.frame))
+                return WalkStart(level - 1, entry.gpa_page, entry.rights), {
+                    entry.gpa_page: entry.frame
+                }
+        return None, {}
+
+    def _fill_psc(self, record: WalkRecord) -> None:
+        """Cache, for each table the walk went through, the address of the table below it
+        and the rights so far (keyed by the address bits that chose them)."""
+        tag = self._tag()
+        for upper, lower in zip(record.steps, record.steps[1:], strict=False):
+            cover = record.format.page_size(upper.level)
+            self.caches.psc[upper.level].insert(
+                TlbEntry(
+                    tag,
+                    record.address & ~(cover - 1),
+                    cover,
+                    lower.read.physical & ~0xFFF,
+                    lower.table,
+                    upper.rights,
+                    None,
+                    upper.value,
+                    True,
+                    False,
+                )
+            )
 
     def _tlb_hit(
         self, gva: int, access: Access, value: int | None, trace: Trace

@@ -46,6 +46,16 @@ class TlbHit:
 
 
 @dataclass(frozen=True)
+class CacheHit:
+    """A translation cache answered part of the walk: `cache` names it ("paging-structure
+    cache L2", "guest-physical"), `address` is what was looked up, `result` what it gave."""
+
+    cache: str
+    address: int
+    result: int
+
+
+@dataclass(frozen=True)
 class VmExit:
     """A VM exit to KVM: reason number and name, qualification and guest-physical address."""
 
@@ -126,6 +136,7 @@ Event = (
     | EptWalk
     | NativeWalk
     | TlbHit
+    | CacheHit
     | VmExit
     | KvmStep
     | HostWalk

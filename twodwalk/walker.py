@@ -102,12 +102,24 @@ class Translation:
 @dataclass(frozen=True)
 class TableRead:
     """How one entry was read: its value and the physical address it came from, with the
-    nested walk that translated the table's address when the tables live in guest memory."""
+    nested walk that translated the table's address when the tables live in guest memory,
+    or the cache that supplied that translation instead (`cached`)."""
 
     value: int
     physical: int
     nested: tuple[WalkRecord, ...] = ()
     failed: WalkRecord | None = None
+    cached: str | None = None
+
+
+@dataclass(frozen=True)
+class WalkStart:
+    """Where a walk begins when a paging-structure cache supplied its upper levels (SDM Vol
+    3A 4.10.3): the level of the first table read, its address, the rights above it."""
+
+    level: int
+    table: int
+    rights: Rights
 
 
 class TableMemory(Protocol):
@@ -175,6 +187,7 @@ class WalkRecord:
     access: Access
     steps: tuple[WalkStep, ...]
     outcome: Translation | WalkFault
+    start: WalkStart | None = None
 
     @property
     def fault(self) -> WalkFault | None:
@@ -192,17 +205,19 @@ def walk(
     access: Access,
     tables: TableMemory,
     rules: AccessRules,
+    start: WalkStart | None = None,
 ) -> WalkRecord:
-    """Translate `address` through the tree rooted at `root`; faults come back as values."""
+    """Translate `address` through the tree rooted at `root`; faults come back as values.
+    `start` skips the levels a paging-structure cache already resolved."""
     check_aligned("root", check_int("root", root, 0, 1 << fmt.maxphyaddr), 4096)
     check_int("address", address, 0, U64_LIMIT, valid="0 <= address < 2**64")
-    record = _Recorder(fmt, root, address, access)
+    record = _Recorder(fmt, root, address, access, start)
     reason = fmt.check_address(address)
     if reason is not None:
         return record.fault(FaultKind.NON_CANONICAL, None, reason)
-    rights = fmt.all_rights
-    table = root
-    for level in range(fmt.levels, 0, -1):
+    rights = fmt.all_rights if start is None else start.rights
+    table = root if start is None else start.table
+    for level in range(fmt.levels if start is None else start.level, 0, -1):
         index = fmt.index(address, level)
         read = tables.read_entry(table + ENTRY_SIZE * index, access)
         if read.failed is not None:
@@ -256,8 +271,11 @@ def _set_accessed_dirty(
 class _Recorder:
     """Collects the steps of one walk and seals them into a `WalkRecord`."""
 
-    def __init__(self, fmt: EntryFormat, root: int, address: int, access: Access) -> None:
+    def __init__(
+        self, fmt: EntryFormat, root: int, address: int, access: Access, start: WalkStart | None
+    ) -> None:
         self.fmt, self.root, self.address, self.access = fmt, root, address, access
+        self.start = start
         self.steps: list[WalkStep] = []
 
     def step(self, level: int, table: int, index: int, read: TableRead, rights: Rights) -> None:
@@ -280,5 +298,5 @@ class _Recorder:
 
     def finish(self, outcome: Translation | WalkFault) -> WalkRecord:
         return WalkRecord(
-            self.fmt, self.root, self.address, self.access, tuple(self.steps), outcome
+            self.fmt, self.root, self.address, self.access, tuple(self.steps), outcome, self.start
         )

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from twodwalk.formats import DecodedEntry, EntryFormat, Rights
 from twodwalk.trace import (
+    CacheHit,
     EptWalk,
     Event,
     GuestWalk,
@@ -179,6 +180,8 @@ def _event_text(event: Event) -> str:
         )
     if isinstance(event, Retry):
         return f"VM entry: the guest retries (attempt {event.attempt + 1})"
+    if isinstance(event, CacheHit):
+        return f"{event.cache} hit: {event.address:#x} -> {event.result:#x}"
     if isinstance(event, TlbHit):
         return (
             f"TLB hit: page {event.page:#x} ({event.page_size >> 10} KiB) -> frame"
