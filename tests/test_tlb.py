@@ -273,3 +273,13 @@ def test_stale_pde_cache_until_invlpg() -> None:
     assert stale.gpa == GPA, "the PDE cache still has the old page table"
     m.vcpu.invlpg(GVA + 0x1000)  # INVLPG drops every PSC entry of the PCID
     assert m.vcpu.access(GVA, "read").gpa == GPA + 0x4000
+
+
+def test_pde_cache_shortens_the_shadow_walk_too() -> None:
+    m = machine(tdp=False)
+    m.vcpu.access(GVA, "read")
+    m.vcpu.access(GVA + 0x1000, "read")
+    m.vcpu.caches.tlb.enabled = False
+    r = m.vcpu.access(GVA + 0x1000, "read")
+    assert [x.dimension for x in r.trace.memory_references()] == ["native"]
+    assert [e.cache for e in r.trace.of_type(CacheHit)] == ["paging-structure cache L2"]

@@ -517,9 +517,11 @@ class Vcpu:
             raise TwodwalkError("cr4_pke=True needs EPT: KVM exposes PKU only with tdp=True")
         fmt = controls.format(machine.cpu_model)
         guest_root = decode_cr3(self.cr3, machine.cpu_model).root
-        hardware = mmu.walk(mmu.root_for(guest_root, fmt), gva, access, controls)
+        start, _ = self._psc_start(fmt, gva, trace)
+        hardware = mmu.walk(mmu.root_for(guest_root, fmt), gva, access, controls, start)
         trace.add(NativeWalk(hardware))
         if hardware.translation is not None:
+            self._fill_psc(hardware)
             hpa = hardware.translation.address
             gpa = (mmu.spte_gfn[hardware.steps[-1].entry_address] << 12) | (gva & 0xFFF)
             self._fill_tlb(gva, hardware.translation.page_size, hpa, gpa, hardware, None)

@@ -32,7 +32,7 @@ from twodwalk.paging import (
     exception_for,
 )
 from twodwalk.trace import KvmStep, KvmWalk, SpteWrite, Trace
-from twodwalk.walker import Access, PhysicalTables, TableRead, WalkRecord, walk
+from twodwalk.walker import Access, PhysicalTables, TableRead, WalkRecord, WalkStart, walk
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,16 @@ class ShadowMmu(KvmMmu):
             self.shadowed.setdefault(guest_root >> PAGE_SHIFT, set()).add(self.roots[key])
         return self.roots[key]
 
-    def walk(self, root: int, gva: int, access: Access, controls: PagingControls) -> WalkRecord:
-        """The CPU's walk of the shadow tables (native paging, host memory)."""
+    def walk(
+        self,
+        root: int,
+        gva: int,
+        access: Access,
+        controls: PagingControls,
+        start: WalkStart | None = None,
+    ) -> WalkRecord:
+        """The CPU's walk of the shadow tables (native paging, host memory), from `start`
+        when a paging-structure cache supplied the upper levels."""
         return walk(
             controls.format(self.cpu),
             root,
@@ -99,6 +107,7 @@ class ShadowMmu(KvmMmu):
             access,
             PhysicalTables(self.host.memory),
             X86AccessRules(controls),
+            start,
         )
 
     def gpa_to_hpa(self, gpa: int, write: bool, trace: Trace | None = None) -> int | None:
