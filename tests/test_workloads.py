@@ -1,0 +1,77 @@
+"""The workload simulator: seeded streams, and counts checked by hand on small runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+import twodwalk as tw
+from twodwalk.workloads import (
+    pointer_chase,
+    run_workload,
+    sequential,
+    strided,
+    uniform,
+    zipf,
+)
+
+BASE = 0x4000_0000
+PAGES = 64
+
+
+def machine(tdp: bool = True) -> tw.Machine:
+    m = tw.Machine(guest_ram=8 << 20, tdp=tdp)
+    m.guest.map(BASE, 0x10_0000, PAGES * 4096, rw=1)
+    return m
+
+
+@pytest.mark.parametrize("make", [uniform, zipf, pointer_chase])
+def test_streams_are_deterministic_for_a_seed(
+    make: Callable[..., Iterator[tuple[int, str]]],
+) -> None:
+    first = list(make(BASE, PAGES, 200, seed=5))
+    assert first == list(make(BASE, PAGES, 200, seed=5))
+    assert first != list(make(BASE, PAGES, 200, seed=6))
+    assert all(BASE <= gva < BASE + PAGES * 4096 and kind == "read" for gva, kind in first)
+
+
+def test_pointer_chase_visits_every_page_before_repeating() -> None:
+    pages = [gva >> 12 for gva, _ in pointer_chase(BASE, PAGES, PAGES, seed=1)]
+    assert len(set(pages)) == PAGES
+
+
+def test_one_page_many_times_is_one_walk_then_tlb_hits() -> None:
+    m = machine()
+    for _ in range(2):  # warm EPT and host tables, then count from a cold TLB
+        m.vcpu.flush_tlb()
+        result = run_workload(m, sequential(BASE, 1, 10, step=8))
+    assert result.tlb_hits == 9
+    assert result.references == {"guest": 4, "ept": 20}
+    assert result.exits == {}
+    assert result.references_per_access == pytest.approx(2.4)
+
+
+def test_caches_off_every_warm_access_costs_24() -> None:
+    m = machine()
+    m.vcpu.caches.off()
+    run_workload(m, strided(BASE, PAGES, PAGES))
+    result = run_workload(m, strided(BASE, PAGES, PAGES))
+    assert result.references_per_access == 24
+    assert result.tlb_hits == 0 and result.cache_hits == {}
+
+
+def test_shadow_paging_walks_one_dimension() -> None:
+    m = machine(tdp=False)
+    run_workload(m, strided(BASE, PAGES, PAGES))
+    m.vcpu.caches.off()
+    result = run_workload(m, strided(BASE, PAGES, PAGES))
+    assert result.references == {"native": 4 * PAGES}
+
+
+def test_first_touch_counts_exits_and_host_faults() -> None:
+    m = machine()
+    result = run_workload(m, uniform(BASE, PAGES, 50, seed=2, write_fraction=0.5))
+    assert result.exits.get("EPT_VIOLATION", 0) > 0
+    assert result.host_page_faults > 0
+    assert "memory references / access" in result.table()

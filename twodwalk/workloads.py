@@ -1,0 +1,138 @@
+"""Access streams and the workload simulator: what translation costs over many accesses.
+
+A cold two-dimensional walk costs (n+1)(m+1)-1 memory references (24 for 4-level guest
+tables under 4-level EPT); the translation caches make the usual case far cheaper. This module
+runs a stream of accesses on a `Machine` and counts, from each access's trace, where the
+references went: to memory by dimension, or to the TLB, the paging-structure caches and the
+guest-physical mappings; and the VM exits and host page faults along the way.
+
+Generators are seeded: the same seed gives the same stream.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from twodwalk.cpumodel import PAGE_SIZE
+from twodwalk.errors import check_int
+from twodwalk.machine import Machine
+from twodwalk.trace import CacheHit, HostPageFault, TlbHit, VmExit
+
+Stream = Iterable[tuple[int, str]]
+
+
+def sequential(base: int, pages: int, count: int, step: int = 64) -> Iterator[tuple[int, str]]:
+    """Reads walking through `pages` pages `step` bytes at a time, wrapping around."""
+    span = pages * PAGE_SIZE
+    for i in range(count):
+        yield base + (i * step) % span, "read"
+
+
+def strided(base: int, pages: int, count: int, stride_pages: int = 1) -> Iterator[tuple[int, str]]:
+    """One read per page, `stride_pages` pages apart: a new page (and TLB entry) each time."""
+    for i in range(count):
+        yield base + (i * stride_pages % pages) * PAGE_SIZE, "read"
+
+
+def uniform(
+    base: int, pages: int, count: int, seed: int = 0, write_fraction: float = 0.0
+) -> Iterator[tuple[int, str]]:
+    """Reads (and some writes) at uniformly random 8-byte slots of `pages` pages."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        kind = "write" if rng.random() < write_fraction else "read"
+        yield base + rng.randrange(pages * PAGE_SIZE // 8) * 8, kind
+
+
+def zipf(
+    base: int, pages: int, count: int, seed: int = 0, exponent: float = 1.1
+) -> Iterator[tuple[int, str]]:
+    """Reads whose page follows a Zipf law: a few hot pages, a long cold tail."""
+    rng = random.Random(seed)
+    weights = [1 / (rank + 1) ** exponent for rank in range(pages)]
+    order = list(range(pages))
+    rng.shuffle(order)
+    for page in rng.choices(order, weights=weights, k=count):
+        yield base + page * PAGE_SIZE + rng.randrange(PAGE_SIZE // 8) * 8, "read"
+
+
+def pointer_chase(base: int, pages: int, count: int, seed: int = 0) -> Iterator[tuple[int, str]]:
+    """Reads following a random cycle through the pages, as a linked list spread over
+    memory does: no locality at all, every page visited before any repeats."""
+    rng = random.Random(seed)
+    cycle = list(range(pages))
+    rng.shuffle(cycle)
+    for i in range(count):
+        yield base + cycle[i % pages] * PAGE_SIZE, "read"
+
+
+@dataclass
+class WorkloadResult:
+    """Counts over a run. References are per dimension: "guest" and "ept" for the
+    two-dimensional walk, "native" for shadow tables."""
+
+    name: str
+    accesses: int = 0
+    references: dict[str, int] = field(default_factory=dict)
+    tlb_hits: int = 0
+    cache_hits: dict[str, int] = field(default_factory=dict)
+    exits: dict[str, int] = field(default_factory=dict)
+    host_page_faults: int = 0
+    guest_faults: int = 0
+
+    @property
+    def references_per_access(self) -> float:
+        return sum(self.references.values()) / max(self.accesses, 1)
+
+    @property
+    def tlb_hit_rate(self) -> float:
+        return self.tlb_hits / max(self.accesses, 1)
+
+    def table(self) -> str:
+        """The counts as a small text table."""
+        rows = [
+            ("accesses", f"{self.accesses}"),
+            ("memory references / access", f"{self.references_per_access:.2f}"),
+            *((f"  {dim} references", f"{n}") for dim, n in sorted(self.references.items())),
+            ("TLB hit rate", f"{self.tlb_hit_rate:.1%}"),
+            *((f"  {cache} hits", f"{n}") for cache, n in sorted(self.cache_hits.items())),
+            *((f"VM exits: {name}", f"{n}") for name, n in sorted(self.exits.items())),
+            ("host page faults", f"{self.host_page_faults}"),
+            ("guest-visible faults", f"{self.guest_faults}"),
+        ]
+        width = max(len(label) for label, _ in rows)
+        return "\n".join([self.name] + [f"  {label:<{width}}  {v:>10}" for label, v in rows])
+
+
+def run_workload(
+    machine: Machine,
+    stream: Stream,
+    name: str = "workload",
+    progress: Callable[[int], None] | None = None,
+) -> WorkloadResult:
+    """Run every (gva, kind) of `stream` on the machine's vCPU and count what happened;
+    writes store the access number. `progress(n)` is called every 1,000 accesses."""
+    result = WorkloadResult(name)
+    for number, (gva, kind) in enumerate(stream):
+        check_int("gva", gva, 0, 1 << 64)
+        r = machine.vcpu.access(gva, kind, number if kind == "write" else None)
+        result.accesses += 1
+        result.guest_faults += r.fault is not None
+        for attempt in range(len(r.trace.attempts())):
+            for ref in r.trace.memory_references(attempt):
+                result.references[ref.dimension] = result.references.get(ref.dimension, 0) + 1
+        for event in r.trace:
+            if isinstance(event, TlbHit):
+                result.tlb_hits += 1
+            elif isinstance(event, CacheHit):
+                key = event.cache.split(" L")[0]
+                result.cache_hits[key] = result.cache_hits.get(key, 0) + 1
+            elif isinstance(event, VmExit):
+                result.exits[event.name] = result.exits.get(event.name, 0) + 1
+            elif isinstance(event, HostPageFault):
+                result.host_page_faults += 1
+        if progress is not None and number % 1000 == 999:
+            progress(number + 1)
+    return result
