@@ -9,7 +9,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.twodwalk-installed
 
-.PHONY: venv lab test clean-venv
+.PHONY: venv lab test bench clean-venv
 
 venv: $(STAMP)
 
@@ -33,6 +33,9 @@ test: $(STAMP)
 	$(VPY) -m mypy
 	$(VPY) -m nbstripout --verify notebooks/*.ipynb
 	$(VPY) -m pytest tests --nbmake notebooks
+
+bench: $(STAMP)
+	$(VPY) benchmarks/run.py
 
 clean-venv:
 	rm -rf $(VENV)
