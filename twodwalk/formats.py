@@ -42,6 +42,9 @@ class Rights(enum.IntFlag):
     U = 8
 
 
+RIGHTS_BY_MASK = tuple(Rights(mask) for mask in range(16))  # no enum arithmetic on hot paths
+
+
 @dataclass(frozen=True)
 class Field:
     """One named field of an entry, as a row of the SDM's entry tables."""
@@ -381,14 +384,8 @@ class Ia32eFormat(EntryFormat):
         return bool(value & 1)
 
     def rights(self, value: int) -> Rights:
-        granted = Rights.R
-        if value & 2:
-            granted |= Rights.W
-        if value & 4:
-            granted |= Rights.U
-        if not value >> 63:
-            granted |= Rights.X
-        return granted
+        # R always; W from R/W (bit 1); U from U/S (bit 2, Rights.U is 8); X unless XD.
+        return RIGHTS_BY_MASK[1 | (value & 2) | (value & 4) << 1 | (0 if value >> 63 else 4)]
 
     def check_address(self, address: int) -> str | None:
         """Canonical check (SDM 3.3.7.1): bits 63:N-1 must all equal bit N-1."""
@@ -495,7 +492,7 @@ class EptFormat(EntryFormat):
         return bool(value & 7)
 
     def rights(self, value: int) -> Rights:
-        return Rights(value & 7)
+        return RIGHTS_BY_MASK[value & 7]
 
     def check_address(self, address: int) -> str | None:
         if address >> self.input_bits:

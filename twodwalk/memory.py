@@ -43,8 +43,9 @@ class PhysicalMemory:
 
     def read_u64(self, address: int) -> int:
         """Read an 8-byte little-endian entry; `address` must be 8-byte aligned."""
-        self._check(address, 8)
-        check_aligned("entry address", address, 8)
+        if type(address) is not int or address & 7 or not 0 <= address < self.limit:
+            self._check(address, 8)
+            check_aligned("entry address", address, 8)
         frame = self._frames.get(address >> PAGE_SHIFT)
         if frame is None:
             return 0

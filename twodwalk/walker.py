@@ -21,7 +21,7 @@ from functools import cached_property
 from typing import Protocol
 
 from twodwalk.errors import check_aligned, check_choice, check_int
-from twodwalk.formats import ENTRY_SIZE, DecodedEntry, EntryFormat, Rights
+from twodwalk.formats import ENTRY_SIZE, RIGHTS_BY_MASK, DecodedEntry, EntryFormat, Rights
 from twodwalk.memory import U64_LIMIT, PhysicalMemory
 
 
@@ -215,7 +215,7 @@ def walk(
     reason = fmt.check_address(address)
     if reason is not None:
         return record.fault(FaultKind.NON_CANONICAL, None, reason)
-    rights = fmt.all_rights if start is None else start.rights
+    mask = int(fmt.all_rights if start is None else start.rights)
     table = root if start is None else start.table
     for level in range(fmt.levels if start is None else start.level, 0, -1):
         index = fmt.index(address, level)
@@ -226,7 +226,8 @@ def walk(
             )
         value = read.value
         if fmt.is_present(value):
-            rights &= fmt.rights(value)
+            mask &= fmt.rights(value)
+        rights = RIGHTS_BY_MASK[mask]
         record.step(level, table, index, read, rights)
         if not fmt.is_present(value):
             return record.fault(
