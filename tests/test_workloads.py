@@ -8,6 +8,9 @@ import pytest
 
 import twodwalk as tw
 from twodwalk.workloads import (
+    CONFIGURATIONS,
+    compare,
+    comparison_table,
     pointer_chase,
     run_workload,
     sequential,
@@ -75,3 +78,28 @@ def test_first_touch_counts_exits_and_host_faults() -> None:
     assert result.exits.get("EPT_VIOLATION", 0) > 0
     assert result.host_page_faults > 0
     assert "memory references / access" in result.table()
+
+
+def test_compare_shows_large_pages_help_only_when_both_dimensions_use_them() -> None:
+    configs = [c for c in CONFIGURATIONS if c.name.startswith("EPT 4x4")]
+    results = compare(lambda base: pointer_chase(base, 256, 300, seed=1), 256, configs)
+    by_name = {r.name: r for r in results}
+    small = by_name["EPT 4x4"]
+    guest_only = by_name["EPT 4x4, 2 MiB guest pages"]
+    both = by_name["EPT 4x4, 2 MiB guest and EPT pages"]
+    assert small.tlb_hit_rate == guest_only.tlb_hit_rate, "the combined entry is 4 KiB"
+    assert both.tlb_hit_rate == 1.0 and both.references_per_access == 0
+    misses = small.accesses - small.tlb_hits
+    assert misses > 0
+    assert small.references == {"guest": misses, "ept": 4 * misses}, (
+        "each TLB miss: the PTE via the PDE cache, then the final GPA's 4 EPT references"
+    )
+    table = comparison_table(results)
+    assert table.splitlines()[1].startswith("EPT 4x4 ")
+
+
+def test_shadow_paging_costs_one_dimension_in_steady_state() -> None:
+    shadow = [c for c in CONFIGURATIONS if not c.tdp]
+    (result,) = compare(lambda base: pointer_chase(base, 256, 300, seed=1), 256, shadow)
+    misses = result.accesses - result.tlb_hits
+    assert result.references == {"native": misses}, "one PTE read per miss, via the PDE cache"

@@ -136,3 +136,71 @@ def run_workload(
         if progress is not None and number % 1000 == 999:
             progress(number + 1)
     return result
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One way to run a guest: EPT (with its depth and large pages) or shadow paging."""
+
+    name: str
+    tdp: bool = True
+    guest_levels: int = 4
+    ept_levels: int = 4
+    guest_page_size: int = PAGE_SIZE
+    thp: bool = False
+
+    def machine(self, pages: int, base: int) -> Machine:
+        """A machine whose guest maps `pages` pages at `base` (rounded up to whole large
+        pages), backed by THP when `thp`."""
+        size = -(-pages * PAGE_SIZE // self.guest_page_size) * self.guest_page_size
+        m = Machine(
+            guest_ram=max(32 << 20, 2 * size),
+            tdp=self.tdp,
+            guest_levels=self.guest_levels,
+            ept_levels=self.ept_levels,
+            maxphyaddr=52 if self.ept_levels == 5 else 48,
+            thp=self.thp,
+        )
+        m.guest.map(base, self.guest_page_size, size, page_size=self.guest_page_size, rw=1)
+        return m
+
+
+CONFIGURATIONS = (
+    Configuration("EPT 4x4"),
+    Configuration("EPT 4x5", ept_levels=5),
+    Configuration("EPT 5x5", guest_levels=5, ept_levels=5),
+    Configuration("EPT 4x4, 2 MiB guest pages", guest_page_size=2 << 20),
+    Configuration("EPT 4x4, 2 MiB guest and EPT pages", guest_page_size=2 << 20, thp=True),
+    Configuration("shadow paging", tdp=False),
+)
+
+
+def compare(
+    stream: Callable[[int], Stream],
+    pages: int,
+    configurations: Iterable[Configuration] = CONFIGURATIONS,
+    base: int = 0x4000_0000,
+    warm: bool = True,
+) -> list[WorkloadResult]:
+    """Run the same stream (`stream(base)` gives it) on each configuration; with `warm`,
+    a first pass faults everything in so the counted pass shows steady-state costs."""
+    results = []
+    for config in configurations:
+        m = config.machine(pages, base)
+        if warm:
+            run_workload(m, stream(base))
+        results.append(run_workload(m, stream(base), config.name))
+    return results
+
+
+def comparison_table(results: Iterable[WorkloadResult]) -> str:
+    """One line per configuration: references per access, TLB hit rate, exits, host faults."""
+    rows = list(results)
+    width = max(len(r.name) for r in rows)
+    lines = [f"{'configuration':<{width}}  refs/access  TLB hits  VM exits  host faults"]
+    for r in rows:
+        lines.append(
+            f"{r.name:<{width}}  {r.references_per_access:11.2f}  {r.tlb_hit_rate:8.1%}"
+            f"  {sum(r.exits.values()):8d}  {r.host_page_faults:11d}"
+        )
+    return "\n".join(lines)
