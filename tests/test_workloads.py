@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterator
 
 import pytest
 
 import twodwalk as tw
+from twodwalk.views.progress import progress_bar
 from twodwalk.workloads import (
     CONFIGURATIONS,
     compare,
@@ -103,3 +105,11 @@ def test_shadow_paging_costs_one_dimension_in_steady_state() -> None:
     (result,) = compare(lambda base: pointer_chase(base, 256, 300, seed=1), 256, shadow)
     misses = result.accesses - result.tlb_hits
     assert result.references == {"native": misses}, "one PTE read per miss, via the PDE cache"
+
+
+def test_text_progress_bar() -> None:
+    out = io.StringIO()
+    m = machine()
+    run_workload(m, sequential(BASE, 1, 2000, step=8), progress=progress_bar(2000, out))
+    text = out.getvalue()
+    assert "1,000/2,000" in text and text.endswith("[" + "#" * 40 + "] 2,000/2,000\n")
