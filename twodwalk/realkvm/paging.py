@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from twodwalk.cpumodel import PAGE_SIZE, CpuModel
 from twodwalk.formats import bits, ia32e_format
 from twodwalk.memory import PhysicalMemory
-from twodwalk.paging import GeneralProtection, PagingControls, exception_for, translate
+from twodwalk.paging import GeneralProtection, exception_for, translate
 from twodwalk.realkvm.device import RealKvm
 from twodwalk.realkvm.runtime import Controls, Observed, RealRunner
 
@@ -163,16 +163,9 @@ def engine_answer(case: PagingCase, cpu: CpuModel) -> Answer:
     memory = PhysicalMemory(cpu.maxphyaddr)
     for address, page in case.pages().items():
         memory.write(address, bytes(page))
-    c = case.controls
-    controls = PagingControls(
-        cr0_wp=c.cr0_wp,
-        cr4_smep=c.cr4_smep,
-        cr4_smap=c.cr4_smap,
-        efer_nxe=c.efer_nxe,
-        rflags_ac=c.rflags_ac,
-    )
+    controls = case.controls.paging()
     record = translate(
-        memory, TABLES[4], case.gva, case.kind, cpl=c.cpl, controls=controls, cpu=cpu
+        memory, TABLES[4], case.gva, case.kind, cpl=case.controls.cpl, controls=controls, cpu=cpu
     )
     exception = exception_for(record, controls)
     ad = _accessed_dirty(case, memory.read_u64)

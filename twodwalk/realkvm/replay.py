@@ -52,14 +52,7 @@ def replay(machine: Machine, gva: int, kind: str, value: int | None = None) -> R
     cpu = machine.vcpu
     if cpu.cr4_la57:
         raise KvmUnavailableError("5-level guests cannot run here: KVM refuses CR4.LA57")
-    controls = Controls(
-        cr0_wp=cpu.cr0_wp,
-        cr4_smep=cpu.cr4_smep,
-        cr4_smap=cpu.cr4_smap,
-        efer_nxe=cpu.efer_nxe,
-        rflags_ac=cpu.rflags_ac,
-        cpl=cpu.cpl,
-    )
+    controls = Controls.of(cpu.controls(), cpu.cpl)
     runner = RealRunner(machine.guest_ram + 2 * RUNTIME_SIZE)
     try:
         real = runner.run(guest_ram_pages(machine), cpu.cr3, gva, kind, controls, value or 0)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from twodwalk.cpumodel import PAGE_SIZE, CpuModel
 from twodwalk.errors import AddressError, TwodwalkError, check_aligned, check_choice, check_int
+from twodwalk.paging import PagingControls
 from twodwalk.realkvm.device import (
     EXIT_REASONS,
     KVM_EXIT_INTERNAL_ERROR,
@@ -105,6 +106,23 @@ class Controls:
     efer_nxe: bool
     rflags_ac: bool
     cpl: int
+
+    @classmethod
+    def of(cls, paging: PagingControls, cpl: int) -> Controls:
+        """The controls the runtime can set, from the engine's."""
+        return cls(
+            paging.cr0_wp, paging.cr4_smep, paging.cr4_smap, paging.efer_nxe, paging.rflags_ac, cpl
+        )
+
+    def paging(self) -> PagingControls:
+        """The same controls for the engine's walk."""
+        return PagingControls(
+            cr0_wp=self.cr0_wp,
+            cr4_smep=self.cr4_smep,
+            cr4_smap=self.cr4_smap,
+            efer_nxe=self.efer_nxe,
+            rflags_ac=self.rflags_ac,
+        )
 
 
 @dataclass(frozen=True)
