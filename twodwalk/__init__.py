@@ -33,6 +33,7 @@ from twodwalk.paging import (
     exception_for,
     translate,
 )
+from twodwalk.tlb import Tlb, TranslationCaches
 from twodwalk.walker import (
     Access,
     AccessKind,
@@ -41,6 +42,7 @@ from twodwalk.walker import (
     Translation,
     WalkFault,
     WalkRecord,
+    WalkStart,
     WalkStep,
     walk,
 )
@@ -70,11 +72,14 @@ __all__ = [
     "PhysicalMemory",
     "PhysicalTables",
     "Rights",
+    "Tlb",
     "Translation",
+    "TranslationCaches",
     "TwodwalkError",
     "Vcpu",
     "WalkFault",
     "WalkRecord",
+    "WalkStart",
     "WalkStep",
     "X86AccessRules",
     "decode_cr3",
