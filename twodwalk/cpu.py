@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from twodwalk.machine import Machine
 
 MAX_ATTEMPTS = 16
+_CONTROLS: dict[tuple[bool, bool, bool, bool, bool, bool, bool, int], PagingControls] = {}
 EXIT_REASON_EXCEPTION_NMI = 0
 ACCESS_SIZE = 8
 
@@ -285,16 +286,21 @@ class Vcpu:
         return Tag(self.vpid, self._pcid(), mmu.eptp.value if isinstance(mmu, TdpMmu) else 0)
 
     def controls(self) -> PagingControls:
-        return PagingControls(
-            cr0_wp=self.cr0_wp,
-            cr4_la57=self.cr4_la57,
-            cr4_smep=self.cr4_smep,
-            cr4_smap=self.cr4_smap,
-            cr4_pke=self.cr4_pke,
-            efer_nxe=self.efer_nxe,
-            rflags_ac=self.rflags_ac,
-            pkru=self.pkru,
+        """The paging controls as the bits stand now (one value per distinct setting)."""
+        key = (
+            self.cr0_wp,
+            self.cr4_la57,
+            self.cr4_smep,
+            self.cr4_smap,
+            self.cr4_pke,
+            self.efer_nxe,
+            self.rflags_ac,
+            self.pkru,
         )
+        controls = _CONTROLS.get(key)
+        if controls is None:
+            controls = _CONTROLS[key] = PagingControls(*key)
+        return controls
 
     def access(self, gva: int, kind: AccessKind | str, value: int | None = None) -> AccessResult:
         """Run one 8-byte access at `gva` in the guest, as KVM_RUN would, and report it."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from twodwalk.errors import check_aligned, check_choice, check_int
 from twodwalk.formats import EptFormat, Rights
-from twodwalk.walker import Access, FaultKind, Violation, WalkRecord
+from twodwalk.walker import Access, AccessKind, FaultKind, Violation, WalkRecord
 
 EPT_MEMTYPE_WB = 6
 EXIT_REASON_EPT_VIOLATION = 48
@@ -56,13 +56,16 @@ class Eptp:
         )
 
 
+_NEEDED = {AccessKind.READ: Rights.R, AccessKind.WRITE: Rights.W, AccessKind.FETCH: Rights.X}
+
+
 @dataclass(frozen=True)
 class EptAccessRules:
     """SDM 29.3.3.2: a read needs R, a write W, a fetch X, in every entry of the walk."""
 
     def violation(self, access: Access, rights: Rights, leaf: int) -> Violation | None:
         del leaf
-        needed = {"read": Rights.R, "write": Rights.W, "fetch": Rights.X}[access.kind.value]
+        needed = _NEEDED[access.kind]
         if needed in rights:
             return None
         return Violation(f"EPT entries do not allow {access.kind.value} (need {needed.name})")

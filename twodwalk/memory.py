@@ -61,6 +61,11 @@ class PhysicalMemory:
 
     def read(self, address: int, size: int) -> bytes:
         """Read `size` bytes, which may span frames."""
+        offset = address & (PAGE_SIZE - 1) if type(address) is int else -1
+        fits = type(size) is int and 0 < size <= PAGE_SIZE - offset
+        if offset >= 0 and fits and address >= 0 and address + size <= self.limit:
+            frame = self._frames.get(address >> PAGE_SHIFT, _ZERO_FRAME)
+            return bytes(frame[offset : offset + size])
         self._check(address, size)
         out = bytearray()
         for pfn, start, end in _pieces(address, size):

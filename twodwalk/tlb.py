@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from twodwalk.errors import TwodwalkError
 from twodwalk.formats import Rights
@@ -25,9 +26,9 @@ KIB4, MIB2, GIB1 = 1 << 12, 1 << 21, 1 << 30
 DEFAULT_GEOMETRY: Mapping[int, tuple[int, int]] = {KIB4: (16, 4), MIB2: (8, 4), GIB1: (1, 4)}
 
 
-@dataclass(frozen=True)
-class Tag:
-    """What an entry belongs to: the VPID, the PCID and the EPTP (0 without EPT)."""
+class Tag(NamedTuple):
+    """What an entry belongs to: the VPID, the PCID and the EPTP (0 without EPT). A named
+    tuple, because every cache lookup hashes one."""
 
     vpid: int
     pcid: int

@@ -48,6 +48,9 @@ class Access:
     @classmethod
     def of(cls, kind: AccessKind | str, cpl: int = 0, implicit: bool = False) -> Access:
         """Build an access from a kind name and a CPL, rejecting anything else clearly."""
+        known = _ACCESSES.get((kind, cpl, implicit)) if type(cpl) is int else None
+        if known is not None:
+            return known
         check_int("cpl", cpl, 0, 4, valid="0, 1, 2 or 3")
         return cls(access_kind(kind), user=cpl == 3 and not implicit, implicit=implicit)
 
@@ -65,6 +68,15 @@ def access_kind(kind: AccessKind | str) -> AccessKind:
     if isinstance(kind, AccessKind):
         return kind
     return AccessKind(check_choice("kind", kind, tuple(k.value for k in AccessKind)))
+
+
+_ACCESSES = {
+    (name, cpl, implicit): Access(kind, user=cpl == 3 and not implicit, implicit=implicit)
+    for kind in AccessKind
+    for name in (kind, kind.value)
+    for cpl in range(4)
+    for implicit in (False, True)
+}
 
 
 class FaultKind(enum.Enum):
