@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import twodwalk as tw
 from twodwalk.tlb import KIB4, MIB2, Tlb
@@ -283,3 +285,55 @@ def test_pde_cache_shortens_the_shadow_walk_too() -> None:
     r = m.vcpu.access(GVA + 0x1000, "read")
     assert [x.dimension for x in r.trace.memory_references()] == ["native"]
     assert [e.cache for e in r.trace.of_type(CacheHit)] == ["paging-structure cache L2"]
+
+
+# --- property: with the invalidations the SDM requires, caches never change an answer ------
+
+PROP_PAGES = 6
+
+
+@settings(max_examples=40)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["read", "write", "fetch", "remap", "protect", "swap", "log"]),
+            st.integers(0, PROP_PAGES - 1),
+            st.integers(0, 3),
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_caches_on_and_off_give_the_same_answers(ops: list[tuple[str, int, int]]) -> None:
+    cached, uncached = machine(), machine()
+    uncached.vcpu.caches.off()
+    for m in (cached, uncached):
+        m.guest.map(0x80_0000, 0x20_0000, PROP_PAGES * 4096, rw=1, us=1)
+    for what, page, arg in ops:
+        answers = []
+        for m in (cached, uncached):
+            gva = 0x80_0000 + page * 4096
+            if what in ("read", "write", "fetch"):
+                m.vcpu.cpl = 3 if arg == 3 else 0
+                r = m.vcpu.access(gva, what, arg if what == "write" else None)
+                code = r.fault.error_code if r.fault is not None else None
+                answers.append((code, r.value if what == "read" else None, r.gpa))
+            elif what == "remap":
+                m.guest.unmap(gva, 4096)
+                m.guest.map(gva, 0x30_0000 + arg * 4096, 4096, rw=1, us=1)
+                m.vcpu.invlpg(gva)
+            elif what == "protect":
+                m.guest.protect(gva, 4096, rw=arg & 1, us=arg >> 1 & 1)
+                m.vcpu.invlpg(gva)
+            elif what == "swap":
+                hva = m.vm.gpa_to_hva(0x20_0000 + page * 4096)
+                assert hva is not None
+                found = m.vmm.tables.find_leaf(hva)
+                if found is not None and found[1] == 1:
+                    frame = m.memory.read_u64(found[0]) & 0xF_FFFF_FFFF_F000
+                    if frame != m.host.zero_page:
+                        m.host.swap_out(m.vmm, hva)
+            else:
+                m.vm.set_user_memory_region(0, arg & 1, 0, m.guest_ram, m.ram_hva)
+        if answers:
+            assert answers[0] == answers[1], (what, page, arg)
