@@ -7,7 +7,7 @@ The engine keeps every paging structure as real 8-byte entries in one simulated 
 and walks them with one generic walker; views and widgets only read what the engine records.
 """
 
-from twodwalk.cpu import AccessResult, InternalError, MmioExit, Vcpu
+from twodwalk.cpu import Vcpu
 from twodwalk.cpumodel import PAGE_SIZE, CpuModel
 from twodwalk.ept import Eptp, ept_violation_qualification
 from twodwalk.errors import AddressError, TwodwalkError
@@ -33,6 +33,7 @@ from twodwalk.paging import (
     exception_for,
     translate,
 )
+from twodwalk.processor import AccessResult, InternalError, MmioExit, Processor
 from twodwalk.tlb import Tlb, TranslationCaches
 from twodwalk.walker import (
     Access,
@@ -71,6 +72,7 @@ __all__ = [
     "PagingControls",
     "PhysicalMemory",
     "PhysicalTables",
+    "Processor",
     "Rights",
     "Tlb",
     "Translation",

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from twodwalk.cpu import AccessResult
 from twodwalk.cpumodel import PAGE_SIZE
 from twodwalk.machine import Machine
+from twodwalk.processor import AccessResult
 from twodwalk.realkvm.device import KvmUnavailableError
 from twodwalk.realkvm.runtime import RUNTIME_SIZE, Controls, Observed, RealRunner
 from twodwalk.trace import GuestWalk, KvmWalk

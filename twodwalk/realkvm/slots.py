@@ -13,10 +13,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from twodwalk.cpu import AccessResult, MmioExit
 from twodwalk.cpumodel import PAGE_SIZE
 from twodwalk.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 from twodwalk.machine import Machine
+from twodwalk.processor import AccessResult, MmioExit
 from twodwalk.realkvm.device import RealKvm
 from twodwalk.realkvm.runtime import Controls, Observed, RealRunner
 

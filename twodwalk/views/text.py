@@ -30,9 +30,9 @@ from twodwalk.trace import (
 from twodwalk.walker import Translation, WalkFault, WalkRecord
 
 if TYPE_CHECKING:
-    from twodwalk.cpu import AccessResult
     from twodwalk.kvm.memslots import Memslot
     from twodwalk.pagetables import PageTables, TreeEntry
+    from twodwalk.processor import AccessResult
 
 
 def describe_entry(entry: DecodedEntry) -> str:

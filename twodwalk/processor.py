@@ -1,0 +1,315 @@
+"""The processor core shared by a vCPU and a bare-metal CPU: control registers, the
+translation caches and their invalidation, and one access from the TLB or a walk.
+
+What happens on a TLB miss differs: a vCPU walks two dimensions or KVM's shadow tables and
+exits to KVM (cpu.py); a bare-metal CPU walks one process's page tables and takes page
+faults into the kernel (native.py). Both subclass `Processor` and supply `_attempt`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from twodwalk.cpumodel import CpuModel
+from twodwalk.ept import EptAccessRules
+from twodwalk.errors import TwodwalkError, check_choice, check_int
+from twodwalk.formats import EntryFormat, Rights
+from twodwalk.memory import PhysicalMemory
+from twodwalk.paging import (
+    GeneralProtection,
+    PageFault,
+    PagingControls,
+    X86AccessRules,
+    decode_cr3,
+)
+from twodwalk.tlb import Tag, Tlb, TlbEntry, TranslationCaches
+from twodwalk.trace import CacheHit, DataAccess, Retry, TlbHit, Trace
+from twodwalk.walker import Access, AccessKind, WalkRecord, WalkStart
+
+MAX_ATTEMPTS = 16
+ACCESS_SIZE = 8
+_CONTROLS: dict[tuple[bool, bool, bool, bool, bool, bool, bool, int], PagingControls] = {}
+
+
+@dataclass(frozen=True)
+class MmioExit:
+    """KVM_EXIT_MMIO: the access went to userspace (struct kvm_run `mmio`)."""
+
+    phys_addr: int
+    is_write: bool
+    len: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class InternalError:
+    """KVM_EXIT_INTERNAL_ERROR: KVM could not emulate the access (e.g. a fetch from MMIO)."""
+
+    suberror: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class AccessResult:
+    """What one `access()` did: the guest-visible fault or exit, the value, the addresses
+    in all four spaces, and the trace of everything in order."""
+
+    fault: PageFault | GeneralProtection | None
+    exit: MmioExit | InternalError | None
+    value: int | None
+    gpa: int | None
+    hva: int | None
+    hpa: int | None
+    trace: Trace = field(repr=False)
+
+
+class Processor(ABC):
+    """One logical processor. Plain attributes are the control-register bits paging reads."""
+
+    def __init__(self, memory: PhysicalMemory, cpu_model: CpuModel, vpid: int = 0) -> None:
+        self.memory = memory
+        self.cpu_model = cpu_model
+        self._cr3 = 0
+        self.cr0_wp = True
+        self.cr4_smep = False
+        self.cr4_smap = False
+        self.cr4_la57 = False
+        self.cr4_pke = False
+        self.efer_nxe = True
+        self.rflags_ac = False
+        self.pkru = 0
+        self.cpl = 0
+        self.cr4_pge = True
+        self.cr4_pcide = False
+        self.vpid = vpid
+        self.caches = TranslationCaches()
+
+    @property
+    def cr3(self) -> int:
+        """CR3: the guest-physical address of the root table, plus PWT/PCD or a PCID."""
+        return self._cr3
+
+    @cr3.setter
+    def cr3(self, value: int) -> None:
+        """A flushing MOV to CR3: plain assignment never keeps the old PCID's entries, even
+        with bit 63 set (use `mov_cr3` for the no-flush form)."""
+        self.mov_cr3(value & ~(1 << 63))
+
+    def mov_cr3(self, value: int) -> None:
+        """MOV to CR3 (SDM Vol 3A 4.10.4.1). Bits above MAXPHYADDR raise #GP, so they are
+        rejected. With CR4.PCIDE=0 the load invalidates every non-global entry (PCID 0); with
+        PCIDE=1 it invalidates the non-global entries of the new PCID, unless bit 63 is set,
+        which asks for no invalidation and is not stored."""
+        decode_cr3(value, self.cpu_model, pcide=self.cr4_pcide)
+        self._cr3 = value & ~(1 << 63)
+        if self.cr4_pcide and value >> 63:
+            return
+        self.caches.flush_pcid(self.vpid, self._pcid())
+
+    @property
+    def tlb(self) -> Tlb:
+        """The TLB proper (see `caches` for the paging-structure and guest-physical caches)."""
+        return self.caches.tlb
+
+    def flush_tlb(self) -> None:
+        """Flush every translation this CPU caches: TLB (global entries too) and
+        paging-structure caches (INVVPID single-context), so the next access walks."""
+        self.invvpid("single")
+
+    def invlpg(self, gva: int) -> None:
+        """INVLPG: drop the translations of the page holding `gva` for the current PCID,
+        and global ones for every PCID (SDM Vol 3A 4.10.4.1)."""
+        check_int("gva", gva, 0, 1 << 64, valid="0 <= gva < 2**64")
+        self.caches.flush_address(self.vpid, self._pcid(), gva)
+
+    def invvpid(self, kind: str, vpid: int | None = None, gva: int | None = None) -> None:
+        """INVVPID (SDM Vol 3C 31.3): "address" (one linear address of a VPID),
+        "single" (a VPID), "single-retaining-globals", or "all" (every VPID but 0)."""
+        check_choice("kind", kind, ("address", "single", "single-retaining-globals", "all"))
+        target = self.vpid if vpid is None else vpid
+        if kind == "address":
+            address = check_int("gva", gva, 0, 1 << 64, valid="a linear address for kind=address")
+            self.caches.flush_address(target, None, address)
+        elif kind == "all":
+            self.caches.flush_all_vpids()
+        else:
+            self.caches.flush_vpid(target, keep_global=kind == "single-retaining-globals")
+
+    def _pcid(self) -> int:
+        return self._cr3 & 0xFFF if self.cr4_pcide else 0
+
+    def _tag(self) -> Tag:
+        return Tag(self.vpid, self._pcid(), self._eptp())
+
+    def _eptp(self) -> int:
+        """The EPTP that tags cached translations (0: no EPT)."""
+        return 0
+
+    def controls(self) -> PagingControls:
+        """The paging controls as the bits stand now (one value per distinct setting)."""
+        key = (
+            self.cr0_wp,
+            self.cr4_la57,
+            self.cr4_smep,
+            self.cr4_smap,
+            self.cr4_pke,
+            self.efer_nxe,
+            self.rflags_ac,
+            self.pkru,
+        )
+        controls = _CONTROLS.get(key)
+        if controls is None:
+            controls = _CONTROLS[key] = PagingControls(*key)
+        return controls
+
+    def access(self, gva: int, kind: AccessKind | str, value: int | None = None) -> AccessResult:
+        """Run one 8-byte access at `gva`, retrying after whatever fixed a fault, and
+        report it."""
+        check_int("gva", gva, 0, 1 << 64, valid="0 <= gva < 2**64")
+        access = Access.of(kind, self.cpl)
+        if (gva & 0xFFF) + ACCESS_SIZE > 0x1000:
+            raise TwodwalkError(
+                f"gva={gva:#x}: an {ACCESS_SIZE}-byte access there would cross a"
+                " 4 KiB page boundary; use an address with (gva & 0xfff) <= 0xff8"
+            )
+        if access.is_write:
+            check_int("value", value, 0, 1 << 64, valid="a 64-bit value for a write")
+        elif value is not None:
+            raise TwodwalkError(
+                f"value={value!r} is only for writes; a {access.kind.value} takes no value"
+            )
+        trace = Trace()
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt:
+                trace.add(Retry(attempt))
+            result = self._tlb_hit(gva, access, value, trace)
+            if result is None:
+                result = self._attempt(gva, access, value, trace)
+            if result is not None:
+                return result
+        raise TwodwalkError(f"access to {gva:#x} did not complete in {MAX_ATTEMPTS} attempts")
+
+    @abstractmethod
+    def _attempt(
+        self, gva: int, access: Access, value: int | None, trace: Trace
+    ) -> AccessResult | None:
+        """One try of the access after a TLB miss: a result, or None to retry."""
+
+    def _hva_of(self, gpa: int) -> int | None:
+        """The host-virtual address of a guest-physical one, where there is a VMM."""
+        del gpa
+        return None
+
+    def _psc_start(
+        self, fmt: EntryFormat, gva: int, trace: Trace
+    ) -> tuple[WalkStart | None, dict[int, int]]:
+        """The deepest paging-structure cache entry for `gva`: where the walk can begin
+        (SDM Vol 3A 4.10.3.2: the PDE cache first, then the PDPTE and PML4E caches)."""
+        tag = self._tag()
+        for level in range(2, fmt.levels + 1):
+            entry = self.caches.psc[level].lookup(tag, gva)
+            if entry is not None and entry.gpa_page is not None:
+                trace.add(CacheHit(f"paging-structure cache L{level}", entry.page, entry.frame))
+                return WalkStart(level - 1, entry.gpa_page, entry.rights), {
+                    entry.gpa_page: entry.frame
+                }
+        return None, {}
+
+    def _fill_psc(self, record: WalkRecord) -> None:
+        """Cache, for each table the walk went through, the address of the table below it
+        and the rights so far (keyed by the address bits that chose them)."""
+        tag = self._tag()
+        for upper, lower in zip(record.steps, record.steps[1:], strict=False):
+            cover = record.format.page_size(upper.level)
+            self.caches.psc[upper.level].insert(
+                TlbEntry(
+                    tag,
+                    record.address & ~(cover - 1),
+                    cover,
+                    lower.read.physical & ~0xFFF,
+                    lower.table,
+                    upper.rights,
+                    None,
+                    upper.value,
+                    True,
+                    False,
+                )
+            )
+
+    def _tlb_hit(
+        self, gva: int, access: Access, value: int | None, trace: Trace
+    ) -> AccessResult | None:
+        """Serve the access from the TLB if an entry allows it. An entry whose rights do
+        not allow the access, or a write through a clean entry, is dropped and the CPU walks
+        (SDM Vol 3A 4.10.4.1: a page fault invalidates the address's TLB entries)."""
+        entry = self.tlb.lookup(self._tag(), gva)
+        if entry is None:
+            return None
+        controls = self.controls()
+        refused = X86AccessRules(controls).violation(access, entry.rights, entry.leaf)
+        if entry.ept_rights is not None and refused is None:
+            refused = EptAccessRules().violation(access, entry.ept_rights, 0)
+        if refused is not None or (access.is_write and not entry.dirty):
+            self.tlb.invalidate(lambda e: e is not entry)
+            return None
+        offset = gva & (entry.page_size - 1)
+        trace.add(TlbHit(entry.page, entry.page_size, entry.frame))
+        data = self._data_access(entry.frame + offset, access, value, trace)
+        gpa = None if entry.gpa_page is None else entry.gpa_page + offset
+        hva = None if gpa is None else self._hva_of(gpa)
+        return self._result(trace, value=data, gpa=gpa, hva=hva, hpa=entry.frame + offset)
+
+    def _fill_tlb(
+        self,
+        gva: int,
+        page_size: int,
+        hpa: int,
+        gpa: int,
+        walk_leaf: WalkRecord,
+        ept_rights: Rights | None,
+    ) -> None:
+        """Cache what a successful walk found, at the smaller of the two page sizes (a
+        combined mapping cannot be larger than either of its translations)."""
+        assert walk_leaf.translation is not None
+        step = walk_leaf.steps[-1]
+        leaf = step.written if step.written is not None else step.value
+        mask = page_size - 1
+        self.tlb.insert(
+            TlbEntry(
+                self._tag(),
+                gva & ~mask,
+                page_size,
+                hpa & ~mask,
+                gpa & ~mask,
+                walk_leaf.translation.rights,
+                ept_rights,
+                leaf,
+                bool(leaf >> 6 & 1),
+                bool(leaf >> 8 & 1) and self.cr4_pge,
+            )
+        )
+
+    def _data_access(self, hpa: int, access: Access, value: int | None, trace: Trace) -> int:
+        memory = self.memory
+        if access.is_write:
+            assert value is not None
+            memory.write(hpa, value.to_bytes(ACCESS_SIZE, "little"))
+            data = value
+        else:
+            data = int.from_bytes(memory.read(hpa, ACCESS_SIZE), "little")
+        trace.add(DataAccess(hpa, access.kind.value, data))
+        return data if not access.is_write else value or 0
+
+    @staticmethod
+    def _result(
+        trace: Trace,
+        *,
+        fault: PageFault | GeneralProtection | None = None,
+        exit: MmioExit | InternalError | None = None,
+        value: int | None = None,
+        gpa: int | None = None,
+        hva: int | None = None,
+        hpa: int | None = None,
+    ) -> AccessResult:
+        return AccessResult(fault, exit, value, gpa, hva, hpa, trace)
