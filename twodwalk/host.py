@@ -93,20 +93,35 @@ class Process:
         self._mmap_top = MMAP_BASE
 
     def mmap(
-        self, size: int, huge: bool = False, name: str = "anon", page_size: int | None = None
+        self,
+        size: int,
+        huge: bool = False,
+        name: str = "anon",
+        page_size: int | None = None,
+        fixed: int | None = None,
     ) -> int:
-        """Anonymous private mapping, placed top-down (mm/mmap.c). `huge` backs it with
-        2 MiB THP pages; `page_size=1 << 30` with 1 GiB hugetlbfs pages. Returns the HVA."""
+        """Anonymous private mapping, placed top-down (mm/mmap.c), or at `fixed` (MAP_FIXED,
+        which must not overlap another VMA). `huge` backs it with 2 MiB THP pages;
+        `page_size=1 << 30` with 1 GiB hugetlbfs pages. Returns the address."""
         align = page_size or (HUGE_PAGE_SIZE if huge else PAGE_SIZE)
         if align not in self.kernel.allocators:
             sizes = ", ".join(f"{s:#x}" for s in sorted(self.kernel.allocators))
             raise TwodwalkError(f"page_size={align:#x} is not available: this host has {sizes}")
         check_int("size", size, 1, 1 << 46, valid="a positive size below 64 TiB")
         check_aligned("size", size, align)
-        start = (self._mmap_top - size) & ~(align - 1)
-        if start < 1 << 32:
-            raise MemoryError(f"no room for a mapping of {size:#x} bytes")
-        self._mmap_top = start - align
+        if fixed is not None:
+            start = check_aligned(
+                "fixed",
+                check_int("fixed", fixed, 1 << 16, TASK_SIZE_MAX - size, valid="a user address"),
+                align,
+            )
+            if any(v.start < start + size and start < v.end for v in self.vmas):
+                raise TwodwalkError(f"fixed={fixed:#x}: the range overlaps an existing mapping")
+        else:
+            start = (self._mmap_top - size) & ~(align - 1)
+            if start < 1 << 32:
+                raise MemoryError(f"no room for a mapping of {size:#x} bytes")
+            self._mmap_top = start - align
         self.vmas.append(Vma(start, start + size, align, name))
         return start
 

@@ -56,14 +56,7 @@ class Machine:
         if ept_levels is None:
             ept_levels = 5 if maxphyaddr > 48 else 4  # KVM: 5-level EPT only when needed
         check_choice("ept_levels", str(ept_levels), ("4", "5"))
-        self.memory = PhysicalMemory(maxphyaddr)
-        self.host = HostKernel(
-            self.memory,
-            self.cpu_model,
-            FrameAllocator(self.memory, *SMALL_FRAMES),
-            FrameAllocator(self.memory, *HUGE_FRAMES, frame_size=HUGE_PAGE_SIZE),
-            FrameAllocator(self.memory, *GIGANTIC_FRAMES, frame_size=GIGANTIC_PAGE_SIZE),
-        )
+        self.memory, self.host = new_host(self.cpu_model)
         self.vmm = self.host.spawn("qemu")
         self.guest_ram = guest_ram
         self.ram_hva = self.vmm.mmap(guest_ram, name="guest RAM", page_size=align)
@@ -99,6 +92,19 @@ class Machine:
         if page is None:
             raise KvmError(errno.EFAULT, f"HVA {hva:#x} of GPA {page_gpa:#x} is not mapped")
         return page.hpa + (hva & (page.page_size - 1))
+
+
+def new_host(cpu_model: CpuModel) -> tuple[PhysicalMemory, HostKernel]:
+    """Host physical memory and a host kernel with the frame layout described above."""
+    memory = PhysicalMemory(cpu_model.maxphyaddr)
+    host = HostKernel(
+        memory,
+        cpu_model,
+        FrameAllocator(memory, *SMALL_FRAMES),
+        FrameAllocator(memory, *HUGE_FRAMES, frame_size=HUGE_PAGE_SIZE),
+        FrameAllocator(memory, *GIGANTIC_FRAMES, frame_size=GIGANTIC_PAGE_SIZE),
+    )
+    return memory, host
 
 
 def _pages(gpa: int, size: int) -> list[tuple[int, int, int]]:

@@ -265,7 +265,7 @@ class Processor(ABC):
         gva: int,
         page_size: int,
         hpa: int,
-        gpa: int,
+        gpa: int | None,
         walk_leaf: WalkRecord,
         ept_rights: Rights | None,
     ) -> None:
@@ -281,7 +281,7 @@ class Processor(ABC):
                 gva & ~mask,
                 page_size,
                 hpa & ~mask,
-                gpa & ~mask,
+                None if gpa is None else gpa & ~mask,
                 walk_leaf.translation.rights,
                 ept_rights,
                 leaf,

@@ -14,10 +14,13 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from twodwalk.cpumodel import PAGE_SIZE
 from twodwalk.errors import check_int
 from twodwalk.machine import Machine
+from twodwalk.native import NativeMachine
+from twodwalk.processor import Processor
 from twodwalk.trace import CacheHit, HostPageFault, TlbHit, VmExit
 
 Stream = Iterable[tuple[int, str]]
@@ -106,8 +109,15 @@ class WorkloadResult:
         return "\n".join([self.name] + [f"  {label:<{width}}  {v:>10}" for label, v in rows])
 
 
+class HasCpu(Protocol):
+    """A `Machine` (a vCPU) or a `NativeMachine` (bare metal): anything with a processor."""
+
+    @property
+    def vcpu(self) -> Processor: ...
+
+
 def run_workload(
-    machine: Machine,
+    machine: HasCpu,
     stream: Stream,
     name: str = "workload",
     progress: Callable[[int], None] | None = None,
@@ -148,11 +158,16 @@ class Configuration:
     ept_levels: int = 4
     guest_page_size: int = PAGE_SIZE
     thp: bool = False
+    native: bool = False
 
-    def machine(self, pages: int, base: int) -> Machine:
+    def machine(self, pages: int, base: int) -> HasCpu:
         """A machine whose guest maps `pages` pages at `base` (rounded up to whole large
-        pages), backed by THP when `thp`."""
+        pages), backed by THP when `thp`; or, `native`, a process that mmaps them there."""
         size = -(-pages * PAGE_SIZE // self.guest_page_size) * self.guest_page_size
+        if self.native:
+            native = NativeMachine(maxphyaddr=48)
+            native.mmap(size, huge=self.guest_page_size > PAGE_SIZE, fixed=base)
+            return native
         m = Machine(
             guest_ram=max(32 << 20, 2 * size),
             tdp=self.tdp,
@@ -166,6 +181,7 @@ class Configuration:
 
 
 CONFIGURATIONS = (
+    Configuration("native (bare metal)", native=True),
     Configuration("EPT 4x4"),
     Configuration("EPT 4x5", ept_levels=5),
     Configuration("EPT 5x5", guest_levels=5, ept_levels=5),

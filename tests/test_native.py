@@ -1,0 +1,66 @@
+"""Bare metal: one process, its own page tables, page faults into the host kernel."""
+
+from __future__ import annotations
+
+import twodwalk as tw
+from twodwalk.native import NativeMachine
+from twodwalk.trace import HostPageFault, NativeWalk, TlbHit
+from twodwalk.workloads import CONFIGURATIONS, compare, pointer_chase
+
+VA = 0x5000_0000
+
+
+def machine() -> NativeMachine:
+    m = NativeMachine(maxphyaddr=48)
+    m.mmap(16 * 4096, fixed=VA)
+    return m
+
+
+def test_first_read_maps_the_zero_page_and_the_first_write_breaks_cow() -> None:
+    m = machine()
+    read = m.vcpu.access(VA + 8, "read")
+    assert read.value == 0 and read.hpa is not None
+    assert read.hpa & ~0xFFF == m.host.zero_page
+    assert [f.resolution for f in read.trace.of_type(HostPageFault)] == [
+        "zero page mapped read-only"
+    ]
+    write = m.vcpu.access(VA + 8, "write", 77)
+    faults = write.trace.of_type(HostPageFault)
+    assert len(faults) == 1 and "copy-on-write" in faults[0].resolution
+    assert m.vcpu.access(VA + 8, "read").value == 77
+
+
+def test_a_native_walk_is_one_dimension_of_four_references() -> None:
+    m = machine()
+    m.vcpu.access(VA, "write", 1)
+    m.vcpu.caches.off()
+    r = m.vcpu.access(VA, "read")
+    assert [ref.dimension for ref in r.trace.memory_references()] == ["native"] * 4
+    assert r.gpa is None, "no guest-physical space on bare metal"
+
+
+def test_tlb_hit_after_the_walk() -> None:
+    m = machine()
+    m.vcpu.access(VA, "write", 1)
+    again = m.vcpu.access(VA, "read")
+    assert again.trace.of_type(TlbHit) and not again.trace.of_type(NativeWalk)
+
+
+def test_access_outside_every_vma_is_a_user_page_fault() -> None:
+    m = machine()
+    r = m.vcpu.access(VA + 0x10_0000, "write", 1)
+    assert isinstance(r.fault, tw.PageFault)
+    assert r.fault.error_code == 6, "user write to a not-present page"
+
+
+def test_native_costs_what_shadow_costs_and_ept_costs_more() -> None:
+    configs = [
+        c for c in CONFIGURATIONS if c.name in ("native (bare metal)", "EPT 4x4", "shadow paging")
+    ]
+    results = {
+        r.name: r for r in compare(lambda b: pointer_chase(b, 256, 300, seed=2), 256, configs)
+    }
+    native = results["native (bare metal)"]
+    assert native.references_per_access == results["shadow paging"].references_per_access
+    assert results["EPT 4x4"].references_per_access > native.references_per_access
+    assert native.exits == {}
