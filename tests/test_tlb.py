@@ -337,3 +337,21 @@ def test_caches_on_and_off_give_the_same_answers(ops: list[tuple[str, int, int]]
                 m.vm.set_user_memory_region(0, arg & 1, 0, m.guest_ram, m.ram_hva)
         if answers:
             assert answers[0] == answers[1], (what, page, arg)
+
+
+def test_counts_only_fast_path_serves_exactly_what_a_traced_hit_would() -> None:
+    m = machine()
+    assert not m.vcpu.tlb_access(GVA, "read"), "a miss is left to access()"
+    m.vcpu.access(GVA, "read")
+    assert m.vcpu.tlb_access(GVA, "read")
+    assert not m.vcpu.tlb_access(GVA, "write", 5), "a clean entry makes a write walk"
+    m.vcpu.access(GVA, "write", 5)
+    assert m.vcpu.tlb_access(GVA, "write", 6)
+    assert m.read_gpa(GPA, 8) == (6).to_bytes(8, "little"), "the write reached memory"
+    m.vcpu.cpl = 3
+    m.vcpu.access(KERNEL_GVA, "read")
+    m.vcpu.cpl = 0
+    m.vcpu.access(KERNEL_GVA, "read")
+    m.vcpu.cpl = 3
+    assert not m.vcpu.tlb_access(KERNEL_GVA, "read"), "the rights refuse a user access"
+    assert not m.vcpu.tlb_access(GVA + 0xFFC, "read"), "bad input goes to access() to raise"

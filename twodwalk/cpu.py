@@ -151,7 +151,9 @@ class Vcpu(Processor):
         # KVM gives each vCPU a VPID when the CPU has them (vmx.c allocate_vpid).
         super().__init__(machine.memory, machine.cpu_model, vpid=1)
         self.machine = machine
-        machine.vm.mmu.tlb_flushers.append(self._kvm_flush)
+        mmu = machine.vm.mmu
+        self._eptp_value = mmu.eptp.value if isinstance(mmu, TdpMmu) else 0  # fixed per VM
+        mmu.tlb_flushers.append(self._kvm_flush)
 
     def flush_tlb(self) -> None:
         """Flush every translation this vCPU caches: TLB (global entries too),
@@ -177,10 +179,6 @@ class Vcpu(Processor):
             self.invept("single")
         else:
             self.invvpid("single")
-
-    def _eptp(self) -> int:
-        mmu = self.machine.vm.mmu
-        return mmu.eptp.value if isinstance(mmu, TdpMmu) else 0
 
     def _hva_of(self, gpa: int) -> int | None:
         return self.machine.vm.gpa_to_hva(gpa)

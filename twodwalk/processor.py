@@ -30,6 +30,8 @@ from twodwalk.walker import Access, AccessKind, WalkRecord, WalkStart
 MAX_ATTEMPTS = 16
 ACCESS_SIZE = 8
 _CONTROLS: dict[tuple[bool, bool, bool, bool, bool, bool, bool, int], PagingControls] = {}
+# Whether cached rights allow an access under some controls: the answer depends on nothing else.
+_ALLOWED: dict[tuple[Rights, Rights | None, int, int, int], bool] = {}
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class Processor(ABC):
         self.cr4_pcide = False
         self.vpid = vpid
         self.caches = TranslationCaches()
+        self._eptp_value = 0  # the EPTP that tags cached translations; a vCPU with EPT sets it
 
     @property
     def cr3(self) -> int:
@@ -140,11 +143,8 @@ class Processor(ABC):
         return self._cr3 & 0xFFF if self.cr4_pcide else 0
 
     def _tag(self) -> Tag:
-        return Tag(self.vpid, self._pcid(), self._eptp())
-
-    def _eptp(self) -> int:
-        """The EPTP that tags cached translations (0: no EPT)."""
-        return 0
+        """What the caches tag entries with now: VPID, PCID and EPTP (0 without EPT)."""
+        return Tag(self.vpid, self._cr3 & 0xFFF if self.cr4_pcide else 0, self._eptp_value)
 
     def controls(self) -> PagingControls:
         """The paging controls as the bits stand now (one value per distinct setting)."""
@@ -240,18 +240,9 @@ class Processor(ABC):
     def _tlb_hit(
         self, gva: int, access: Access, value: int | None, trace: Trace
     ) -> AccessResult | None:
-        """Serve the access from the TLB if an entry allows it. An entry whose rights do
-        not allow the access, or a write through a clean entry, is dropped and the CPU walks
-        (SDM Vol 3A 4.10.4.1: a page fault invalidates the address's TLB entries)."""
-        entry = self.tlb.lookup(self._tag(), gva)
+        """Serve the access from the TLB if an entry allows it (see `_usable_entry`)."""
+        entry = self._usable_entry(gva, access)
         if entry is None:
-            return None
-        controls = self.controls()
-        refused = X86AccessRules(controls).violation(access, entry.rights, entry.leaf)
-        if entry.ept_rights is not None and refused is None:
-            refused = EptAccessRules().violation(access, entry.ept_rights, 0)
-        if refused is not None or (access.is_write and not entry.dirty):
-            self.tlb.invalidate(lambda e: e is not entry)
             return None
         offset = gva & (entry.page_size - 1)
         trace.add(TlbHit(entry.page, entry.page_size, entry.frame))
@@ -259,6 +250,46 @@ class Processor(ABC):
         gpa = None if entry.gpa_page is None else entry.gpa_page + offset
         hva = None if gpa is None else self._hva_of(gpa)
         return self._result(trace, value=data, gpa=gpa, hva=hva, hpa=entry.frame + offset)
+
+    def _usable_entry(self, gva: int, access: Access) -> TlbEntry | None:
+        """The TLB entry for `gva` if it allows the access. An entry whose rights refuse
+        it, or a write through a clean entry, is dropped and the CPU walks (SDM Vol 3A
+        4.10.4.1: a page fault invalidates the address's TLB entries)."""
+        entry = self.tlb.lookup(self._tag(), gva)
+        if entry is None:
+            return None
+        controls = self.controls()
+        # Controls and accesses are interned (one object per setting: `controls`,
+        # `Access.of`), so their ids are keys.
+        key = (entry.rights, entry.ept_rights, entry.leaf >> 59, id(access), id(controls))
+        allowed = _ALLOWED.get(key)
+        if allowed is None:
+            refused = X86AccessRules(controls).violation(access, entry.rights, entry.leaf)
+            if entry.ept_rights is not None and refused is None:
+                refused = EptAccessRules().violation(access, entry.ept_rights, 0)
+            allowed = _ALLOWED[key] = refused is None
+        if not allowed or (access.kind is AccessKind.WRITE and not entry.dirty):
+            self.tlb.invalidate(lambda e: e is not entry)
+            return None
+        return entry
+
+    def tlb_access(self, gva: int, kind: AccessKind | str, value: int | None = None) -> bool:
+        """The counts-only fast path: do the access if the TLB can serve it, recording
+        nothing, and say whether it did (False: call `access`, which walks and traces)."""
+        access = Access.of(kind, self.cpl)
+        write = access.kind is AccessKind.WRITE
+        if type(gva) is not int or not 0 <= gva < 1 << 64 or (gva & 0xFFF) > 0xFF8:
+            return False
+        if write and (type(value) is not int or not 0 <= value < 1 << 64):
+            return False
+        entry = self._usable_entry(gva, access)
+        if entry is None:
+            return False
+        hpa = entry.frame + (gva & (entry.page_size - 1))
+        if write:
+            assert value is not None
+            self.memory.write(hpa, value.to_bytes(ACCESS_SIZE, "little"))
+        return True
 
     def _fill_tlb(
         self,

@@ -77,17 +77,19 @@ class Tlb:
         self._sets: dict[int, list[OrderedDict[tuple[Tag, int], TlbEntry]]] = {
             size: [OrderedDict() for _ in range(sets)] for size, (sets, _) in self.geometry.items()
         }
+        self._arrays = [(size, sets, len(sets)) for size, sets in self._sets.items()]
 
     def lookup(self, tag: Tag, address: int) -> TlbEntry | None:
         """The entry that translates `address` for `tag`, or None (counted as a miss)."""
         if not self.enabled:
             return None
-        for size, sets in self._sets.items():
-            page = address & ~(size - 1)
-            ways = sets[(page // size) % len(sets)]
-            entry = ways.get((tag, page))
+        for size, sets, count in self._arrays:
+            page = address & -size
+            key = (tag, page)
+            ways = sets[(page // size) % count]
+            entry = ways.get(key)
             if entry is not None:
-                ways.move_to_end((tag, page))
+                ways.move_to_end(key)
                 self.stats.hits += 1
                 return entry
         self.stats.misses += 1
