@@ -8,7 +8,7 @@ two-dimensional walk's references (guest level i, EPT level j) fall out of the d
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -194,52 +194,50 @@ class Trace:
 
     def memory_references(self, attempt: int = -1) -> list[Reference]:
         """The hardware references of one attempt (default: the last), in hardware order."""
-        refs: list[Reference] = []
-        for event in self.attempts()[attempt]:
-            if isinstance(event, GuestWalk):
-                refs.extend(_guest_walk_references(event.record, len(refs)))
-            elif isinstance(event, EptWalk):
-                refs.extend(_walk_references(event.record, "ept", None, len(refs)))
-            elif isinstance(event, NativeWalk):
-                refs.extend(_walk_references(event.record, "native", None, len(refs)))
-        return refs
+        return [
+            Reference(n, dimension, guest, ept, step.read.physical, step.value, step)
+            for n, (dimension, guest, ept, step) in enumerate(
+                _references(self.attempts()[attempt]), 1
+            )
+        ]
+
+    def reference_counts(self) -> dict[str, int]:
+        """References of every attempt counted by dimension ("guest", "ept", "native"),
+        without building `Reference` values: what the workload simulator adds up."""
+        counts: dict[str, int] = {}
+        for dimension, _, _, _ in _references(self.events):
+            counts[dimension] = counts.get(dimension, 0) + 1
+        return counts
 
 
-def _walk_references(
-    record: WalkRecord, dimension: str, guest_level: int | None, start: int
-) -> list[Reference]:
-    """References of a one-dimensional walk; EPT references carry the guest level they
-    served (None for the final GPA)."""
-    refs: list[Reference] = []
-    for n, step in enumerate(record.steps, start + 1):
+Ref = tuple[str, int | None, int | None, WalkStep]
+
+
+def _references(events: Iterable[Event]) -> Iterator[Ref]:
+    """(dimension, guest level, EPT level, step) of each hardware reference, in order. An
+    EPT reference carries the guest level whose table it translated (None: the final GPA)."""
+    for event in events:
+        if isinstance(event, GuestWalk):
+            yield from _guest_walk_references(event.record)
+        elif isinstance(event, EptWalk):
+            yield from _walk_references(event.record, "ept", None)
+        elif isinstance(event, NativeWalk):
+            yield from _walk_references(event.record, "native", None)
+
+
+def _walk_references(record: WalkRecord, dimension: str, guest_level: int | None) -> Iterator[Ref]:
+    for step in record.steps:
         if dimension == "ept":
-            refs.append(
-                Reference(n, "ept", guest_level, step.level, step.read.physical, step.value, step)
-            )
+            yield "ept", guest_level, step.level, step
         else:
-            refs.append(
-                Reference(n, dimension, step.level, None, step.read.physical, step.value, step)
-            )
-    return refs
+            yield dimension, step.level, None, step
 
 
-def _guest_walk_references(record: WalkRecord, start: int) -> list[Reference]:
-    refs: list[Reference] = []
+def _guest_walk_references(record: WalkRecord) -> Iterator[Ref]:
     for step in record.steps:
         for nested in step.read.nested:
-            refs.extend(_walk_references(nested, "ept", step.level, start + len(refs)))
-        refs.append(
-            Reference(
-                start + len(refs) + 1,
-                "guest",
-                step.level,
-                None,
-                step.read.physical,
-                step.value,
-                step,
-            )
-        )
+            yield from _walk_references(nested, "ept", step.level)
+        yield "guest", step.level, None, step
     fault = record.fault
     if fault is not None and fault.nested is not None:
-        refs.extend(_walk_references(fault.nested, "ept", fault.level, start + len(refs)))
-    return refs
+        yield from _walk_references(fault.nested, "ept", fault.level)

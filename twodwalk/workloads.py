@@ -144,9 +144,8 @@ def run_workload(
 def _count(result: WorkloadResult, r: AccessResult) -> None:
     """Add what one traced access did to the totals."""
     result.guest_faults += r.fault is not None
-    for attempt in range(len(r.trace.attempts())):
-        for ref in r.trace.memory_references(attempt):
-            result.references[ref.dimension] = result.references.get(ref.dimension, 0) + 1
+    for dimension, count in r.trace.reference_counts().items():
+        result.references[dimension] = result.references.get(dimension, 0) + count
     for event in r.trace:
         if isinstance(event, TlbHit):
             result.tlb_hits += 1
