@@ -65,18 +65,14 @@ def import_time() -> Row:
 def cold_walks() -> Row:
     m = _machine()
     cpu = m.vcpu
-
-    def one(i: int) -> None:
-        cpu.flush_tlb()
-        cpu.access(BASE + (i % PAGES) * 4096, "read")
-
+    cpu.caches.off()
     return Row(
         "cold traced 4x4 walk",
-        _rate(5000, one),
+        _rate(5000, lambda i: cpu.access(BASE + (i % PAGES) * 4096, "read")),
         "walks/s",
         20_000,
         True,
-        "EPT and host tables warm, translation caches flushed before each access",
+        "EPT and host tables warm, translation caches off: all 24 references every time",
     )
 
 

@@ -131,6 +131,20 @@ class DecodedEntry:
         return self.layout.field(key).extract(self.value)
 
 
+@dataclass(frozen=True)
+class LevelShape:
+    """What the walker needs to know about one level, precomputed: the index shift, the
+    reserved masks for bit 7 clear and set, whether bit 7 makes a leaf there, and the
+    address masks of a table pointer and of a leaf."""
+
+    shift: int
+    reserved_small: int
+    reserved_large: int
+    large_ok: bool
+    table_mask: int
+    leaf_mask: int
+
+
 class EntryFormat(ABC):
     """The shape of one kind of radix tree, and small predicates over its entries.
 
@@ -257,6 +271,34 @@ class EntryFormat(ABC):
     def leaf_defaults(self) -> Mapping[str, int]:
         """Fields a builder sets in a leaf unless told otherwise (present; WB for EPT)."""
 
+    present_bits: int
+
+    @cached_property
+    def bad_mt_xwr(self) -> int:
+        """KVM's `bad_mt_xwr` bitmap: bit n set when an entry whose bits 5:0 are n is
+        misconfigured (only EPT has such rules; 0 otherwise)."""
+        leaf = self.layout(1, False)
+        return sum(1 << n for n in range(64) if self.misconfiguration(n, leaf) is not None)
+
+    @cached_property
+    def shapes(self) -> tuple[LevelShape, ...]:
+        """`LevelShape` of each level (index = level; index 0 unused), for the walker."""
+        unused = LevelShape(0, 0, 0, False, 0, 0)
+        return (
+            unused,
+            *(
+                LevelShape(
+                    self.shift(level),
+                    self.layout(level, False).reserved,
+                    self.layout(level, True).reserved,
+                    level in self.large_page_levels,
+                    self.address_mask(level, False),
+                    self.address_mask(level, True),
+                )
+                for level in range(1, self.levels + 1)
+            ),
+        )
+
     def misconfiguration(self, value: int, layout: Layout) -> str | None:
         """A present entry that is invalid for a reason other than a reserved bit."""
         del value, layout
@@ -362,6 +404,7 @@ class Ia32eFormat(EntryFormat):
     dirty_bit = 6
     all_rights = Rights.R | Rights.W | Rights.X | Rights.U
     table_names = _X86_TABLE_NAMES
+    present_bits = 1
 
     def __init__(
         self, levels: int, maxphyaddr: int, gbpages: bool, nxe: bool, amd: bool = False
@@ -469,6 +512,7 @@ class EptFormat(EntryFormat):
 
     all_rights = Rights.R | Rights.W | Rights.X
     table_names = _EPT_TABLE_NAMES
+    present_bits = 7
 
     def __init__(
         self, levels: int, maxphyaddr: int, gbpages: bool, ad: bool, execute_only: bool = True

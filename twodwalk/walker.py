@@ -229,38 +229,42 @@ def walk(
         return record.fault(FaultKind.NON_CANONICAL, None, reason)
     mask = int(fmt.all_rights if start is None else start.rights)
     table = root if start is None else start.table
+    shapes, present_bits, bad_mt_xwr = fmt.shapes, fmt.present_bits, fmt.bad_mt_xwr
     for level in range(fmt.levels if start is None else start.level, 0, -1):
-        index = fmt.index(address, level)
+        shape = shapes[level]
+        index = (address >> shape.shift) & 0x1FF
         read = tables.read_entry(table + ENTRY_SIZE * index, access)
         if read.failed is not None:
             return record.fault(
                 FaultKind.NESTED, level, "reading the table entry faulted", nested=read.failed
             )
         value = read.value
-        if fmt.is_present(value):
+        present = value & present_bits
+        if present:
             mask &= fmt.rights(value)
         rights = RIGHTS_BY_MASK[mask]
         record.step(level, table, index, read, rights)
-        if not fmt.is_present(value):
+        if not present:
             return record.fault(
                 FaultKind.NOT_PRESENT,
                 level,
                 f"{fmt.level_name(level)} at {read.physical:#x} is not present",
             )
-        problem = fmt.problem(value, level)
-        if problem is not None:
-            return record.fault(FaultKind.RESERVED, level, problem)
-        if fmt.is_leaf(value, level):
+        large = value & 0x80
+        reserved = value & (shape.reserved_large if large else shape.reserved_small)
+        if reserved or bad_mt_xwr >> (value & 0x3F) & 1:
+            return record.fault(FaultKind.RESERVED, level, fmt.problem(value, level) or "")
+        if level == 1 or (large and shape.large_ok):
             break
-        table = fmt.output_address(value, level)
+        table = value & shape.table_mask
     violation = rules.violation(access, rights, value)
     if violation is not None:
         return record.fault(
             FaultKind.PERMISSION, level, violation.detail, protection_key=violation.protection_key
         )
     _set_accessed_dirty(fmt, record, access, tables)
-    page_size = fmt.page_size(level)
-    physical = fmt.output_address(value, level) | (address & (page_size - 1))
+    page_size = 1 << shape.shift
+    physical = (value & shape.leaf_mask) | (address & (page_size - 1))
     return record.finish(Translation(physical, page_size, level, rights))
 
 
