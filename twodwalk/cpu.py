@@ -62,7 +62,7 @@ EXIT_REASON_EXCEPTION_NMI = 0
 ACCESS_SIZE = 8
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class GpaTranslation:
     """A GPA's translation: the HPA, the EPT page size and rights, and the EPT walk that
     found it (None when a guest-physical mapping answered); hpa None: the walk failed."""

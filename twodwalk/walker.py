@@ -9,6 +9,8 @@ accumulated rights, and only then set the A bits (and D on the leaf for a write)
 
 The walk returns a `WalkRecord`, KVM's `struct guest_walker` made visible: every entry read,
 where it was read from, the rights so far, and the outcome (a translation or a fault *value*).
+The record's classes are slotted dataclasses, not frozen ones, because the walk is the engine's
+hot path; treat them as read-only values once `walk` has returned them.
 Reading a table goes through a `TableMemory`, so that a guest table at a guest-physical address
 can be read through a nested (EPT) walk without the loop knowing.
 """
@@ -16,8 +18,7 @@ can be read through a nested (EPT) walk without the loop knowing.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from twodwalk.errors import check_aligned, check_choice, check_int
@@ -89,7 +90,7 @@ class FaultKind(enum.Enum):
     NESTED = "a table address did not translate in the other dimension"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WalkFault:
     """A fault as a value: what went wrong, at which level (None: before the walk)."""
 
@@ -101,7 +102,7 @@ class WalkFault:
     nested: WalkRecord | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Translation:
     """A successful walk: the physical address, the page it lies in and the rights."""
 
@@ -111,7 +112,7 @@ class Translation:
     rights: Rights
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TableRead:
     """How one entry was read: its value and the physical address it came from, with the
     nested walk that translated the table's address when the tables live in guest memory,
@@ -170,7 +171,7 @@ class AccessRules(Protocol):
     def violation(self, access: Access, rights: Rights, leaf: int) -> Violation | None: ...
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WalkStep:
     """One entry read during a walk: a row of a hand calculation."""
 
@@ -184,12 +185,12 @@ class WalkStep:
     format: EntryFormat = field(repr=False, compare=False)
     written: int | None = None
 
-    @cached_property
+    @property
     def entry(self) -> DecodedEntry:
         return self.format.decode(self.value, self.level)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WalkRecord:
     """Everything a walk did, in order, and how it ended."""
 
@@ -241,7 +242,7 @@ def walk(
         value = read.value
         present = value & present_bits
         if present:
-            mask &= fmt.rights(value)
+            mask &= int(fmt.rights(value))
         rights = RIGHTS_BY_MASK[mask]
         record.step(level, table, index, read, rights)
         if not present:
@@ -282,7 +283,7 @@ def _set_accessed_dirty(
             new |= 1 << fmt.dirty_bit
         if new != step.value:
             tables.write_entry(step.read, new)
-            record.steps[i] = replace(step, written=new)
+            step.written = new
 
 
 class _Recorder:
