@@ -222,9 +222,12 @@ def walk(
 ) -> WalkRecord:
     """Translate `address` through the tree rooted at `root`; faults come back as values.
     `start` skips the levels a paging-structure cache already resolved."""
-    check_aligned("root", check_int("root", root, 0, 1 << fmt.maxphyaddr), 4096)
-    check_int("address", address, 0, U64_LIMIT, valid="0 <= address < 2**64")
+    if type(root) is not int or root & 0xFFF or not 0 <= root < 1 << fmt.maxphyaddr:
+        check_aligned("root", check_int("root", root, 0, 1 << fmt.maxphyaddr), 4096)
+    if type(address) is not int or not 0 <= address < U64_LIMIT:
+        check_int("address", address, 0, U64_LIMIT, valid="0 <= address < 2**64")
     record = _Recorder(fmt, root, address, access, start)
+    steps = record.steps
     reason = fmt.check_address(address)
     if reason is not None:
         return record.fault(FaultKind.NON_CANONICAL, None, reason)
@@ -244,7 +247,9 @@ def walk(
         if present:
             mask &= int(fmt.rights(value))
         rights = RIGHTS_BY_MASK[mask]
-        record.step(level, table, index, read, rights)
+        steps.append(
+            WalkStep(level, table, index, table + ENTRY_SIZE * index, value, rights, read, fmt)
+        )
         if not present:
             return record.fault(
                 FaultKind.NOT_PRESENT,
@@ -295,13 +300,6 @@ class _Recorder:
         self.fmt, self.root, self.address, self.access = fmt, root, address, access
         self.start = start
         self.steps: list[WalkStep] = []
-
-    def step(self, level: int, table: int, index: int, read: TableRead, rights: Rights) -> None:
-        self.steps.append(
-            WalkStep(
-                level, table, index, table + ENTRY_SIZE * index, read.value, rights, read, self.fmt
-            )
-        )
 
     def fault(
         self,

@@ -37,6 +37,7 @@ from twodwalk.paging import PFERR_FETCH, PFERR_PRESENT, PFERR_USER, PFERR_WRITE
 from twodwalk.trace import KvmStep, SpteWrite, Trace
 from twodwalk.walker import Access, PhysicalTables, WalkRecord, walk
 
+_EPT_RULES = EptAccessRules()
 PFERR_GUEST_FINAL = 1 << 32
 PFERR_GUEST_PAGE = 1 << 33
 MMIO_SPTE_VALUE = 0b110  # VMX_EPT_MISCONFIG_WX_VALUE: write+execute without read
@@ -178,19 +179,13 @@ class TdpMmu(KvmMmu):
         self.fmt = fmt
         self.tables = PageTables(fmt, host.memory, host.frames.alloc)
         self.eptp = Eptp(self.tables.root, fmt.levels, fmt.ad)
+        self._tables = PhysicalTables(host.memory)
 
     # --- what the hardware does -------------------------------------------------------------
 
     def walk(self, gpa: int, access: Access) -> WalkRecord:
         """The CPU's EPT walk of one guest-physical address (SDM 29.3.2)."""
-        return walk(
-            self.fmt,
-            self.eptp.root,
-            gpa,
-            access,
-            PhysicalTables(self.host.memory),
-            EptAccessRules(),
-        )
+        return walk(self.fmt, self.eptp.root, gpa, access, self._tables, _EPT_RULES)
 
     # --- exits ------------------------------------------------------------------------------
 
