@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml $(VPY)
 	@touch $(STAMP)
 
 lab: $(STAMP)
-	$(VPY) -m jupyter lab notebooks/00-start-here.ipynb
+	$(VPY) -m jupyter lab $$([ "$$(id -u)" = 0 ] && echo --allow-root) notebooks/00-start-here.ipynb
 
 test: $(STAMP)
 	$(VPY) -m ruff check .
