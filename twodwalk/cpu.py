@@ -222,7 +222,7 @@ class Vcpu(Processor):
         assert guest.translation is not None
         self._fill_psc(guest)
         gpa = guest.translation.address
-        final = gpa_path.translate(gpa, replace(access, user=False, implicit=False))
+        final = gpa_path.translate(gpa, Access.of(access.kind))  # EPT has no user/supervisor
         if final.record is not None:
             trace.add(EptWalk(final.record))
         hpa = final.hpa
