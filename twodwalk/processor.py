@@ -163,9 +163,17 @@ class Processor(ABC):
             controls = _CONTROLS[key] = PagingControls(*key)
         return controls
 
-    def access(self, gva: int, kind: AccessKind | str, value: int | None = None) -> AccessResult:
+    def access(
+        self,
+        gva: int,
+        kind: AccessKind | str,
+        value: int | None = None,
+        *,
+        tlb_missed: bool = False,
+    ) -> AccessResult:
         """Run one 8-byte access at `gva`, retrying after whatever fixed a fault, and
-        report it."""
+        report it. `tlb_missed`: the caller has just seen `tlb_access` fail, so the first
+        attempt need not look in the TLB again."""
         check_int("gva", gva, 0, 1 << 64, valid="0 <= gva < 2**64")
         access = Access.of(kind, self.cpl)
         if (gva & 0xFFF) + ACCESS_SIZE > 0x1000:
@@ -183,7 +191,9 @@ class Processor(ABC):
         for attempt in range(MAX_ATTEMPTS):
             if attempt:
                 trace.add(Retry(attempt))
-            result = self._tlb_hit(gva, access, value, trace)
+            result = (
+                None if tlb_missed and not attempt else self._tlb_hit(gva, access, value, trace)
+            )
             if result is None:
                 result = self._attempt(gva, access, value, trace)
             if result is not None:

@@ -135,7 +135,7 @@ def run_workload(
             result.tlb_hits += 1
         else:
             check_int("gva", gva, 0, 1 << 64)
-            _count(result, cpu.access(gva, kind, value))
+            _count(result, cpu.access(gva, kind, value, tlb_missed=True))
         if progress is not None and number % 1000 == 999:
             progress(number + 1)
     return result
