@@ -44,8 +44,3 @@ class CpuModel:
                 f"maxphyaddr={self.maxphyaddr} is not valid: x86-64 processors report"
                 f" 36..{MAX_MAXPHYADDR} in CPUID.80000008H:EAX[7:0]"
             )
-
-    @property
-    def physical_limit(self) -> int:
-        """One past the highest physical address: 2**MAXPHYADDR."""
-        return 1 << self.maxphyaddr

@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from twodwalk.errors import check_aligned, check_choice, check_int
-from twodwalk.formats import EptFormat, Rights
+from twodwalk.formats import EPT_MEMTYPE_WB, EptFormat, Rights
 from twodwalk.walker import Access, AccessKind, FaultKind, Violation, WalkRecord
 
-EPT_MEMTYPE_WB = 6
 EXIT_REASON_EPT_VIOLATION = 48
 EXIT_REASON_EPT_MISCONFIG = 49
 

@@ -316,10 +316,6 @@ class EntryFormat(ABC):
         """The physical address an entry points to: the next table, or the page frame."""
         return value & self.address_mask(level, self.is_leaf(value, level))
 
-    def reserved_set(self, value: int, level: int) -> int:
-        """Reserved bits set in a present entry (KVM `is_rsvd_bits_set`)."""
-        return value & self.layout(level, bool(value >> PS_BIT & 1)).reserved
-
     def problem(self, value: int, level: int) -> str | None:
         """Why a present entry is invalid (reserved bits, or a format-specific rule), or None."""
         layout = self.layout(level, bool(value >> PS_BIT & 1))
@@ -489,6 +485,7 @@ _EPT_TABLE_NAMES = {
     2: "EPT page table",
 }
 _EPT_BAD_MEMTYPES = frozenset({2, 3, 7})
+EPT_MEMTYPE_WB = 6
 _EPT_COMMON = [
     Field("r", "R", 0, 0, "Read access allowed"),
     Field("w", "W", 1, 1, "Write access allowed"),
@@ -529,7 +526,7 @@ class EptFormat(EntryFormat):
 
     @property
     def leaf_defaults(self) -> Mapping[str, int]:
-        return {"r": 1, "mt": 6}
+        return {"r": 1, "mt": EPT_MEMTYPE_WB}
 
     def is_present(self, value: int) -> bool:
         """SDM 29.3.2: an entry is not present when bits 2:0 are all 0."""

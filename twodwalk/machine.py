@@ -19,7 +19,7 @@ from twodwalk.guest import GuestOS
 from twodwalk.host import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, HostKernel
 from twodwalk.kvm.memslots import KvmError
 from twodwalk.kvm.vm import Vm
-from twodwalk.memory import FrameAllocator, PhysicalMemory
+from twodwalk.memory import FrameAllocator, PhysicalMemory, page_pieces
 
 SMALL_FRAMES = (16 << 20, 1 << 30)
 HUGE_FRAMES = (1 << 30, 4 << 30)
@@ -71,18 +71,23 @@ class Machine:
 
     def read_gpa(self, gpa: int, size: int) -> bytes:
         """Read guest memory as the VMM does: memslot -> HVA -> host page tables -> frame."""
+        check_int("gpa", gpa, 0, 1 << 64)
+        check_int("size", size, 0, 1 << 32)
         out = bytearray()
-        for page_gpa, offset, length in _pages(gpa, size):
-            out += self.memory.read(self._hpa_for_vmm(page_gpa, write=False) + offset, length)
+        for gfn, start, end in page_pieces(gpa, size):
+            out += self.memory.read(
+                self._hpa_for_vmm(gfn << PAGE_SHIFT, write=False) + start, end - start
+            )
         return bytes(out)
 
     def write_gpa(self, gpa: int, data: bytes) -> None:
         """Write guest memory as the VMM does (faulting host pages in; no dirty-log bit)."""
+        check_int("gpa", gpa, 0, 1 << 64)
         done = 0
-        for page_gpa, offset, length in _pages(gpa, len(data)):
-            hpa = self._hpa_for_vmm(page_gpa, write=True)
-            self.memory.write(hpa + offset, data[done : done + length])
-            done += length
+        for gfn, start, end in page_pieces(gpa, len(data)):
+            hpa = self._hpa_for_vmm(gfn << PAGE_SHIFT, write=True)
+            self.memory.write(hpa + start, data[done : done + end - start])
+            done += end - start
 
     def _hpa_for_vmm(self, page_gpa: int, write: bool) -> int:
         hva = self.vm.gpa_to_hva(page_gpa)
@@ -105,17 +110,3 @@ def new_host(cpu_model: CpuModel) -> tuple[PhysicalMemory, HostKernel]:
         FrameAllocator(memory, *GIGANTIC_FRAMES, frame_size=GIGANTIC_PAGE_SIZE),
     )
     return memory, host
-
-
-def _pages(gpa: int, size: int) -> list[tuple[int, int, int]]:
-    """Split [gpa, gpa+size) into (page GPA, offset, length) pieces."""
-    check_int("gpa", gpa, 0, 1 << 64)
-    check_int("size", size, 0, 1 << 32)
-    pieces = []
-    while size > 0:
-        offset = gpa & (PAGE_SIZE - 1)
-        length = min(size, PAGE_SIZE - offset)
-        pieces.append(((gpa >> PAGE_SHIFT) << PAGE_SHIFT, offset, length))
-        gpa += length
-        size -= length
-    return pieces

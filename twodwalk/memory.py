@@ -68,7 +68,7 @@ class PhysicalMemory:
             return bytes(frame[offset : offset + size])
         self._check(address, size)
         out = bytearray()
-        for pfn, start, end in _pieces(address, size):
+        for pfn, start, end in page_pieces(address, size):
             frame = self._frames.get(pfn, _ZERO_FRAME)
             out += frame[start:end]
         return bytes(out)
@@ -77,7 +77,7 @@ class PhysicalMemory:
         """Write bytes, which may span frames."""
         self._check(address, len(data))
         done = 0
-        for pfn, start, end in _pieces(address, len(data)):
+        for pfn, start, end in page_pieces(address, len(data)):
             self._frame(pfn)[start:end] = data[done : done + end - start]
             done += end - start
 
@@ -102,8 +102,8 @@ class PhysicalMemory:
         return frame
 
 
-def _pieces(address: int, size: int) -> Iterator[tuple[int, int, int]]:
-    """Split [address, address+size) into (pfn, start, end) pieces within frames."""
+def page_pieces(address: int, size: int) -> Iterator[tuple[int, int, int]]:
+    """Split [address, address+size) into (page number, start, end) pieces within pages."""
     while size > 0:
         start = address & (PAGE_SIZE - 1)
         end = min(PAGE_SIZE, start + size)

@@ -29,7 +29,7 @@ from twodwalk.ept import (
     EptAccessRules,
     Eptp,
 )
-from twodwalk.formats import ENTRY_SIZE, EptFormat
+from twodwalk.formats import ENTRY_SIZE, EPT_MEMTYPE_WB, EptFormat
 from twodwalk.host import HostKernel, Process
 from twodwalk.kvm.memslots import KvmError, Memslot, Memslots
 from twodwalk.pagetables import PageTables
@@ -43,7 +43,6 @@ PFERR_GUEST_PAGE = 1 << 33
 MMIO_SPTE_VALUE = 0b110  # VMX_EPT_MISCONFIG_WX_VALUE: write+execute without read
 MMIO_GEN_LOW = (3, 10)  # spte.h MMIO_SPTE_GEN_LOW_START/END
 MMIO_GEN_HIGH = (52, 62)  # spte.h MMIO_SPTE_GEN_HIGH_START/END
-EPT_MEMTYPE_WB = 6
 
 
 def ept_violation_error_code(qualification: int) -> int:

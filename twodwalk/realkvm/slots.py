@@ -23,7 +23,6 @@ from twodwalk.realkvm.runtime import Controls, Observed, RealRunner
 SLOT = 1
 SLOT_GPA = 0x4000_0000
 SLOT_PAGES = 16
-HOLE_GPA = SLOT_GPA + SLOT_PAGES * PAGE_SIZE
 GVA_BASE = 0x40_0000
 PML4, PDPT, PD, PT = 0x1000, 0x2000, 0x3000, 0x4000
 CPL0 = Controls(cr0_wp=True, cr4_smep=False, cr4_smap=False, efer_nxe=True, rflags_ac=False, cpl=0)
