@@ -83,7 +83,7 @@ class GuestPhysical:
         self.tag = Tag(0, 0, mmu.eptp.value)
 
     def translate(self, gpa: int, access: Access) -> GpaTranslation:
-        hit = self.cache.lookup(self.tag, gpa)
+        hit = self.cache.lookup(self.tag, gpa) if self.cache.enabled else None
         if hit is not None:
             refused = EptAccessRules().violation(access, hit.rights, 0)
             if refused is None and (hit.dirty or not access.is_write):
@@ -94,8 +94,9 @@ class GuestPhysical:
         t = record.translation
         if t is None:
             return GpaTranslation(None, 0, Rights.NONE, record)
-        step = record.steps[-1]
-        leaf = step.written if step.written is not None else step.value
+        if not self.cache.enabled:
+            return GpaTranslation(t.address, t.page_size, t.rights, record)
+        leaf = record.leaf
         dirty = not self.mmu.fmt.ad or bool(leaf >> 9 & 1)
         self.cache.insert(
             TlbEntry(
@@ -123,24 +124,25 @@ class EptTables:
         self.gpa = gpa
         self.memory = memory
         self.known = known
-        self.access = Access(AccessKind.WRITE if gpa.mmu.fmt.ad else AccessKind.READ)
+        self.access = Access.of(AccessKind.WRITE if gpa.mmu.fmt.ad else AccessKind.READ)
 
-    def read_entry(self, address: int, access: Access) -> TableRead:
+    def read_entry(self, address: int, access: Access) -> tuple[int, TableRead]:
         page = address & ~0xFFF
         if page in self.known:
             hpa = self.known[page] | (address & 0xFFF)
-            return TableRead(self.memory.read_u64(hpa), hpa, cached="paging-structure cache")
+            value = self.memory.read_u64(hpa)
+            return value, TableRead(value, hpa, cached="paging-structure cache")
         found = self.gpa.translate(address, self.access)
         if found.hpa is None:
             assert found.record is not None
-            return TableRead(0, 0, failed=found.record)
+            return 0, TableRead(0, 0, failed=found.record)
         value = self.memory.read_u64(found.hpa)
         if found.record is None:
-            return TableRead(value, found.hpa, cached="guest-physical")
-        return TableRead(value, found.hpa, nested=(found.record,))
+            return value, TableRead(value, found.hpa, cached="guest-physical")
+        return value, TableRead(value, found.hpa, nested=(found.record,))
 
-    def write_entry(self, read: TableRead, value: int) -> None:
-        self.memory.write_u64(read.physical, value)
+    def write_entry(self, physical: int, value: int) -> None:
+        self.memory.write_u64(physical, value)
 
 
 class Vcpu(Processor):

@@ -56,6 +56,7 @@ class Eptp:
 
 
 _NEEDED = {AccessKind.READ: Rights.R, AccessKind.WRITE: Rights.W, AccessKind.FETCH: Rights.X}
+_NEEDED_BITS = {kind: int(right) for kind, right in _NEEDED.items()}
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,9 @@ class EptAccessRules:
 
     def violation(self, access: Access, rights: Rights, leaf: int) -> Violation | None:
         del leaf
-        needed = _NEEDED[access.kind]
-        if needed in rights:
+        if int(rights) & _NEEDED_BITS[access.kind]:  # plain ints: this runs on every EPT walk
             return None
+        needed = _NEEDED[access.kind]
         return Violation(f"EPT entries do not allow {access.kind.value} (need {needed.name})")
 
 

@@ -219,8 +219,24 @@ class EntryFormat(ABC):
         """Whether the entry is present (x86: P=1; EPT: any of R/W/X)."""
 
     @abstractmethod
-    def rights(self, value: int) -> Rights:
-        """The rights one entry grants; the walker ANDs them down the tree."""
+    def rights_mask(self, value: int) -> int:
+        """The rights one entry grants, as a `Rights` mask; the walker ANDs them down the
+        tree (plain ints: no enum arithmetic on the hot path)."""
+
+    @cached_property
+    def all_rights_mask(self) -> int:
+        return int(self.all_rights)
+
+    @cached_property
+    def top_shift(self) -> int:
+        """`address >> top_shift` must be in `valid_tops` for the address to translate."""
+        return self.input_bits - 1
+
+    @property
+    @abstractmethod
+    def valid_tops(self) -> frozenset[int]:
+        """The values of the address bits above the top index that `check_address` accepts,
+        so that the walker tests an address with one shift and one set look-up."""
 
     def layout(self, level: int, bit7: bool) -> Layout:
         """The layout of a level-`level` entry, chosen by its bit 7 as KVM chooses its
@@ -422,9 +438,13 @@ class Ia32eFormat(EntryFormat):
     def is_present(self, value: int) -> bool:
         return bool(value & 1)
 
-    def rights(self, value: int) -> Rights:
+    def rights_mask(self, value: int) -> int:
         # R always; W from R/W (bit 1); U from U/S (bit 2, Rights.U is 8); X unless XD.
-        return RIGHTS_BY_MASK[1 | (value & 2) | (value & 4) << 1 | (0 if value >> 63 else 4)]
+        return 1 | (value & 2) | (value & 4) << 1 | (0 if value >> 63 else 4)
+
+    @cached_property
+    def valid_tops(self) -> frozenset[int]:
+        return frozenset((0, (1 << (65 - self.input_bits)) - 1))
 
     def check_address(self, address: int) -> str | None:
         """Canonical check (SDM 3.3.7.1): bits 63:N-1 must all equal bit N-1."""
@@ -532,8 +552,12 @@ class EptFormat(EntryFormat):
         """SDM 29.3.2: an entry is not present when bits 2:0 are all 0."""
         return bool(value & 7)
 
-    def rights(self, value: int) -> Rights:
-        return RIGHTS_BY_MASK[value & 7]
+    def rights_mask(self, value: int) -> int:
+        return value & 7
+
+    @cached_property
+    def valid_tops(self) -> frozenset[int]:
+        return frozenset((0, 1))
 
     def check_address(self, address: int) -> str | None:
         if address >> self.input_bits:

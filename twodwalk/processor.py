@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 from twodwalk.cpumodel import CpuModel
 from twodwalk.ept import EptAccessRules
 from twodwalk.errors import TwodwalkError, check_choice, check_int
-from twodwalk.formats import EntryFormat, Rights
+from twodwalk.formats import RIGHTS_BY_MASK, EntryFormat, Rights
 from twodwalk.memory import PhysicalMemory
 from twodwalk.paging import (
     GeneralProtection,
@@ -230,18 +231,22 @@ class Processor(ABC):
         """Cache, for each table the walk went through, the address of the table below it
         and the rights so far (keyed by the address bits that chose them)."""
         tag = self._tag()
-        for upper, lower in zip(record.steps, record.steps[1:], strict=False):
-            cover = record.format.page_size(upper.level)
-            self.caches.psc[upper.level].insert(
+        for (level, _, _, value, mask, _), (_, table, _, _, _, read) in pairwise(record.rows):
+            cache = self.caches.psc[level]
+            if not cache.enabled:
+                continue
+            cover = record.format.page_size(level)
+            frame = table if read is None else read.physical & ~0xFFF
+            cache.insert(
                 TlbEntry(
                     tag,
                     record.address & ~(cover - 1),
                     cover,
-                    lower.read.physical & ~0xFFF,
-                    lower.table,
-                    upper.rights,
+                    frame,
+                    table,
+                    RIGHTS_BY_MASK[mask],
                     None,
-                    upper.value,
+                    value,
                     True,
                     False,
                 )
@@ -313,8 +318,7 @@ class Processor(ABC):
         """Cache what a successful walk found, at the smaller of the two page sizes (a
         combined mapping cannot be larger than either of its translations)."""
         assert walk_leaf.translation is not None
-        step = walk_leaf.steps[-1]
-        leaf = step.written if step.written is not None else step.value
+        leaf = walk_leaf.leaf
         mask = page_size - 1
         self.tlb.insert(
             TlbEntry(

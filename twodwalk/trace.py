@@ -194,28 +194,30 @@ class Trace:
 
     def memory_references(self, attempt: int = -1) -> list[Reference]:
         """The hardware references of one attempt (default: the last), in hardware order."""
-        return [
-            Reference(n, dimension, guest, ept, step.read.physical, step.value, step)
-            for n, (dimension, guest, ept, step) in enumerate(
-                _references(self.attempts()[attempt]), 1
-            )
-        ]
+        out = []
+        for n, (dimension, guest, ept, record, row) in enumerate(
+            _references(self.attempts()[attempt]), 1
+        ):
+            step = record.steps[row]
+            out.append(Reference(n, dimension, guest, ept, step.read.physical, step.value, step))
+        return out
 
     def reference_counts(self) -> dict[str, int]:
         """References of every attempt counted by dimension ("guest", "ept", "native"),
         without building `Reference` values: what the workload simulator adds up."""
         counts: dict[str, int] = {}
-        for dimension, _, _, _ in _references(self.events):
+        for dimension, _, _, _, _ in _references(self.events):
             counts[dimension] = counts.get(dimension, 0) + 1
         return counts
 
 
-Ref = tuple[str, int | None, int | None, WalkStep]
+Ref = tuple[str, int | None, int | None, WalkRecord, int]
+"""(dimension, guest level, EPT level, the walk, the index of the entry read in its rows)."""
 
 
 def _references(events: Iterable[Event]) -> Iterator[Ref]:
-    """(dimension, guest level, EPT level, step) of each hardware reference, in order. An
-    EPT reference carries the guest level whose table it translated (None: the final GPA)."""
+    """Each hardware reference, in order. An EPT reference carries the guest level whose
+    table it translated (None: the final GPA)."""
     for event in events:
         if isinstance(event, GuestWalk):
             yield from _guest_walk_references(event.record)
@@ -226,18 +228,18 @@ def _references(events: Iterable[Event]) -> Iterator[Ref]:
 
 
 def _walk_references(record: WalkRecord, dimension: str, guest_level: int | None) -> Iterator[Ref]:
-    for step in record.steps:
+    for i, row in enumerate(record.rows):
         if dimension == "ept":
-            yield "ept", guest_level, step.level, step
+            yield "ept", guest_level, row[0], record, i
         else:
-            yield dimension, step.level, None, step
+            yield dimension, row[0], None, record, i
 
 
 def _guest_walk_references(record: WalkRecord) -> Iterator[Ref]:
-    for step in record.steps:
-        for nested in step.read.nested:
-            yield from _walk_references(nested, "ept", step.level)
-        yield "guest", step.level, None, step
+    for i, (level, _, _, _, _, read) in enumerate(record.rows):
+        for nested in () if read is None else read.nested:
+            yield from _walk_references(nested, "ept", level)
+        yield "guest", level, None, record, i
     fault = record.fault
     if fault is not None and fault.nested is not None:
         yield from _walk_references(fault.nested, "ept", fault.level)

@@ -10,7 +10,8 @@ accumulated rights, and only then set the A bits (and D on the leaf for a write)
 The walk returns a `WalkRecord`, KVM's `struct guest_walker` made visible: every entry read,
 where it was read from, the rights so far, and the outcome (a translation or a fault *value*).
 The record's classes are slotted dataclasses, not frozen ones, because the walk is the engine's
-hot path; treat them as read-only values once `walk` has returned them.
+hot path (a record keeps compact rows and spells them out as steps on demand); treat them as
+read-only values once `walk` has returned them.
 Reading a table goes through a `TableMemory`, so that a guest table at a guest-physical address
 can be read through a nested (EPT) walk without the loop knowing.
 """
@@ -136,11 +137,15 @@ class WalkStart:
 
 
 class TableMemory(Protocol):
-    """Where the walker reads and writes entries (host memory directly, or through EPT)."""
+    """Where the walker reads and writes entries (host memory directly, or through EPT).
 
-    def read_entry(self, address: int, access: Access) -> TableRead: ...
+    `read_entry` gives the value and, when the entry was not simply read at `address` in
+    physical memory, how it was read (a `TableRead`); `write_entry` takes the physical
+    address the entry was read from."""
 
-    def write_entry(self, read: TableRead, value: int) -> None: ...
+    def read_entry(self, address: int, access: Access) -> tuple[int, TableRead | None]: ...
+
+    def write_entry(self, physical: int, value: int) -> None: ...
 
 
 class PhysicalTables:
@@ -148,12 +153,13 @@ class PhysicalTables:
 
     def __init__(self, memory: PhysicalMemory) -> None:
         self.memory = memory
+        self._read_u64 = memory.read_u64
 
-    def read_entry(self, address: int, access: Access) -> TableRead:
-        return TableRead(self.memory.read_u64(address), address)
+    def read_entry(self, address: int, access: Access) -> tuple[int, TableRead | None]:
+        return self._read_u64(address), None
 
-    def write_entry(self, read: TableRead, value: int) -> None:
-        self.memory.write_u64(read.physical, value)
+    def write_entry(self, physical: int, value: int) -> None:
+        self.memory.write_u64(physical, value)
 
 
 @dataclass(frozen=True)
@@ -171,7 +177,7 @@ class AccessRules(Protocol):
     def violation(self, access: Access, rights: Rights, leaf: int) -> Violation | None: ...
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class WalkStep:
     """One entry read during a walk: a row of a hand calculation."""
 
@@ -190,17 +196,56 @@ class WalkStep:
         return self.format.decode(self.value, self.level)
 
 
+Row = tuple[int, int, int, int, int, TableRead | None]
+"""One entry read, as the walker keeps it: level, table, index, value, the rights mask so
+far, and how it was read (None: at table + 8 * index in physical memory)."""
+
+
 @dataclass(slots=True)
 class WalkRecord:
-    """Everything a walk did, in order, and how it ended."""
+    """Everything a walk did, in order, and how it ended.
+
+    The walker keeps each entry read as a compact `Row` (the walk is the engine's hot path);
+    `steps` spells the rows out as `WalkStep`s the first time someone looks."""
 
     format: EntryFormat = field(repr=False)
     root: int
     address: int
     access: Access
-    steps: tuple[WalkStep, ...]
+    rows: tuple[Row, ...] = field(repr=False)
     outcome: Translation | WalkFault
     start: WalkStart | None = None
+    written: tuple[int | None, ...] | None = field(default=None, repr=False)
+    _steps: tuple[WalkStep, ...] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def steps(self) -> tuple[WalkStep, ...]:
+        """The entries read, in order, with what the walk wrote back into each."""
+        if self._steps is None:
+            fmt, written = self.format, self.written or (None,) * len(self.rows)
+            self._steps = tuple(
+                WalkStep(
+                    level,
+                    table,
+                    index,
+                    table + ENTRY_SIZE * index,
+                    value,
+                    RIGHTS_BY_MASK[mask],
+                    TableRead(value, table + ENTRY_SIZE * index) if read is None else read,
+                    fmt,
+                    wrote,
+                )
+                for (level, table, index, value, mask, read), wrote in zip(
+                    self.rows, written, strict=True
+                )
+            )
+        return self._steps
+
+    @property
+    def leaf(self) -> int:
+        """The last entry read as it is now in memory (with any A/D bits the walk set)."""
+        wrote = self.written[-1] if self.written else None
+        return self.rows[-1][3] if wrote is None else wrote
 
     @property
     def fault(self) -> WalkFault | None:
@@ -226,93 +271,104 @@ def walk(
         check_aligned("root", check_int("root", root, 0, 1 << fmt.maxphyaddr), 4096)
     if type(address) is not int or not 0 <= address < U64_LIMIT:
         check_int("address", address, 0, U64_LIMIT, valid="0 <= address < 2**64")
-    record = _Recorder(fmt, root, address, access, start)
-    steps = record.steps
-    reason = fmt.check_address(address)
-    if reason is not None:
-        return record.fault(FaultKind.NON_CANONICAL, None, reason)
-    mask = int(fmt.all_rights if start is None else start.rights)
-    table = root if start is None else start.table
+    rows: list[Row] = []
+    if address >> fmt.top_shift not in fmt.valid_tops:
+        return _fault(fmt, root, address, access, start, rows, FaultKind.NON_CANONICAL, None)
+    if start is None:
+        mask, table, level = fmt.all_rights_mask, root, fmt.levels
+    else:
+        mask, table, level = int(start.rights), start.table, start.level
     shapes, present_bits, bad_mt_xwr = fmt.shapes, fmt.present_bits, fmt.bad_mt_xwr
-    for level in range(fmt.levels if start is None else start.level, 0, -1):
+    rights_mask, read_entry = fmt.rights_mask, tables.read_entry
+    while True:
         shape = shapes[level]
         index = (address >> shape.shift) & 0x1FF
-        read = tables.read_entry(table + ENTRY_SIZE * index, access)
-        if read.failed is not None:
-            return record.fault(
-                FaultKind.NESTED, level, "reading the table entry faulted", nested=read.failed
+        value, read = read_entry(table + ENTRY_SIZE * index, access)
+        if read is not None and read.failed is not None:
+            return _fault(
+                fmt, root, address, access, start, rows, FaultKind.NESTED, level, read.failed
             )
-        value = read.value
         present = value & present_bits
         if present:
-            mask &= int(fmt.rights(value))
-        rights = RIGHTS_BY_MASK[mask]
-        steps.append(
-            WalkStep(level, table, index, table + ENTRY_SIZE * index, value, rights, read, fmt)
-        )
+            mask &= rights_mask(value)
+        rows.append((level, table, index, value, mask, read))
         if not present:
-            return record.fault(
-                FaultKind.NOT_PRESENT,
-                level,
-                f"{fmt.level_name(level)} at {read.physical:#x} is not present",
-            )
+            return _fault(fmt, root, address, access, start, rows, FaultKind.NOT_PRESENT, level)
         large = value & 0x80
-        reserved = value & (shape.reserved_large if large else shape.reserved_small)
-        if reserved or bad_mt_xwr >> (value & 0x3F) & 1:
-            return record.fault(FaultKind.RESERVED, level, fmt.problem(value, level) or "")
+        if value & (shape.reserved_large if large else shape.reserved_small) or (
+            bad_mt_xwr >> (value & 0x3F) & 1
+        ):
+            return _fault(fmt, root, address, access, start, rows, FaultKind.RESERVED, level)
         if level == 1 or (large and shape.large_ok):
             break
         table = value & shape.table_mask
+        level -= 1
+    rights = RIGHTS_BY_MASK[mask]
     violation = rules.violation(access, rights, value)
     if violation is not None:
-        return record.fault(
-            FaultKind.PERMISSION, level, violation.detail, protection_key=violation.protection_key
+        fault = WalkFault(
+            FaultKind.PERMISSION, level, address, violation.detail, violation.protection_key
         )
-    _set_accessed_dirty(fmt, record, access, tables)
+        return WalkRecord(fmt, root, address, access, tuple(rows), fault, start)
+    written = _set_accessed_dirty(fmt, rows, access, tables)
     page_size = 1 << shape.shift
     physical = (value & shape.leaf_mask) | (address & (page_size - 1))
-    return record.finish(Translation(physical, page_size, level, rights))
+    translation = Translation(physical, page_size, level, rights)
+    return WalkRecord(fmt, root, address, access, tuple(rows), translation, start, written)
 
 
 def _set_accessed_dirty(
-    fmt: EntryFormat, record: _Recorder, access: Access, tables: TableMemory
-) -> None:
+    fmt: EntryFormat, rows: list[Row], access: Access, tables: TableMemory
+) -> tuple[int | None, ...] | None:
     """Set A in every entry used and D in the leaf on a write (SDM 4.8; KVM
-    `update_accessed_dirty_bits`); an entry that already has them is not written."""
+    `update_accessed_dirty_bits`); an entry that already has them is not written. Returns
+    what was written to each row's entry (None where nothing), or None if nothing was."""
     if fmt.accessed_bit is None:
-        return
-    last = len(record.steps) - 1
-    for i, step in enumerate(record.steps):
-        new = step.value | 1 << fmt.accessed_bit
-        if i == last and access.is_write and fmt.dirty_bit is not None:
-            new |= 1 << fmt.dirty_bit
-        if new != step.value:
-            tables.write_entry(step.read, new)
-            step.written = new
+        return None
+    accessed = 1 << fmt.accessed_bit
+    dirty = 0
+    if access.kind is AccessKind.WRITE and fmt.dirty_bit is not None:
+        dirty = 1 << fmt.dirty_bit
+    last = len(rows) - 1
+    for row in rows:
+        if not row[3] & accessed:
+            break
+    else:
+        if rows[last][3] & dirty == dirty:
+            return None  # the usual case once a page has been used: nothing to write
+    written: list[int | None] | None = None
+    for i, (_, table, index, value, _, read) in enumerate(rows):
+        new = value | accessed | (dirty if i == last else 0)
+        if new != value:
+            tables.write_entry(table + ENTRY_SIZE * index if read is None else read.physical, new)
+            written = written or [None] * len(rows)
+            written[i] = new
+    return None if written is None else tuple(written)
 
 
-class _Recorder:
-    """Collects the steps of one walk and seals them into a `WalkRecord`."""
+def _fault(
+    fmt: EntryFormat,
+    root: int,
+    address: int,
+    access: Access,
+    start: WalkStart | None,
+    rows: list[Row],
+    kind: FaultKind,
+    level: int | None,
+    nested: WalkRecord | None = None,
+) -> WalkRecord:
+    """Seal a walk that stopped: the fault value says why, in words a learner can check."""
+    fault = WalkFault(kind, level, address, _fault_detail(fmt, address, rows, kind), False, nested)
+    return WalkRecord(fmt, root, address, access, tuple(rows), fault, start)
 
-    def __init__(
-        self, fmt: EntryFormat, root: int, address: int, access: Access, start: WalkStart | None
-    ) -> None:
-        self.fmt, self.root, self.address, self.access = fmt, root, address, access
-        self.start = start
-        self.steps: list[WalkStep] = []
 
-    def fault(
-        self,
-        kind: FaultKind,
-        level: int | None,
-        detail: str,
-        *,
-        protection_key: bool = False,
-        nested: WalkRecord | None = None,
-    ) -> WalkRecord:
-        return self.finish(WalkFault(kind, level, self.address, detail, protection_key, nested))
-
-    def finish(self, outcome: Translation | WalkFault) -> WalkRecord:
-        return WalkRecord(
-            self.fmt, self.root, self.address, self.access, tuple(self.steps), outcome, self.start
-        )
+def _fault_detail(fmt: EntryFormat, address: int, rows: list[Row], kind: FaultKind) -> str:
+    if kind is FaultKind.NON_CANONICAL:
+        return fmt.check_address(address) or ""
+    if kind is FaultKind.NESTED:
+        return "reading the table entry faulted"
+    level, table, index, value, _, read = rows[-1]
+    if kind is FaultKind.NOT_PRESENT:
+        physical = table + ENTRY_SIZE * index if read is None else read.physical
+        return f"{fmt.level_name(level)} at {physical:#x} is not present"
+    return fmt.problem(value, level) or ""

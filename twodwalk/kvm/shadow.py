@@ -60,14 +60,15 @@ class GuestTablesViaMemslots:
     def __init__(self, mmu: ShadowMmu) -> None:
         self.mmu = mmu
 
-    def read_entry(self, address: int, access: Access) -> TableRead:
+    def read_entry(self, address: int, access: Access) -> tuple[int, TableRead]:
         hpa = self.mmu.gpa_to_hpa(address, write=False)
         if hpa is None:
-            return TableRead(0, address)
-        return TableRead(self.mmu.host.memory.read_u64(hpa), hpa)
+            return 0, TableRead(0, address)
+        value = self.mmu.host.memory.read_u64(hpa)
+        return value, TableRead(value, hpa)
 
-    def write_entry(self, read: TableRead, value: int) -> None:
-        self.mmu.host.memory.write_u64(read.physical, value)
+    def write_entry(self, physical: int, value: int) -> None:
+        self.mmu.host.memory.write_u64(physical, value)
 
 
 class ShadowMmu(KvmMmu):
@@ -264,8 +265,7 @@ class ShadowMmu(KvmMmu):
         dirty (`FNAME(protect_clean_gpte)`), the page holds no shadowed guest table, the host
         page is writable, and dirty logging does not want to see the first write."""
         assert guest.translation is not None
-        leaf = guest.steps[-1]
-        value = leaf.written if leaf.written is not None else leaf.value
+        value = guest.leaf
         memslot = self.memslots.gfn_to_memslot(gfn)
         if memslot is None or Rights.W not in guest.translation.rights or not value >> 6 & 1:
             return False
