@@ -58,7 +58,7 @@ def test_native_costs_what_shadow_costs_and_ept_costs_more() -> None:
         c for c in CONFIGURATIONS if c.name in ("native (bare metal)", "EPT 4x4", "shadow paging")
     ]
     results = {
-        r.name: r for r in compare(lambda b: pointer_chase(b, 256, 300, seed=2), 256, configs)
+        r.name: r for r in compare(lambda b: pointer_chase(b, 2048, 2500, seed=2), 2048, configs)
     }
     native = results["native (bare metal)"]
     assert native.references_per_access == results["shadow paging"].references_per_access

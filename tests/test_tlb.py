@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import twodwalk as tw
-from twodwalk.tlb import KIB4, MIB2, Tlb
+from twodwalk.tlb import KIB4, MIB2, Tlb, TwoLevelTlb
 from twodwalk.trace import CacheHit, GuestWalk, NativeWalk, TlbHit, VmExit
 
 GVA = 0x40_0000
@@ -151,6 +151,35 @@ def test_lru_replacement_in_a_set() -> None:
         m.vcpu.access(GVA + page * 4096, "read")
     assert not hit(m.vcpu.access(GVA, "read")), "the oldest of three went from a 2-way set"
     assert m.vcpu.access(GVA + 2 * 4096, "read").trace.of_type(NativeWalk) == []
+
+
+def test_stlb_serves_what_the_first_level_evicted_and_refills_it() -> None:
+    m = machine()
+    tlb = TwoLevelTlb(Tlb({KIB4: (1, 2)}), Tlb({KIB4: (1, 8)}))
+    m.vcpu.caches.tlb = tlb
+    for page in range(3):
+        m.vcpu.access(GVA + page * 4096, "read")
+    assert len(tlb.l1.entries()) == 2 and len(tlb.stlb.entries()) == 3
+    again = m.vcpu.access(GVA, "read")
+    assert hit(again), "the first level lost page 0, the STLB still had it: no walk"
+    assert (tlb.l1.stats.hits, tlb.stlb.stats.hits, tlb.stats.hits) == (0, 1, 1)
+    assert tlb.l1.stats.misses == tlb.stlb.stats.hits + tlb.stlb.stats.misses
+    assert tlb.stats.misses == tlb.stlb.stats.misses, "a miss is a miss in both levels"
+    assert GVA in {e.page for e in tlb.l1.entries()}, "an STLB hit refills the first level"
+    assert len(tlb.entries()) == 3, "a translation held by both levels is listed once"
+
+
+def test_invalidation_reaches_both_levels() -> None:
+    m = machine()
+    tlb = TwoLevelTlb()
+    m.vcpu.caches.tlb = tlb
+    m.vcpu.access(GVA, "read")
+    assert len(tlb.l1.entries()) == len(tlb.stlb.entries()) == 1
+    m.vcpu.invlpg(GVA)
+    assert tlb.entries() == [] and not hit(m.vcpu.access(GVA, "read"))
+    tlb.enabled = False
+    assert not tlb.l1.enabled and not tlb.stlb.enabled
+    assert not hit(m.vcpu.access(GVA, "read"))
 
 
 def test_pcid_keeps_other_address_spaces_and_bit_63_skips_the_flush() -> None:

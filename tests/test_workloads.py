@@ -84,7 +84,7 @@ def test_first_touch_counts_exits_and_host_faults() -> None:
 
 def test_compare_shows_large_pages_help_only_when_both_dimensions_use_them() -> None:
     configs = [c for c in CONFIGURATIONS if c.name.startswith("EPT 4x4")]
-    results = compare(lambda base: pointer_chase(base, 256, 300, seed=1), 256, configs)
+    results = compare(lambda base: pointer_chase(base, 2048, 2500, seed=1), 2048, configs)
     by_name = {r.name: r for r in results}
     small = by_name["EPT 4x4"]
     guest_only = by_name["EPT 4x4, 2 MiB guest pages"]
@@ -102,7 +102,7 @@ def test_compare_shows_large_pages_help_only_when_both_dimensions_use_them() -> 
 
 def test_shadow_paging_costs_one_dimension_in_steady_state() -> None:
     shadow = [c for c in CONFIGURATIONS if not c.tdp]
-    (result,) = compare(lambda base: pointer_chase(base, 256, 300, seed=1), 256, shadow)
+    (result,) = compare(lambda base: pointer_chase(base, 2048, 2500, seed=1), 2048, shadow)
     misses = result.accesses - result.tlb_hits
     assert result.references == {"native": misses}, "one PTE read per miss, via the PDE cache"
 

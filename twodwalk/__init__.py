@@ -34,7 +34,7 @@ from twodwalk.paging import (
     translate,
 )
 from twodwalk.processor import AccessResult, InternalError, MmioExit, Processor
-from twodwalk.tlb import Tlb, TranslationCaches
+from twodwalk.tlb import Tlb, TranslationCaches, TwoLevelTlb
 from twodwalk.walker import (
     Access,
     AccessKind,
@@ -77,6 +77,7 @@ __all__ = [
     "Tlb",
     "Translation",
     "TranslationCaches",
+    "TwoLevelTlb",
     "TwodwalkError",
     "Vcpu",
     "WalkFault",

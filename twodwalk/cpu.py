@@ -28,8 +28,6 @@ from twodwalk.memory import PhysicalMemory
 from twodwalk.paging import (
     GeneralProtection,
     PagingControls,
-    X86AccessRules,
-    decode_cr3,
     exception_for,
 )
 from twodwalk.processor import AccessResult, InternalError, MmioExit, Processor
@@ -210,11 +208,11 @@ class Vcpu(Processor):
         machine = self.machine
         controls = self.controls()
         fmt = controls.format(machine.cpu_model)
-        root = decode_cr3(self.cr3, machine.cpu_model).root
+        root = self.cr3_root
         start, known = self._psc_start(fmt, gva, trace)
         gpa_path = GuestPhysical(mmu, self.caches.guest_physical)
         tables = EptTables(gpa_path, machine.memory, known)
-        guest = walk(fmt, root, gva, access, tables, X86AccessRules(controls), start)
+        guest = walk(fmt, root, gva, access, tables, controls.rules, start)
         trace.add(GuestWalk(guest))
         fault = guest.fault
         if fault is not None and fault.nested is not None:
@@ -286,7 +284,7 @@ class Vcpu(Processor):
         if controls.cr4_pke:
             raise TwodwalkError("cr4_pke=True needs EPT: KVM exposes PKU only with tdp=True")
         fmt = controls.format(machine.cpu_model)
-        guest_root = decode_cr3(self.cr3, machine.cpu_model).root
+        guest_root = self.cr3_root
         start, _ = self._psc_start(fmt, gva, trace)
         hardware = mmu.walk(mmu.root_for(guest_root, fmt), gva, access, controls, start)
         trace.add(NativeWalk(hardware))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from twodwalk.cpumodel import CpuModel
 from twodwalk.machine import new_host
-from twodwalk.paging import GeneralProtection, X86AccessRules, exception_for
+from twodwalk.paging import GeneralProtection, exception_for
 from twodwalk.processor import AccessResult, Processor
 from twodwalk.trace import NativeWalk, Trace
 from twodwalk.walker import Access, FaultKind, PhysicalTables, WalkRecord, walk
@@ -36,7 +36,7 @@ class NativeCpu(Processor):
             gva,
             access,
             PhysicalTables(self.memory),
-            X86AccessRules(controls),
+            controls.rules,
             start,
         )
         trace.add(NativeWalk(record))

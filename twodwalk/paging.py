@@ -11,6 +11,7 @@ non-canonical address, SDM 3.3.7.1). KVM encodes the same rules as a permission 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from twodwalk.cpumodel import CpuModel
 from twodwalk.errors import TwodwalkError, check_int
@@ -57,6 +58,11 @@ class PagingControls:
 
     def __post_init__(self) -> None:
         check_int("pkru", self.pkru, 0, 1 << 32, valid="a 32-bit value (2 bits per key)")
+
+    @cached_property
+    def rules(self) -> X86AccessRules:
+        """The access-rights rules these controls give, made once per controls value."""
+        return X86AccessRules(self)
 
     @property
     def levels(self) -> int:
@@ -231,5 +237,5 @@ def translate(
         address,
         Access.of(kind, cpl, implicit),
         tables,
-        X86AccessRules(controls),
+        controls.rules,
     )

@@ -21,10 +21,9 @@ from twodwalk.paging import (
     GeneralProtection,
     PageFault,
     PagingControls,
-    X86AccessRules,
     decode_cr3,
 )
-from twodwalk.tlb import Tag, Tlb, TlbEntry, TranslationCaches
+from twodwalk.tlb import Tag, Tlb, TlbEntry, TranslationCaches, TwoLevelTlb
 from twodwalk.trace import CacheHit, DataAccess, Retry, TlbHit, Trace
 from twodwalk.walker import Access, AccessKind, WalkRecord, WalkStart
 
@@ -74,6 +73,7 @@ class Processor(ABC):
         self.memory = memory
         self.cpu_model = cpu_model
         self._cr3 = 0
+        self.cr3_root = 0  # CR3's root-table address, decoded once per MOV to CR3
         self.cr0_wp = True
         self.cr4_smep = False
         self.cr4_smap = False
@@ -105,14 +105,14 @@ class Processor(ABC):
         rejected. With CR4.PCIDE=0 the load invalidates every non-global entry (PCID 0); with
         PCIDE=1 it invalidates the non-global entries of the new PCID, unless bit 63 is set,
         which asks for no invalidation and is not stored."""
-        decode_cr3(value, self.cpu_model, pcide=self.cr4_pcide)
+        self.cr3_root = decode_cr3(value, self.cpu_model, pcide=self.cr4_pcide).root
         self._cr3 = value & ~(1 << 63)
         if self.cr4_pcide and value >> 63:
             return
         self.caches.flush_pcid(self.vpid, self._pcid())
 
     @property
-    def tlb(self) -> Tlb:
+    def tlb(self) -> Tlb | TwoLevelTlb:
         """The TLB proper (see `caches` for the paging-structure and guest-physical caches)."""
         return self.caches.tlb
 
@@ -279,7 +279,7 @@ class Processor(ABC):
         key = (entry.rights, entry.ept_rights, entry.leaf >> 59, id(access), id(controls))
         allowed = _ALLOWED.get(key)
         if allowed is None:
-            refused = X86AccessRules(controls).violation(access, entry.rights, entry.leaf)
+            refused = controls.rules.violation(access, entry.rights, entry.leaf)
             if entry.ept_rights is not None and refused is None:
                 refused = EptAccessRules().violation(access, entry.ept_rights, 0)
             allowed = _ALLOWED[key] = refused is None

@@ -23,7 +23,12 @@ from twodwalk.errors import TwodwalkError
 from twodwalk.formats import Rights
 
 KIB4, MIB2, GIB1 = 1 << 12, 1 << 21, 1 << 30
+# Sizes of a Skylake-class core (Intel Optimization Reference Manual, "TLB parameters"): the
+# first-level data TLB has 64 4-KiB, 32 2-MiB and 4 1-GiB entries, 4-way; the second-level
+# STLB 1536 4-KiB/2-MiB entries, 12-way, and 16 1-GiB entries, 4-way. The STLB's 4-KiB and
+# 2-MiB entries share one array in hardware; here each size has its own.
 DEFAULT_GEOMETRY: Mapping[int, tuple[int, int]] = {KIB4: (16, 4), MIB2: (8, 4), GIB1: (1, 4)}
+STLB_GEOMETRY: Mapping[int, tuple[int, int]] = {KIB4: (128, 12), MIB2: (128, 12), GIB1: (4, 4)}
 
 
 class Tag(NamedTuple):
@@ -121,6 +126,53 @@ class Tlb:
         return [e for sets in self._sets.values() for ways in sets for e in ways.values()]
 
 
+@dataclass
+class TwoLevelTlb:
+    """A first-level TLB backed by a larger second-level one (the STLB), as on current x86
+    cores: a look-up tries the first level, then the STLB, whose hit refills the first level;
+    a walk fills both. Invalidations reach both, so stale entries behave as in one TLB."""
+
+    l1: Tlb = field(default_factory=Tlb)
+    stlb: Tlb = field(default_factory=lambda: Tlb(STLB_GEOMETRY))
+
+    @property
+    def enabled(self) -> bool:
+        return self.l1.enabled or self.stlb.enabled
+
+    @enabled.setter
+    def enabled(self, on: bool) -> None:
+        self.l1.enabled = self.stlb.enabled = on
+
+    @property
+    def stats(self) -> TlbStats:
+        """Hits in either level; misses: look-ups that neither level answered."""
+        return TlbStats(self.l1.stats.hits + self.stlb.stats.hits, self.stlb.stats.misses)
+
+    def lookup(self, tag: Tag, address: int) -> TlbEntry | None:
+        entry = self.l1.lookup(tag, address)
+        if entry is None:
+            entry = self.stlb.lookup(tag, address)
+            if entry is not None:
+                self.l1.insert(entry)
+        return entry
+
+    def insert(self, entry: TlbEntry) -> None:
+        self.l1.insert(entry)
+        self.stlb.insert(entry)
+
+    def invalidate(self, keep: Callable[[TlbEntry], bool]) -> int:
+        """Drop every entry for which `keep` is false, in both levels; return how many
+        translations went (an entry held by both levels counts once)."""
+        gone = {id(e): e for e in self.entries() if not keep(e)}
+        self.l1.invalidate(keep)
+        self.stlb.invalidate(keep)
+        return len(gone)
+
+    def entries(self) -> list[TlbEntry]:
+        """Each translation once, whichever levels hold it."""
+        return list({id(e): e for e in (*self.l1.entries(), *self.stlb.entries())}.values())
+
+
 def _psc_geometry(level: int) -> Mapping[int, tuple[int, int]]:
     """A paging-structure cache for level `level` entries: keyed by the address bits above
     the level below (so its "page" is 2 MiB for the PDE cache, 1 GiB for the PDPTE cache ...)."""
@@ -131,7 +183,8 @@ def _psc_geometry(level: int) -> Mapping[int, tuple[int, int]]:
 class TranslationCaches:
     """Every translation cache of one logical processor (SDM Vol 3C 29.4.2-29.4.3):
 
-    - `tlb`: linear (EPT off) or combined (EPT on) mappings of whole pages;
+    - `tlb`: linear (EPT off) or combined (EPT on) mappings of whole pages, in two levels by
+      default (`TwoLevelTlb`; any `Tlb` will do, e.g. one tiny level for an exercise);
     - `psc[L]`: paging-structure caches: a linear-address prefix -> the host-physical (and
       guest-physical) address of the level L-1 table and the rights accumulated above it,
       so a walk can start there (PML4E cache L=4, PDPTE cache L=3, PDE cache L=2);
@@ -140,13 +193,13 @@ class TranslationCaches:
 
     Each can be switched off (`enabled`); `off()` switches all of them off."""
 
-    tlb: Tlb = field(default_factory=Tlb)
+    tlb: Tlb | TwoLevelTlb = field(default_factory=TwoLevelTlb)
     psc: dict[int, Tlb] = field(
         default_factory=lambda: {lv: Tlb(_psc_geometry(lv)) for lv in (5, 4, 3, 2)}
     )
     guest_physical: Tlb = field(default_factory=Tlb)
 
-    def all(self) -> list[Tlb]:
+    def all(self) -> list[Tlb | TwoLevelTlb]:
         return [self.tlb, *self.psc.values(), self.guest_physical]
 
     def off(self) -> None:

@@ -153,7 +153,7 @@ class PhysicalTables:
 
     def __init__(self, memory: PhysicalMemory) -> None:
         self.memory = memory
-        self._read_u64 = memory.read_u64
+        self._read_u64 = memory.entry_reader()
 
     def read_entry(self, address: int, access: Access) -> tuple[int, TableRead | None]:
         return self._read_u64(address), None

@@ -28,7 +28,6 @@ from twodwalk.paging import (
     GeneralProtection,
     PageFault,
     PagingControls,
-    X86AccessRules,
     exception_for,
 )
 from twodwalk.trace import KvmStep, KvmWalk, SpteWrite, Trace
@@ -107,7 +106,7 @@ class ShadowMmu(KvmMmu):
             gva,
             access,
             PhysicalTables(self.host.memory),
-            X86AccessRules(controls),
+            controls.rules,
             start,
         )
 
@@ -137,9 +136,7 @@ class ShadowMmu(KvmMmu):
         if mmio is not None:
             return mmio
         fmt = controls.format(self.cpu)
-        guest = walk(
-            fmt, guest_root, gva, access, GuestTablesViaMemslots(self), X86AccessRules(controls)
-        )
+        guest = walk(fmt, guest_root, gva, access, GuestTablesViaMemslots(self), controls.rules)
         trace.add(KvmWalk(guest))
         exception = exception_for(guest, controls)
         if exception is not None:
