@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import twodwalk as tw
+from twodwalk.trace import Counts, VmExit
 from twodwalk.views.progress import progress_bar
 from twodwalk.workloads import (
     CONFIGURATIONS,
@@ -113,3 +114,20 @@ def test_text_progress_bar() -> None:
     run_workload(m, sequential(BASE, 1, 2000, step=8), progress=progress_bar(2000, out))
     text = out.getvalue()
     assert "1,000/2,000" in text and text.endswith("[" + "#" * 40 + "] 2,000/2,000\n")
+
+
+def test_counts_only_sink_adds_up_what_a_full_trace_shows() -> None:
+    traced, counted = machine(), machine()
+    counts = Counts()
+    totals: dict[str, int] = {}
+    exits = 0
+    for gva, kind in uniform(BASE, PAGES, 40, seed=3, write_fraction=0.3):
+        value = 7 if kind == "write" else None
+        full = traced.vcpu.access(gva, kind, value)
+        for dimension, n in full.trace.reference_counts().items():
+            totals[dimension] = totals.get(dimension, 0) + n
+        exits += len(full.trace.of_type(VmExit))
+        counted.vcpu.access(gva, kind, value, trace=counts)
+    assert counts.events == [], "the sink keeps no events"
+    assert counts.references == totals and sum(counts.exits.values()) == exits
+    assert counts.exits["EPT_VIOLATION"] > 0 and counts.host_page_faults > 0

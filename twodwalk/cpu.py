@@ -151,6 +151,7 @@ class Vcpu(Processor):
         # KVM gives each vCPU a VPID when the CPU has them (vmx.c allocate_vpid).
         super().__init__(machine.memory, machine.cpu_model, vpid=1)
         self.machine = machine
+        self._gpa_path: GuestPhysical | None = None
         mmu = machine.vm.mmu
         self._eptp_value = mmu.eptp.value if isinstance(mmu, TdpMmu) else 0  # fixed per VM
         mmu.tlb_flushers.append(self._kvm_flush)
@@ -200,6 +201,14 @@ class Vcpu(Processor):
             return self._attempt_shadow(mmu, gva, access, value, trace)
         return self._attempt_tdp(mmu, gva, access, value, trace)
 
+    def _guest_physical(self, mmu: TdpMmu) -> GuestPhysical:
+        """The GPA -> HPA path through this vCPU's guest-physical mappings (made again only
+        when someone replaced the cache)."""
+        path = self._gpa_path
+        if path is None or path.mmu is not mmu or path.cache is not self.caches.guest_physical:
+            path = self._gpa_path = GuestPhysical(mmu, self.caches.guest_physical)
+        return path
+
     def _attempt_tdp(
         self, mmu: TdpMmu, gva: int, access: Access, value: int | None, trace: Trace
     ) -> AccessResult | None:
@@ -207,10 +216,10 @@ class Vcpu(Processor):
         paging-structure caches and the guest-physical mappings."""
         machine = self.machine
         controls = self.controls()
-        fmt = controls.format(machine.cpu_model)
+        fmt = self.guest_format(controls)
         root = self.cr3_root
         start, known = self._psc_start(fmt, gva, trace)
-        gpa_path = GuestPhysical(mmu, self.caches.guest_physical)
+        gpa_path = self._guest_physical(mmu)
         tables = EptTables(gpa_path, machine.memory, known)
         guest = walk(fmt, root, gva, access, tables, controls.rules, start)
         trace.add(GuestWalk(guest))
@@ -283,7 +292,7 @@ class Vcpu(Processor):
         controls = self.controls()
         if controls.cr4_pke:
             raise TwodwalkError("cr4_pke=True needs EPT: KVM exposes PKU only with tdp=True")
-        fmt = controls.format(machine.cpu_model)
+        fmt = self.guest_format(controls)
         guest_root = self.cr3_root
         start, _ = self._psc_start(fmt, gva, trace)
         hardware = mmu.walk(mmu.root_for(guest_root, fmt), gva, access, controls, start)

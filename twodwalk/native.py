@@ -28,7 +28,7 @@ class NativeCpu(Processor):
         """Walk the process's tables; a fault the kernel can resolve (a page not yet
         present, or copy-on-write) goes to `handle_mm_fault` and the access is retried."""
         controls = self.controls()
-        fmt = controls.format(self.cpu_model)
+        fmt = self.guest_format(controls)
         start, _ = self._psc_start(fmt, gva, trace)
         record = walk(
             fmt,

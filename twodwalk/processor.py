@@ -15,7 +15,7 @@ from itertools import pairwise
 from twodwalk.cpumodel import CpuModel
 from twodwalk.ept import EptAccessRules
 from twodwalk.errors import TwodwalkError, check_choice, check_int
-from twodwalk.formats import RIGHTS_BY_MASK, EntryFormat, Rights
+from twodwalk.formats import RIGHTS_BY_MASK, EntryFormat, Ia32eFormat, Rights
 from twodwalk.memory import PhysicalMemory
 from twodwalk.paging import (
     GeneralProtection,
@@ -74,6 +74,7 @@ class Processor(ABC):
         self.cpu_model = cpu_model
         self._cr3 = 0
         self.cr3_root = 0  # CR3's root-table address, decoded once per MOV to CR3
+        self._formats: dict[int, Ia32eFormat] = {}
         self.cr0_wp = True
         self.cr4_smep = False
         self.cr4_smap = False
@@ -164,6 +165,14 @@ class Processor(ABC):
             controls = _CONTROLS[key] = PagingControls(*key)
         return controls
 
+    def guest_format(self, controls: PagingControls) -> Ia32eFormat:
+        """The entry format `controls` select on this CPU, looked up once per controls value
+        (controls are interned, so their id is a key)."""
+        fmt = self._formats.get(id(controls))
+        if fmt is None:
+            fmt = self._formats[id(controls)] = controls.format(self.cpu_model)
+        return fmt
+
     def access(
         self,
         gva: int,
@@ -171,10 +180,12 @@ class Processor(ABC):
         value: int | None = None,
         *,
         tlb_missed: bool = False,
+        trace: Trace | None = None,
     ) -> AccessResult:
         """Run one 8-byte access at `gva`, retrying after whatever fixed a fault, and
         report it. `tlb_missed`: the caller has just seen `tlb_access` fail, so the first
-        attempt need not look in the TLB again."""
+        attempt need not look in the TLB again. `trace`: where the events go (a fresh
+        `Trace` by default; a `trace.Counts` keeps totals only)."""
         check_int("gva", gva, 0, 1 << 64, valid="0 <= gva < 2**64")
         access = Access.of(kind, self.cpl)
         if (gva & 0xFFF) + ACCESS_SIZE > 0x1000:
@@ -188,7 +199,8 @@ class Processor(ABC):
             raise TwodwalkError(
                 f"value={value!r} is only for writes; a {access.kind.value} takes no value"
             )
-        trace = Trace()
+        if trace is None:
+            trace = Trace()
         for attempt in range(MAX_ATTEMPTS):
             if attempt:
                 trace.add(Retry(attempt))

@@ -82,13 +82,18 @@ class Tlb:
         self._sets: dict[int, list[OrderedDict[tuple[Tag, int], TlbEntry]]] = {
             size: [OrderedDict() for _ in range(sets)] for size, (sets, _) in self.geometry.items()
         }
-        self._arrays = [(size, sets, len(sets)) for size, sets in self._sets.items()]
+        self._held = dict.fromkeys(self._sets, 0)
+        self._in_use: list[tuple[int, list[OrderedDict[tuple[Tag, int], TlbEntry]], int]] = []
+
+    def _note_sizes_in_use(self) -> None:
+        """The arrays a look-up probes: only page sizes that hold an entry now."""
+        self._in_use = [(s, sets, len(sets)) for s, sets in self._sets.items() if self._held[s]]
 
     def lookup(self, tag: Tag, address: int) -> TlbEntry | None:
         """The entry that translates `address` for `tag`, or None (counted as a miss)."""
         if not self.enabled:
             return None
-        for size, sets, count in self._arrays:
+        for size, sets, count in self._in_use:
             page = address & -size
             key = (tag, page)
             ways = sets[(page // size) % count]
@@ -104,22 +109,31 @@ class Tlb:
         """Cache a translation; the least recently used way of its set makes room."""
         if not self.enabled or entry.page_size not in self._sets:
             return
-        sets = self._sets[entry.page_size]
-        ways = sets[(entry.page // entry.page_size) % len(sets)]
-        ways[(entry.tag, entry.page)] = entry
-        ways.move_to_end((entry.tag, entry.page))
-        if len(ways) > self.geometry[entry.page_size][1]:
+        size = entry.page_size
+        sets = self._sets[size]
+        ways = sets[(entry.page // size) % len(sets)]
+        key = (entry.tag, entry.page)
+        if key not in ways:
+            self._held[size] += 1
+            if self._held[size] == 1:
+                self._note_sizes_in_use()
+        ways[key] = entry
+        ways.move_to_end(key)
+        if len(ways) > self.geometry[size][1]:
             ways.popitem(last=False)
+            self._held[size] -= 1
 
     def invalidate(self, keep: Callable[[TlbEntry], bool]) -> int:
         """Drop every entry for which `keep` is false; return how many went."""
         dropped = 0
-        for sets in self._sets.values():
+        for size, sets in self._sets.items():
             for ways in sets:
                 for key, entry in list(ways.items()):
                     if not keep(entry):
                         del ways[key]
                         dropped += 1
+                        self._held[size] -= 1
+        self._note_sizes_in_use()
         return dropped
 
     def entries(self) -> list[TlbEntry]:

@@ -211,6 +211,48 @@ class Trace:
         return counts
 
 
+class Counts(Trace):
+    """A trace sink that keeps no events, only the totals the workload simulator reports:
+    references by dimension, TLB and cache hits, VM exits by name, host page faults. The
+    engine writes to it exactly as to a `Trace`, so a counts-only run takes the same path
+    through the same walker; it just records nothing to look at afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.references: dict[str, int] = {}
+        self.cache_hits: dict[str, int] = {}
+        self.exits: dict[str, int] = {}
+        self.tlb_hits = 0
+        self.host_page_faults = 0
+
+    def add(self, event: Event) -> None:
+        if isinstance(event, GuestWalk | EptWalk | NativeWalk):
+            for dimension, count in _walk_counts(event):
+                self.references[dimension] = self.references.get(dimension, 0) + count
+        elif isinstance(event, TlbHit):
+            self.tlb_hits += 1
+        elif isinstance(event, CacheHit):
+            key = event.cache.split(" L")[0]
+            self.cache_hits[key] = self.cache_hits.get(key, 0) + 1
+        elif isinstance(event, VmExit):
+            self.exits[event.name] = self.exits.get(event.name, 0) + 1
+        elif isinstance(event, HostPageFault):
+            self.host_page_faults += 1
+
+
+def _walk_counts(event: GuestWalk | EptWalk | NativeWalk) -> Iterator[tuple[str, int]]:
+    """(dimension, references) of one hardware walk event, nested EPT walks included."""
+    record = event.record
+    if isinstance(event, NativeWalk):
+        yield "native", len(record.rows)
+    elif isinstance(event, EptWalk):
+        yield "ept", len(record.rows)
+    else:
+        yield "guest", len(record.rows)
+        for _, nested in _nested_walks(record):
+            yield "ept", len(nested.rows)
+
+
 Ref = tuple[str, int | None, int | None, WalkRecord, int]
 """(dimension, guest level, EPT level, the walk, the index of the entry read in its rows)."""
 
@@ -236,10 +278,24 @@ def _walk_references(record: WalkRecord, dimension: str, guest_level: int | None
 
 
 def _guest_walk_references(record: WalkRecord) -> Iterator[Ref]:
-    for i, (level, _, _, _, _, read) in enumerate(record.rows):
-        for nested in () if read is None else read.nested:
-            yield from _walk_references(nested, "ept", level)
+    nested = _nested_walks(record)
+    pending = next(nested, None)
+    for i, (level, *_) in enumerate(record.rows):
+        while pending is not None and pending[0] == i:
+            yield from _walk_references(pending[1], "ept", level)
+            pending = next(nested, None)
         yield "guest", level, None, record, i
     fault = record.fault
+    if pending is not None and fault is not None:
+        yield from _walk_references(pending[1], "ept", fault.level)
+
+
+def _nested_walks(record: WalkRecord) -> Iterator[tuple[int, WalkRecord]]:
+    """The EPT walks a guest walk made, in order, each with the index of the row it
+    translated the table address for (len(rows): the walk that faulted before a row)."""
+    for i, (*_, read) in enumerate(record.rows):
+        for nested in () if read is None else read.nested:
+            yield i, nested
+    fault = record.fault
     if fault is not None and fault.nested is not None:
-        yield from _walk_references(fault.nested, "ept", fault.level)
+        yield len(record.rows), fault.nested

@@ -2,9 +2,10 @@
 
 A cold two-dimensional walk costs (n+1)(m+1)-1 memory references (24 for 4-level guest
 tables under 4-level EPT); the translation caches make the usual case far cheaper. This module
-runs a stream of accesses on a `Machine` and counts, from each access's trace, where the
-references went: to memory by dimension, or to the TLB, the paging-structure caches and the
-guest-physical mappings; and the VM exits and host page faults along the way.
+runs a stream of accesses on a `Machine` and counts, with a trace sink that keeps totals
+only, where the references went: to memory by dimension, or to the TLB, the
+paging-structure caches and the guest-physical mappings; and the VM exits and host page
+faults along the way.
 
 Generators are seeded: the same seed gives the same stream.
 """
@@ -20,8 +21,8 @@ from twodwalk.cpumodel import PAGE_SIZE
 from twodwalk.errors import check_int
 from twodwalk.machine import Machine
 from twodwalk.native import NativeMachine
-from twodwalk.processor import AccessResult, Processor
-from twodwalk.trace import CacheHit, HostPageFault, TlbHit, VmExit
+from twodwalk.processor import Processor
+from twodwalk.trace import Counts
 
 Stream = Iterable[tuple[int, str]]
 
@@ -93,6 +94,18 @@ class WorkloadResult:
     def tlb_hit_rate(self) -> float:
         return self.tlb_hits / max(self.accesses, 1)
 
+    def add(self, counts: Counts) -> None:
+        """Add the totals a counts-only trace kept."""
+        for mine, theirs in (
+            (self.references, counts.references),
+            (self.cache_hits, counts.cache_hits),
+            (self.exits, counts.exits),
+        ):
+            for key, n in theirs.items():
+                mine[key] = mine.get(key, 0) + n
+        self.tlb_hits += counts.tlb_hits
+        self.host_page_faults += counts.host_page_faults
+
     def table(self) -> str:
         """The counts as a small text table."""
         rows = [
@@ -124,10 +137,11 @@ def run_workload(
 ) -> WorkloadResult:
     """Run every (gva, kind) of `stream` on the machine's vCPU and count what happened;
     writes store the access number. Accesses the TLB serves take the counts-only fast path
-    (`Processor.tlb_access`); the rest are traced in full and counted from their traces.
-    `progress(n)` is called every 1,000 accesses."""
+    (`Processor.tlb_access`); the rest run the full access path into a `Counts` trace sink,
+    which keeps the totals and no events. `progress(n)` is called every 1,000 accesses."""
     result = WorkloadResult(name)
     cpu = machine.vcpu
+    counts = Counts()
     for number, (gva, kind) in enumerate(stream):
         value = number if kind == "write" else None
         result.accesses += 1
@@ -135,27 +149,12 @@ def run_workload(
             result.tlb_hits += 1
         else:
             check_int("gva", gva, 0, 1 << 64)
-            _count(result, cpu.access(gva, kind, value, tlb_missed=True))
+            done = cpu.access(gva, kind, value, tlb_missed=True, trace=counts)
+            result.guest_faults += done.fault is not None
         if progress is not None and number % 1000 == 999:
             progress(number + 1)
+    result.add(counts)
     return result
-
-
-def _count(result: WorkloadResult, r: AccessResult) -> None:
-    """Add what one traced access did to the totals."""
-    result.guest_faults += r.fault is not None
-    for dimension, count in r.trace.reference_counts().items():
-        result.references[dimension] = result.references.get(dimension, 0) + count
-    for event in r.trace:
-        if isinstance(event, TlbHit):
-            result.tlb_hits += 1
-        elif isinstance(event, CacheHit):
-            key = event.cache.split(" L")[0]
-            result.cache_hits[key] = result.cache_hits.get(key, 0) + 1
-        elif isinstance(event, VmExit):
-            result.exits[event.name] = result.exits.get(event.name, 0) + 1
-        elif isinstance(event, HostPageFault):
-            result.host_page_faults += 1
 
 
 @dataclass(frozen=True)
