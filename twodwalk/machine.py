@@ -2,7 +2,8 @@
 
 `Machine` wires the actors as a real KVM setup does: the host kernel owns physical memory;
 the VMM ("qemu") mmaps guest RAM; KVM_SET_USER_MEMORY_REGION makes memslot 0 map GPA
-[0, guest_ram) to that HVA; the guest OS writes its page tables into guest RAM; the vCPU runs
+[0, guest_ram) to that HVA (or, with a PCI hole, one memslot for the RAM below it and one for
+the RAM above it); the guest OS writes its page tables into guest RAM; the vCPU runs
 accesses. Host physical memory is laid out as: 4 KiB frames from 16 MiB to 1 GiB (page tables,
 EPT tables, small pages), 2 MiB frames from 1 GiB to 4 GiB (THP) and 1 GiB frames from 4 GiB
 to 8 GiB (hugetlbfs).
@@ -14,7 +15,7 @@ import errno
 
 from twodwalk.cpu import Vcpu
 from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE, CpuModel
-from twodwalk.errors import TwodwalkError, check_choice, check_int
+from twodwalk.errors import TwodwalkError, check_aligned, check_choice, check_int
 from twodwalk.guest import GuestOS
 from twodwalk.host import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, HostKernel
 from twodwalk.kvm.memslots import KvmError
@@ -40,9 +41,11 @@ class Machine:
         ept_ad: bool = True,
         thp: bool = False,
         hugetlb_1g: bool = False,
+        pci_hole: tuple[int, int] | None = None,
     ) -> None:
         """Guest RAM is backed by 4 KiB anonymous pages, by 2 MiB THP (`thp`), or by 1 GiB
-        hugetlbfs pages (`hugetlb_1g`, which needs `gbpages` and whole GiBs of RAM)."""
+        hugetlbfs pages (`hugetlb_1g`, which needs `gbpages` and whole GiBs of RAM).
+        `pci_hole=(start, end)` leaves GPA [start, end) to MMIO: see `ram_aliases`."""
         check_int(
             "guest_ram", guest_ram, PAGE_SIZE, (1 << 30) + 1, valid="4 KiB .. 1 GiB of guest RAM"
         )
@@ -59,12 +62,15 @@ class Machine:
         self.memory, self.host = new_host(self.cpu_model)
         self.vmm = self.host.spawn("qemu")
         self.guest_ram = guest_ram
+        aliases = ram_aliases(guest_ram, pci_hole, align)
         self.ram_hva = self.vmm.mmap(guest_ram, name="guest RAM", page_size=align)
         self.vm = Vm(
             self.host, self.vmm, self.cpu_model, tdp=tdp, ept_levels=ept_levels, ept_ad=ept_ad
         )
-        self.vm.set_user_memory_region(0, 0, 0, guest_ram, self.ram_hva)
-        self.guest = GuestOS(self, guest_levels, ram_top=guest_ram)
+        for slot, (gpa, offset, size) in enumerate(aliases):
+            self.vm.set_user_memory_region(slot, 0, gpa, size, self.ram_hva + offset)
+        gpa, _, size = aliases[-1]
+        self.guest = GuestOS(self, guest_levels, ram_top=gpa + size)
         self.vcpu = Vcpu(self)
         self.vcpu.cr4_la57 = guest_levels == 5
         self.vcpu.cr3 = self.guest.page_tables.root
@@ -97,6 +103,24 @@ class Machine:
         if page is None:
             raise KvmError(errno.EFAULT, f"HVA {hva:#x} of GPA {page_gpa:#x} is not mapped")
         return page.hpa + (hva & (page.page_size - 1))
+
+
+def ram_aliases(
+    guest_ram: int, pci_hole: tuple[int, int] | None, align: int = PAGE_SIZE
+) -> list[tuple[int, int, int]]:
+    """(GPA, offset in the one RAM block, size) of each piece of guest RAM, one memslot each.
+
+    Without a hole, all of RAM sits at GPA 0. With `pci_hole=(start, end)`, RAM above `start`
+    moves up to `end`, as QEMU's `pc_memory_init` (hw/i386/pc.c) splits its one RAM block
+    into the aliases "ram-below-4g" [0, below_4g_mem_size) and "ram-above-4g" at 4 GiB; each
+    alias becomes a KVM memslot (`kvm_set_phys_mem`) into the same mmap, and [start, end) is
+    left to MMIO. Here the hole is anywhere, so small machines can have one."""
+    if pci_hole is None:
+        return [(0, 0, guest_ram)]
+    start, end = pci_hole
+    check_aligned("pci_hole[0]", check_int("pci_hole[0]", start, 1, guest_ram), align)
+    check_aligned("pci_hole[1]", check_int("pci_hole[1]", end, start + 1, 1 << 64), align)
+    return [(0, 0, start), (end, start, guest_ram - start)]
 
 
 def new_host(cpu_model: CpuModel) -> tuple[PhysicalMemory, HostKernel]:

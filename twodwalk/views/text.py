@@ -7,10 +7,13 @@ beside them where a learner would check an index by hand (as in the OSTEP paging
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from twodwalk.formats import DecodedEntry, EntryFormat, Rights
+from twodwalk.paging import GeneralProtection, PageFault
+from twodwalk.processor import InternalError, MmioExit
 from twodwalk.trace import (
     CacheHit,
     EptWalk,
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
     from twodwalk.kvm.memslots import Memslot
     from twodwalk.pagetables import PageTables, TreeEntry
     from twodwalk.processor import AccessResult
+    from twodwalk.tlb import Tlb, TlbEntry, TranslationCaches, TwoLevelTlb
 
 
 def describe_entry(entry: DecodedEntry) -> str:
@@ -210,18 +214,111 @@ def gva2gpa(result: AccessResult) -> str:
 
 def gpa2hva(result: AccessResult) -> str:
     """QEMU monitor `gpa2hva`: the memslot route."""
-    if result.gpa is None or result.hva is None:
-        return "No memory is mapped at that address"
-    return f"Host virtual address for {result.gpa:#x} (guest RAM) is {result.hva:#x}"
+    return gpa2hva_text(result.gpa, result.hva)
 
 
 def gpa2hpa(result: AccessResult) -> str:
     """QEMU monitor `gpa2hpa`: where the access landed in host memory."""
-    if result.gpa is None or result.hpa is None:
-        return "No memory is mapped at that address"
-    return f"Host physical address for {result.gpa:#x} (guest RAM) is {result.hpa:#x}"
+    return gpa2hpa_text(result.gpa, result.hva, result.hpa)
+
+
+def gpa2hva_text(gpa: int | None, hva: int | None, region: str = "guest RAM") -> str:
+    """`gpa2hva` for a bare GPA and the HVA its memslot gives (None: no memslot), worded as
+    QEMU's `hmp_gpa2hva` (monitor/hmp-cmds-target.c)."""
+    if gpa is None or hva is None:
+        return _no_memory(gpa)
+    return f"Host virtual address for {gpa:#x} ({region}) is {hva:#x}"
+
+
+def gpa2hpa_text(
+    gpa: int | None, hva: int | None, hpa: int | None, region: str = "guest RAM"
+) -> str:
+    """`gpa2hpa` as QEMU's `hmp_gpa2hpa`: "Unavailable" when the host has no frame behind the
+    HVA yet (QEMU reads /proc/self/pagemap, which does not fault pages in)."""
+    if gpa is None or hva is None:
+        return _no_memory(gpa)
+    if hpa is None:
+        return "Unavailable"
+    return f"Host physical address for {gpa:#x} ({region}) is {hpa:#x}"
+
+
+def _no_memory(gpa: int | None) -> str:
+    return "No memory is mapped at " + ("that address" if gpa is None else f"address {gpa:#x}")
 
 
 def monitor(result: AccessResult) -> str:
     """The three QEMU-monitor lines for one access: gva2gpa, gpa2hva, gpa2hpa."""
     return "\n".join(view(result) for view in (gva2gpa, gpa2hva, gpa2hpa))
+
+
+PSC_NAMES = {5: "PML5E cache", 4: "PML4E cache", 3: "PDPTE cache", 2: "PDE cache"}
+
+
+def info_tlb(caches: TranslationCaches) -> str:
+    """What the translation caches hold (SDM Vol 3C 29.4.2-29.4.3), one entry a line: the TLB
+    always, the paging-structure caches and guest-physical mappings when they hold anything.
+    For a TLB entry `page` is the linear page and `frame` the host frame; for a
+    paging-structure cache, the linear prefix and the next table; for a guest-physical
+    mapping, the GPA page and its host frame."""
+    lines = []
+    for name, cache in named_caches(caches):
+        entries = sorted(cache.entries(), key=lambda e: (e.tag, e.page))
+        if entries or cache is caches.tlb:
+            stats = cache.stats
+            lines.append(
+                f"{name}: {len(entries)} entries ({stats.hits} hits, {stats.misses} misses)"
+            )
+            lines.extend(_tlb_entry_text(e) for e in entries)
+    return "\n".join(lines)
+
+
+def named_caches(caches: TranslationCaches) -> list[tuple[str, Tlb | TwoLevelTlb]]:
+    """Each cache with its SDM name: the TLB, the paging-structure caches from the top level
+    down, the guest-physical mappings."""
+    return [
+        ("TLB", caches.tlb),
+        *((PSC_NAMES[level], caches.psc[level]) for level in sorted(caches.psc, reverse=True)),
+        ("guest-physical mappings", caches.guest_physical),
+    ]
+
+
+def _tlb_entry_text(e: TlbEntry) -> str:
+    gpa = "" if e.gpa_page is None else f"  gpa {e.gpa_page:#x}"
+    flags = ("D" if e.dirty else "-") + ("G" if e.global_page else "-")
+    return (
+        f"  vpid {e.tag.vpid} pcid {e.tag.pcid:#x} eptp {e.tag.eptp:#x}  {e.page:#018x}"
+        f" ({size_text(e.page_size)}) -> {e.frame:#x}{gpa}  {rights_text(e.rights)} {flags}"
+    )
+
+
+def size_text(size: int) -> str:
+    """A power-of-two size in the largest whole unit: 4 KiB, 2 MiB, 1 GiB, 512 GiB."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift} {unit}"
+    return f"{size} B"
+
+
+def format_outcome(result: AccessResult) -> str:
+    """How one access ended, as the guest or the VMM sees it: a value, a guest exception
+    (#PF with its error code and CR2, #GP), or an exit to userspace (KVM_EXIT_MMIO ...)."""
+    if isinstance(result.fault, PageFault):
+        return f"#PF error code {result.fault.error_code:#x}, CR2 {result.fault.cr2:#x}"
+    if isinstance(result.fault, GeneralProtection):
+        return f"#GP({result.fault.error_code})"
+    if isinstance(result.exit, MmioExit):
+        kind = "write" if result.exit.is_write else "read"
+        return f"KVM_EXIT_MMIO: {kind} of {result.exit.len} bytes at GPA {result.exit.phys_addr:#x}"
+    if isinstance(result.exit, InternalError):
+        return f"KVM_EXIT_INTERNAL_ERROR ({result.exit.suberror}): {result.exit.detail}"
+    return f"value {result.value or 0:#x}"
+
+
+def format_exits(trace: Trace) -> str:
+    """The VM exits of one access, counted by reason: "2 VM exits (48 EPT_VIOLATION x2)"."""
+    exits = trace.of_type(VmExit)
+    if not exits:
+        return "no VM exit"
+    counts = Counter(f"{e.reason} {e.name}" for e in exits)
+    reasons = ", ".join(f"{name} x{n}" for name, n in counts.items())
+    return f"{len(exits)} VM exit{'s' if len(exits) > 1 else ''} ({reasons})"

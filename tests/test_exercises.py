@@ -1,0 +1,489 @@
+"""Seeded exercises (twodwalk.exercises): answers, notations, feedback, determinism, bad input.
+
+Where a test states an expected answer, it is worked out here by hand (bit arithmetic, the
+memslot formula, the SDM's error-code table, FACTS F), independently of the engine that the
+exercises run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from twodwalk.errors import TwodwalkError
+from twodwalk.exercises import (
+    HUGE_PAGE,
+    SEED_LIMIT,
+    TOPICS,
+    Feedback,
+    Question,
+    ept_qualification_question,
+    error_code_question,
+    indices_question,
+    memslot_question,
+    number_readings,
+    quiz,
+    references_question,
+    translate_question,
+)
+from twodwalk.kvm.memslots import KVM_MEM_READONLY
+from twodwalk.paging import PagingControls
+
+SEEDS = range(6)
+ALL_TOPICS = sorted(TOPICS)
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+def wrong(question: Question, answer: str) -> str:
+    """The feedback message for an answer that must be judged wrong."""
+    feedback = question.check(answer)
+    assert not feedback.correct, f"{answer!r} was accepted for {question.answer!r}"
+    return feedback.message
+
+
+def right(question: Question, answer: str) -> None:
+    feedback = question.check(answer)
+    assert feedback.correct, f"{answer!r} rejected for {question.answer!r}: {feedback.message}"
+
+
+# --- every topic ---------------------------------------------------------------------------------
+
+
+def test_topics_cover_the_required_ones() -> None:
+    required = {"indices", "references", "error-code", "translate", "memslot", "ept-qualification"}
+    assert required <= set(TOPICS)
+
+
+@pytest.mark.parametrize("topic", ALL_TOPICS)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_canonical_answer_is_right_and_in_the_solution(topic: str, seed: int) -> None:
+    q = quiz(seed, topic)
+    assert q.topic == topic
+    assert q.check(q.answer) == Feedback(True, "Correct.")
+    assert f"Answer: {q.answer}" in q.solution
+    assert q.prompt and q.hint and q.solution.count("\n") >= 2
+
+
+@pytest.mark.parametrize("topic", ALL_TOPICS)
+def test_same_seed_same_question(topic: str) -> None:
+    for seed in SEEDS:
+        first, again = quiz(seed, topic), quiz(seed, topic)
+        assert first == again
+        assert (first.prompt, first.solution, first.answer) == (
+            again.prompt,
+            again.solution,
+            again.answer,
+        )
+        assert TOPICS[topic](seed) == first
+
+
+@pytest.mark.parametrize("topic", ALL_TOPICS)
+def test_different_seeds_vary(topic: str) -> None:
+    questions = [quiz(seed, topic) for seed in range(20)]
+    assert len({q.prompt for q in questions}) >= 15
+    assert len({q.answer for q in questions}) >= 3
+
+
+def test_without_a_topic_the_seed_picks_one() -> None:
+    picked = [quiz(seed) for seed in range(30)]
+    assert len({q.topic for q in picked}) >= 4
+    for seed, q in enumerate(picked):
+        assert q == quiz(seed) == quiz(seed, q.topic)
+
+
+@settings(max_examples=25)
+@given(seed=st.integers(0, SEED_LIMIT - 1), topic=st.sampled_from(ALL_TOPICS))
+def test_any_seed_gives_a_self_consistent_question(seed: int, topic: str) -> None:
+    q = quiz(seed, topic)
+    assert q.check(q.answer).correct
+    assert q.answer in q.solution
+
+
+@pytest.mark.parametrize("topic", ALL_TOPICS)
+def test_unreadable_answers_say_what_format_is_expected(topic: str) -> None:
+    q = quiz(0, topic)
+    for junk in ("", "   ", "banana split", "0xZZ"):
+        message = wrong(q, junk)
+        assert message.startswith(f"Cannot read {junk!r}: give ")
+
+
+def test_questions_and_feedback_are_frozen() -> None:
+    q = quiz(1, "indices")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        q.answer = "x"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        q.check(q.answer).correct = False  # type: ignore[misc]
+
+
+# --- reading numbers -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("token", "bare", "readings"),
+    [
+        ("0x1F", (16, 10), (31,)),
+        ("1f", (10,), (31,)),
+        ("1fh", (10,), (31,)),
+        ("0b101", (16,), (5,)),
+        ("0x7f00_1234", (16,), (0x7F00_1234,)),
+        ("10", (16, 10), (16, 10)),
+        ("10", (10,), (10,)),
+        ("7", (16, 10), (7,)),
+        ("0xg", (16,), ()),
+        ("12.5", (10,), ()),
+    ],
+)
+def test_number_readings(token: str, bare: tuple[int, ...], readings: tuple[int, ...]) -> None:
+    assert number_readings(token.lower(), bare) == readings
+
+
+# --- indices -------------------------------------------------------------------------------------
+
+
+def test_indices_match_bit_arithmetic_4_and_5_level() -> None:
+    gva = 0x7F00_1234_5ABC
+    q = indices_question(gva)
+    idx = [gva >> shift & 0x1FF for shift in (39, 30, 21, 12)]
+    assert q.answer == f"PML4={idx[0]} PDPT={idx[1]} PD={idx[2]} PT={idx[3]} offset=0xabc"
+    assert q.answer == "PML4=254 PDPT=0 PD=145 PT=325 offset=0xabc"
+    gva5 = 0xFF12_3456_789A_BCDE
+    q5 = indices_question(gva5, levels=5)
+    idx5 = [gva5 >> shift & 0x1FF for shift in (48, 39, 30, 21, 12)]
+    assert q5.answer == (
+        f"PML5={idx5[0]} PML4={idx5[1]} PDPT={idx5[2]} PD={idx5[3]} PT={idx5[4]} offset=0xcde"
+    )
+
+
+def test_indices_notations() -> None:
+    q = indices_question(0x7F00_1234_5ABC)
+    for answer in (
+        "254 0 145 325 0xabc",
+        "254, 0, 145, 325, abc",
+        "PML4: 254  PDPT: 0  PD: 145  PT: 325  offset: ABC",
+        "fe 0 91 145 abc",
+        "0xfe 0x0 0x91 0x145 0xabc",
+        "254 0 145 325 2748",
+        "[254, 0, 145, 325, 0xabc]",
+    ):
+        right(q, answer)
+
+
+def test_indices_feedback() -> None:
+    q = indices_question(0x7F00_1234_5ABC)
+    assert "wrong order" in wrong(q, "325 145 0 254 0xabc")
+    assert "9 bits (0..511), so PD cannot be right" in wrong(q, "254 0 1145 325 0xabc")
+    assert wrong(q, "254 0 145 326 0xabc") == (
+        "Not all right: check PT (bits 20:12); the other parts are right."
+    )
+    message = wrong(indices_question(0xFF12_3456_789A_BCDE, levels=5), "1 2 3 4 0x5")
+    assert "5 indices and an offset: give 6 numbers" in message
+    assert "you gave 5" in message
+
+
+# --- references ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("guest_levels", [4, 5])
+@pytest.mark.parametrize("ept_levels", [4, 5])
+@pytest.mark.parametrize("guest_page", [4096, HUGE_PAGE])
+@pytest.mark.parametrize("ept_page", [4096, HUGE_PAGE])
+def test_reference_counts_follow_facts_f(
+    guest_levels: int, ept_levels: int, guest_page: int, ept_page: int
+) -> None:
+    q = references_question(guest_levels, ept_levels, guest_page=guest_page, ept_page=ept_page)
+    n = guest_levels - (guest_page == HUGE_PAGE)
+    m = ept_levels - (ept_page == HUGE_PAGE)
+    assert q.answer == str((n + 1) * (m + 1) - 1)
+
+
+def test_classic_counts() -> None:
+    assert references_question(4, 4).answer == "24"
+    assert references_question(4, 5).answer == references_question(5, 4).answer == "29"
+    assert references_question(5, 5).answer == "35"
+
+
+def test_references_notations() -> None:
+    q = references_question(4, 4)
+    for answer in ("24", " 24 ", "0x18", "24."):
+        right(q, answer)
+
+
+def test_references_typical_mistakes_4x4() -> None:
+    q = references_question(4, 4)
+    assert wrong(q, "16") == (
+        "Not 16: that counts only the EPT reads of the guest tables: add the 4 guest entries"
+        " themselves and the 4 EPT reads for the final GPA."
+    )
+    assert "forgets the EPT walk of the final GPA" in wrong(q, "20")
+    assert "adds the two walks as if each ran once" in wrong(q, "8")
+    assert "counts the data access too" in wrong(q, "25")
+    assert "guest walk alone, as on bare metal" in wrong(q, "4")
+    assert "4 KiB pages here" in wrong(q, "19")
+    assert wrong(q, "30").startswith("Not 30: count, per guest level")
+
+
+def test_references_mistakes_with_large_pages() -> None:
+    both = references_question(4, 4, guest_page=HUGE_PAGE, ept_page=HUGE_PAGE)
+    assert both.answer == "15"
+    message = wrong(both, "24")
+    assert "2 MiB guest pages end the guest walk" in message
+    assert "2 MiB EPT pages end every EPT walk" in message
+    assert "2 MiB guest pages" in wrong(both, "19")
+    assert "add the 3 guest entries" in wrong(both, "9")
+    guest_only = references_question(4, 4, guest_page=HUGE_PAGE)
+    assert guest_only.answer == "19"
+    assert "2 MiB guest pages end the guest walk" in wrong(guest_only, "24")
+
+
+def test_references_solution_shows_the_per_level_sums() -> None:
+    solution = references_question(4, 4).solution
+    assert "Total: 5 + 5 + 5 + 5 + 4 = 24" in solution
+    assert "final GPA    4 EPT reads" in solution
+    assert " 24   EPT PTE (final GPA)" in solution
+
+
+# --- error codes ---------------------------------------------------------------------------------
+
+ERROR_CODE_CASES = [
+    # kind, cpl, us, rw, xd, present, expected (SDM 4.7: P=1, W/R=2, U/S=4, I/D=0x10)
+    pytest.param("read", 3, 0, 1, 0, True, "0x5", id="user-read-supervisor-page"),
+    pytest.param("write", 3, 1, 0, 0, True, "0x7", id="user-write-read-only"),
+    pytest.param("write", 0, 1, 0, 0, True, "0x3", id="supervisor-write-read-only-wp"),
+    pytest.param("fetch", 3, 1, 1, 1, True, "0x15", id="user-fetch-xd"),
+    pytest.param("read", 0, 0, 0, 0, False, "0x0", id="supervisor-read-not-present"),
+    pytest.param("write", 3, 1, 1, 0, False, "0x6", id="user-write-not-present"),
+    pytest.param("fetch", 0, 0, 1, 0, False, "0x10", id="fetch-not-present"),
+    pytest.param("read", 3, 1, 0, 1, True, "none", id="user-read-allowed"),
+    pytest.param("write", 0, 0, 1, 0, True, "none", id="supervisor-write-allowed"),
+]
+
+
+@pytest.mark.parametrize(("kind", "cpl", "us", "rw", "xd", "present", "code"), ERROR_CODE_CASES)
+def test_error_codes_follow_the_sdm(
+    kind: str, cpl: int, us: int, rw: int, xd: int, present: bool, code: str
+) -> None:
+    q = error_code_question(kind, cpl, us=us, rw=rw, xd=xd, present=present)
+    assert q.answer == code
+
+
+def test_error_code_control_bits() -> None:
+    no_wp = PagingControls(cr0_wp=False)
+    assert error_code_question("write", 0, us=1, rw=0, xd=0, controls=no_wp).answer == "none"
+    smep = PagingControls(cr4_smep=True)
+    assert error_code_question("fetch", 0, us=1, rw=1, xd=0, controls=smep).answer == "0x11"
+    smap = PagingControls(cr4_smap=True)
+    assert error_code_question("read", 0, us=1, rw=1, xd=0, controls=smap).answer == "0x1"
+    smap_ac = PagingControls(cr4_smap=True, rflags_ac=True)
+    assert error_code_question("read", 0, us=1, rw=1, xd=0, controls=smap_ac).answer == "none"
+
+
+def test_error_code_notations() -> None:
+    q = error_code_question("read", 3, us=0, rw=1, xd=0)
+    for answer in ("0x5", "5", "0X05", "0b101", "P U", "p|u/s", "P+U/S", "bits 0 2", "bits: 0, 2"):
+        right(q, answer)
+    allowed = error_code_question("read", 3, us=1, rw=1, xd=0)
+    for answer in ("none", "No fault.", "no #PF"):
+        right(allowed, answer)
+
+
+def test_error_code_feedback_names_the_wrong_bits() -> None:
+    q = error_code_question("read", 3, us=0, rw=1, xd=0)
+    assert wrong(q, "4") == (
+        "Not 0x4:\n  bit 0 (P) should be 1: the entry is present, so this is a protection fault:"
+        " user-mode access to a supervisor-mode address (U/S=0 at some level)."
+    )
+    assert "bit 2 (U/S) should be 1: CPL 3: a user-mode access" in wrong(q, "1")
+    assert "bit 1 (W/R) should be 0: a read is not a write" in wrong(q, "7")
+    assert "bit 4 (I/D) should be 0" in wrong(q, "0x15")
+    assert wrong(q, "none").startswith("The access does fault: user-mode access")
+    supervisor = error_code_question("write", 0, us=1, rw=0, xd=0)
+    assert "not the page's U/S bit" in wrong(supervisor, "0x7")
+    not_present = error_code_question("write", 3, us=1, rw=1, xd=0, present=False)
+    assert "bit 0 (P) should be 0: a not-present entry" in wrong(not_present, "7")
+    allowed = error_code_question("read", 3, us=1, rw=1, xd=0)
+    message = wrong(allowed, "0x5")
+    assert "allow a user read" in message and "Answer 'none'" in message
+
+
+# --- translate -----------------------------------------------------------------------------------
+
+TOY = [
+    (0x7F00_0000_0000, 0x30_0000, 4096),
+    (0x7F00_0000_3000, 0x31_0000, 4096),
+    (0x7F00_0020_0000, 0x80_0000, HUGE_PAGE),
+]
+
+
+def test_translate_answers() -> None:
+    assert translate_question(TOY, 0x7F00_0000_0ABC).answer == "0x300abc"
+    assert translate_question(TOY, 0x7F00_0000_3FF8).answer == "0x310ff8"
+    assert translate_question(TOY, 0x7F00_0021_2345).answer == "0x812345"
+    assert translate_question(TOY, 0x7F00_0000_1ABC).answer == "fault"
+    assert translate_question(TOY, 0x7F00_0060_0000).answer == "fault"
+
+
+def test_translate_prompt_shows_the_tables_before_any_walk() -> None:
+    q = translate_question(TOY, 0x7F00_0000_0ABC)
+    assert "root table at 0x1000" in q.prompt
+    assert "-> page 0x800000 (2048 KiB)" in q.prompt
+    assert "0x0000000000300003 -> page 0x300000" in q.prompt, "no A bit set yet"
+    assert "page 0x300000 + offset 0xabc (GVA bits 11:0) = 0x300abc" in q.solution
+
+
+def test_translate_notations() -> None:
+    q = translate_question(TOY, 0x7F00_0000_0ABC)
+    for answer in ("0x300abc", "300ABC", str(0x300ABC), "gpa: 0x300abc", "0x0030_0abc"):
+        right(q, answer)
+    faulting = translate_question(TOY, 0x7F00_0000_1ABC)
+    for answer in ("fault", "#PF", "Page fault", "not mapped"):
+        right(faulting, answer)
+
+
+def test_translate_feedback() -> None:
+    q = translate_question(TOY, 0x7F00_0000_0ABC)
+    assert "the page's base" in wrong(q, "0x300000")
+    assert wrong(q, "0x310abc") == (
+        "That is where GVA 0x7f0000003abc goes; for 0x7f0000000abc the PTE index"
+        " (bits 20:12) is 0, not 3."
+    )
+    assert "where the PTE sits" in wrong(q, "0x4000")
+    assert "raw value" in wrong(q, "0x300003")
+    assert "the GVA itself" in wrong(q, "0x7f0000000abc")
+    assert "does not fault" in wrong(q, "fault")
+    large = translate_question(TOY, 0x7F00_0021_2345)
+    assert "low 21 bits of the GVA" in wrong(large, "0x800345")
+    faulting = translate_question(TOY, 0x7F00_0060_0000)
+    assert wrong(faulting, "0x812345") == (
+        "The walk faults: PDE at 0x3018 is not present. Answer 'fault'."
+    )
+
+
+# --- memslots ------------------------------------------------------------------------------------
+
+RAM_HVA = 0x7F00_0000_0000
+BIOS_HVA = 0x7F10_0000_0000
+SLOTS = [
+    (0, 0, 0, GIB, RAM_HVA),
+    (1, 0, 4 * GIB, GIB, RAM_HVA + GIB),
+    (2, KVM_MEM_READONLY, 0xFFFC_0000, 0x4_0000, BIOS_HVA),
+]
+
+
+@pytest.mark.parametrize(
+    ("gpa", "answer"),
+    [
+        (0x1234_5678, f"{RAM_HVA + 0x1234_5678:#x}"),
+        (4 * GIB + 0x1234, f"{RAM_HVA + GIB + 0x1234:#x}"),
+        (0xFFFC_1008, f"{BIOS_HVA + 0x1008:#x}"),
+        (GIB - 1, f"{RAM_HVA + GIB - 1:#x}"),
+        (GIB, "mmio"),
+        (0xFEE0_0000, "mmio"),
+        (5 * GIB, "mmio"),
+    ],
+)
+def test_memslot_answers(gpa: int, answer: str) -> None:
+    assert memslot_question(SLOTS, gpa).answer == answer
+
+
+def test_memslot_notations_and_feedback() -> None:
+    q = memslot_question(SLOTS, 4 * GIB + 0x1234)
+    hva = RAM_HVA + GIB + 0x1234
+    for answer in (f"{hva:#x}", f"{hva:X}", str(hva), f"hva = {hva:#x}"):
+        right(q, answer)
+    assert "subtract the slot's base GPA (0x100000000)" in wrong(q, f"{hva + 4 * GIB:#x}")
+    assert "lies in slot 1, not slot 0" in wrong(q, f"{RAM_HVA + 4 * GIB + 0x1234:#x}")
+    assert "offset into slot 1" in wrong(q, "0x1234")
+    assert "That is the GPA itself" in wrong(q, f"{4 * GIB + 0x1234:#x}")
+    assert "Slot 1 covers 0x100000000-0x13fffffff" in wrong(q, "mmio")
+    hole = memslot_question(SLOTS, GIB + 0x10)
+    for answer in ("mmio", "MMIO", "KVM_EXIT_MMIO", "no slot"):
+        right(hole, answer)
+    assert "past the end of slot 0 (which ends at 0x3fffffff)" in wrong(
+        hole, f"{RAM_HVA + GIB + 0x10:#x}"
+    )
+    assert "answer 'mmio'" in wrong(hole, "0x1234")
+
+
+# --- EPT exit qualifications ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "which", "ept_ad", "qualification"),
+    [
+        # Table 28-7: bit 0 read, 1 write, 2 fetch, 5:3 EPT rights, 7 GVA valid, 8 final.
+        ("read", "final", True, 0x181),
+        ("write", "final", True, 0x182),
+        ("fetch", "final", False, 0x184),
+        ("read", "table", True, 0x83),
+        ("fetch", "table", True, 0x83),
+        ("fetch", "table", False, 0x81),
+    ],
+)
+def test_qualifications(kind: str, which: str, ept_ad: bool, qualification: int) -> None:
+    q = ept_qualification_question(kind, which=which, ept_ad=ept_ad)
+    assert q.answer == f"{qualification:#x}"
+
+
+def test_zero_page_write_reports_read_and_execute_rights() -> None:
+    q = ept_qualification_question("write", first_read=True)
+    assert q.answer == f"{0x1 << 1 | 0b101 << 3 | 1 << 7 | 1 << 8:#x}" == "0x1aa"
+    assert "readable and executable, not writable" in wrong(q, "0x182")
+    assert "bit 4 (writable) should be 0" in wrong(q, "0x1ba")
+
+
+def test_qualification_notations_and_feedback() -> None:
+    q = ept_qualification_question("read", which="table", ept_ad=True)
+    for answer in ("0x83", "83", "131", "bits 0 1 7", "bits: 0, 1, 7", "read write gva-valid"):
+        right(q, answer)
+    message = wrong(q, "0x81")
+    assert message.startswith("Not 0x81:\n  bit 1 (write) should be 1")
+    assert "with EPT A/D flags on counts as a write too" in message
+    assert "bit 8 (final) should be 0" in wrong(q, "0x183")
+    fetch = ept_qualification_question("fetch", which="table", ept_ad=False)
+    assert "a data access even for a fetch: not a fetch" in wrong(fetch, "0x84")
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("seed", "match"),
+    [
+        (-1, r"seed=-0x1 is out of range: valid is 0 <= seed < 2\*\*63"),
+        (SEED_LIMIT, r"seed=.* is out of range"),
+        ("3", r"seed must be an integer, got '3' \(str\)"),
+        (1.5, r"seed must be an integer, got 1.5 \(float\)"),
+        (True, r"seed must be an integer, got True \(bool\)"),
+    ],
+)
+def test_bad_seeds(seed: object, match: str) -> None:
+    with pytest.raises(TwodwalkError, match=match):
+        quiz(seed)  # type: ignore[arg-type]
+    with pytest.raises(TwodwalkError, match=match):
+        TOPICS["indices"](seed)  # type: ignore[arg-type]
+
+
+def test_unknown_topic_lists_the_valid_ones() -> None:
+    with pytest.raises(TwodwalkError, match=r"topic='tlb' is not valid: choose one of indices,"):
+        quiz(1, "tlb")
+
+
+def test_bad_builder_arguments() -> None:
+    with pytest.raises(TwodwalkError, match=r"guest_page=8192 is not valid: choose 4096"):
+        references_question(guest_page=8192)
+    with pytest.raises(TwodwalkError, match=r"guest_levels='3' is not valid"):
+        references_question(3, 4)
+    with pytest.raises(TwodwalkError, match=r"which='data' is not valid: choose one of table"):
+        ept_qualification_question("read", which="data")
+    with pytest.raises(TwodwalkError, match=r"takes no EPT violation for the final page"):
+        ept_qualification_question("read", first_read=True)
+    with pytest.raises(TwodwalkError, match=r"gpa=0x1000 is out of range"):
+        translate_question([(0x40_0000, 0x1000, 4096)], 0x40_0000)
+    with pytest.raises(TwodwalkError, match=r"not canonical"):
+        indices_question(0x8000_0000_0000)
+    with pytest.raises(TwodwalkError, match=r"EEXIST"):
+        memslot_question([(0, 0, 0, GIB, RAM_HVA), (1, 0, MIB, MIB, BIOS_HVA)], 0)

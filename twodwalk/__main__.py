@@ -1,0 +1,5 @@
+"""`python -m twodwalk`: the same command as `twodwalk` (see twodwalk.cli)."""
+
+from twodwalk.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,405 @@
+"""The `twodwalk` command: a scenario's machine, asked the questions of a QEMU monitor.
+
+    twodwalk walk 0x8080604000 --scenario toy      Bochs-style dump of the 2D walk
+    twodwalk gva2gpa / gpa2hva / gpa2hpa ADDRESS    the QEMU monitor commands of the same names
+    twodwalk info memslots | tlb | scenario         KVM's memslots, the caches, the scenario
+    twodwalk quiz --seed 7 [--solve]                a seeded problem, OSTEP-style
+    twodwalk lab                                    the tutorials in JupyterLab
+
+Every command builds its scenario's machine afresh; `info tlb`, `gpa2hva` and `gpa2hpa` first
+run the scenario's accesses, so the caches and the host's pages are as the guest left them.
+`--json` prints one JSON object with addresses as hex strings. User errors print one line,
+`twodwalk: error: ...`, and exit with 2 (bad usage) or 1 (input the model rejects).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn
+
+from twodwalk import exercises
+from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE
+from twodwalk.errors import TwodwalkError, check_int
+from twodwalk.machine import Machine
+from twodwalk.paging import GeneralProtection, PageFault
+from twodwalk.processor import AccessResult, InternalError, MmioExit
+from twodwalk.scenarios import KINDS, GuestAccess, Scenario, parse_int, scenario
+from twodwalk.tlb import TlbEntry
+from twodwalk.trace import Reference, VmExit
+from twodwalk.views.text import (
+    format_2d_walk,
+    format_exits,
+    format_outcome,
+    format_trace,
+    gpa2hpa_text,
+    gpa2hva_text,
+    gva2gpa,
+    info_memslots,
+    info_tlb,
+    monitor,
+    named_caches,
+    rights_text,
+)
+
+START_NOTEBOOK = "00-start-here.ipynb"
+Json = dict[str, object]
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a command found: the text for people, the same as JSON data, the exit status."""
+
+    text: str
+    data: Json = field(default_factory=dict)
+    status: int = 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors worded `twodwalk: error: ...` in every subcommand."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"twodwalk: error: {message}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return the exit status (0 ok, 1 rejected input, 2 bad usage)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        report: Report = args.run(args)
+    except TwodwalkError as e:
+        print(f"twodwalk: error: {e}", file=sys.stderr)
+        return 1
+    if getattr(args, "json", False):
+        print(json.dumps(report.data, indent=2))
+    elif report.text:
+        print(report.text)
+    return report.status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="twodwalk",
+        description="x86-64 two-dimensional address translation under Linux KVM, bit for bit.",
+        epilog="Addresses are hex, with or without 0x (7f001000), or decimal with 0d (0d4096).",
+    )
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    output = _Parser(add_help=False)
+    output.add_argument("--json", action="store_true", help="print one JSON object")
+    machine = _Parser(add_help=False, parents=[output])
+    machine.add_argument(
+        "--scenario",
+        default="qemu",
+        metavar="NAME|PATH",
+        help="a named scenario (qemu, toy, toy-5level, toy-shadow, large-pages), random-SEED,"
+        " or a .json/.toml file (default: qemu)",
+    )
+    access = _Parser(add_help=False)
+    access.add_argument("--kind", choices=KINDS, default="read", help="default: read")
+    access.add_argument(
+        "--cpl", type=int, choices=range(4), default=0, help="0 kernel .. 3 user (default: 0)"
+    )
+
+    def command(
+        name: str, run: Callable[[argparse.Namespace], Report], text: str, *parents: _Parser
+    ) -> _Parser:
+        sub = commands.add_parser(name, parents=parents, help=text, description=text)
+        sub.set_defaults(run=run)
+        return sub
+
+    for name, run, text, arg in (
+        ("walk", _walk, "a guest access and its 2D walk, Bochs-style", "GVA"),
+        ("gva2gpa", _gva2gpa, "QEMU monitor gva2gpa: the guest's own translation", "GVA"),
+        ("gpa2hva", _gpa2hva, "QEMU monitor gpa2hva: the memslot route", "GPA"),
+        ("gpa2hpa", _gpa2hpa, "QEMU monitor gpa2hpa: the host frame behind a GPA", "GPA"),
+    ):
+        sub = command(name, run, text, *((machine, access) if arg == "GVA" else (machine,)))
+        sub.add_argument(arg.lower(), type=_address, metavar=arg, help="hex, or decimal with 0d")
+        if name == "walk":
+            sub.add_argument("--trace", action="store_true", help="the first access's story")
+    info = command("info", _info, "KVM's memslots, the vCPU's caches, or the scenario", machine)
+    info.add_argument("what", choices=("memslots", "tlb", "scenario"))
+    quiz = command("quiz", _quiz, "a seeded problem: same seed, same problem", output)
+    quiz.add_argument("--seed", type=int, default=0, help="the problem's seed (default: 0)")
+    quiz.add_argument("--topic", choices=tuple(exercises.TOPICS), help="default: the seed picks")
+    quiz.add_argument("--solve", action="store_true", help="print the worked answer")
+    quiz.add_argument("--answer", help="check this answer (exit status 1 when it is wrong)")
+    lab = command("lab", _lab, "open the tutorials in JupyterLab")
+    lab.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    return parser
+
+
+def _address(text: str) -> int:
+    """argparse type for addresses; a bad one is a usage error (exit 2)."""
+    try:
+        value = parse_int(text)
+    except TwodwalkError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    if value >= 1 << 64:
+        raise argparse.ArgumentTypeError(f"{text!r} does not fit in 64 bits")
+    return value
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def _walk(args: argparse.Namespace) -> Report:
+    """The access once as the guest first makes it (VM exits while KVM fills the EPT), then
+    again after INVVPID/INVEPT, so the dump shows every reference of the walk."""
+    sc = scenario(args.scenario)
+    machine = sc.build()
+    access = GuestAccess(args.gva, args.kind, args.cpl)
+    first = access.perform(machine)
+    machine.vcpu.flush_tlb()
+    again = access.perform(machine)
+    refs = again.trace.memory_references()
+    lines = [
+        f"scenario {sc.name}: {args.kind} of {args.gva:#x} at CPL {args.cpl}",
+        f"first access: {format_exits(first.trace)}; {format_outcome(first)}",
+        *([format_trace(first.trace)] if args.trace else []),
+        f"again after flushing every translation cache: {len(refs)} memory references",
+        format_2d_walk(again.trace),
+        f"=> {format_outcome(again)}",
+        monitor(again),
+    ]
+    data = {**_access_data(sc, access, again), "first_access": _result_data(first)}
+    return Report("\n".join(line for line in lines if line), {**data, "references": _refs(refs)})
+
+
+def _gva2gpa(args: argparse.Namespace) -> Report:
+    sc = scenario(args.scenario)
+    access = GuestAccess(args.gva, args.kind, args.cpl)
+    result = access.perform(sc.build())
+    return Report(gva2gpa(result), _access_data(sc, access, result))
+
+
+def _gpa2hva(args: argparse.Namespace) -> Report:
+    sc, gpa, slot, hva, _ = _gpa_route(args)
+    return Report(gpa2hva_text(gpa, hva, f"memslot {slot}"), _route_data(sc, gpa, slot, hva))
+
+
+def _gpa2hpa(args: argparse.Namespace) -> Report:
+    sc, gpa, slot, hva, hpa = _gpa_route(args)
+    data = {**_route_data(sc, gpa, slot, hva), "hpa": _hex(hpa)}
+    return Report(gpa2hpa_text(gpa, hva, hpa, f"memslot {slot}"), data)
+
+
+def _route_data(sc: Scenario, gpa: int, slot: int | None, hva: int | None) -> Json:
+    return {"scenario": sc.name, "gpa": _hex(gpa), "memslot": slot, "hva": _hex(hva)}
+
+
+def _gpa_route(
+    args: argparse.Namespace,
+) -> tuple[Scenario, int, int | None, int | None, int | None]:
+    """GPA -> memslot -> HVA (`__gfn_to_hva_memslot`) -> HPA as the host's page tables have
+    it now, without faulting anything in (QEMU's gpa2hpa reads /proc/self/pagemap)."""
+    sc, machine = _ran(args)
+    gpa: int = args.gpa
+    check_int("gpa", gpa, 0, 1 << sc.maxphyaddr, valid=f"below 2**{sc.maxphyaddr} (MAXPHYADDR)")
+    memslot = machine.vm.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
+    if memslot is None:
+        return sc, gpa, None, None, None
+    hva = memslot.gfn_to_hva(gpa >> PAGE_SHIFT) + (gpa & (PAGE_SIZE - 1))
+    page = machine.host.get_user_page(machine.vmm, hva, write=False, fault_in=False)
+    hpa = None if page is None else page.hpa + (hva & (page.page_size - 1))
+    return sc, gpa, memslot.id, hva, hpa
+
+
+def _info(args: argparse.Namespace) -> Report:
+    if args.what == "scenario":
+        sc = scenario(args.scenario)
+        return Report(sc.describe(), json.loads(sc.to_json()))
+    sc, machine = _ran(args)
+    if args.what == "memslots":
+        slots = sorted(machine.vm.memslots.slots.values(), key=lambda m: m.guest_phys_addr)
+        rows: list[Json] = [
+            {
+                "slot": m.id,
+                "as_id": m.as_id,
+                "gpa": _hex(m.guest_phys_addr),
+                "size": _hex(m.memory_size),
+                "hva": _hex(m.userspace_addr),
+                "flags": m.flags,
+            }
+            for m in slots
+        ]
+        return Report(info_memslots(slots), {"scenario": sc.name, "memslots": rows})
+    caches = machine.vcpu.caches
+    data: Json = {name: [_entry_data(e) for e in c.entries()] for name, c in named_caches(caches)}
+    return Report(info_tlb(caches), {"scenario": sc.name, "caches": data})
+
+
+def _quiz(args: argparse.Namespace) -> Report:
+    """OSTEP-style: echo the parameters, state the problem; the answer only on request."""
+    question = exercises.quiz(args.seed, args.topic)
+    lines = [
+        f"twodwalk quiz --seed {args.seed} --topic {question.topic}",
+        question.prompt,
+        f"Hint: {question.hint}",
+    ]
+    data: Json = {
+        "seed": args.seed,
+        "topic": question.topic,
+        "prompt": question.prompt,
+        "hint": question.hint,
+    }
+    status = 0
+    if args.answer is not None:
+        feedback = question.check(args.answer)
+        lines.append(feedback.message)
+        data["feedback"] = {"correct": feedback.correct, "message": feedback.message}
+        status = 0 if feedback.correct else 1
+    if args.solve:
+        lines.append(f"Solution:\n{question.solution}")
+        data.update(solution=question.solution, answer=question.answer)
+    return Report("\n".join(lines), data, status)
+
+
+def _lab(args: argparse.Namespace) -> Report:
+    notebooks = find_notebooks()
+    command = lab_command(notebooks, _euid())
+    print(shlex.join(command), flush=True)
+    if args.dry_run:
+        return Report("")
+    try:
+        return Report("", status=subprocess.call(command, cwd=notebooks.parent))
+    except KeyboardInterrupt:
+        return Report("", status=130)
+
+
+# --- lab ----------------------------------------------------------------------------------------
+
+
+def find_notebooks(places: Sequence[Path] | None = None) -> Path:
+    """The tutorials' folder: `notebooks/` beside the package (a clone of the repository,
+    installed editable) or in the current directory. Wheels do not ship them."""
+    if places is None:
+        places = [Path(__file__).resolve().parent.parent / "notebooks", Path.cwd() / "notebooks"]
+    for place in places:
+        if (place / START_NOTEBOOK).is_file():
+            return place
+    raise TwodwalkError(
+        f"the tutorials were not found: no {START_NOTEBOOK} in "
+        f"{' or '.join(str(p) for p in places)}; run `twodwalk lab` in a clone of the"
+        " twodwalk repository"
+    )
+
+
+def lab_command(notebooks: Path, euid: int) -> list[str]:
+    """`python -m jupyter lab notebooks/00-start-here.ipynb`, as `make lab` runs it; as root
+    Jupyter refuses to start without --allow-root."""
+    root = ["--allow-root"] if euid == 0 else []
+    return [sys.executable, "-m", "jupyter", "lab", *root, str(notebooks / START_NOTEBOOK)]
+
+
+def _euid() -> int:
+    geteuid: Callable[[], int] | None = getattr(os, "geteuid", None)  # not on Windows
+    return 1 if geteuid is None else geteuid()
+
+
+# --- shared -------------------------------------------------------------------------------------
+
+
+def _ran(args: argparse.Namespace) -> tuple[Scenario, Machine]:
+    """The scenario's machine after the guest has made the scenario's accesses."""
+    sc = scenario(args.scenario)
+    machine = sc.build()
+    sc.run(machine)
+    return sc, machine
+
+
+def _hex(value: int | None) -> str | None:
+    return None if value is None else f"{value:#x}"
+
+
+def _access_data(sc: Scenario, access: GuestAccess, result: AccessResult) -> Json:
+    return {
+        "scenario": sc.name,
+        "gva": _hex(access.gva),
+        "kind": access.kind,
+        "cpl": access.cpl,
+        **_result_data(result),
+    }
+
+
+def _result_data(result: AccessResult) -> Json:
+    return {
+        "gpa": _hex(result.gpa),
+        "hva": _hex(result.hva),
+        "hpa": _hex(result.hpa),
+        "value": _hex(result.value),
+        "fault": _fault_data(result.fault),
+        "exit": _exit_data(result.exit),
+        "vm_exits": [
+            {"reason": e.reason, "name": e.name, "gpa": _hex(e.gpa)}
+            for e in result.trace.of_type(VmExit)
+        ],
+        "outcome": format_outcome(result),
+    }
+
+
+def _fault_data(fault: PageFault | GeneralProtection | None) -> Json | None:
+    if fault is None:
+        return None
+    data: Json = {"vector": fault.vector, "error_code": _hex(fault.error_code)}
+    return {**data, "cr2": _hex(fault.cr2)} if isinstance(fault, PageFault) else data
+
+
+def _exit_data(exit: MmioExit | InternalError | None) -> Json | None:
+    if isinstance(exit, MmioExit):
+        return {
+            "reason": "KVM_EXIT_MMIO",
+            "gpa": _hex(exit.phys_addr),
+            "is_write": exit.is_write,
+            "len": exit.len,
+            "data": exit.data.hex(),
+        }
+    if isinstance(exit, InternalError):
+        return {
+            "reason": "KVM_EXIT_INTERNAL_ERROR",
+            "suberror": exit.suberror,
+            "detail": exit.detail,
+        }
+    return None
+
+
+def _refs(refs: list[Reference]) -> list[Json]:
+    return [
+        {
+            "number": r.number,
+            "dimension": r.dimension,
+            "entry": r.step.format.level_name(r.step.level),
+            "guest_level": r.guest_level,
+            "ept_level": r.ept_level,
+            "address": _hex(r.address),
+            "value": _hex(r.value),
+        }
+        for r in refs
+    ]
+
+
+def _entry_data(e: TlbEntry) -> Json:
+    return {
+        "vpid": e.tag.vpid,
+        "pcid": e.tag.pcid,
+        "eptp": _hex(e.tag.eptp),
+        "page": _hex(e.page),
+        "page_size": _hex(e.page_size),
+        "frame": _hex(e.frame),
+        "gpa_page": _hex(e.gpa_page),
+        "rights": rights_text(e.rights),
+        "dirty": e.dirty,
+        "global": e.global_page,
+    }
