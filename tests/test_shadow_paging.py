@@ -194,3 +194,29 @@ def test_pku_needs_ept() -> None:
     m.vcpu.cr4_pke = True
     with pytest.raises(tw.TwodwalkError, match="PKU only with tdp=True"):
         m.vcpu.access(DATA_GVA, "read")
+
+
+def test_guest_large_page_gets_direct_shadow_tables_with_4k_leaves() -> None:
+    """KVM shadows a guest 2 MiB page with 4 KiB shadow entries under a direct shadow table
+    (`FNAME(fetch)` links tables down to the host mapping level): each 4 KiB piece is
+    faulted in on its own, and the CPU's walk of the shadow tables is 4 levels deep."""
+    big_gva, big_gpa = 0x4000_0000, 0x20_0000
+    results = {}
+    for tdp in (True, False):
+        m = machine(tdp)
+        m.guest.map(big_gva, big_gpa, 2 << 20, page_size=2 << 20, rw=1)
+        first = m.vcpu.access(big_gva + 0x1008, "write", 0x5A)
+        again = m.vcpu.access(big_gva + 0x1008, "read")
+        results[tdp] = (first.gpa, again.gpa, again.value, first.fault, first.exit)
+        if not tdp:
+            assert first.trace.of_type(VmExit), "the first touch exits to KVM"
+            assert again.trace.of_type(TlbHit)
+            m.vcpu.caches.off()
+            warm = m.vcpu.access(big_gva + 0x1010, "read")
+            (walk,) = warm.trace.of_type(NativeWalk)
+            assert [s.level for s in walk.record.steps] == [4, 3, 2, 1]
+            assert walk.record.translation is not None
+            assert walk.record.translation.page_size == 4096
+            other = m.vcpu.access(big_gva + 0x1F_F000, "read")
+            assert other.gpa == big_gpa + 0x1F_F000 and other.trace.of_type(VmExit)
+    assert results[True] == results[False] == (big_gpa + 0x1008, big_gpa + 0x1008, 0x5A, None, None)

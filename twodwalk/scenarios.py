@@ -529,8 +529,8 @@ def _random_mapping(
     rng: random.Random, base: Scenario, name: str, slot: int, va_bits: int
 ) -> GuestMapping:
     """A mapping in its own GiB of the address space (user or kernel half), onto RAM below
-    the page tables. Guest 2 MiB pages only with EPT: the shadow MMU cannot map them yet."""
-    page = rng.choice((PAGE_SIZE, PAGE_SIZE, HUGE_PAGE_SIZE if base.tdp else PAGE_SIZE))
+    the page tables; one in three is a 2 MiB page."""
+    page = rng.choice((PAGE_SIZE, PAGE_SIZE, HUGE_PAGE_SIZE))
     size = page * (1 if page > PAGE_SIZE else rng.randint(1, 4))
     gva = (slot << 30) | (rng.randrange(0, 511) << 21) | ((rng.randrange(0, 508) << 12) & -page)
     kernel = rng.random() < 0.3

@@ -214,16 +214,19 @@ class ShadowMmu(KvmMmu):
 
     def _fetch(self, guest: WalkRecord, root: int, hpa: int, access: Access, trace: Trace) -> None:
         """`FNAME(fetch)`: write-protect and link a shadow table for each guest table on the
-        walk, then the 4 KiB leaf with the rights the guest walk accumulated."""
+        walk, then the 4 KiB leaf with the rights the guest walk accumulated. Below a guest
+        large page KVM links direct shadow tables down to level 1, so the shadow leaf is
+        always 4 KiB here (KVM maps huge only when the host page is huge too)."""
         fmt = guest.format
         assert guest.translation is not None
         table = root
+        leaf = guest.steps[-1]
         for step in guest.steps:
             self._shadow_table(table, step.table >> PAGE_SHIFT, trace)
-            if step.level == 1:
+            if step is leaf:
                 break
             table = self._child(fmt, table, guest.address, step.level, trace)
-        for level in range(guest.steps[-1].level - 1, 0, -1):
+        for level in range(leaf.level - 1, 0, -1):
             table = self._child(fmt, table, guest.address, level + 1, trace)
         gfn = guest.translation.address >> PAGE_SHIFT
         writable = self._leaf_writable(guest, gfn, access)
