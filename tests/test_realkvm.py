@@ -123,3 +123,13 @@ def test_replay_of_a_machine_access_agrees(cpl: int, kind: str, fields: dict[str
     assert result.agree, result.differences
     if result.engine.fault is None and kind == "read":
         assert result.real.value == 0x1234_5678
+
+
+def test_replay_refuses_a_machine_with_a_pci_hole_before_touching_kvm() -> None:
+    import twodwalk as tw
+    from twodwalk.realkvm.device import KvmUnavailableError
+    from twodwalk.realkvm.replay import replay
+
+    m = tw.Machine(guest_ram=8 << 20, pci_hole=(4 << 20, 6 << 20))
+    with pytest.raises(KvmUnavailableError, match="one memslot at GPA 0"):
+        replay(m, 0x40_0008, "read")

@@ -52,6 +52,11 @@ def replay(machine: Machine, gva: int, kind: str, value: int | None = None) -> R
     cpu = machine.vcpu
     if cpu.cr4_la57:
         raise KvmUnavailableError("5-level guests cannot run here: KVM refuses CR4.LA57")
+    if len(machine.vm.memslots.slots) != 1:
+        raise KvmUnavailableError(
+            "replay runs guest RAM as one memslot at GPA 0: build the Machine without a"
+            " pci_hole (or other memslots) to compare it with real KVM"
+        )
     controls = Controls.of(cpu.controls(), cpu.cpl)
     runner = RealRunner(machine.guest_ram + 2 * RUNTIME_SIZE)
     try:
