@@ -2,28 +2,432 @@
 
 from __future__ import annotations
 
-from matplotlib.colors import to_hex
-from matplotlib.patches import Rectangle
+from collections import Counter
+from collections.abc import Iterable
 
-from twodwalk.views.plots import HATCHES, OKABE_ITO, plot_references
+import numpy as np
+import pytest
+from matplotlib._pylab_helpers import Gcf
+from matplotlib.axes import Axes
+from matplotlib.colors import to_hex
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import FancyArrowPatch, Rectangle
+from matplotlib.text import Text
+
+import twodwalk as tw
+from twodwalk.views.plots import (
+    CELL_STYLES,
+    DIMENSION_STYLES,
+    EVENT_KINDS,
+    LANES,
+    LEVEL_STYLES,
+    PSC,
+    address_fields,
+    plot_address_fields,
+    plot_address_map,
+    plot_hit_rates,
+    plot_references,
+    plot_timeline,
+    plot_walk_grid,
+    walk_grid,
+)
 from twodwalk.workloads import WorkloadResult
+
+MIB = 1 << 20
+GVA = 0x40_0008
+DATA_GPA = 0x20_0000
+
+
+def machine(guest_levels: int = 4, ept_levels: int = 4, *, thp: bool = False) -> tw.Machine:
+    """A VM whose guest maps two 4 KiB pages at 0x400000 (as tests/test_two_dimensional_walk)."""
+    m = tw.Machine(
+        guest_ram=32 * MIB,
+        guest_levels=guest_levels,
+        ept_levels=ept_levels,
+        maxphyaddr=52 if 5 in (guest_levels, ept_levels) else 48,
+        gbpages=False,
+        thp=thp,
+    )
+    m.guest.map(GVA & ~0xFFF, DATA_GPA, 0x2000, rw=1, us=1)
+    return m
+
+
+def full_walk(m: tw.Machine, gva: int = GVA) -> tw.AccessResult:
+    """With the caches off, the second access walks every level of both dimensions."""
+    m.vcpu.caches.off()
+    m.vcpu.access(gva, "read")
+    return m.vcpu.access(gva, "read")
+
+
+def numbered_cells(figure: Figure) -> dict[int, tuple[int, int]]:
+    """Reference number -> (row, col) of the grid's numbered cells."""
+    texts = figure.axes[0].texts
+    return {
+        int(t.get_text()): (int(t.get_position()[1]), int(t.get_position()[0]))
+        for t in texts
+        if t.get_text().isdigit()
+    }
+
+
+def tags(figure: Figure) -> Counter[str]:
+    return Counter(t.get_text() for t in figure.axes[0].texts)
+
+
+def legend_labels(ax: Axes) -> list[str]:
+    legend = ax.get_legend()
+    assert legend is not None
+    return [t.get_text() for t in legend.get_texts()]
+
+
+def stop_markers(figure: Figure) -> list[Line2D]:
+    return [line for line in figure.axes[0].lines if line.get_marker() == "X"]
+
+
+def ys(line: Line2D) -> list[float]:
+    return [float(y) for y in np.asarray(line.get_ydata(), dtype=float)]
+
+
+def cell_of(marker: Line2D) -> tuple[int, int]:
+    """(row, col) of the grid cell a marker sits in."""
+    x = np.asarray(marker.get_xdata(), dtype=float)
+    return int(ys(marker)[0]), int(x[0])
+
+
+def readable(texts: Iterable[Text]) -> bool:
+    return all(float(t.get_fontsize()) >= 10 for t in texts)
+
+
+# --- workload costs ----------------------------------------------------------------------------
+
+EPT_RUN = WorkloadResult("EPT", accesses=10, references={"guest": 10, "ept": 40}, tlb_hits=5)
+SHADOW_RUN = WorkloadResult("shadow", accesses=10, references={"native": 10}, tlb_hits=8)
 
 
 def test_reference_bars_stack_by_dimension_with_colour_and_hatch() -> None:
-    ept = WorkloadResult("EPT", accesses=10, references={"guest": 10, "ept": 40}, tlb_hits=5)
-    shadow = WorkloadResult("shadow", accesses=10, references={"native": 10}, tlb_hits=5)
-    figure = plot_references([ept, shadow])
+    figure = plot_references([EPT_RUN, SHADOW_RUN])
     ax = figure.axes[0]
-    bars = [p for p in ax.patches if isinstance(p, Rectangle)]
-    heights = sorted(round(b.get_height(), 6) for b in bars if b.get_height() > 0)
-    assert heights == [1.0, 1.0, 4.0]
-    hatches = {b.get_hatch() or "" for b in bars if b.get_height() > 0}
-    assert hatches == {HATCHES[0], HATCHES[1], HATCHES[2]}
-    legend_box = ax.get_legend()
-    assert legend_box is not None
-    legend = [t.get_text() for t in legend_box.get_texts()]
-    assert legend == ["guest references", "ept references", "native references"]
-    assert {a.get_text() for a in ax.texts} == {"TLB 50%"}
-    colours = {to_hex(b.get_facecolor()) for b in bars if b.get_height() > 0}
-    assert len(colours) == 3, "each dimension has its own Okabe-Ito colour"
-    assert colours == {c.lower() for c in OKABE_ITO[:3]}
+    bars = [p for p in ax.patches if isinstance(p, Rectangle) and p.get_height() > 0]
+    assert sorted(round(b.get_height(), 6) for b in bars) == [1.0, 1.0, 4.0]
+    dims = ("guest", "ept", "native")
+    assert {b.get_hatch() or "" for b in bars} == {DIMENSION_STYLES[d].hatch for d in dims}
+    assert legend_labels(ax) == ["guest references", "ept references", "native references"]
+    assert {a.get_text() for a in ax.texts} == {"TLB 50%", "TLB 80%"}
+    colours = {to_hex(b.get_facecolor()) for b in bars}
+    assert colours == {DIMENSION_STYLES[d].colour.lower() for d in dims}
+
+
+def test_hit_rates_pair_tlb_hits_with_references_per_access() -> None:
+    figure = plot_hit_rates([EPT_RUN, SHADOW_RUN])
+    left, right = figure.axes
+    hits = [p.get_height() for p in left.patches if isinstance(p, Rectangle)]
+    refs = [p.get_height() for p in right.patches if isinstance(p, Rectangle)]
+    assert hits == pytest.approx([50.0, 80.0])
+    assert refs == pytest.approx([5.0, 1.0])
+    hatches = {p.get_hatch() for ax in (left, right) for p in ax.patches}
+    assert len(hatches) == 2, "hit rate and cost differ by hatch as well as colour"
+    assert legend_labels(left) == ["TLB hit rate (%)", "memory references per access"]
+    labels = {t.get_text() for ax in (left, right) for t in ax.texts}
+    assert {"50%", "80%", "5.00", "1.00"} <= labels
+    assert [t.get_text() for t in left.get_xticklabels()] == ["EPT", "shadow"]
+
+
+# --- address fields ----------------------------------------------------------------------------
+
+
+def test_address_fields_split_a_gva_into_indices_and_offset() -> None:
+    figure = plot_address_fields(0x7F00_1234_5ABC)
+    ax = figure.axes[0]
+    boxes = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert [b.get_label() for b in boxes] == [
+        "sign extension",
+        "PML4",
+        "PDPT",
+        "PD",
+        "PT",
+        "offset",
+    ]
+    assert [b.get_width() for b in boxes] == [16, 9, 9, 9, 9, 12]
+    texts = [t.get_text() for t in ax.texts]
+    assert "PML4\nbits 47:39\n0x0fe = 254" in texts
+    assert "PT\nbits 20:12\n0x145 = 325" in texts
+    assert "offset\nbits 11:0\n0xabc" in texts
+    levels = [LEVEL_STYLES[lv] for lv in (4, 3, 2, 1)]
+    assert [b.get_hatch() for b in boxes[1:5]] == [s.hatch for s in levels]
+    assert [to_hex(b.get_facecolor()) for b in boxes[1:5]] == [s.colour.lower() for s in levels]
+    assert readable(ax.texts)
+
+
+def test_address_fields_of_a_gpa_use_ept_names_and_stop_at_a_large_page() -> None:
+    fields = address_fields(0x4020_1008, levels=5, space="GPA", page_size=2 * MIB)
+    names = [f.name for f in fields]
+    assert names == ["must be 0", "EPT PML5", "EPT PML4", "EPT PDPT", "EPT PD", "offset"]
+    assert (fields[-1].high, fields[-1].low, fields[-1].value) == (20, 0, 0x1008)
+    assert (fields[0].high, fields[0].low) == (63, 57)
+    assert [f.value for f in fields[1:-1]] == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"address": -1}, "address"),
+        ({"address": "0x1000"}, "address"),
+        ({"address": 1 << 64}, "address"),
+        ({"levels": 3}, "levels"),
+        ({"levels": True}, "levels"),
+        ({"space": "HPA"}, "space"),
+        ({"page_size": 8192}, "page_size"),
+        ({"page_size": "4096"}, "page_size"),
+    ],
+)
+def test_address_fields_reject_bad_input_naming_the_field(
+    options: dict[str, object], field: str
+) -> None:
+    arguments: dict[str, object] = {"address": 0x1000, **options}
+    with pytest.raises(tw.TwodwalkError, match=field):
+        plot_address_fields(**arguments)  # type: ignore[arg-type]
+
+
+# --- the walk grid -----------------------------------------------------------------------------
+
+GRID_CASES = [
+    pytest.param(4, 4, id="4x4"),
+    pytest.param(4, 5, id="4x5"),
+    pytest.param(5, 4, id="5x4"),
+    pytest.param(5, 5, id="5x5"),
+]
+
+
+@pytest.mark.parametrize(("guest_levels", "ept_levels"), GRID_CASES)
+def test_full_walk_numbers_every_cell_in_hardware_order(guest_levels: int, ept_levels: int) -> None:
+    result = full_walk(machine(guest_levels, ept_levels))
+    figure = plot_walk_grid(result.trace)
+    count = (guest_levels + 1) * (ept_levels + 1) - 1
+    width = ept_levels + 1  # EPT columns, then the guest entry
+    assert numbered_cells(figure) == {k: divmod(k - 1, width) for k in range(1, count + 1)}, (
+        "row = guest level (then the data GPA), column = EPT level (then the guest entry)"
+    )
+    assert tags(figure)["mem"] == count
+    title = figure.axes[0].get_title()
+    assert title == (
+        f"{guest_levels}-level guest walk under {ept_levels}-level EPT: {count} memory references"
+    )
+    assert "memory: guest entry" in legend_labels(figure.axes[0])
+    assert stop_markers(figure) == []
+
+
+def test_grid_cells_are_coloured_and_hatched_by_what_served_them() -> None:
+    m = machine()
+    m.vcpu.access(GVA, "read")
+    m.vcpu.invlpg(GVA)  # drops the TLB and paging-structure caches; guest-physical stays
+    figure = plot_walk_grid(m.vcpu.access(GVA, "read").trace)
+    assert sorted(numbered_cells(figure)) == [1, 2, 3, 4]
+    assert set(numbered_cells(figure).values()) == {(row, 4) for row in range(4)}
+    assert tags(figure)["GPM"] == 20 and tags(figure)["mem"] == 4
+    hatches = Counter(p.get_hatch() for p in figure.axes[0].patches)
+    assert hatches[CELL_STYLES["guest-physical"].hatch] >= 20
+    assert CELL_STYLES["guest-physical"].label in legend_labels(figure.axes[0])
+
+
+def test_paging_structure_cache_skips_rows_and_is_labelled() -> None:
+    m = machine()
+    m.vcpu.access(GVA, "read")
+    result = m.vcpu.access(GVA + 0x1000, "read")  # same page table: the PDE cache hits
+    grid = walk_grid(result.trace)
+    sources = Counter(cell.source for cell in grid.cells)
+    assert sources["memory"] == 5 and sources[PSC] == 19
+    assert {(c.row, c.col) for c in grid.cells if c.source == PSC} >= {(0, 4), (1, 4), (2, 4)}
+    figure = plot_walk_grid(result.trace)
+    assert tags(figure)["PSC"] == 19
+    assert CELL_STYLES[PSC].label in legend_labels(figure.axes[0])
+
+
+def test_unmapped_gva_marks_the_guest_fault() -> None:
+    m = machine()
+    m.vcpu.caches.off()
+    m.vcpu.access(GVA, "read")
+    result = m.vcpu.access(0x80_0008, "read")  # no PDE for this 2 MiB region
+    assert isinstance(result.fault, tw.PageFault)
+    figure = plot_walk_grid(result.trace)
+    (marker,) = stop_markers(figure)
+    assert marker.get_label() == "walk stopped: walk fault: entry not present"
+    assert cell_of(marker) == (2, 4)  # the PDE
+    assert marker.get_label() in legend_labels(figure.axes[0])
+
+
+def test_gpa_outside_memslots_marks_the_ept_exit_in_the_data_row() -> None:
+    m = machine()
+    m.guest.map(0x50_0000, 0x4000_0000, 0x1000, rw=1, us=1)  # beyond guest RAM: MMIO
+    m.vcpu.caches.off()
+    m.vcpu.access(GVA, "read")
+    result = m.vcpu.access(0x50_0008, "read")
+    assert isinstance(result.exit, tw.MmioExit)
+    grid = walk_grid(result.trace)
+    assert grid.stop is not None
+    assert (grid.stop.row, grid.stop.reason) == (4, "EPT_VIOLATION")
+    (marker,) = stop_markers(plot_walk_grid(result.trace))
+    assert marker.get_label() == "walk stopped: EPT_VIOLATION"
+
+
+def test_first_attempt_of_a_cold_access_stops_in_the_nested_walk() -> None:
+    m = machine()
+    m.vcpu.caches.off()
+    trace = m.vcpu.access(GVA, "write", 1).trace
+    figure = plot_walk_grid(trace, attempt=0)
+    assert numbered_cells(figure) == {1: (0, 0)}  # EPT PML4E for the guest root: not present
+    (marker,) = stop_markers(figure)
+    assert cell_of(marker) == (0, 0)
+    assert marker.get_label() == "walk stopped: EPT_VIOLATION"
+
+
+def test_highlight_draws_one_cell_with_a_thick_edge() -> None:
+    trace = full_walk(machine()).trace
+    ax = plot_walk_grid(trace, highlight=7).axes[0]
+    widths = Counter(p.get_linewidth() for p in ax.patches if isinstance(p, Rectangle))
+    assert widths[4.5] == 1
+    (thick,) = [p for p in ax.patches if isinstance(p, Rectangle) and p.get_linewidth() == 4.5]
+    assert (int(thick.get_y()), int(thick.get_x())) == (1, 1)  # reference 7: row 1, column 1
+    for bad in (0, 25, "7"):
+        with pytest.raises(tw.TwodwalkError, match="highlight"):
+            plot_walk_grid(trace, highlight=bad)  # type: ignore[arg-type]
+
+
+def test_large_pages_use_fewer_rows_and_columns() -> None:
+    m = machine(thp=True)
+    m.guest.map(0x60_0000, 0x40_0000, 2 * MIB, page_size=2 * MIB, rw=1, us=1)
+    cells = numbered_cells(plot_walk_grid(full_walk(m, 0x60_0008).trace))
+    assert len(cells) == 15  # 3 guest levels, each and the data GPA through 3 EPT levels
+    assert {row for row, _ in cells.values()} == {0, 1, 2, 4}, "no PTE row"
+    assert {col for _, col in cells.values()} == {0, 1, 2, 4}, "no EPT PTE column"
+
+
+def test_shadow_paging_draws_one_column() -> None:
+    m = tw.Machine(guest_ram=32 * MIB, tdp=False)
+    m.guest.map(GVA & ~0xFFF, DATA_GPA, 0x1000, rw=1, us=1)
+    result = m.vcpu.access(GVA, "read")
+    grid = walk_grid(result.trace)
+    assert grid.cols == (("entry", None),) and not grid.two_dimensional
+    figure = plot_walk_grid(result.trace)
+    assert numbered_cells(figure) == {k: (k - 1, 0) for k in range(1, 5)}
+    assert "one-dimensional" in figure.axes[0].get_title()
+    first = plot_walk_grid(result.trace, attempt=0)
+    (marker,) = stop_markers(first)
+    assert marker.get_label() == "walk stopped: EXCEPTION_NMI (#PF)"
+
+
+def test_tlb_hit_draws_an_empty_grid_that_says_so() -> None:
+    m = machine()
+    m.vcpu.access(GVA, "read")
+    figure = plot_walk_grid(m.vcpu.access(GVA, "read").trace)
+    assert numbered_cells(figure) == {}
+    assert tags(figure)["TLB hit: no walk"] == 1
+    assert figure.axes[0].get_title().endswith("0 memory references")
+
+
+def test_grid_rejects_an_attempt_the_trace_does_not_have() -> None:
+    trace = full_walk(machine()).trace
+    with pytest.raises(tw.TwodwalkError, match="attempt"):
+        plot_walk_grid(trace, attempt=1)
+
+
+def test_grid_without_any_ept_walk_takes_the_given_depth() -> None:
+    m = machine(ept_levels=5)
+    m.vcpu.access(GVA, "read")
+    m.vcpu.invlpg(GVA)
+    result = m.vcpu.access(GVA, "read")  # every GPA from a guest-physical mapping
+    assert len(walk_grid(result.trace).cols) == 5, "four EPT columns by default"
+    assert len(walk_grid(result.trace, ept_levels=5).cols) == 6
+    with pytest.raises(tw.TwodwalkError, match="ept_levels"):
+        walk_grid(result.trace, ept_levels=3)
+
+
+# --- the timeline ------------------------------------------------------------------------------
+
+
+def test_timeline_puts_events_in_lanes_with_a_shape_per_kind() -> None:
+    m = machine()
+    result = m.vcpu.access(GVA, "write", 7)  # cold: EPT violations, KVM, a host fault
+    ax = plot_timeline(result.trace).axes[0]
+    markers = {str(line.get_label()): line for line in ax.lines if line.get_linestyle() == "None"}
+    assert {"guest walk", "VM exit", "KVM function", "host page fault", "SPTE write"} <= set(
+        markers
+    )
+    assert len({line.get_marker() for line in markers.values()}) == len(markers)
+    assert len({kind[1] for kind in EVENT_KINDS.values()}) == len(EVENT_KINDS)
+    assert set(ys(markers["VM exit"])) == {0}
+    assert set(ys(markers["KVM function"])) == {-1}
+    assert set(ys(markers["host page fault"])) == {-2}
+    texts = Counter(t.get_text() for t in ax.texts)
+    for label in ("EPT_VIOLATION", "__gfn_to_hva_memslot", "hva_to_pfn", "handle_mm_fault"):
+        assert texts[label] >= 1
+    assert texts["VM entry (retry)"] == len(result.trace.attempts()) - 1
+    assert texts["data write"] == 1
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(LANES)
+    assert sum(len(ys(line)) for line in markers.values()) == len(result.trace.events)
+
+
+# --- the address map ---------------------------------------------------------------------------
+
+
+def route_arrows(ax: Axes) -> dict[str, FancyArrowPatch]:
+    return {str(p.get_label()): p for p in ax.patches if isinstance(p, FancyArrowPatch)}
+
+
+def test_address_map_shows_both_routes_side_by_side() -> None:
+    m = machine()
+    result = m.vcpu.access(GVA, "write", 7)
+    ax = plot_address_map(m, result).axes[0]
+    texts = [t.get_text() for t in ax.texts]
+    assert f"GVA\n{GVA:#x}" in texts and f"HPA\n{result.hpa:#x}" in texts
+    assert any(t.startswith("memslot 0\n0x0 +32 MiB") for t in texts)
+    assert any(t.startswith("guest RAM\n") for t in texts)
+    assert any(t.startswith("data\n") for t in texts)
+    arrows = route_arrows(ax)
+    assert set(arrows) == {"guest page tables", "EPT", "memslot", "host page tables"}
+    styles = {(to_hex(a.get_edgecolor()), str(a.get_linestyle())) for a in arrows.values()}
+    assert len(styles) == 4, "each route has its own colour and line style"
+    assert {"EPT (hardware)", "KVM memslot lookup (software)"} <= set(legend_labels(ax))
+    hva_rows = 1  # the VMM has one VMA, guest RAM
+    ept = np.asarray(arrows["EPT"].get_path().vertices, dtype=float)
+    under_hva = ept[(ept[:, 0] >= 1.5) & (ept[:, 0] <= 2.5), 1]
+    assert under_hva.min() > hva_rows, "the shortcut runs under the HVA column's boxes"
+
+
+def test_address_map_of_an_mmio_access_ends_at_the_gpa() -> None:
+    m = machine()
+    m.guest.map(0x50_0000, 0x4000_0000, 0x1000, rw=1, us=1)
+    result = m.vcpu.access(0x50_0008, "read")
+    ax = plot_address_map(m, result).axes[0]
+    assert set(route_arrows(ax)) == {"guest page tables"}
+    assert any(t.get_text().startswith("no memslot: MMIO\n0x40000000") for t in ax.texts)
+    assert "HVA\n-" in [t.get_text() for t in ax.texts]
+
+
+def test_address_map_with_shadow_paging_draws_the_shadow_shortcut() -> None:
+    m = tw.Machine(guest_ram=32 * MIB, tdp=False)
+    m.guest.map(GVA & ~0xFFF, DATA_GPA, 0x1000, rw=1, us=1)
+    ax = plot_address_map(m, m.vcpu.access(GVA, "read")).axes[0]
+    assert {"shadow page tables", "memslot", "host page tables"} <= set(route_arrows(ax))
+    assert "EPT" not in route_arrows(ax)
+
+
+# --- all plots ---------------------------------------------------------------------------------
+
+
+def test_plots_draw_on_a_given_axes_and_leave_no_pyplot_state() -> None:
+    m = machine()
+    result = m.vcpu.access(GVA, "read")
+    figure = Figure()
+    axes = figure.subplots(2, 3).flatten()
+    drawn = [
+        plot_address_fields(GVA, ax=axes[0]),
+        plot_walk_grid(result.trace, ax=axes[1]),
+        plot_timeline(result.trace, ax=axes[2]),
+        plot_address_map(m, result, ax=axes[3]),
+        plot_references([EPT_RUN], ax=axes[4]),
+        plot_hit_rates([EPT_RUN], ax=axes[5]),
+    ]
+    assert all(f is figure for f in drawn)
+    assert all(ax.has_data() or ax.texts for ax in axes)
+    assert Gcf.get_num_fig_managers() == 0
+    assert all(readable(ax.texts) for ax in axes)

@@ -1,0 +1,530 @@
+"""One access as a graph (networkx): the table pages and addresses it went through, in layers
+by address space, and every memory reference as an edge in hardware order.
+
+The hardware's references come from the last attempt of the trace (the walk that finished
+the access); KVM's software path comes from every attempt: the memslot lookup
+(`__gfn_to_hva_memslot`), the host page-table walks (`hva_to_pfn` -> `get_user_pages`) and,
+with EPT off, KVM's own walk of the guest tables (paging_tmpl.h `walk_addr_generic`). Nothing
+is translated here: every node and edge is read from the trace and the access's result.
+
+An EPT table appears once per nested walk that reads it (as in the walk grid's rows), so the
+24 references of a cold 4x4 walk are 24 distinct edges of a `DiGraph`. The layout is layered
+and deterministic: the GVA on top, the guest tables (GPAs) in a row, each with its EPT walk
+hanging below it down to the host frame that holds it, and the HVAs and host walks beside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import networkx as nx
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from twodwalk.cpumodel import PAGE_SIZE
+from twodwalk.errors import check_int
+from twodwalk.formats import EntryFormat
+from twodwalk.trace import (
+    CacheHit,
+    EptWalk,
+    GuestWalk,
+    HostWalk,
+    KvmStep,
+    KvmWalk,
+    NativeWalk,
+    TlbHit,
+)
+from twodwalk.views.plots import (
+    BLACK,
+    CELL_STYLES,
+    DIMENSION_STYLES,
+    FONT,
+    GREY,
+    GUEST_PHYSICAL,
+    HARDWARE_DIMENSIONS,
+    LEVEL_STYLES,
+    STOP_MARKER,
+    access_gva,
+    all_references,
+    figure_and_axes,
+    table_name,
+)
+from twodwalk.walker import TableRead, WalkRecord
+
+if TYPE_CHECKING:
+    from twodwalk.processor import AccessResult
+
+Place = Callable[[int], tuple[float, float]]  # a table's level -> its position
+GVA_Y, GPA_Y, HVA_Y, TABLES_Y = 0.0, -1.0, -2.0, -3.0  # the layers, top to bottom
+EPT_DX, HOST_DX = -0.22, 0.5  # EPT walks hang left of their column, host walks right
+PAGE_MASK = ~(PAGE_SIZE - 1)
+NODE_SIZE = 1300
+# Node kind -> marker shape.
+NODE_SHAPES = {
+    "address": "o",
+    "guest table": "s",
+    "EPT table": "s",
+    "host table": "s",
+    "native table": "s",
+    "frame": "h",
+    "page": "h",
+    "fault": STOP_MARKER,
+}
+_LABEL_BOX = {"boxstyle": "round,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8}
+
+
+def walk_graph(result: AccessResult) -> nx.DiGraph:
+    """The access as a `networkx.DiGraph`. Nodes carry `space` (GVA, GPA, HVA, HPA), `kind`
+    (address, guest/EPT/host/native table, frame, page, fault), `address`, `level`, `label`
+    and `pos`; edges carry `dimension` (guest, ept, native for the hardware; memslot, host,
+    kvm-walk for KVM's software path; link for CR3, EPTP and cache hits), `order` (the
+    hardware reference number, None otherwise), `value` (the entry read) and `label`."""
+    builder = _Builder(result)
+    builder.hardware()
+    builder.software()
+    return builder.graph
+
+
+class _Builder:
+    """Adds nodes and edges while reading the trace in order."""
+
+    def __init__(self, result: AccessResult) -> None:
+        self.graph = nx.DiGraph()
+        self.result = result
+        trace = result.trace
+        self.last = trace.attempts()[-1]
+        self.numbers = {id(ref.step): ref.number for ref in trace.memory_references()}
+        walks = [e.record for e in self.last if isinstance(e, GuestWalk | NativeWalk)]
+        self.levels = walks[0].format.levels if walks else 4
+        self.ept_levels = next(
+            (r.step.format.levels for r in all_references(trace) if r.dimension == "ept"), 0
+        )
+        self.bottom = TABLES_Y - max(self.ept_levels, 4) - 1.0
+        self.spare = float(self.levels + 2)  # the next free column, for pages off the walk
+
+    # --- nodes and edges ----------------------------------------------------------------------
+
+    def node(self, key: str, pos: tuple[float, float], **attributes: Any) -> str:
+        if key not in self.graph:
+            self.graph.add_node(key, pos=pos, **{"level": None, **attributes})
+        return key
+
+    def edge(
+        self,
+        source: str,
+        target: str,
+        dimension: str,
+        label: str,
+        order: int | None = None,
+        value: int | None = None,
+    ) -> None:
+        self.graph.add_edge(
+            source, target, dimension=dimension, order=order, value=value, label=label
+        )
+
+    def x(self, key: str) -> float:
+        return float(self.graph.nodes[key]["pos"][0])
+
+    def take_spare(self) -> float:
+        self.spare += 1
+        return self.spare - 1
+
+    def column(self, level: int) -> float:
+        """Guest level n is column 1, level 1 column n, the data GPA column n + 1."""
+        return float(self.levels - level + 1)
+
+    def address(self, space: str, address: int, pos: tuple[float, float]) -> str:
+        """The access's own address in one space (a node per page)."""
+        return self.node(
+            f"{space} {address & PAGE_MASK:#x}",
+            pos,
+            space=space,
+            kind="address",
+            address=address,
+            label=f"{space}\n{address:#x}",
+        )
+
+    def page(self, space: str, address: int, kind: str, pos: tuple[float, float]) -> str:
+        """Another page of a space: a guest table's frame, an HVA a fault was fixed for."""
+        page = address & PAGE_MASK
+        label = f"{space}\n{page:#x}"
+        return self.node(
+            f"{space} {page:#x}", pos, space=space, kind=kind, address=page, label=label
+        )
+
+    def frame(self, hpa: int, x: float) -> str:
+        """The host frame holding a guest table or data, at the foot of its column."""
+        return self.page("HPA", hpa, "frame", (x, self.bottom))
+
+    def data(self, hpa: int) -> str:
+        return self.address("HPA", hpa, (self.column(0), self.bottom))
+
+    def final_gpa(self, gpa: int) -> str:
+        return self.address("GPA", gpa, (self.column(0), GPA_Y))
+
+    def gva(self, gva: int) -> str:
+        return self.address("GVA", gva, (0.0, GVA_Y))
+
+    def gpa_page(self, gpa: int) -> str:
+        """A guest table or the data page if the walk had it, else a page in a spare column
+        (one an earlier attempt faulted on)."""
+        key = f"GPA {gpa & PAGE_MASK:#x}"
+        return (
+            key if key in self.graph else self.page("GPA", gpa, "page", (self.take_spare(), GPA_Y))
+        )
+
+    def hva(self, hva: int, x: float) -> str:
+        own = self.result.hva
+        if own is not None and own & PAGE_MASK == hva & PAGE_MASK:
+            return self.address("HVA", own, (x, HVA_Y))
+        return self.page("HVA", hva, "page", (x, HVA_Y))
+
+    def table(
+        self,
+        fmt: EntryFormat,
+        level: int,
+        table: int,
+        space: str,
+        kind: str,
+        place: Place,
+        tag: str,
+    ) -> str:
+        return self.node(
+            f"{space} {table:#x}{tag}",
+            place(level),
+            space=space,
+            kind=kind,
+            address=table,
+            level=level,
+            label=f"{table_name(fmt.level_name(level))}\n{table:#x}",
+        )
+
+    def fault(self, record: WalkRecord, space: str, place: Place, tag: str) -> str:
+        """Where a walk stopped: beside and below the table whose entry faulted."""
+        fault = record.fault
+        assert fault is not None
+        x, y = place(record.format.levels if fault.level is None else fault.level)
+        return self.node(
+            f"fault {space} {record.address:#x}{tag}",
+            (x + 0.6, y - 0.3),
+            space=space,
+            kind="fault",
+            address=record.address,
+            label=f"stop: {fault.kind.name.lower().replace('_', ' ')}",
+        )
+
+    # --- walks --------------------------------------------------------------------------------
+
+    def walk(
+        self,
+        record: WalkRecord,
+        origin: tuple[str, str],
+        end: str | None,
+        *,
+        dimension: str,
+        space: str,
+        kind: str,
+        place: Place,
+        tag: str = "",
+    ) -> None:
+        """One walk, entry by entry: `origin` (a node and how it names the root: CR3, EPTP,
+        a cache) points at the first table read; each entry read is an edge from its table
+        to what it names, the last one to `end`, or to a fault node if `end` is None."""
+        fmt = record.format
+        tables = [self.table(fmt, s.level, s.table, space, kind, place, tag) for s in record.steps]
+        chain = [*tables, end if end is not None else self.fault(record, space, place, tag)]
+        self.edge(origin[0], chain[0], "link", origin[1])
+        hardware = dimension in HARDWARE_DIMENSIONS
+        for step, source, target in zip(record.steps, chain[:-1], chain[1:], strict=True):
+            order = self.numbers.get(id(step)) if hardware else None
+            label = f"{step.value:#x}" if order is None else f"{order}: {step.value:#x}"
+            self.edge(source, target, dimension, label, order, step.value)
+
+    def ept(self, record: WalkRecord, origin: str, x: float, end: str | None) -> None:
+        """An EPT walk hanging below the GPA node it translates (SDM Vol 3C 29.3.2)."""
+        self.walk(
+            record,
+            (origin, "EPTP"),
+            end,
+            dimension="ept",
+            space="HPA",
+            kind="EPT table",
+            place=lambda level: (x + EPT_DX, TABLES_Y - (self.ept_levels - level)),
+            tag=f" (EPT walk of column {x:g})",
+        )
+
+    def table_read(self, table: str, read: TableRead, x: float) -> None:
+        """How a guest table's GPA became an HPA: its EPT walk, or the cache that knew it."""
+        frame = self.frame(read.physical, x)
+        if read.cached is not None:
+            self.edge(table, frame, "link", CELL_STYLES[read.cached].tag)
+        for nested in read.nested:
+            self.ept(nested, table, x, frame)
+
+    def guest_walk(self, record: WalkRecord) -> None:
+        """The guest dimension along the GPA row, each table with its EPT walk below; a
+        nested fault ends the row at the table whose GPA did not translate."""
+        fault = record.fault
+
+        def place(level: int) -> tuple[float, float]:
+            return self.column(level), GPA_Y
+
+        end = None
+        if record.translation is not None:
+            end = self.final_gpa(record.translation.address)
+        elif fault is not None and fault.nested is not None and fault.level is not None:
+            table = fault.nested.address & PAGE_MASK
+            end = self.table(record.format, fault.level, table, "GPA", "guest table", place, "")
+            self.ept(fault.nested, end, self.column(fault.level), None)
+        root = "PSC" if record.start is not None else "CR3"
+        self.walk(
+            record,
+            (self.gva(record.address), root),
+            end,
+            dimension="guest",
+            space="GPA",
+            kind="guest table",
+            place=place,
+        )
+        for step in record.steps:
+            self.table_read(f"GPA {step.table:#x}", step.read, self.column(step.level))
+
+    def native_walk(self, record: WalkRecord) -> None:
+        """A one-dimensional walk (shadow tables, or a process on bare metal): GVA -> HPA."""
+        translation = record.translation
+        self.walk(
+            record,
+            (self.gva(record.address), "PSC" if record.start is not None else "CR3"),
+            self.data(translation.address) if translation is not None else None,
+            dimension="native",
+            space="HPA",
+            kind="native table",
+            place=lambda level: (self.column(level), TABLES_Y),
+        )
+
+    def hardware(self) -> None:
+        """The last attempt: its guest (or one-dimensional) walk, then the data GPA's EPT
+        walk or guest-physical mapping; or the TLB hit that made a walk unnecessary."""
+        for event in self.last:
+            if isinstance(event, GuestWalk):
+                self.guest_walk(event.record)
+            elif isinstance(event, NativeWalk):
+                self.native_walk(event.record)
+            elif isinstance(event, EptWalk):
+                translation = event.record.translation
+                end = None if translation is None else self.data(translation.address)
+                self.ept(event.record, self.final_gpa(event.record.address), self.column(0), end)
+            elif isinstance(event, CacheHit) and event.cache == GUEST_PHYSICAL:
+                tag = CELL_STYLES[GUEST_PHYSICAL].tag
+                self.edge(self.final_gpa(event.address), self.data(event.result), "link", tag)
+            elif isinstance(event, TlbHit) and self.result.hpa is not None:
+                gva = self.gva(access_gva(self.result))
+                self.edge(gva, self.data(self.result.hpa), "link", "TLB")
+
+    # --- KVM's software path ------------------------------------------------------------------
+
+    def software(self) -> None:
+        """Every attempt's memslot lookups, host walks and KVM walks of the guest tables."""
+        walked: set[int] = set()
+        for event in self.result.trace:
+            if isinstance(event, HostWalk):
+                self.host_walk(event.record)
+                walked.add(event.record.address & PAGE_MASK)
+            elif isinstance(event, KvmWalk):
+                self.kvm_walk(event.record)
+            elif isinstance(event, KvmStep):
+                self.kvm_step(event, walked)
+
+    def kvm_step(self, step: KvmStep, walked: set[int]) -> None:
+        """The steps that name both ends of a hop: `__gfn_to_hva_memslot` (GPA -> HVA) and
+        `hva_to_pfn` (HVA -> HPA), the latter only when the trace has no walk of that HVA
+        (KVM's fast path, `hva_to_pfn_fast`, records none)."""
+        if step.function == "__gfn_to_hva_memslot" and step.gfn is not None and step.hva:
+            gpa = self.gpa_page(step.gfn * PAGE_SIZE)
+            self.edge(gpa, self.hva(step.hva, self.x(gpa) + HOST_DX), "memslot", "memslot")
+        elif step.function == "hva_to_pfn" and step.hva is not None and step.hpa is not None:
+            hva = self.hva_of_walk(step.hva)
+            if step.hva & PAGE_MASK not in walked:
+                self.edge(hva, self.frame(step.hpa, self.x(hva)), "host", "hva_to_pfn")
+
+    def hva_of_walk(self, hva: int) -> str:
+        """The HVA a host walk starts from. With EPT off no memslot step is traced, so the
+        access's own HVA is linked to its GPA here (KVM's `gfn_to_hva` in `FNAME(page_fault)`)."""
+        key = f"HVA {hva & PAGE_MASK:#x}"
+        if key in self.graph:
+            return key
+        gpa, own = self.result.gpa, self.result.hva
+        if gpa is None or own is None or own & PAGE_MASK != hva & PAGE_MASK:
+            return self.hva(hva, self.take_spare())
+        source = self.final_gpa(gpa)
+        node = self.hva(hva, self.x(source) + HOST_DX)
+        self.edge(source, node, "memslot", "memslot")
+        return node
+
+    def host_walk(self, record: WalkRecord) -> None:
+        """KVM's walk of the VMM's page tables for an HVA (`hva_to_pfn` -> gup)."""
+        hva = self.hva_of_walk(record.address)
+        x = self.x(hva)
+        translation = record.translation
+        levels = record.format.levels
+        self.walk(
+            record,
+            (hva, "CR3 (VMM)"),
+            self.frame(translation.address, x) if translation is not None else None,
+            dimension="host",
+            space="HPA",
+            kind="host table",
+            place=lambda level: (x, TABLES_Y - 0.5 - (levels - level)),  # labels clear EPT's
+            tag=f" (host walk of HVA {record.address & PAGE_MASK:#x})",
+        )
+
+    def kvm_walk(self, record: WalkRecord) -> None:
+        """With EPT off, KVM walks the guest's tables in software (`FNAME(walk_addr)`)."""
+        translation = record.translation
+        self.walk(
+            record,
+            (self.gva(record.address), "CR3"),
+            self.final_gpa(translation.address) if translation is not None else None,
+            dimension="kvm-walk",
+            space="GPA",
+            kind="guest table",
+            place=lambda level: (self.column(level), GPA_Y),
+        )
+
+
+# --- drawing -----------------------------------------------------------------------------------
+
+
+def plot_walk_graph(
+    result: AccessResult, *, highlight: int | None = None, ax: Axes | None = None
+) -> Figure:
+    """The walk graph (see `walk_graph`) in its layered layout: the guest dimension, EPT and
+    KVM's software path each with its own colour and line style, entry values on the edges,
+    tables coloured by level and named. `highlight=n` draws reference n thick."""
+    graph = walk_graph(result)
+    orders = [d["order"] for _, _, d in graph.edges(data=True) if d["order"] is not None]
+    if highlight is not None:
+        check_int("highlight", highlight, 1, len(orders) + 1, valid=f"1..{len(orders)}")
+    figure, ax = figure_and_axes(ax, (13.0, 9.0))
+    pos = nx.get_node_attributes(graph, "pos")
+    _draw_nodes(ax, graph, pos)
+    _draw_edges(ax, graph, pos, highlight)
+    _draw_node_labels(ax, graph, pos)
+    xs = [x for x, _ in pos.values()]
+    ax.set_xlim(min(xs) - 0.4, max(xs) + 0.9)  # room for the labels beside the last column
+    handles = _legend(graph)
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=3, fontsize=FONT)
+    ax.set_title("The access as a graph: every table read, in hardware order", fontsize=12)
+    ax.set_axis_off()
+    return figure
+
+
+def _node_colour(attributes: dict[str, Any]) -> str:
+    level = attributes["level"]
+    if level is not None:
+        return LEVEL_STYLES[level].colour
+    return GREY if attributes["kind"] in ("frame", "page") else "white"
+
+
+def _draw_nodes(ax: Axes, graph: nx.DiGraph, pos: dict[str, tuple[float, float]]) -> None:
+    for kind, shape in NODE_SHAPES.items():
+        nodes = [n for n, d in graph.nodes(data=True) if d["kind"] == kind]
+        if nodes:
+            nx.draw_networkx_nodes(
+                graph,
+                pos,
+                nodelist=nodes,
+                node_shape=shape,
+                node_size=NODE_SIZE,
+                node_color=[_node_colour(graph.nodes[n]) for n in nodes],
+                edgecolors=BLACK,
+                ax=ax,
+            )
+
+
+def _draw_node_labels(ax: Axes, graph: nx.DiGraph, pos: dict[str, tuple[float, float]]) -> None:
+    """Names on the nodes; a fault's under its marker, which would hide it."""
+    for fault in (False, True):
+        labels = {
+            n: d["label"] for n, d in graph.nodes(data=True) if (d["kind"] == "fault") == fault
+        }
+        nx.draw_networkx_labels(
+            graph,
+            {n: (x, y - 0.3) if fault else (x, y) for n, (x, y) in pos.items() if n in labels},
+            labels,
+            font_size=FONT,
+            verticalalignment="top" if fault else "center",
+            ax=ax,
+        )
+
+
+def _draw_edges(
+    ax: Axes, graph: nx.DiGraph, pos: dict[str, tuple[float, float]], highlight: int | None
+) -> None:
+    """Edges by dimension, each with its colour and line style; labels in white boxes."""
+    for dimension, style in DIMENSION_STYLES.items():
+        edges = [(u, v) for u, v, d in graph.edges(data=True) if d["dimension"] == dimension]
+        if not edges:
+            continue
+        emphasised = [highlight is not None and graph.edges[e]["order"] == highlight for e in edges]
+        nx.draw_networkx_edges(
+            graph,
+            pos,
+            edgelist=edges,
+            edge_color=style.colour,
+            style=[style.linestyle] * len(edges),
+            width=[5.0 if e else 1.8 for e in emphasised],
+            arrows=True,
+            arrowsize=14,
+            node_size=NODE_SIZE,
+            ax=ax,
+        )
+    groups: dict[str, dict[tuple[str, str], str]] = {}
+    for u, v, d in graph.edges(data=True):
+        hop = d["dimension"] == "host" and d["value"] is None  # hva_to_pfn, no entry read
+        align = _label_alignment(pos[u], pos[v], hop=hop)
+        if align is not None:
+            groups.setdefault(align, {})[(u, v)] = f" {d['label']}"
+    for align, labels in groups.items():
+        nx.draw_networkx_edge_labels(
+            graph,
+            pos,
+            edge_labels=labels,
+            font_size=FONT,
+            rotate=False,
+            bbox=_LABEL_BOX,
+            horizontalalignment=align,
+            node_size=NODE_SIZE,
+            ax=ax,
+        )
+
+
+def _label_alignment(
+    source: tuple[float, float], target: tuple[float, float], *, hop: bool
+) -> str | None:
+    """How an edge's label is placed: beside a downward edge, so the line stays visible;
+    centred on the others; none on a long `hva_to_pfn` hop across the EPT walks, where it
+    would cover their labels (the legend names it; the graph keeps it)."""
+    dx, dy = abs(target[0] - source[0]), abs(target[1] - source[1])
+    if hop and dy > 2.5:
+        return None
+    return "left" if dy > dx else "center"
+
+
+def _legend(graph: nx.DiGraph) -> list[Line2D | Patch]:
+    """The dimensions drawn (colour and line style) and the levels of the tables."""
+    dimensions = {d["dimension"] for _, _, d in graph.edges(data=True)}
+    levels = sorted({d["level"] for _, d in graph.nodes(data=True) if d["level"]}, reverse=True)
+    handles: list[Line2D | Patch] = [
+        Line2D([], [], color=s.colour, linestyle=s.linestyle, linewidth=2, label=s.label)
+        for name, s in DIMENSION_STYLES.items()
+        if name in dimensions
+    ]
+    handles += [
+        Patch(facecolor=LEVEL_STYLES[lv].colour, edgecolor=BLACK, label=f"level {lv} table")
+        for lv in levels
+    ]
+    return handles
