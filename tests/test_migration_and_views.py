@@ -91,6 +91,14 @@ def test_text_views_tell_the_story_of_a_cold_access() -> None:
     assert lines[2].endswith(f"is {cold.hpa:#x}")
 
 
+def test_trace_text_of_a_shadow_paging_fault_names_the_gva() -> None:
+    m = tw.Machine(guest_ram=8 << 20, tdp=False)
+    m.guest.map(GVA, GPA, 4096, rw=1)
+    story = format_trace(m.vcpu.access(GVA + 8, "read").trace)
+    assert f"VM exit 0 EXCEPTION_NMI (#PF): GVA {GVA + 8:#x}" in story
+    assert "FNAME(fetch)" in story
+
+
 def test_cr3_assignment_rejects_bits_above_maxphyaddr() -> None:
     m = small_machine()
     with pytest.raises(tw.TwodwalkError, match="MAXPHYADDR"):

@@ -78,7 +78,7 @@ def format_walk(record: WalkRecord) -> str:
             f"  {name:<6} index[{bits_used:>5}] = {step.index:#05x} ({step.index:3d})"
             f"  entry @ {step.entry_address:#x} = {step.value:#018x}"
         )
-        line += _step_meaning(fmt, step.level, step.value) + f"  rights {rights_text(step.rights)}"
+        line += entry_meaning(fmt, step.level, step.value) + f"  rights {rights_text(step.rights)}"
         if step.written is not None:
             line += f"  -> wrote {step.written:#018x}"
         lines.append(line)
@@ -86,7 +86,9 @@ def format_walk(record: WalkRecord) -> str:
     return "\n".join(lines)
 
 
-def _step_meaning(fmt: EntryFormat, level: int, value: int) -> str:
+def entry_meaning(fmt: EntryFormat, level: int, value: int) -> str:
+    """Where an entry leads, as a hand calculation notes it: not present, the next table, or
+    the page it maps and its size."""
     if not fmt.is_present(value):
         return "  not present"
     target = fmt.output_address(value, level)
@@ -170,8 +172,11 @@ def _event_text(event: Event) -> str:
         kind = type(event).__name__
         return f"{kind}: {_outcome_text(event.record.outcome)}"
     if isinstance(event, VmExit):
+        where = "" if event.gpa is None else f": GPA {event.gpa:#x}"
+        if event.gva is not None and event.gpa is None:
+            where = f": GVA {event.gva:#x}"
         qual = "" if event.qualification is None else f" qualification {event.qualification:#x}"
-        return f"VM exit {event.reason} {event.name}: GPA {event.gpa:#x}{qual}"
+        return f"VM exit {event.reason} {event.name}{where}{qual}"
     if isinstance(event, KvmStep):
         return f"  KVM {event.function}: {event.detail}"
     if isinstance(event, HostPageFault):
