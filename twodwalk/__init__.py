@@ -7,6 +7,10 @@ The engine keeps every paging structure as real 8-byte entries in one simulated 
 and walks them with one generic walker; views and widgets only read what the engine records.
 """
 
+import importlib
+from types import ModuleType
+from typing import TYPE_CHECKING
+
 from twodwalk.cpu import Vcpu
 from twodwalk.cpumodel import PAGE_SIZE, CpuModel
 from twodwalk.ept import Eptp, ept_violation_qualification
@@ -47,6 +51,9 @@ from twodwalk.walker import (
     WalkStep,
     walk,
 )
+
+if TYPE_CHECKING:
+    from twodwalk import widgets as widgets  # loaded on first use: see __getattr__
 
 __all__ = [
     "PAGE_SIZE",
@@ -93,3 +100,11 @@ __all__ = [
     "translate",
     "walk",
 ]
+
+
+def __getattr__(name: str) -> ModuleType:
+    """`tw.widgets` on first use: importing ipywidgets costs more than the whole engine, so
+    `import twodwalk` does not (PEP 562 module __getattr__)."""
+    if name == "widgets":
+        return importlib.import_module("twodwalk.widgets")
+    raise AttributeError(f"module 'twodwalk' has no attribute {name!r}")
