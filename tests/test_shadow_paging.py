@@ -11,7 +11,7 @@ import pytest
 
 import twodwalk as tw
 from twodwalk.kvm.shadow import ShadowMmu
-from twodwalk.trace import KvmStep, KvmWalk, NativeWalk, TlbHit, VmExit
+from twodwalk.trace import KvmStep, KvmWalk, NativeWalk, SpteWrite, TlbHit, VmExit
 
 DATA_GVA = 0x40_0000
 DATA_GPA = 0x10_0000
@@ -128,6 +128,8 @@ def test_guest_edit_of_its_page_table_traps_and_the_next_access_sees_it() -> Non
     assert (edit.fault, edit.exit) == (None, None)
     functions = [s.function for s in edit.trace.of_type(KvmStep)]
     assert "kvm_mmu_track_write" in functions and "kvm_mmu_pte_write" in functions
+    zaps = [w for w in edit.trace.of_type(SpteWrite) if w.new == 0]
+    assert [(w.level, w.leaf) for w in zaps] == [(1, True)], "the shadow PTE of that guest PTE"
     assert int.from_bytes(m.read_gpa(pte_gpa, 8), "little") == new
     after = m.vcpu.access(DATA_GVA + 8, "read")
     assert (after.gpa, after.value) == (DATA_GPA + 0x1008, 0x1234)

@@ -433,6 +433,14 @@ def test_inspector_reads_ept_and_host_tables_at_hpas() -> None:
     assert i.level_dropdown.disabled and "bytes" in text_of(i.entry_output)
 
 
+def test_inspector_level_picked_by_the_reader_stays_picked() -> None:
+    m = warm_toy()
+    i = tww.MemoryInspector(m, m.vcpu.cr3, "gpa", entry_format="guest", level=4)
+    i.level_dropdown.value = 2
+    assert i.level_dropdown.value == 2 and i.model.level == 2
+    assert text_of(i.entry_output).startswith("PDE")
+
+
 def test_inspector_navigates_and_reports_errors_inline() -> None:
     m = warm_toy()
     root = m.vcpu.cr3  # the guest allocates its tables from the top of RAM down

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE
+from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE, size_text
 from twodwalk.ept import (
     EPT_VIOLATION_ACC_INSTR,
     EPT_VIOLATION_ACC_READ,
@@ -119,7 +119,7 @@ class KvmMmu(ABC):
             KvmStep(
                 "hva_to_pfn",
                 f"HVA {hva & ~0xFFF:#x} -> HPA {page.hpa:#x}"
-                f" ({page.page_size >> 10} KiB host page,"
+                f" ({size_text(page.page_size)} host page,"
                 f" {'writable' if page.writable else 'read-only'})",
                 hva=hva & ~0xFFF,
                 hpa=page.hpa,
@@ -302,13 +302,13 @@ class TdpMmu(KvmMmu):
             pages = 1 << (self.fmt.shift(level) - PAGE_SHIFT)
             head = gfn & ~(pages - 1)
             if self.fmt.page_size(level) > host_size:
-                reasons.append(f"{self.fmt.page_size(level) >> 10} KiB: host page is smaller")
+                reasons.append(f"{size_text(self.fmt.page_size(level))}: host page is smaller")
             elif memslot.dirty_logging:
                 reasons.append("dirty logging maps 4 KiB pages")
             elif head < memslot.base_gfn or head + pages > memslot.base_gfn + memslot.npages:
-                reasons.append(f"{self.fmt.page_size(level) >> 10} KiB: crosses the slot edge")
+                reasons.append(f"{size_text(self.fmt.page_size(level))}: crosses the slot edge")
             elif (gfn ^ (hva >> PAGE_SHIFT)) & (pages - 1):
-                reasons.append(f"{self.fmt.page_size(level) >> 10} KiB: GFN and HVA misaligned")
+                reasons.append(f"{size_text(self.fmt.page_size(level))}: GFN and HVA misaligned")
             else:
                 break
             level -= 1
@@ -316,7 +316,7 @@ class TdpMmu(KvmMmu):
             KvmStep(
                 "kvm_mmu_hugepage_adjust",
                 f"map at level {level}"
-                f" ({self.fmt.page_size(level) >> 10} KiB)"
+                f" ({size_text(self.fmt.page_size(level))})"
                 + (f"; not larger: {'; '.join(reasons)}" if reasons else ""),
                 gfn=gfn,
                 level=level,

@@ -77,7 +77,7 @@ class ShadowMmu(KvmMmu):
         super().__init__(host, vmm, memslots)
         self.cpu = cpu
         self.roots: dict[tuple[int, int], int] = {}
-        self.shadowed: dict[int, set[int]] = {}
+        self.shadowed: dict[int, dict[int, int]] = {}  # guest table gfn -> {shadow: level}
         self.rmap: dict[int, set[int]] = {}
         self.spte_gfn: dict[int, int] = {}
         self.mmio_mask = bits(51, cpu.maxphyaddr) | 1
@@ -87,7 +87,7 @@ class ShadowMmu(KvmMmu):
         key = (guest_root, fmt.levels)
         if key not in self.roots:
             self.roots[key] = self.host.frames.alloc()
-            self.shadowed.setdefault(guest_root >> PAGE_SHIFT, set()).add(self.roots[key])
+            self.shadowed.setdefault(guest_root >> PAGE_SHIFT, {})[self.roots[key]] = fmt.levels
         return self.roots[key]
 
     def walk(
@@ -222,7 +222,7 @@ class ShadowMmu(KvmMmu):
         table = root
         leaf = guest.steps[-1]
         for step in guest.steps:
-            self._shadow_table(table, step.table >> PAGE_SHIFT, trace)
+            self._shadow_table(table, step.table >> PAGE_SHIFT, step.level, trace)
             if step is leaf:
                 break
             table = self._child(fmt, table, guest.address, step.level, trace)
@@ -277,10 +277,11 @@ class ShadowMmu(KvmMmu):
             and not (memslot.dirty_logging and not access.is_write)
         )
 
-    def _shadow_table(self, shadow: int, gfn: int, trace: Trace) -> None:
-        """Note that `shadow` shadows the guest table at `gfn`, and write-protect that gfn
-        everywhere it is mapped (`account_shadowed` -> `kvm_mmu_slot_gfn_write_protect`)."""
-        self.shadowed.setdefault(gfn, set()).add(shadow)
+    def _shadow_table(self, shadow: int, gfn: int, level: int, trace: Trace) -> None:
+        """Note that `shadow` shadows the level-`level` guest table at `gfn`, and
+        write-protect that gfn everywhere it is mapped (`account_shadowed` ->
+        `kvm_mmu_slot_gfn_write_protect`)."""
+        self.shadowed.setdefault(gfn, {})[shadow] = level
         protected = False
         for slot in self.rmap.get(gfn, set()):
             spte = self.host.memory.read_u64(slot)
@@ -318,10 +319,10 @@ class ShadowMmu(KvmMmu):
         """`kvm_mmu_pte_write`: after an emulated write to a guest page table, zap the shadow
         entry at the same index in every shadow table of that page. Returns how many."""
         zapped = 0
-        for shadow in self.shadowed.get(gpa >> PAGE_SHIFT, set()):
+        for shadow, level in self.shadowed.get(gpa >> PAGE_SHIFT, {}).items():
             slot = shadow + (gpa & 0xFF8)
             if self.host.memory.read_u64(slot):
-                self._write(slot, 0, 0, trace)
+                self._write(slot, level, 0, trace)
                 zapped += 1
         trace.add(
             KvmStep(

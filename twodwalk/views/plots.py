@@ -22,7 +22,7 @@ from matplotlib.patches import FancyArrowPatch, Patch, Rectangle
 from matplotlib.path import Path
 from matplotlib.typing import LineStyleType
 
-from twodwalk.cpumodel import PAGE_SIZE, CpuModel
+from twodwalk.cpumodel import PAGE_SIZE, CpuModel, size_text
 from twodwalk.errors import TwodwalkError, check_choice, check_int
 from twodwalk.formats import EntryFormat, ept_format, ia32e_format
 from twodwalk.trace import (
@@ -151,14 +151,6 @@ def legend_handles(styles: Iterable[Style]) -> list[Patch]:
 def references(count: int) -> str:
     """'1 memory reference', '24 memory references'."""
     return f"{count} memory reference{'' if count == 1 else 's'}"
-
-
-def size_text(size: int) -> str:
-    """A byte count as a learner reads it: 4 KiB, 2 MiB, 1 GiB."""
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if size >= 1 << shift and size % (1 << shift) == 0:
-            return f"{size >> shift} {unit}"
-    return f"{size} B"
 
 
 # --- workload costs ----------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from twodwalk.formats import DecodedEntry, EntryFormat, Rights
+from twodwalk.cpumodel import size_text as size_text  # re-exported for views and widgets
+from twodwalk.formats import DecodedEntry, EntryFormat, EptFormat, Rights
 from twodwalk.paging import GeneralProtection, PageFault
 from twodwalk.processor import InternalError, MmioExit
 from twodwalk.trace import (
@@ -64,12 +65,20 @@ def rights_text(rights: Rights) -> str:
     )
 
 
+def _privilege(record: WalkRecord) -> str:
+    """ " (user)" or " (supervisor)" for paging; nothing for EPT, which has no privilege
+    levels (SDM 29.3.3.2 checks only R/W/X)."""
+    if isinstance(record.format, EptFormat):
+        return ""
+    return " (user)" if record.access.user else " (supervisor)"
+
+
 def format_walk(record: WalkRecord) -> str:
     """A walk as a hand calculation: per level the index, the entry, and where it leads."""
     fmt = record.format
     lines = [
         f"{fmt.name}: {record.access.kind.value} of {record.address:#x}"
-        f" ({'user' if record.access.user else 'supervisor'}), root {record.root:#x}"
+        f"{_privilege(record)}, root {record.root:#x}"
     ]
     for step in record.steps:
         name = fmt.level_name(step.level)
@@ -294,14 +303,6 @@ def _tlb_entry_text(e: TlbEntry) -> str:
         f"  vpid {e.tag.vpid} pcid {e.tag.pcid:#x} eptp {e.tag.eptp:#x}  {e.page:#018x}"
         f" ({size_text(e.page_size)}) -> {e.frame:#x}{gpa}  {rights_text(e.rights)} {flags}"
     )
-
-
-def size_text(size: int) -> str:
-    """A power-of-two size in the largest whole unit: 4 KiB, 2 MiB, 1 GiB, 512 GiB."""
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if size >= 1 << shift and size % (1 << shift) == 0:
-            return f"{size >> shift} {unit}"
-    return f"{size} B"
 
 
 def format_outcome(result: AccessResult) -> str:

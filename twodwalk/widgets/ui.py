@@ -482,13 +482,13 @@ class MemoryInspector(Panel):
         self.previous_button.on_click(lambda _: self.then_show(partial(model.move, -1)))
         self.next_button.on_click(lambda _: self.then_show(partial(model.move, 1)))
         with self.quietly():
-            self._fit_levels(model.entry_format)
+            self._fit_levels(model.entry_format, model.level)
         self.show()
 
-    def _fit_levels(self, name: str) -> None:
-        """Offer the levels of a format, keeping the level picked where it exists."""
+    def _fit_levels(self, name: str, wanted: int) -> None:
+        """Offer the levels of a format, keeping the level wanted where it exists."""
         names = self.model.level_names(name)
-        level = self.model.level if self.model.level in names else 1
+        level = wanted if wanted in names else 1
         self.level_dropdown.options = [(f"{lv}: {n}", lv) for lv, n in sorted(names.items())] or [
             ("-", 1)
         ]
@@ -504,9 +504,9 @@ class MemoryInspector(Panel):
     def _on_format(self, change: dict[str, Any]) -> None:
         if self.busy:
             return
-        name = self.format_dropdown.value
+        name, wanted = self.format_dropdown.value, self.level_dropdown.value
         with self.quietly():
-            self._fit_levels(name)
+            self._fit_levels(name, wanted)
         self.then_show(partial(self.model.choose_format, name, self.level_dropdown.value))
 
     def show(self) -> None:
@@ -516,7 +516,7 @@ class MemoryInspector(Panel):
                 self.address_text.value = f"{model.address:#x}"
                 self.space_dropdown.value = model.space
             self.format_dropdown.value = model.entry_format  # a refused format springs back
-            self._fit_levels(model.entry_format)
+            self._fit_levels(model.entry_format, model.level)
         show_error(self.error_line, model.error)
         show_text(self.entry_output, model.entry_text())
         show_text(self.page_output, model.page_text())
