@@ -182,6 +182,7 @@ def plot_references(results: Sequence[WorkloadResult], ax: Axes | None = None) -
         ax.annotate(
             f"TLB {result.tlb_hit_rate:.0%}", (x, total), ha="center", va="bottom", fontsize=FONT
         )
+    ax.margins(y=0.15)  # room above the tallest bar for its TLB label
     ax.set_ylabel("memory references per access", fontsize=FONT)
     ax.set_title("Where translation went to memory")
     ax.tick_params(axis="x", labelrotation=20, labelsize=FONT)
