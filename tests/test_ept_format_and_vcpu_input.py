@@ -165,3 +165,18 @@ def test_bad_machine_arguments(kwargs: dict[str, int], match: str) -> None:
 def test_read_gpa_outside_every_memslot_is_a_clear_error(m: tw.Machine) -> None:
     with pytest.raises(tw.TwodwalkError, match="no memslot"):
         m.read_gpa(0x8000_0000, 8)
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [(0x1000 | 0b110, "X/W/R = 110"), (0x1000 | 0b111 | 2 << 3, "memory type 2")],
+)
+def test_decoded_ept_entry_says_why_it_is_misconfigured(value: int, why: str) -> None:
+    from twodwalk.views.text import describe_entry
+
+    fmt = tw.ept_format(4, tw.CpuModel(maxphyaddr=46), True)
+    entry = fmt.decode(value, 1)
+    assert entry.misconfiguration is not None and why in entry.misconfiguration
+    assert describe_entry(entry).splitlines()[-1].startswith("  misconfigured: ")
+    assert fmt.decode(0x1000 | 0b111 | 6 << 3, 1).misconfiguration is None
+    assert fmt.decode(0, 1).misconfiguration is None, "not present: nothing to misconfigure"

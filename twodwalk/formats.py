@@ -122,6 +122,7 @@ class DecodedEntry:
     present: bool
     leaf: bool
     reserved_set: int
+    misconfiguration: str | None = None  # an EPT rule the entry breaks (SDM 29.3.3.1)
 
     @cached_property
     def fields(self) -> tuple[FieldValue, ...]:
@@ -353,6 +354,9 @@ class EntryFormat(ABC):
             present=self.is_present(value),
             leaf=self.is_leaf(value, level),
             reserved_set=value & layout.reserved,
+            misconfiguration=self.misconfiguration(value, layout)
+            if self.is_present(value)
+            else None,
         )
 
     def encode(self, level: int, leaf: bool, **fields: int) -> int:

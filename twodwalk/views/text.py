@@ -55,6 +55,8 @@ def describe_entry(entry: DecodedEntry) -> str:
         )
     if entry.reserved_set:
         lines.append(f"  reserved bits set: {entry.reserved_set:#x} (a walk faults with RSVD)")
+    if entry.misconfiguration:
+        lines.append(f"  misconfigured: {entry.misconfiguration} (an EPT walk exits, reason 49)")
     return "\n".join(lines)
 
 
