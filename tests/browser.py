@@ -33,15 +33,16 @@ LAB_SETTINGS = {
     "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
     "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false"},
 }
-STDERR = ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
+CURRENT = ".jp-NotebookPanel:not(.lm-mod-hidden)"  # the notebook in view, not other tabs
+STDERR = f"{CURRENT} .jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
 # Done when every code cell has an execution count, or a cell raised (the rest never run).
 ALL_RUN = """() => {
-    const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')]
+    const prompts = [...document.querySelectorAll("CURRENT .jp-CodeCell .jp-InputArea-prompt")]
         .map(e => e.textContent || '');
     const raised = [...document.querySelectorAll("STDERR")]
         .some(e => (e.textContent || '').includes('Traceback'));
     return raised || (prompts.length > 0 && prompts.every(t => /\\[\\d+\\]/.test(t)));
-}""".replace("STDERR", STDERR)
+}""".replace("STDERR", STDERR).replace("CURRENT", CURRENT)
 
 
 def browser_unavailable() -> str | None:
@@ -118,7 +119,8 @@ class JupyterLab:
                 self._process.kill()
 
     def url(self, notebook: str) -> str:
-        return f"http://127.0.0.1:{self.port}/lab/tree/{notebook}?token={self.token}"
+        """The notebook alone in a fresh workspace (`reset`: no tabs restored from before)."""
+        return f"http://127.0.0.1:{self.port}/lab/tree/{notebook}?reset&token={self.token}"
 
 
 def open_notebook(page: Any, lab: JupyterLab, notebook: str, timeout_s: float = 180) -> None:
@@ -141,7 +143,7 @@ def notebook_problems(page: Any) -> list[str]:
     """What a learner would see go wrong: tracebacks and warnings (both on stderr), widgets
     that failed to render."""
     problems = [(e.text_content() or "")[:400] for e in page.query_selector_all(STDERR)]
-    if "Error displaying widget" in (page.text_content("body") or ""):
+    if "Error displaying widget" in (page.text_content(CURRENT) or ""):
         problems.append("Error displaying widget")
     return problems
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from browser import (
     CHROMIUM,
+    CURRENT,
     JupyterLab,
     browser_unavailable,
     notebook_problems,
@@ -59,5 +60,52 @@ def run(session: Session, notebook: str) -> Any:
     return page
 
 
-def test_start_notebook_runs_clean_in_jupyterlab(session: Session) -> None:
-    run(session, "00-start-here.ipynb")
+def widget_count(page: Any) -> int:
+    return int(page.locator(f"{CURRENT} .jupyter-widgets").count())
+
+
+def figure_count(page: Any) -> int:
+    """Figures as learners see them: PNGs in cell outputs or inside widgets' outputs."""
+    return int(page.locator(f"{CURRENT} .jp-OutputArea-output img").count())
+
+
+def test_start_notebook_explorer_follows_a_typed_address(session: Session) -> None:
+    page = run(session, "00-start-here.ipynb")
+    assert widget_count(page) > 0 and figure_count(page) > 0
+    gva = page.locator(f"{CURRENT} .widget-text", has=page.locator("label", has_text="GVA")).first
+    explorer = gva.locator("xpath=ancestor::div[contains(@class,'widget-vbox')][1]")
+    before = explorer.inner_text()
+    gva.locator("input").fill("0x0")  # unmapped in every scenario: the walk now faults
+    gva.locator("input").press("Enter")
+    page.wait_for_function(
+        "([element, before]) => element.innerText !== before",
+        arg=[explorer.element_handle(), before],
+        timeout=20_000,
+    )
+    assert "0x0" in explorer.inner_text(), "typing an address re-walks and changes the view"
+    explorer.scroll_into_view_if_needed()
+    screenshot(page, "00-start-here-after-typing")
+
+
+def test_ept_notebook_what_if_lab_renders(session: Session) -> None:
+    page = run(session, "04-ept.ipynb")
+    assert widget_count(page) > 0 and figure_count(page) > 0
+    assert page.locator(f"{CURRENT} .widget-button", has_text="swap").count() > 0
+
+
+def test_two_dimensional_walk_stepper_steps(session: Session) -> None:
+    page = run(session, "05-two-dimensional-walk.ipynb")
+    assert widget_count(page) > 0 and figure_count(page) > 0
+    label = page.locator(f"{CURRENT} .widget-html", has_text=" of ").first
+    before = label.inner_text()
+    assert before.startswith("step 1 of ")
+    page.locator(f"{CURRENT} .widget-button", has_text="next").first.click()
+    page.wait_for_function(
+        "before => [...document.querySelectorAll('.widget-html')]"
+        ".some(e => e.innerText.includes(' of ') && e.innerText !== before)",
+        arg=before,
+        timeout=20_000,
+    )
+    assert label.inner_text().startswith("step 2 of ")
+    label.scroll_into_view_if_needed()
+    screenshot(page, "05-two-dimensional-walk-after-next")

@@ -6,6 +6,7 @@ import pytest
 
 import twodwalk as tw
 from twodwalk.migration import precopy
+from twodwalk.trace import GuestWalk
 from twodwalk.views.text import format_2d_walk, format_trace, info_memslots, monitor
 
 GVA = 0x40_0000
@@ -105,3 +106,19 @@ def test_cr3_assignment_rejects_bits_above_maxphyaddr() -> None:
         m.vcpu.cr3 = 1 << 50
     m.vcpu.cr3 = m.vcpu.cr3 | 0x18
     assert m.vcpu.access(GVA, "read").fault is None, "PWT/PCD are decoded, not rejected"
+
+
+def test_not_present_entries_read_as_ignored_bits_and_faults_name_the_walks_own_address() -> None:
+    from twodwalk.host import swp_entry_pte
+    from twodwalk.views.text import describe_entry
+    from twodwalk.walker import FaultKind
+
+    fmt = tw.ia32e_format(4, tw.CpuModel(maxphyaddr=46), True)
+    swap = describe_entry(fmt.decode(swp_entry_pte(0, 0x1234), 1))
+    assert "not present: the CPU ignores the other bits" in swap and "reserved" not in swap
+    m = small_machine()
+    r = m.vcpu.access(GVA + 0x20_0000, "read")  # unmapped: the walk stops at a guest entry
+    (walk,) = [e.record for e in r.trace.of_type(GuestWalk)][-1:]
+    fault = walk.fault
+    assert fault is not None and fault.kind is FaultKind.NOT_PRESENT
+    assert f"at {walk.steps[-1].entry_address:#x} is not present" in fault.detail, "a GPA"

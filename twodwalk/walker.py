@@ -367,8 +367,7 @@ def _fault_detail(fmt: EntryFormat, address: int, rows: list[Row], kind: FaultKi
         return fmt.check_address(address) or ""
     if kind is FaultKind.NESTED:
         return "reading the table entry faulted"
-    level, table, index, value, _, read = rows[-1]
-    if kind is FaultKind.NOT_PRESENT:
-        physical = table + ENTRY_SIZE * index if read is None else read.physical
-        return f"{fmt.level_name(level)} at {physical:#x} is not present"
+    level, table, index, value, _, _ = rows[-1]
+    if kind is FaultKind.NOT_PRESENT:  # the entry's address in the walk's own space
+        return f"{fmt.level_name(level)} at {table + ENTRY_SIZE * index:#x} is not present"
     return fmt.problem(value, level) or ""

@@ -53,7 +53,9 @@ def describe_entry(entry: DecodedEntry) -> str:
         lines.append(
             f"  {fv.field.bit_range:>6}  {fv.field.name:<8} {shown:>18}  {fv.field.meaning}"
         )
-    if entry.reserved_set:
+    if not entry.present:
+        lines.append("  not present: the CPU ignores the other bits (software may keep data there)")
+    elif entry.reserved_set:
         lines.append(f"  reserved bits set: {entry.reserved_set:#x} (a walk faults with RSVD)")
     if entry.misconfiguration:
         lines.append(f"  misconfigured: {entry.misconfiguration} (an EPT walk exits, reason 49)")
@@ -104,14 +106,14 @@ def entry_meaning(fmt: EntryFormat, level: int, value: int) -> str:
         return "  not present"
     target = fmt.output_address(value, level)
     if fmt.is_leaf(value, level):
-        return f"  page {target:#x} ({fmt.page_size(level) >> 10} KiB)"
+        return f"  page {target:#x} ({size_text(fmt.page_size(level))})"
     return f"  next table {target:#x}"
 
 
 def _outcome_text(outcome: Translation | WalkFault) -> str:
     if isinstance(outcome, Translation):
         return (
-            f"=> physical {outcome.address:#x} in a {outcome.page_size >> 10} KiB page,"
+            f"=> physical {outcome.address:#x} in a {size_text(outcome.page_size)} page,"
             f" rights {rights_text(outcome.rights)}"
         )
     where = "before the walk" if outcome.level is None else f"at level {outcome.level}"
@@ -129,7 +131,7 @@ def format_tree(fmt: EntryFormat, root: int, entries: Iterable[TreeEntry]) -> st
     for e in entries:
         indent = "  " * (fmt.levels - e.level + 1)
         what = (
-            f"page {fmt.output_address(e.value, e.level):#x} ({fmt.page_size(e.level) >> 10} KiB)"
+            f"page {fmt.output_address(e.value, e.level):#x} ({size_text(fmt.page_size(e.level))})"
             if e.leaf
             else f"table {fmt.output_address(e.value, e.level):#x}"
         )
@@ -204,7 +206,7 @@ def _event_text(event: Event) -> str:
         return f"{event.cache} hit: {event.address:#x} -> {event.result:#x}"
     if isinstance(event, TlbHit):
         return (
-            f"TLB hit: page {event.page:#x} ({event.page_size >> 10} KiB) -> frame"
+            f"TLB hit: page {event.page:#x} ({size_text(event.page_size)}) -> frame"
             f" {event.frame:#x}; no walk"
         )
     return f"data {event.kind} at HPA {event.hpa:#x}: {event.value:#x}"
