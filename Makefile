@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(VPY) -m ruff format --check .
 	$(VPY) -m mypy
 	$(VPY) -m nbstripout --verify notebooks/*.ipynb
-	$(VPY) -m pytest tests --nbmake notebooks
+	$(VPY) -m pytest tests
 
 bench: $(STAMP)
 	$(VPY) benchmarks/run.py

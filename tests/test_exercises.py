@@ -27,7 +27,11 @@ from twodwalk.exercises import (
     number_readings,
     quiz,
     references_question,
+    roots_question,
+    shadow_question,
+    tlb_question,
     translate_question,
+    what_if_question,
 )
 from twodwalk.kvm.memslots import KVM_MEM_READONLY
 from twodwalk.paging import PagingControls
@@ -55,7 +59,7 @@ def right(question: Question, answer: str) -> None:
 
 def test_topics_cover_the_required_ones() -> None:
     required = {"indices", "references", "error-code", "translate", "memslot", "ept-qualification"}
-    assert required <= set(TOPICS)
+    assert required | {"tlb", "what-if", "roots", "shadow"} <= set(TOPICS)
 
 
 @pytest.mark.parametrize("topic", ALL_TOPICS)
@@ -329,7 +333,7 @@ def test_translate_answers() -> None:
 def test_translate_prompt_shows_the_tables_before_any_walk() -> None:
     q = translate_question(TOY, 0x7F00_0000_0ABC)
     assert "root table at 0x1000" in q.prompt
-    assert "-> page 0x800000 (2048 KiB)" in q.prompt
+    assert "-> page 0x800000 (2 MiB)" in q.prompt
     assert "0x0000000000300003 -> page 0x300000" in q.prompt, "no A bit set yet"
     assert "page 0x300000 + offset 0xabc (GVA bits 11:0) = 0x300abc" in q.solution
 
@@ -468,8 +472,8 @@ def test_bad_seeds(seed: object, match: str) -> None:
 
 
 def test_unknown_topic_lists_the_valid_ones() -> None:
-    with pytest.raises(TwodwalkError, match=r"topic='tlb' is not valid: choose one of indices,"):
-        quiz(1, "tlb")
+    with pytest.raises(TwodwalkError, match=r"topic='cache' is not valid: choose one of indices,"):
+        quiz(1, "cache")
 
 
 def test_bad_builder_arguments() -> None:
@@ -487,3 +491,212 @@ def test_bad_builder_arguments() -> None:
         indices_question(0x8000_0000_0000)
     with pytest.raises(TwodwalkError, match=r"EEXIST"):
         memslot_question([(0, 0, 0, GIB, RAM_HVA), (1, 0, MIB, MIB, BIOS_HVA)], 0)
+
+
+# --- tlb (SDM Vol 3C 29.4; Vol 3A 4.10) ----------------------------------------------------------
+# Worked by hand from FACTS E and F: n guest levels, m EPT levels; a PSC hit for level L skips
+# the guest levels above L-1 and the EPT walk of the table it names; a guest-physical mapping
+# skips one EPT walk (m references).
+
+
+@pytest.mark.parametrize(
+    ("history", "final", "count"),
+    [
+        pytest.param([], "A", 24, id="caches-empty-worst-case"),
+        pytest.param(["read A"], "A", 0, id="tlb-hit"),
+        pytest.param(["read A"], "B", 1 + 4, id="pde-cache-then-final-gpa-walk"),
+        pytest.param(["read A"], "C", 1 + (4 + 1) + 4, id="pdpte-cache"),
+        pytest.param(["read A"], "D", 1 + 2 * (4 + 1) + 4, id="pml4e-cache"),
+        pytest.param(["read A", "invlpg A"], "A", 4, id="invlpg-keeps-guest-physical"),
+        pytest.param(["read A", "invvpid"], "A", 4, id="invvpid-keeps-guest-physical"),
+        pytest.param(["read B", "mov-cr3"], "A", 4 + 4, id="cr3-tables-cached-data-not"),
+        pytest.param(["read A", "invept"], "A", 24, id="invept-drops-everything"),
+        pytest.param(["read A", "invlpg B"], "A", 0, id="invlpg-of-another-page"),
+    ],
+)
+def test_tlb_counts(history: list[str], final: str, count: int) -> None:
+    assert tlb_question(history, final).answer == str(count)
+
+
+def test_tlb_counts_with_5_level_ept() -> None:
+    assert tlb_question([], "A", ept_levels=5).answer == str((4 + 1) * (5 + 1) - 1)
+    assert tlb_question(["read A"], "B", ept_levels=5).answer == str(1 + 5)
+
+
+def test_tlb_notations_and_feedback() -> None:
+    hit = tlb_question(["read A"], "A")
+    for answer in ("0", "hit", "TLB hit", "no walk"):
+        right(hit, answer)
+    assert "that is what a walk would cost. The TLB holds A (since step 1, read A)" in wrong(
+        hit, "1"
+    )
+    assert "every cache empty" in wrong(hit, "24")
+    after = tlb_question(["read A", "invlpg A"], "A")
+    assert wrong(after, "0") == (
+        "Not 0: The TLB has no entry for A (since step 2, INVLPG A). The read walks."
+    )
+    assert "the cost without guest-physical mappings" in wrong(after, "24")
+    assert "counts the data access too" in wrong(after, "5")
+    neighbour = tlb_question(["read A"], "B")
+    assert "counts only the guest entries; the walk also reads 4 EPT entries" in wrong(
+        neighbour, "1"
+    )
+    assert "The PDE cache covers B's 2 MiB region (since step 1, read A)" in wrong(neighbour, "24")
+    far = tlb_question(["read A"], "D")
+    # Without the PML4E cache: 4 guest reads; A's walk left the PML4 and PDPT GPAs in the
+    # guest-physical mappings, so only D's PD, PT and data GPAs need EPT walks: 4 + 3 * 4.
+    assert "the cost without paging-structure caches" in wrong(far, "16")
+
+
+def test_tlb_prompt_and_solution() -> None:
+    q = tlb_question(["read A", "mov-cr3"], "B")
+    assert "1. read A" in q.prompt and "2. MOV to CR3" in q.prompt
+    assert "one PDE, and the PT it points to, serve both" in q.prompt
+    assert "No paging-structure cache covers B (since step 2, MOV to CR3)" in q.solution
+    assert "= 4 guest entries + 4 EPT entries" in q.solution
+
+
+def test_tlb_bad_steps() -> None:
+    with pytest.raises(TwodwalkError, match=r"step='jump' is not valid: choose one of read"):
+        tlb_question(["jump A"], "A")
+    with pytest.raises(TwodwalkError, match=r"page='Z' is not valid"):
+        tlb_question(["read Z"], "A")
+    with pytest.raises(TwodwalkError, match=r"needs a page"):
+        tlb_question(["invlpg"], "A")
+    with pytest.raises(TwodwalkError, match=r"invept takes no page"):
+        tlb_question(["invept A"], "A")
+    with pytest.raises(TwodwalkError, match=r"final='E' is not valid"):
+        tlb_question([], "E")
+
+
+# --- what-if (FACTS C, D: owners of each structure; MMU notifiers; memslot changes) -------------
+
+
+@pytest.mark.parametrize(
+    ("what", "changed"),
+    [
+        ("swap-out", "host ept"),
+        ("migrate", "host ept"),
+        ("ksm-merge", "host ept"),
+        ("thp-split", "host ept"),
+        ("thp-collapse", "host ept"),
+        ("munmap", "host ept"),
+        ("memslot-move", "memslot ept"),
+        ("memslot-delete", "memslot ept"),
+        ("dirty-logging", "memslot ept"),
+        ("guest-remap", "guest"),
+        ("swap-out-without-notifiers", "host"),
+    ],
+)
+def test_what_if_answers(what: str, changed: str) -> None:
+    assert what_if_question(what).answer == changed
+    assert what_if_question(what, guest_write=False).answer == changed
+
+
+def test_what_if_notations() -> None:
+    q = what_if_question("swap-out")
+    for answer in (
+        "host ept",
+        "EPT entry and host PTE",
+        "the host page-table entry, the EPT entry",
+        "ept + host",
+        "SPTE, host",
+    ):
+        right(q, answer)
+    assert wrong(q, "none").startswith("Not 'none':")
+
+
+def test_what_if_feedback_names_each_wrong_structure() -> None:
+    stale = what_if_question("swap-out-without-notifiers")
+    message = wrong(stale, "host ept")
+    assert message.startswith("Not 'host ept':\n  the EPT entry does not change: with MMU")
+    assert "still points at the frame the host just freed" in message
+    remap = what_if_question("guest-remap")
+    assert "a guest store to its own page table is an ordinary write" in wrong(remap, "guest ept")
+    move = what_if_question("memslot-move")
+    assert "the memslot does change: slot 0: GPA 0x0" in wrong(move, "ept")
+    swap = what_if_question("swap-out")
+    message = wrong(swap, "ept")
+    assert "the host page-table entry does change: PTE = " in message and "not present" in message
+    assert "memslots change only when the VMM calls" in wrong(swap, "memslot host ept")
+
+
+def test_what_if_solution_quotes_kvm() -> None:
+    assert "kvm_mmu_notifier_invalidate_range_start" in what_if_question("swap-out").solution
+    assert "kvm_arch_flush_shadow_memslot" in what_if_question("memslot-delete").solution
+    assert "CHANGED" in what_if_question("migrate").solution
+
+
+def test_what_if_bad_input() -> None:
+    with pytest.raises(TwodwalkError, match=r"what='reboot' is not valid"):
+        what_if_question("reboot")
+    with pytest.raises(TwodwalkError, match=r"gpa=0x1000000 is out of range"):
+        what_if_question("swap-out", gpa=16 * MIB)
+
+
+# --- roots (SDM Vol 3A 4.5: CR3; Vol 3C 29.3.2: the EPTP; KVM hva_to_pfn) ------------------------
+
+
+def test_roots_are_the_registers_of_each_tree() -> None:
+    gva, gpa, hva, shadow = (roots_question(w) for w in ("gva", "gpa", "hva", "gva-shadow"))
+    # The guest allocates its tables from the top of its 8 MiB of RAM down: the root is first.
+    assert gva.answer == f"{8 * MIB - 0x1000:#x}"
+    assert f"guest CR3, as the guest loaded it:        {gva.answer}" in gva.prompt
+    eptp = int(gpa.prompt.split("EPTP in the VMCS:")[1].split()[0], 16)
+    assert gpa.answer == f"{eptp & ~0xFFF:#x}" and eptp & 0xFFF == 6 | (4 - 1) << 3 | 1 << 6
+    vmm = hva.prompt.split("VMM process's CR3 on the host:")[1].split()[0]
+    assert hva.answer == vmm
+    assert len({gva.answer, gpa.answer, hva.answer}) == 3
+    assert f"shadow tables for it:   {shadow.answer}" in shadow.prompt
+
+
+def test_roots_feedback() -> None:
+    gpa = roots_question("gpa")
+    eptp = gpa.prompt.split("EPTP in the VMCS:")[1].split()[0]
+    assert "That is the whole EPTP" in wrong(gpa, eptp)
+    assert "root of the guest's own tables" in wrong(gpa, roots_question("gva").answer)
+    hva = roots_question("hva")
+    assert "That is the EPT root" in wrong(hva, gpa.answer)
+    gva = roots_question("gva")
+    assert "never walks them in hardware" in wrong(gva, hva.answer)
+    shadow = roots_question("gva-shadow")
+    assert "With EPT off the CPU never walks them" in wrong(shadow, gva.answer)
+    right(gva, gva.answer.removeprefix("0x"))
+
+
+# --- shadow (FACTS D: shadow paging; EPT violations) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("actions", "shadow", "ept"),
+    [
+        (["read-p"], 0, 0),
+        (["read-q"], 1, 1),
+        (["read-q", "read-q"], 1, 1),
+        (["write-p"], 1, 0),
+        (["write-pte"], 1, 0),
+        (["write-pte", "read-q"], 2, 1),
+        (["read-unmapped"], 1, 0),
+    ],
+)
+def test_shadow_exit_counts(actions: list[str], shadow: int, ept: int) -> None:
+    assert shadow_question(actions).answer == str(shadow)
+    assert shadow_question(actions, paging="ept").answer == str(ept)
+
+
+def test_shadow_feedback_and_solution() -> None:
+    q = shadow_question(["write-p", "write-pte"])
+    assert "kvm_mmu_track_write" in q.solution and "With EPT on it would be 0 in all." in q.solution
+    message = wrong(q, "0")
+    assert message.startswith("Not 0: that is the count with EPT on. With EPT off")
+    assert "1. write P: 1 exit (EXCEPTION_NMI (#PF))" in message
+    for answer in ("2", " 2 ", "2."):
+        right(q, answer)
+    quiet = shadow_question(["read-p"])
+    for answer in ("0", "none", "no exits"):
+        right(quiet, answer)
+    assert "not every action exits" in wrong(shadow_question(["read-p", "read-q"]), "2")
+    with pytest.raises(TwodwalkError, match=r"action='jump' is not valid"):
+        shadow_question(["jump"])
+    with pytest.raises(TwodwalkError, match=r"paging='npt' is not valid"):
+        shadow_question([], paging="npt")

@@ -35,7 +35,7 @@ from twodwalk.ept import (
 )
 from twodwalk.errors import TwodwalkError, check_aligned, check_choice, check_int
 from twodwalk.formats import EntryFormat, ia32e_format
-from twodwalk.kvm.memslots import KVM_MEM_READONLY, Memslots
+from twodwalk.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, Memslots
 from twodwalk.machine import Machine
 from twodwalk.memory import FrameAllocator, PhysicalMemory
 from twodwalk.pagetables import PageTables
@@ -51,8 +51,27 @@ from twodwalk.paging import (
     exception_for,
     translate,
 )
-from twodwalk.trace import Reference, VmExit
-from twodwalk.views.text import dump_tables, format_2d_walk, format_walk, info_memslots, rights_text
+from twodwalk.tlb import Tlb, TwoLevelTlb
+from twodwalk.trace import (
+    EptWalk,
+    GuestWalk,
+    HostWalk,
+    KvmStep,
+    NativeWalk,
+    Reference,
+    Trace,
+    VmExit,
+)
+from twodwalk.views.text import (
+    PSC_NAMES,
+    dump_tables,
+    entry_meaning,
+    format_2d_walk,
+    format_walk,
+    info_memslots,
+    rights_text,
+    size_text,
+)
 from twodwalk.walker import Translation, WalkFault, WalkRecord
 
 SEED_LIMIT = 1 << 63
@@ -471,7 +490,8 @@ def references_question(
             *(group.line() for group in groups),
             f"Total: {' + '.join(str(group.total) for group in groups)} = {total}",
             f"= (n+1)(m+1)-1 with n = {walked_n} guest and m = {walked_m} EPT levels walked"
-            f" (FACTS F). The references, in the order the hardware makes them:",
+            f" (Bhargava et al., ASPLOS 2008). The references, in the order the hardware"
+            " makes them:",
             format_2d_walk(trace),
             f"Answer: {answer}",
         ]
@@ -1166,8 +1186,7 @@ def ept_qualification_question(
 def _qualification_bits(
     kind: str, final: bool, ad: bool, first_read: bool, gva: int, qual: int
 ) -> list[Bit]:
-    """Why each bit of the engine's qualification has its value (SDM Vol 3C table 28-7,
-    FACTS B)."""
+    """Why each bit of the engine's qualification has its value (SDM Vol 3C table 28-7)."""
     doing = f"the access is a {kind}"
     if not final:
         doing = "the CPU reads a guest paging-structure entry, a data access even for a fetch"
@@ -1219,6 +1238,962 @@ def _seeded_qualification(seed: int) -> Question:
     )
 
 
+# --- topic "tlb": what the translation caches save (SDM Vol 3C 29.4; Vol 3A 4.10) ---------------
+
+TLB_STEPS = ("read", "invlpg", "mov-cr3", "invvpid", "invept")
+_STEP_TEXT = {
+    "read": "read {page}",
+    "invlpg": "INVLPG {page}",
+    "mov-cr3": "MOV to CR3 (the same value, CR4.PCIDE=0)",
+    "invvpid": "INVVPID single-context (its own VPID)",
+    "invept": "INVEPT single-context (its own EPTP)",
+}
+_SHORT_STEP = {
+    "read": "read {page}",
+    "invlpg": "INVLPG {page}",
+    "mov-cr3": "MOV to CR3",
+    "invvpid": "INVVPID",
+    "invept": "INVEPT",
+}
+_HIT_WORDS = frozenset({"hit", "tlb hit", "a tlb hit", "no walk", "none"})
+_CACHES_OFF = ("tlb", "psc", "guest-physical", "all")
+TLB_PAGES: Mapping[str, int] = MappingProxyType(
+    {
+        "A": 0x7F00_4060_5000,  # 1 GiB 1, 2 MiB region 3, page 5
+        "B": 0x7F00_4060_9000,  # the same page table as A
+        "C": 0x7F00_40E0_2000,  # 2 MiB region 7 of the same GiB: the same page directory
+        "D": 0x7F00_8010_0000,  # GiB 2 of the same 512 GiB: the same PDPT
+    }
+)
+
+
+@dataclass(frozen=True)
+class _CacheState:
+    """What the caches hold for the page asked about, after one step of the history."""
+
+    tlb: bool
+    psc: int | None  # the lowest paging-structure-cache level whose entry covers the page
+    gpm: bool  # the page's guest-physical mapping (its GPA -> HPA)
+
+
+@dataclass(frozen=True)
+class _TlbRun:
+    trace: Trace
+    states: tuple[_CacheState, ...]  # [0]: after the caches were emptied; [k]: after step k
+    fmt: EntryFormat
+
+
+def tlb_question(
+    history: Sequence[str],
+    final: str,
+    *,
+    pages: Mapping[str, int] = TLB_PAGES,
+    guest_levels: int = 4,
+    ept_levels: int = 4,
+) -> Question:
+    """How many memory references the last read of a history makes: the guest has read every
+    page of `pages` once (so EPT maps them all), the caches were emptied, then the steps of
+    `history` ran ('read A', 'invlpg A', 'mov-cr3', 'invvpid', 'invept'). The answer is the
+    engine's count; each typical mistake is checked by running the history again with one
+    cache switched off."""
+    steps = [_tlb_step(step, pages) for step in history]
+    check_choice("final", final, tuple(pages))
+    run = _tlb_run(pages, steps, final, guest_levels, ept_levels, None)
+    refs = run.trace.memory_references()
+    expected = len(refs)
+    off = {
+        name: len(
+            _tlb_run(pages, steps, final, guest_levels, ept_levels, name).trace.memory_references()
+        )
+        for name in _CACHES_OFF
+    }
+    names = list(pages)
+    layout = [
+        f"  {name} = GVA {gva:#x}{_page_relation(run.fmt, pages[names[0]], gva, names[0])}"
+        for name, gva in pages.items()
+    ]
+    told = [f"  {n}. {_step_text(step)}" for n, step in enumerate(steps, 1)] or ["  (nothing)"]
+    prompt = "\n".join(
+        [
+            f"A {guest_levels}-level guest under {ept_levels}-level EPT has read each of these"
+            " pages once, so KVM has built every EPT entry they need:",
+            *layout,
+            "Then every translation cache was emptied (INVVPID and INVEPT). The guest then did,"
+            " in order:",
+            *told,
+            f"Finally the guest reads {final}. How many memory references does the hardware"
+            " make to translate that read? Count the reads of guest and EPT entries, not the"
+            " data access; answer 0 if the TLB serves it. The caches (SDM Vol 3C 29.4): a TLB"
+            " big enough for all these pages, paging-structure caches (PML4E, PDPTE, PDE)"
+            " and guest-physical mappings.",
+        ]
+    )
+    hint = (
+        "Go through the caches in the order the CPU does. A TLB entry for the page: no walk."
+        " Else the lowest paging-structure cache that covers the page lets the walk start"
+        " below it (the PDE cache: only the PTE is read). Every guest table then costs 1"
+        " read plus an EPT walk of its GPA, and so does the final GPA, unless a guest-physical"
+        " mapping holds that GPA. INVLPG and MOV to CR3 drop the page's TLB entries and all"
+        " paging-structure caches but keep guest-physical mappings; INVEPT drops all three."
+    )
+    story = _tlb_story(run, steps, final)
+    walk = (
+        ["The TLB serves the read: no walk, no memory reference."]
+        if not refs
+        else [
+            "The walk, reference by reference:",
+            format_2d_walk(run.trace),
+            f"  = {sum(r.dimension == 'guest' for r in refs)} guest entries"
+            f" + {sum(r.dimension == 'ept' for r in refs)} EPT entries",
+        ]
+    )
+    solution = "\n".join(
+        [
+            f"Before the final read of {final} (GVA {pages[final]:#x}):",
+            *story,
+            *walk,
+            f"Answer: {expected}",
+        ]
+    )
+    grader = Grader(
+        expected,
+        _reference_count_reader,
+        "give the number of memory references in decimal (0 for a TLB hit)",
+        _mistakes(expected, _tlb_mistakes(expected, off, refs, story, final)),
+        lambda given: (
+            f"Not {given}: start from the TLB, then the lowest paging-structure cache that"
+            " covers the page, then count for each guest table left (and the final GPA) one"
+            " EPT walk unless a guest-physical mapping holds its GPA."
+        ),
+    )
+    return Question("tlb", prompt, hint, solution, str(expected), grader)
+
+
+def _reference_count_reader(text: str) -> tuple[Value, ...]:
+    """A count in decimal, or a word for a TLB hit (0 references)."""
+    if _normal(text) in _HIT_WORDS:
+        return (0,)
+    return ValueReader(bare=(10,))(text)
+
+
+def _tlb_step(step: str, pages: Mapping[str, int]) -> tuple[str, str | None]:
+    """('read', 'A') from 'read A', ('invept', None) from 'invept'."""
+    words = step.split()
+    verb = check_choice("step", words[0] if words else step, TLB_STEPS)
+    if verb in ("read", "invlpg"):
+        if len(words) != 2:
+            raise TwodwalkError(f"step={step!r} needs a page: e.g. '{verb} {next(iter(pages))}'")
+        return verb, check_choice("page", words[1], tuple(pages))
+    if len(words) != 1:
+        raise TwodwalkError(f"step={step!r}: {verb} takes no page")
+    return verb, None
+
+
+def _step_text(step: tuple[str, str | None]) -> str:
+    return _STEP_TEXT[step[0]].format(page=step[1])
+
+
+def _page_relation(fmt: EntryFormat, first: int, gva: int, first_name: str) -> str:
+    """Which entries and tables a page shares with the first page, named by region."""
+    if gva == first:
+        return ""
+    for level in (2, 3, 4):
+        if gva >> fmt.shift(level) == first >> fmt.shift(level):
+            entry, below = fmt.level_name(level), fmt.level_name(level - 1).removesuffix("E")
+            return (
+                f"  (the same {size_text(fmt.page_size(level))} region as {first_name}: one"
+                f" {entry}, and the {below} it points to, serve both)"
+            )
+    return f"  (shares only the top-level table with {first_name})"
+
+
+def _tlb_run(
+    pages: Mapping[str, int],
+    steps: Sequence[tuple[str, str | None]],
+    final: str,
+    guest_levels: int,
+    ept_levels: int,
+    off: str | None,
+) -> _TlbRun:
+    """The question's machine, run: every page read once, the caches emptied, one cache
+    switched off (`off`) for a what-if, the history, then the final read."""
+    machine = Machine(
+        guest_ram=_GUEST_RAM,
+        guest_levels=guest_levels,
+        ept_levels=ept_levels,
+        maxphyaddr=48 if ept_levels == 4 else 52,
+        gbpages=False,
+    )
+    gpas = {}
+    for number, (name, gva) in enumerate(pages.items()):
+        gpas[name] = _DATA_GPA + number * 0x11000  # spread over the caches' sets
+        machine.guest.map(gva, gpas[name], PAGE_SIZE, rw=1, us=1)
+        machine.write_gpa(gpas[name], name.encode() * 8)  # a real page, not the zero page
+    vcpu, caches = machine.vcpu, machine.vcpu.caches
+    for gva in pages.values():
+        vcpu.access(gva, "read")
+    vcpu.flush_tlb()
+    choices: dict[str | None, list[Tlb | TwoLevelTlb]] = {
+        None: [],
+        "tlb": [caches.tlb],
+        "psc": list(caches.psc.values()),
+        "guest-physical": [caches.guest_physical],
+        "all": caches.all(),
+    }
+    off_caches = choices[off]
+    for cache in off_caches:
+        cache.enabled = False
+    gva, gpa = pages[final], gpas[final]
+    states = [_cache_state(machine, gva, gpa)]
+    for verb, page in steps:
+        if verb == "read":
+            vcpu.access(pages[page or ""], "read")
+        elif verb == "invlpg":
+            vcpu.invlpg(pages[page or ""])
+        elif verb == "mov-cr3":
+            vcpu.mov_cr3(vcpu.cr3)
+        elif verb == "invvpid":
+            vcpu.invvpid("single")
+        else:
+            vcpu.invept("single")
+        states.append(_cache_state(machine, gva, gpa))
+    trace = vcpu.access(gva, "read").trace
+    if trace.of_type(VmExit):
+        raise TwodwalkError("the final read took a VM exit: EPT was not complete")
+    return _TlbRun(trace, tuple(states), machine.guest.format)
+
+
+def _cache_state(machine: Machine, gva: int, gpa: int) -> _CacheState:
+    """Read, without counting a look-up, what the caches hold for one page."""
+    caches = machine.vcpu.caches
+    psc = [
+        level
+        for level, cache in caches.psc.items()
+        if any(e.page <= gva < e.page + e.page_size for e in cache.entries())
+    ]
+    return _CacheState(
+        any(e.page <= gva < e.page + e.page_size for e in caches.tlb.entries()),
+        min(psc, default=None),
+        any(e.page <= gpa < e.page + e.page_size for e in caches.guest_physical.entries()),
+    )
+
+
+def _since(run: _TlbRun, steps: Sequence[tuple[str, str | None]], attribute: str) -> str:
+    """The step after which a cache's state for the page stopped changing, in words."""
+    values = [getattr(state, attribute) for state in run.states]
+    changed = [k for k in range(1, len(values)) if values[k] != values[k - 1]]
+    if not changed:
+        return "since the caches were emptied"
+    k = changed[-1]
+    verb, page = steps[k - 1]
+    return f"since step {k}, {_SHORT_STEP[verb].format(page=page)}"
+
+
+def _tlb_story(run: _TlbRun, steps: Sequence[tuple[str, str | None]], final: str) -> list[str]:
+    """What each cache holds for the page, and since which step: the solution's first lines,
+    and the reasons the feedback quotes (one sentence per cache: TLB, PSC, guest-physical)."""
+    state, fmt = run.states[-1], run.fmt
+    if state.tlb:
+        tlb = f"The TLB holds {final} ({_since(run, steps, 'tlb')}): no walk at all."
+    else:
+        tlb = f"The TLB has no entry for {final} ({_since(run, steps, 'tlb')})."
+    if state.psc is not None:
+        psc = (
+            f"The {PSC_NAMES[state.psc]} covers {final}'s"
+            f" {size_text(fmt.page_size(state.psc))} region ({_since(run, steps, 'psc')}):"
+            f" a walk starts at the {fmt.level_name(state.psc - 1)}, and the cache gives the"
+            " host-physical address of its table (no EPT walk for that table)."
+        )
+    else:
+        psc = (
+            f"No paging-structure cache covers {final} ({_since(run, steps, 'psc')}): a walk"
+            f" starts at CR3 and reads all {fmt.levels} guest levels."
+        )
+    holds = "hold" if state.gpm else "do not hold"
+    gpm = f"The guest-physical mappings {holds} {final}'s GPA ({_since(run, steps, 'gpm')})"
+    walks = run.trace.of_type(GuestWalk)
+    if walks and not state.tlb:
+        reads = [step.read for step in walks[0].record.steps]
+        found = {
+            how: sum(
+                (read.cached == how) if how != "EPT walk" else bool(read.nested) for read in reads
+            )
+            for how in ("paging-structure cache", "guest-physical", "EPT walk")
+        }
+        gpm += (
+            f"; of the {len(reads)} guest table{'s' if len(reads) > 1 else ''} the walk reads,"
+            f" the paging-structure cache found {found['paging-structure cache']}, a"
+            f" guest-physical mapping {found['guest-physical']} and an EPT walk"
+            f" {found['EPT walk']}."
+        )
+    else:
+        gpm += "."
+    return [f"  {line}" for line in (tlb, psc, gpm)]
+
+
+def _tlb_mistakes(
+    expected: int,
+    off: Mapping[str, int],
+    refs: Sequence[Reference],
+    story: Sequence[str],
+    final: str,
+) -> list[tuple[Value, str]]:
+    """Typical wrong counts, each found by running the history with a cache switched off."""
+    tlb, psc, gpm = (line.strip() for line in story)
+    guest = sum(r.dimension == "guest" for r in refs)
+    items: list[tuple[Value, str]] = [
+        (off["tlb"], f"Not {off['tlb']}: that is what a walk would cost. {tlb}"),
+        (0, f"Not 0: {tlb} The read walks."),
+        (off["psc"], f"Not {off['psc']}: that is the cost without paging-structure caches. {psc}"),
+        (
+            off["guest-physical"],
+            f"Not {off['guest-physical']}: that is the cost without guest-physical mappings. {gpm}",
+        ),
+        (
+            off["all"],
+            f"Not {off['all']}: that is the walk with every cache empty ((n+1)(m+1)-1"
+            f" references). {psc} {gpm}",
+        ),
+    ]
+    if guest < len(refs):
+        items.append(
+            (
+                guest,
+                f"Not {guest}: that counts only the guest entries; the walk also reads"
+                f" {len(refs) - guest} EPT entries for GPAs no guest-physical mapping held.",
+            )
+        )
+    items.append(
+        (expected + 1, f"Not {expected + 1}: that counts the data access too; count the walk.")
+    )
+    return items
+
+
+def _seeded_tlb(seed: int) -> Question:
+    rng = _rng("tlb", seed)
+    guest_levels, ept_levels = rng.choice(((4, 4), (4, 4), (4, 5), (5, 4)))
+    top = PAGE_SHIFT + 9 * guest_levels - 1  # the user half
+    base = rng.randrange(1 << 39, 1 << top, 1 << 39)
+    gib_a, gib_d = rng.sample(range(512), 2)
+    region_a, region_c = rng.sample(range(512), 2)
+    page_a, page_b, page_c, page_d = rng.sample(range(512), 4)
+    pages = {
+        "A": base | gib_a << 30 | region_a << 21 | page_a << 12,
+        "B": base | gib_a << 30 | region_a << 21 | page_b << 12,
+        "C": base | gib_a << 30 | region_c << 21 | page_c << 12,
+        "D": base | gib_d << 30 | rng.randrange(512) << 21 | page_d << 12,
+    }
+    names = list(pages)
+    history = []
+    for _ in range(rng.randint(1, 4)):
+        verb = rng.choices(TLB_STEPS, weights=(8, 3, 1, 1, 1))[0]
+        history.append(f"{verb} {rng.choice(names)}" if verb in ("read", "invlpg") else verb)
+    final = rng.choice(names)
+    return tlb_question(
+        history, final, pages=pages, guest_levels=guest_levels, ept_levels=ept_levels
+    )
+
+
+# --- topic "what-if": which structure a change under a running guest touches (FACTS C, D) --------
+
+WHAT_IFS: Mapping[str, str] = MappingProxyType(
+    {
+        "swap-out": "The host kernel swaps the page out (mm/vmscan.c shrink_folio_list).",
+        "migrate": "The host kernel migrates the page to another frame (mm/migrate.c"
+        " migrate_pages), e.g. for compaction or NUMA balancing.",
+        "ksm-merge": "KSM finds an identical page elsewhere in the VMM and merges the two into"
+        " one write-protected frame (mm/ksm.c try_to_merge_one_page).",
+        "thp-split": "The host splits the 2 MiB transparent huge page that backs the page into"
+        " 512 small pages (mm/huge_memory.c __split_huge_pmd).",
+        "thp-collapse": "khugepaged collapses the 512 small pages around the page into one"
+        " 2 MiB page (mm/khugepaged.c collapse_huge_page).",
+        "munmap": "The VMM munmaps the 4 KiB of its guest-RAM mapping behind the page.",
+        "memslot-move": "The VMM moves the memslot to a new guest-physical base"
+        " (KVM_SET_USER_MEMORY_REGION, a MOVE).",
+        "memslot-delete": "The VMM deletes the memslot (KVM_SET_USER_MEMORY_REGION with"
+        " memory_size 0).",
+        "dirty-logging": "The VMM turns on dirty logging for the memslot, as live migration"
+        " does (KVM_SET_USER_MEMORY_REGION with KVM_MEM_LOG_DIRTY_PAGES).",
+        "guest-remap": "The guest points its PTE for the page at another GPA, and runs no INVLPG.",
+        "swap-out-without-notifiers": "With KVM's MMU notifiers switched off (a what-if: Linux"
+        " always has them), the host kernel swaps the page out.",
+    }
+)
+STRUCTURES = ("guest", "memslot", "host", "ept")  # along the chain GVA -> GPA -> HVA -> HPA
+_STRUCTURE_NAMES = {
+    "guest": "the guest's PTE",
+    "memslot": "the memslot",
+    "host": "the host page-table entry",
+    "ept": "the EPT entry",
+}
+_STRUCTURE_WORDS = {
+    "guest": "guest",
+    "memslot": "memslot",
+    "memslots": "memslot",
+    "slot": "memslot",
+    "host": "host",
+    "ept": "ept",
+    "spte": "ept",
+}
+_NONE_WORDS = frozenset({"none", "nothing", "no change", "neither"})
+_FILLER = frozenset(
+    (
+        *("the", "a", "its", "of", "and", "only", "both", "s", "vmm", "kvm", "memory"),
+        *("entry", "entries", "pte", "ptes", "pmd", "page", "table", "tables", "leaf"),
+        *("change", "changes", "changed"),
+    )
+)
+_UNCHANGED = {
+    "guest": "the guest's PTE changes only when the guest itself writes it; the guest is not"
+    " told about changes below its GPAs",
+    "memslot": "memslots change only when the VMM calls KVM_SET_USER_MEMORY_REGION",
+    "host": "the VMM's host page table maps HVA -> HPA, and this change leaves that mapping alone",
+    "ept": "nothing asked KVM to change it",
+}
+_EPT_UNCHANGED = {
+    "guest-remap": "with EPT on, a guest store to its own page table is an ordinary write that"
+    " KVM never sees (no exit), and the GPA -> HPA mapping did not change; the guest must run"
+    " INVLPG so that its TLB forgets the old translation",
+    "swap-out-without-notifiers": "with MMU notifiers off nothing tells KVM: the EPT entry"
+    " still points at the frame the host just freed (a stale entry)",
+}
+
+
+def what_if_question(
+    what: str, *, gva: int = 0x40_0000, gpa: int = _DATA_GPA, guest_write: bool = True
+) -> Question:
+    """Which of the guest's PTE, the memslot, the host page-table entry and the EPT entry
+    that serve one guest page change when `what` (a key of `WHAT_IFS`) happens, read from the
+    engine's entries before and after: the guest has already accessed the page (a write if
+    `guest_write`), so every structure is in place."""
+    check_choice("what", what, tuple(WHAT_IFS))
+    check_aligned("gva", check_int("gva", gva, 0, 1 << 47, valid="a user GVA"), PAGE_SIZE)
+    check_aligned("gpa", check_int("gpa", gpa, 0, 6 * MIB, valid="0 <= gpa < 6 MiB"), PAGE_SIZE)
+    thp = what.startswith("thp")
+    machine = Machine(guest_ram=_GUEST_RAM, gbpages=False, thp=thp)
+    machine.guest.map(gva, gpa, PAGE_SIZE, rw=1, us=1)
+    machine.write_gpa(gpa, b"guest data" * 409)  # the VMM loaded the page: a real frame
+    hva = machine.vm.gpa_to_hva(gpa)
+    assert hva is not None
+    kind = "write" if guest_write else "read"
+    machine.vcpu.access(gva, kind, 1 if guest_write else None)
+    if what == "thp-collapse":  # small pages first, each in use, so there is something to collapse
+        machine.host.split_thp(machine.vmm, hva)
+        machine.vcpu.access(gva, kind, 2 if guest_write else None)
+    pte = machine.guest.page_tables.find_leaf(gva)
+    assert pte is not None
+    pte_hva = machine.vm.gpa_to_hva(pte[0])
+    assert pte_hva is not None
+    before = _structures(machine, gpa, hva, pte_hva)
+    logged = len(machine.vm.mmu.log)
+    _do_what_if(machine, what, gva, gpa, hva, pte[0])
+    after = _structures(machine, gpa, hva, pte_hva)
+    kvm = [f"KVM {s.function}: {s.detail}" for s in machine.vm.mmu.log[logged:]]
+    changed = tuple(name for name in STRUCTURES if before[name] != after[name])
+    expected = _structure_mask(changed)
+    answer = " ".join(changed) or "none"
+    prompt = (
+        f"A guest maps GVA {gva:#x} to GPA {gpa:#x}; memslot 0 maps that GPA to HVA"
+        f" {hva:#x} of the VMM, and the host's page tables map the HVA to a host frame. The"
+        f" guest has {'written' if guest_write else 'read'} the page, so KVM has built its"
+        f" EPT entry.\n{WHAT_IFS[what]}\n"
+        "Right after that (before the guest touches the page again), which of these changed:"
+        " the guest's PTE ('guest'), the memslot ('memslot'), the host page-table entry for"
+        " the HVA ('host'), the EPT entry for the GPA ('ept')? Name all that changed, e.g."
+        " 'host ept', or answer 'none'."
+    )
+    hint = (
+        "Each structure has one owner: the guest kernel writes its PTE; the VMM changes"
+        " memslots (KVM_SET_USER_MEMORY_REGION); the host kernel writes its page tables;"
+        " KVM writes EPT entries, and zaps them when the host tells it (MMU notifiers) or"
+        " when a memslot goes away or moves."
+    )
+    reasons = _structure_reasons(what, before, after, kvm)
+    solution = "\n".join(
+        [
+            f"{WHAT_IFS[what]}",
+            *(
+                f"  {_STRUCTURE_NAMES[name]:<26} {'CHANGED' if name in changed else 'same':<8}"
+                f" {before[name]}"
+                + (f"\n  {'':<26} {'':<8} -> {after[name]}" if name in changed else "")
+                for name in STRUCTURES
+            ),
+            *(f"  {line}" for line in kvm),
+            f"Answer: {answer}",
+        ]
+    )
+    grader = Grader(
+        expected,
+        _structure_reader,
+        "give the structures that changed: guest, memslot, host, ept (e.g. 'host ept'), or 'none'",
+        {},
+        lambda given: _structure_differences(expected, given, reasons),
+    )
+    return Question("what-if", prompt, hint, solution, answer, grader)
+
+
+def _structure_mask(names: Sequence[str]) -> int:
+    return sum(1 << STRUCTURES.index(name) for name in names)
+
+
+def _structure_reader(text: str) -> tuple[Value, ...]:
+    """A set of structure names ('EPT entry and host PTE'), as a bit mask; 'none' is 0."""
+    normal = _normal(text)
+    if normal in _NONE_WORDS:
+        return (0,)
+    tokens = [t for t in re.split(r"[\s,;:+&/|'()-]+", normal.replace("'s", " ")) if t]
+    names = [t for t in tokens if t not in _FILLER]
+    if not names or any(t not in _STRUCTURE_WORDS for t in names):
+        return ()
+    return (_structure_mask(sorted({_STRUCTURE_WORDS[t] for t in names})),)
+
+
+def _structures(machine: Machine, gpa: int, hva: int, pte_hva: int) -> dict[str, str]:
+    """Each structure serving the page, as text: compare two snapshots to see what changed.
+    Read without side effects (no walk sets an A bit, nothing is faulted in); the guest's PTE
+    is read where it lies in the VMM's memory, so a memslot change cannot hide it."""
+    host_fmt = machine.host.format
+    found = machine.vmm.tables.find_leaf(pte_hva)
+    guest = "not in memory"
+    if found is not None:
+        frame = host_fmt.output_address(machine.memory.read_u64(found[0]), found[1])
+        value = machine.memory.read_u64(frame + (pte_hva & (host_fmt.page_size(found[1]) - 1)))
+        guest = f"PTE = {value:#018x}{entry_meaning(machine.guest.format, 1, value)}"
+    slot = machine.vm.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
+    memslot = (
+        f"no memslot covers GPA {gpa:#x}"
+        if slot is None
+        else f"slot {slot.id}: GPA {slot.guest_phys_addr:#x}, {size_text(slot.memory_size)},"
+        f" HVA {slot.userspace_addr:#x}, flags {slot.flags:#x}"
+    )
+    return {
+        "guest": guest,
+        "memslot": memslot,
+        "host": _leaf_text(machine.vmm.tables, machine.memory, hva),
+        "ept": _leaf_text(machine.vm.ept.tables, machine.memory, gpa),
+    }
+
+
+def _leaf_text(tables: PageTables, memory: PhysicalMemory, address: int) -> str:
+    """The entry that maps `address` (or the lowest one a walk would reach, if none does)."""
+    fmt = tables.fmt
+    found = tables.find_leaf(address)
+    if found is None:
+        for level in range(1, fmt.levels + 1):
+            slot = tables.entry_address(address, level)
+            if slot is not None:
+                found = slot, level
+                break
+    if found is None:
+        return "no table"
+    value = memory.read_u64(found[0])
+    name = fmt.level_name(found[1])
+    return f"{name} = {value:#018x}{entry_meaning(fmt, found[1], value)}"
+
+
+def _do_what_if(machine: Machine, what: str, gva: int, gpa: int, hva: int, pte: int) -> None:
+    """Make one what-if happen, through the calls the real actors make."""
+    host, vmm, vm = machine.host, machine.vmm, machine.vm
+    slot = vm.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
+    assert slot is not None
+    region = (slot.as_id << 16 | slot.id, slot.guest_phys_addr, slot.memory_size)
+    if what in ("swap-out", "swap-out-without-notifiers"):
+        host.mmu_notifiers_enabled = what == "swap-out"
+        host.swap_out(vmm, hva)
+    elif what == "migrate":
+        host.migrate(vmm, hva)
+    elif what == "ksm-merge":
+        twin = vmm.mmap(PAGE_SIZE, name="KSM twin")
+        page = host.get_user_page(vmm, twin, True)
+        assert page is not None
+        machine.memory.write(page.hpa, machine.read_gpa(gpa, PAGE_SIZE))
+        host.ksm_merge(vmm, hva, twin)
+    elif what == "thp-split":
+        host.split_thp(vmm, hva)
+    elif what == "thp-collapse":
+        host.collapse_thp(vmm, hva)
+    elif what == "munmap":
+        vmm.munmap(hva, PAGE_SIZE)
+    elif what == "memslot-move":
+        vm.set_user_memory_region(region[0], slot.flags, 1 << 30, region[2], slot.userspace_addr)
+    elif what == "memslot-delete":
+        vm.set_user_memory_region(region[0], slot.flags, region[1], 0, slot.userspace_addr)
+    elif what == "dirty-logging":
+        vm.set_user_memory_region(
+            region[0],
+            slot.flags | KVM_MEM_LOG_DIRTY_PAGES,
+            region[1],
+            region[2],
+            slot.userspace_addr,
+        )
+    else:  # guest-remap: the guest kernel's store to its PTE, no INVLPG
+        value = int.from_bytes(machine.read_gpa(pte, 8), "little")
+        moved = (
+            machine.guest.format.layout(1, False).field("address").insert(value, gpa + PAGE_SIZE)
+        )
+        machine.write_gpa(pte, moved.to_bytes(8, "little"))
+
+
+def _structure_reasons(
+    what: str, before: Mapping[str, str], after: Mapping[str, str], kvm: Sequence[str]
+) -> dict[str, str]:
+    """Why each structure changed or not: its entries before and after, and KVM's steps."""
+    reasons = {}
+    for name in STRUCTURES:
+        if before[name] != after[name]:
+            reason = f"{before[name]} -> {after[name]}"
+            if name == "ept" and kvm:
+                reason += f" ({'; '.join(kvm)})"
+            reasons[name] = reason
+        else:
+            reasons[name] = (
+                _EPT_UNCHANGED.get(what, _UNCHANGED[name]) if name == "ept" else (_UNCHANGED[name])
+            )
+    return reasons
+
+
+def _structure_differences(expected: int, given: Value, reasons: Mapping[str, str]) -> str:
+    """Name each structure the answer got wrong, with its entries before and after."""
+    if not isinstance(given, int):
+        return "Name the structures that changed, or answer 'none'."
+    lines = []
+    for number, name in enumerate(STRUCTURES):
+        if (expected ^ given) >> number & 1:
+            does = "does change" if expected >> number & 1 else "does not change"
+            lines.append(f"{_STRUCTURE_NAMES[name]} {does}: {reasons[name]}.")
+    shown = " ".join(n for i, n in enumerate(STRUCTURES) if given >> i & 1) or "none"
+    return f"Not '{shown}':\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _seeded_what_if(seed: int) -> Question:
+    rng = _rng("what-if", seed)
+    return what_if_question(
+        rng.choice(tuple(WHAT_IFS)),
+        gva=_random_page(rng, 4),
+        gpa=rng.randrange(0x100, 0x600) << PAGE_SHIFT,
+        guest_write=rng.random() < 0.7,
+    )
+
+
+# --- topic "roots": the same shape, different trees (SDM Vol 3A 4.5; Vol 3C 29.3.2) -------------
+
+ROOT_WALKS: Mapping[str, str] = MappingProxyType(
+    {
+        "gva": "the CPU walks the guest's page tables for GVA {gva:#x} (EPT on)",
+        "gpa": "the CPU walks EPT for GPA {gpa:#x}, the guest-physical address of that access"
+        " (EPT on)",
+        "hva": "KVM, handling the EPT violation for GPA {gpa:#x}, translates HVA {hva:#x} in"
+        " software (hva_to_pfn -> get_user_pages) (EPT on)",
+        "gva-shadow": "the CPU walks the tables for GVA {gva:#x} with EPT off (shadow paging)",
+    }
+)
+
+
+def roots_question(
+    walk: str, *, guest_levels: int = 4, gva: int = 0x40_0008, gpa: int = _DATA_GPA
+) -> Question:
+    """Where a walk starts: the root each walk of a first access to `gva` used, read from the
+    trace (guest walk: the GPA in the guest's CR3; EPT walk: the EPTP's root; KVM's walk of
+    the VMM's tables: the VMM's own CR3; with EPT off: KVM's shadow root)."""
+    check_choice("walk", walk, tuple(ROOT_WALKS))
+    check_aligned("gpa", check_int("gpa", gpa, 0, 6 * MIB, valid="0 <= gpa < 6 MiB"), PAGE_SIZE)
+    shadow = walk == "gva-shadow"
+    machine = Machine(
+        guest_ram=_GUEST_RAM, guest_levels=guest_levels, gbpages=False, tdp=not shadow
+    )
+    machine.guest.map(gva & ~(PAGE_SIZE - 1), gpa, PAGE_SIZE, rw=1, us=1)
+    cold = machine.vcpu.access(gva, "read").trace  # KVM's software path runs here
+    machine.vcpu.flush_tlb()
+    warm = machine.vcpu.access(gva, "read").trace  # every hardware walk from its root
+    hva = machine.vm.gpa_to_hva(gpa)
+    assert hva is not None
+    guest_root = machine.vcpu.cr3_root
+    vmm_root = machine.vmm.tables.root
+    record = _walk_of(cold if walk == "hva" else warm, walk)
+    expected = record.root
+    registers = [
+        f"  guest CR3, as the guest loaded it:        {machine.vcpu.cr3:#x}",
+        f"  the VMM process's CR3 on the host:        {vmm_root:#x}",
+    ]
+    mistakes: list[tuple[int, str]] = [
+        (
+            guest_root,
+            "That is the root of the guest's own tables (a GPA, from the guest's CR3): they"
+            " translate GVA -> GPA"
+            + (
+                ". With EPT off the CPU never walks them: KVM walks them in software"
+                " (walk_addr_generic) and loads the root of its shadow tables into the real CR3"
+                if shadow
+                else ""
+            ),
+        ),
+        (
+            vmm_root,
+            "That is the root of the VMM process's own page tables: they translate the VMM's"
+            " HVAs, which only KVM's software path (hva_to_pfn) and the VMM itself use; a"
+            " guest access never walks them in hardware",
+        ),
+    ]
+    if shadow:
+        registers.append(f"  the root of KVM's shadow tables for it:   {expected:#x}")
+    else:
+        eptp = machine.vm.ept.eptp
+        registers.append(f"  the EPTP in the VMCS:                     {eptp.value:#x}")
+        mistakes += [
+            (
+                eptp.root,
+                "That is the EPT root (from the EPTP): EPT translates GPAs, each guest table's"
+                " address and the final GPA, not the GVA or the VMM's HVAs",
+            ),
+            (
+                eptp.value,
+                "That is the whole EPTP: bits 2:0 are the memory type of EPT accesses, bits"
+                " 5:3 the walk length minus 1, bit 6 enables EPT A/D flags; the root's address"
+                " is bits M-1:12",
+            ),
+        ]
+        root_hpa = warm.of_type(GuestWalk)[0].record.steps[0].read.physical & ~0xFFF
+        mistakes.append(
+            (
+                root_hpa,
+                "That is where the guest's root table sits in host memory, found through EPT;"
+                " the register holds its guest-physical address",
+            )
+        )
+    prompt = "\n".join(
+        [
+            f"A {guest_levels}-level guest maps GVA {gva & ~0xFFF:#x} to GPA {gpa:#x}; memslot 0"
+            f" puts that GPA at HVA {hva:#x} of the VMM. The registers and roots:",
+            *registers,
+            f"During the guest's first read of GVA {gva:#x}, "
+            + ROOT_WALKS[walk].format(gva=gva, gpa=gpa, hva=hva)
+            + ". At which address does that walk start (the root table's address, as the"
+            " walk uses it)? Answer in hex.",
+        ]
+    )
+    hint = (
+        "Three trees, one shape: the guest's tables (GVA -> GPA, root in the guest's CR3, a"
+        " GPA), EPT (GPA -> HPA, root in the EPTP's bits M-1:12) and the VMM's host tables"
+        " (HVA -> HPA, root in the VMM process's CR3). With EPT off the CPU walks KVM's"
+        " shadow tables (GVA -> HPA) instead of the guest's."
+    )
+    owner = {
+        "gva": "the guest's page tables",
+        "gpa": "EPT",
+        "hva": "the VMM process's host page tables",
+        "gva-shadow": "KVM's shadow page tables",
+    }[walk]
+    solution = "\n".join(
+        [
+            f"The trace of the read records this walk of {owner}:",
+            format_walk(record),
+            f"It starts at {expected:#x}.",
+            f"Answer: {expected:#x}",
+        ]
+    )
+    grader = Grader(
+        expected,
+        ValueReader(bare=(16, 10)),
+        "give the root's address in hex, e.g. 0x7ff000",
+        _mistakes(expected, [(value, f"Not {value:#x}: {why}.") for value, why in mistakes]),
+        lambda given: f"Not {_hex(given)}: which tree does this walk use, and where is its root?",
+    )
+    return Question("roots", prompt, hint, solution, f"{expected:#x}", grader)
+
+
+def _walk_of(trace: Trace, walk: str) -> WalkRecord:
+    """The last walk of one kind in a trace: the one that translated the address (there
+    are several in a first access, one per attempt)."""
+    records: list[WalkRecord]
+    if walk == "gva":
+        records = [e.record for e in trace.of_type(GuestWalk)]
+    elif walk == "gpa":
+        records = [e.record for e in trace.of_type(EptWalk)]
+    elif walk == "hva":
+        records = [e.record for e in trace.of_type(HostWalk)]
+    else:
+        records = [e.record for e in trace.of_type(NativeWalk)]
+    return records[-1]
+
+
+def _seeded_roots(seed: int) -> Question:
+    rng = _rng("roots", seed)
+    levels = rng.choice((4, 5))
+    return roots_question(
+        rng.choice(tuple(ROOT_WALKS)),
+        guest_levels=levels,
+        gva=_random_page(rng, levels) + rng.randrange(0, PAGE_SIZE, 8),
+        gpa=rng.randrange(0x100, 0x600) << PAGE_SHIFT,
+    )
+
+
+# --- topic "shadow": what exits with EPT off, and with EPT on (FACTS D; paging_tmpl.h) ----------
+
+SHADOW_ACTIONS: Mapping[str, str] = MappingProxyType(
+    {
+        "read-p": "read P",
+        "read-q": "read Q",
+        "write-p": "write P",
+        "write-pte": "write its PTE for Q (setting D), through its mapping of the page table",
+        "read-unmapped": "read GVA {hole:#x}, which its page tables do not map",
+    }
+)
+_PAGINGS = ("shadow", "ept")
+_PAGING_TEXT = {"shadow": "EPT off (shadow paging)", "ept": "EPT on"}
+_NO_EXIT_WORDS = frozenset({"none", "no exit", "no exits", "no vm exit", "no vm exits"})
+_DIRECT_MAP = 0xFFFF_8880_0000_0000  # where Linux maps all of RAM (x86-64 mm.rst)
+_HOLE_PAGES = 0x10  # the unmapped GVA: this many pages above P, in the same page table
+
+
+def shadow_question(
+    actions: Sequence[str],
+    *,
+    paging: str = "shadow",
+    gva: int = 0x40_0000,
+    gpa: int = _DATA_GPA,
+) -> Question:
+    """How many VM exits a few guest actions (keys of `SHADOW_ACTIONS`) take with EPT off
+    (`paging="shadow"`) or on ("ept"): the engine runs the same guest on two machines, one
+    per paging mode, and counts the exits in the traces."""
+    check_choice("paging", paging, _PAGINGS)
+    for action in actions:
+        check_choice("action", action, tuple(SHADOW_ACTIONS))
+    check_aligned("gva", check_int("gva", gva, 0, 1 << 47, valid="a user GVA"), PAGE_SIZE)
+    check_aligned("gpa", check_int("gpa", gpa, 0, 6 * MIB, valid="0 <= gpa < 6 MiB"), PAGE_SIZE)
+    runs = {name: _shadow_run(actions, name == "ept", gva, gpa) for name in _PAGINGS}
+    counts = {
+        name: sum(len(t.of_type(VmExit)) for t in traces) for name, (traces, _) in runs.items()
+    }
+    expected, other = counts[paging], "ept" if paging == "shadow" else "shadow"
+    hole = gva + _HOLE_PAGES * PAGE_SIZE
+    told = [f"  {n}. {SHADOW_ACTIONS[a].format(hole=hole)}" for n, a in enumerate(actions, 1)] or [
+        "  (nothing)"
+    ]
+    prompt = "\n".join(
+        [
+            f"A guest maps page P at GVA {gva:#x} and page Q at GVA {gva + PAGE_SIZE:#x} (the"
+            " VMM has already loaded both into RAM), and maps the page table that holds their"
+            f" PTEs at GVA {runs[paging][1]:#x}, as Linux's direct map does. It has read P, and"
+            " read through that mapping once; KVM handled whatever exits that took. Then its"
+            f" TLB was flushed. With {_PAGING_TEXT[paging]}, the guest now does, in order:",
+            *told,
+            "How many VM exits do these take in all?",
+        ]
+    )
+    hint = (
+        "With EPT on, KVM hears of a guest access only through an EPT violation: a GPA it has"
+        " not mapped yet. With EPT off, the CPU walks KVM's shadow tables, and exits on a page"
+        " KVM has not shadowed yet, on a write through a shadow entry KVM made read-only (a"
+        " clean guest PTE, or a page of the guest's page tables, which KVM write-protects) and"
+        " on every guest #PF, which KVM must see first."
+    )
+    stories = {name: _exit_stories(actions, traces, hole) for name, (traces, _) in runs.items()}
+    solution = "\n".join(
+        [
+            f"With {_PAGING_TEXT[paging]}, action by action:",
+            *(f"  {n}. {line}" for n, (line, _) in enumerate(stories[paging], 1)),
+            f"With {_PAGING_TEXT[other]} it would be {counts[other]} in all.",
+            f"Answer: {expected}",
+        ]
+    )
+    differ = [
+        f"{n}. {mine}"
+        for n, ((mine, count), (_, theirs)) in enumerate(
+            zip(stories[paging], stories[other], strict=True), 1
+        )
+        if count != theirs
+    ]
+    exiting = [f"{n}. {line}" for n, (line, count) in enumerate(stories[paging], 1) if count]
+    mistakes: list[tuple[Value, str]] = [
+        (
+            counts[other],
+            f"Not {counts[other]}: that is the count with {_PAGING_TEXT[other]}. With"
+            f" {_PAGING_TEXT[paging]} these differ: {' '.join(differ)}",
+        ),
+        (0, f"Not 0: at least one action exits. {exiting[0] if exiting else ''}"),
+        (len(actions), f"Not {len(actions)}: not every action exits."),
+    ]
+    grader = Grader(
+        expected,
+        _exit_count_reader,
+        "give the number of VM exits in decimal",
+        _mistakes(expected, mistakes),
+        lambda given: (
+            f"Not {given}: go action by action. Does it reach a page KVM has not mapped"
+            " (or shadowed) yet, write through an entry KVM made read-only, or fault in"
+            " the guest? Each action's effect stays for the next one."
+        ),
+    )
+    return Question("shadow", prompt, hint, solution, str(expected), grader)
+
+
+def _exit_count_reader(text: str) -> tuple[Value, ...]:
+    """A count in decimal, or a word for none."""
+    if _normal(text) in _NO_EXIT_WORDS:
+        return (0,)
+    return ValueReader(bare=(10,))(text)
+
+
+def _shadow_run(actions: Sequence[str], tdp: bool, gva: int, gpa: int) -> tuple[list[Trace], int]:
+    """The guest of a shadow question on one machine: the set-up, then one trace per action,
+    and the GVA where the guest maps its page table."""
+    machine = Machine(guest_ram=_GUEST_RAM, gbpages=False, tdp=tdp)
+    machine.guest.map(gva, gpa, 2 * PAGE_SIZE, rw=1, us=1)
+    machine.write_gpa(gpa, b"P" * PAGE_SIZE + b"Q" * PAGE_SIZE)
+    found = machine.guest.page_tables.find_leaf(gva)
+    assert found is not None
+    table = found[0] & ~(PAGE_SIZE - 1)
+    table_gva = _DIRECT_MAP + table
+    machine.guest.map(table_gva, table, PAGE_SIZE, rw=1)
+    vcpu = machine.vcpu
+    vcpu.access(gva, "read")
+    vcpu.access(table_gva, "read")
+    vcpu.flush_tlb()
+    q_pte = found[0] + 8
+    traces = []
+    for action in actions:
+        if action == "write-pte":
+            dirty = int.from_bytes(machine.read_gpa(q_pte, 8), "little") | 1 << 6
+            result = vcpu.access(table_gva + (q_pte & (PAGE_SIZE - 1)), "write", dirty)
+        elif action == "write-p":
+            result = vcpu.access(gva, "write", 1)
+        else:
+            page = {"read-p": 0, "read-q": 1, "read-unmapped": _HOLE_PAGES}[action]
+            result = vcpu.access(gva + page * PAGE_SIZE, "read")
+        traces.append(result.trace)
+    return traces, table_gva
+
+
+def _exit_stories(
+    actions: Sequence[str], traces: Sequence[Trace], hole: int
+) -> list[tuple[str, int]]:
+    """Each action's exits and what KVM did for them, from its trace, with the count."""
+    lines = []
+    for action, trace in zip(actions, traces, strict=True):
+        exits = trace.of_type(VmExit)
+        what = SHADOW_ACTIONS[action].format(hole=hole).split(",")[0]
+        if not exits:
+            lines.append((f"{what}: no exit.", 0))
+            continue
+        steps = ", ".join(dict.fromkeys(s.function for s in trace.of_type(KvmStep)))
+        names = ", ".join(e.name for e in exits)
+        plural = "s" if len(exits) > 1 else ""
+        lines.append(
+            (f"{what}: {len(exits)} exit{plural} ({names}); KVM runs {steps}.", len(exits))
+        )
+    return lines
+
+
+def _seeded_shadow(seed: int) -> Question:
+    rng = _rng("shadow", seed)
+    return shadow_question(
+        rng.choices(tuple(SHADOW_ACTIONS), k=rng.randint(2, 4)),
+        paging=rng.choice(("shadow", "shadow", "ept")),
+        gva=_random_page(rng, 4, HUGE_PAGE) + rng.randrange(0, 256) * PAGE_SIZE,
+        gpa=rng.randrange(0x100, 0x600) << PAGE_SHIFT,
+    )
+
+
 # --- choosing a question -------------------------------------------------------------------------
 
 TOPICS: Mapping[str, Callable[[int], Question]] = MappingProxyType(
@@ -1229,6 +2204,10 @@ TOPICS: Mapping[str, Callable[[int], Question]] = MappingProxyType(
         "translate": _seeded_translate,
         "memslot": _seeded_memslot,
         "ept-qualification": _seeded_qualification,
+        "tlb": _seeded_tlb,
+        "what-if": _seeded_what_if,
+        "roots": _seeded_roots,
+        "shadow": _seeded_shadow,
     }
 )
 
