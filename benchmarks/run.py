@@ -132,7 +132,7 @@ def _workload(pages: int, quick: bool, target: float | None) -> Row:
     return Row(name, seconds, "s", target, False, note)
 
 
-def widget_latency() -> Row:
+def widget_latency() -> list[Row]:
     """AddressExplorer's callback (the access again, the text, the walk grid as a PNG in its
     Output widget) as a student drives it on the default scenario: each mapping picked,
     its first pages slid over, each access kind, both CPLs."""
@@ -154,16 +154,24 @@ def widget_latency() -> Row:
         control.value = value
         times.append((time.perf_counter() - start) * 1000)
     median, p95 = statistics.median(times), statistics.quantiles(times, n=20)[-1]
-    return Row(
-        "widget callback latency",
-        median,
-        "ms",
-        50,
-        False,
-        f"median of {len(times)} AddressExplorer re-walks + redraws on the qemu scenario;"
-        f" p95 {p95:.0f} ms: a walk-grid shape not drawn before is rasterised (~150 ms),"
-        " a repeated one comes from the PNG cache",
-    )
+    return [
+        Row(
+            "widget callback latency, median",
+            median,
+            "ms",
+            50,
+            False,
+            f"{len(times)} AddressExplorer re-walks + redraws on the qemu scenario",
+        ),
+        Row(
+            "widget callback latency, p95",
+            p95,
+            "ms",
+            None,
+            False,
+            "a walk-grid shape not drawn before is rasterised; a repeated one is cached",
+        ),
+    ]
 
 
 def notebook_rows() -> list[Row]:
@@ -227,7 +235,7 @@ def main() -> int:
         cold_walks(),
         *tlb_hits(),
         *workloads(args.quick),
-        widget_latency(),
+        *widget_latency(),
         *notebook_rows(),
     ]
     kvm = realkvm_rate()

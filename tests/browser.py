@@ -118,15 +118,19 @@ class JupyterLab:
             except subprocess.TimeoutExpired:
                 self._process.kill()
 
-    def url(self, notebook: str) -> str:
-        """The notebook alone in a fresh workspace (`reset`: no tabs restored from before)."""
+    def url(self, notebook: str, ui: str = "lab") -> str:
+        """The notebook in JupyterLab, alone in a fresh workspace (`reset`: no tabs restored
+        from before), or in Notebook 7 (`ui="notebook"`), which Binder also serves."""
+        if ui == "notebook":
+            return f"http://127.0.0.1:{self.port}/notebooks/{notebook}?token={self.token}"
         return f"http://127.0.0.1:{self.port}/lab/tree/{notebook}?reset&token={self.token}"
 
 
-def open_notebook(page: Any, lab: JupyterLab, notebook: str, timeout_s: float = 180) -> None:
-    """Open `notebook`, wait for its kernel, run all cells and wait until every code cell
+def open_notebook(page: Any, url: str, timeout_s: float = 180) -> None:
+    """Open the notebook at `url` (JupyterLab or Notebook 7: both have the same notebook
+    panel and Run menu), wait for its kernel, run all cells and wait until every code cell
     has an execution count."""
-    page.goto(lab.url(notebook))
+    page.goto(url)
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
     page.wait_for_function(
         "() => [...document.querySelectorAll('span')]"

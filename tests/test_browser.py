@@ -1,4 +1,5 @@
-"""The notebooks in a real browser: JupyterLab in Debian's Chromium, driven by Playwright.
+"""The notebooks in a real browser: JupyterLab (and Notebook 7, which Binder also serves) in
+Debian's Chromium, driven by Playwright.
 
 Each test opens a tutorial notebook, runs all cells, and checks what a learner would see: no
 error output, widgets rendered (no "Error displaying widget"), figures drawn; then it clicks
@@ -51,11 +52,11 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
         browser.close()
 
 
-def run(session: Session, notebook: str) -> Any:
+def run(session: Session, notebook: str, ui: str = "lab") -> Any:
     """Open and run `notebook`; check it ran clean; return the page to interact with."""
     page = session.page
-    open_notebook(page, session.lab, notebook)
-    screenshot(page, notebook.removesuffix(".ipynb"))
+    open_notebook(page, session.lab.url(notebook, ui))
+    screenshot(page, f"{ui}-{notebook.removesuffix('.ipynb')}")
     assert notebook_problems(page) == []
     return page
 
@@ -84,7 +85,7 @@ def test_start_notebook_explorer_follows_a_typed_address(session: Session) -> No
     )
     assert "0x0" in explorer.inner_text(), "typing an address re-walks and changes the view"
     explorer.scroll_into_view_if_needed()
-    screenshot(page, "00-start-here-after-typing")
+    screenshot(page, "lab-00-start-here-after-typing")
 
 
 def test_ept_notebook_what_if_lab_renders(session: Session) -> None:
@@ -93,8 +94,9 @@ def test_ept_notebook_what_if_lab_renders(session: Session) -> None:
     assert page.locator(f"{CURRENT} .widget-button", has_text="swap").count() > 0
 
 
-def test_two_dimensional_walk_stepper_steps(session: Session) -> None:
-    page = run(session, "05-two-dimensional-walk.ipynb")
+@pytest.mark.parametrize("ui", ["lab", "notebook"])
+def test_two_dimensional_walk_stepper_steps(session: Session, ui: str) -> None:
+    page = run(session, "05-two-dimensional-walk.ipynb", ui)
     assert widget_count(page) > 0 and figure_count(page) > 0
     label = page.locator(f"{CURRENT} .widget-html", has_text=" of ").first
     before = label.inner_text()
@@ -108,4 +110,4 @@ def test_two_dimensional_walk_stepper_steps(session: Session) -> None:
     )
     assert label.inner_text().startswith("step 2 of ")
     label.scroll_into_view_if_needed()
-    screenshot(page, "05-two-dimensional-walk-after-next")
+    screenshot(page, f"{ui}-05-two-dimensional-walk-after-next")
