@@ -122,3 +122,19 @@ def test_not_present_entries_read_as_ignored_bits_and_faults_name_the_walks_own_
     fault = walk.fault
     assert fault is not None and fault.kind is FaultKind.NOT_PRESENT
     assert f"at {walk.steps[-1].entry_address:#x} is not present" in fault.detail, "a GPA"
+
+
+@pytest.mark.parametrize("tdp", [True, False])
+def test_gva2gpa_ignores_rights_as_qemu_does(tdp: bool) -> None:
+    """QEMU's `gva2gpa` walks with `cpu_get_phys_page_debug`, which checks no rights: a user
+    read of a supervisor page faults, yet the page is mapped and has a GPA."""
+    from twodwalk.views.text import gva2gpa
+
+    m = tw.Machine(guest_ram=4 << 20, tdp=tdp)
+    m.guest.map(GVA, GPA, 4096, rw=1)  # supervisor only
+    m.vcpu.access(GVA + 8, "read")
+    m.vcpu.cpl = 3
+    refused = m.vcpu.access(GVA + 8, "read")
+    assert isinstance(refused.fault, tw.PageFault) and refused.fault.error_code == 5
+    assert gva2gpa(refused) == f"gpa: {GPA + 8:#x}"
+    assert gva2gpa(m.vcpu.access(GVA + 0x1000, "read")) == "Unmapped"

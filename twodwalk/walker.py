@@ -101,6 +101,7 @@ class WalkFault:
     detail: str
     protection_key: bool = False
     nested: WalkRecord | None = None
+    reached: int | None = None  # a PERMISSION fault: where the leaf led, had it been allowed
 
 
 @dataclass(slots=True)
@@ -304,15 +305,20 @@ def walk(
         table = value & shape.table_mask
         level -= 1
     rights = RIGHTS_BY_MASK[mask]
+    page_size = 1 << shape.shift
+    physical = (value & shape.leaf_mask) | (address & (page_size - 1))
     violation = rules.violation(access, rights, value)
     if violation is not None:
         fault = WalkFault(
-            FaultKind.PERMISSION, level, address, violation.detail, violation.protection_key
+            FaultKind.PERMISSION,
+            level,
+            address,
+            violation.detail,
+            violation.protection_key,
+            reached=physical,
         )
         return WalkRecord(fmt, root, address, access, tuple(rows), fault, start)
     written = _set_accessed_dirty(fmt, rows, access, tables)
-    page_size = 1 << shape.shift
-    physical = (value & shape.leaf_mask) | (address & (page_size - 1))
     translation = Translation(physical, page_size, level, rights)
     return WalkRecord(fmt, root, address, access, tuple(rows), translation, start, written)
 

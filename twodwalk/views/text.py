@@ -226,8 +226,15 @@ def info_memslots(slots: Iterable[Memslot]) -> str:
 
 
 def gva2gpa(result: AccessResult) -> str:
-    """QEMU monitor `gva2gpa` for the address of one access."""
-    return "Unmapped" if result.gpa is None else f"gpa: {result.gpa:#x}"
+    """QEMU monitor `gva2gpa` for the address of one access. Like QEMU's
+    `cpu_get_phys_page_debug` it ignores access rights: a page the access was not allowed
+    to touch is still mapped, at the GPA the guest walk reached."""
+    gpa = result.gpa
+    if gpa is None:
+        walks = [e.record for e in result.trace if isinstance(e, GuestWalk | KvmWalk)]
+        fault = walks[-1].fault if walks else None
+        gpa = None if fault is None else fault.reached
+    return "Unmapped" if gpa is None else f"gpa: {gpa:#x}"
 
 
 def gpa2hva(result: AccessResult) -> str:
