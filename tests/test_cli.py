@@ -254,6 +254,23 @@ def test_quiz_solve_prints_the_worked_answer(capsys: pytest.CaptureFixture[str])
     assert status == 0 and out.endswith(f"Solution:\n{question.solution}\n")
 
 
+def test_quiz_about_a_scenarios_own_memslots(capsys: pytest.CaptureFixture[str]) -> None:
+    machine = scenario("qemu").build()
+    slots = sorted(machine.vm.memslots.slots.values(), key=lambda s: s.guest_phys_addr)
+    answers = set()
+    for seed in range(12):
+        question = exercises.memslots_of_machine_question(machine.vm.memslots, seed)
+        status, out, _ = run(
+            capsys, "quiz", "--seed", str(seed), "--scenario", "qemu", "--answer", question.answer
+        )
+        assert status == 0 and "Correct." in out and "--scenario qemu" in out.splitlines()[0]
+        assert all(f"{s.userspace_addr:#x}" in out for s in slots), "the scenario's own slots"
+        answers.add(question.answer)
+    assert "mmio" in answers and len(answers) > 6, "inside slots, and in the PCI hole"
+    status, _, err = run(capsys, "quiz", "--scenario", "qemu", "--topic", "indices")
+    assert status == 1 and "use --topic memslot" in err
+
+
 def test_quiz_checks_answers(capsys: pytest.CaptureFixture[str]) -> None:
     question = exercises.quiz(5, "indices")
     right = run(capsys, "quiz", "--seed", "5", "--topic", "indices", "--answer", question.answer)

@@ -4,6 +4,7 @@
     twodwalk gva2gpa / gpa2hva / gpa2hpa ADDRESS    the QEMU monitor commands of the same names
     twodwalk info memslots | tlb | scenario         KVM's memslots, the caches, the scenario
     twodwalk quiz --seed 7 [--solve]                a seeded problem, OSTEP-style
+    twodwalk quiz --seed 7 --scenario qemu          ... about that scenario's own memslots
     twodwalk lab                                    the tutorials in JupyterLab
 
 Every command builds its scenario's machine afresh; `info tlb`, `gpa2hva` and `gpa2hpa` first
@@ -136,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     quiz.add_argument("--topic", choices=tuple(exercises.TOPICS), help="default: the seed picks")
     quiz.add_argument("--solve", action="store_true", help="print the worked answer")
     quiz.add_argument("--answer", help="check this answer (exit status 1 when it is wrong)")
+    quiz.add_argument(
+        "--scenario",
+        metavar="NAME|PATH",
+        help="ask about this scenario's own machine (its memslots: topic memslot)",
+    )
     lab = command("lab", _lab, "open the tutorials in JupyterLab")
     lab.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     return parser
@@ -241,11 +247,25 @@ def _info(args: argparse.Namespace) -> Report:
     return Report(info_tlb(caches), {"scenario": sc.name, "caches": data})
 
 
+def _question(args: argparse.Namespace) -> exercises.Question:
+    """The seeded question; with --scenario, one about that scenario's own memslots."""
+    if args.scenario is None:
+        return exercises.quiz(args.seed, args.topic)
+    if args.topic not in (None, "memslot"):
+        raise TwodwalkError(
+            f"--scenario asks about the scenario's memslots: use --topic memslot, not"
+            f" --topic {args.topic}"
+        )
+    machine = scenario(args.scenario).build()
+    return exercises.memslots_of_machine_question(machine.vm.memslots, args.seed)
+
+
 def _quiz(args: argparse.Namespace) -> Report:
     """OSTEP-style: echo the parameters, state the problem; the answer only on request."""
-    question = exercises.quiz(args.seed, args.topic)
+    question = _question(args)
+    where = "" if args.scenario is None else f" --scenario {args.scenario}"
     lines = [
-        f"twodwalk quiz --seed {args.seed} --topic {question.topic}",
+        f"twodwalk quiz --seed {args.seed} --topic {question.topic}{where}",
         question.prompt,
         f"Hint: {question.hint}",
     ]

@@ -1079,6 +1079,30 @@ def _seeded_memslot(seed: int) -> Question:
     return memslot_question(slots, gpa)
 
 
+def memslots_of_machine_question(memslots: Memslots, seed: int) -> Question:
+    """A memslot question about a machine's own memslots (e.g. a scenario's): the seed picks
+    a GPA inside a slot, in the gap after one, or just past the last, as `_seeded_memslot`
+    does for its PC layout."""
+    rng = _rng("memslot-of-machine", seed)
+    slots = sorted(memslots.slots.values(), key=lambda s: s.guest_phys_addr)
+    if not slots:
+        raise TwodwalkError("the machine has no memslots to ask about")
+    slot = rng.choice(slots)
+    end = slot.guest_phys_addr + slot.memory_size
+    gpa = rng.choice(
+        (
+            slot.guest_phys_addr + rng.randrange(slot.memory_size),
+            slot.guest_phys_addr + rng.randrange(slot.memory_size),
+            end + rng.randrange(PAGE_SIZE),  # just past the slot: a hole or the next slot
+        )
+    )
+    specs = [
+        (s.as_id << 16 | s.id, s.flags, s.guest_phys_addr, s.memory_size, s.userspace_addr)
+        for s in slots
+    ]
+    return memslot_question(specs, gpa)
+
+
 # --- topic "ept-qualification": an EPT violation's exit qualification (SDM Vol 3C 28-7) ----------
 
 _QUAL_NAMES = {
