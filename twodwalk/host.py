@@ -174,6 +174,7 @@ class HostKernel:
         gigantic_frames: FrameAllocator | None = None,
     ) -> None:
         self.memory = memory
+        self._tables = PhysicalTables(memory)
         self.cpu = cpu
         self.frames = frames
         self.huge_frames = huge_frames
@@ -227,19 +228,14 @@ class HostKernel:
         if not isinstance(record.outcome, Translation):
             return None
         page = record.outcome.page_size
-        leaf = record.steps[-1].value
-        return UserPage(record.outcome.address & ~(page - 1), page, bool(leaf & 2), record)
+        writable = bool(record.leaf & 2)
+        return UserPage(record.outcome.address & ~(page - 1), page, writable, record)
 
     def walk(self, process: Process, hva: int, write: bool) -> WalkRecord:
         """A software walk of the process's page tables, as a user access would see them."""
         kind = AccessKind.WRITE if write else AccessKind.READ
         return walk(
-            self.format,
-            process.tables.root,
-            hva,
-            Access(kind, user=True),
-            PhysicalTables(self.memory),
-            _HOST_RULES,
+            self.format, process.tables.root, hva, Access.of(kind, cpl=3), self._tables, _HOST_RULES
         )
 
     def handle_mm_fault(
