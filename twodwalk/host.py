@@ -174,7 +174,7 @@ class HostKernel:
         gigantic_frames: FrameAllocator | None = None,
     ) -> None:
         self.memory = memory
-        self._tables = PhysicalTables(memory)
+        self.physical_tables = PhysicalTables(memory)  # for walks of tables in host memory
         self.cpu = cpu
         self.frames = frames
         self.huge_frames = huge_frames
@@ -235,7 +235,12 @@ class HostKernel:
         """A software walk of the process's page tables, as a user access would see them."""
         kind = AccessKind.WRITE if write else AccessKind.READ
         return walk(
-            self.format, process.tables.root, hva, Access.of(kind, cpl=3), self._tables, _HOST_RULES
+            self.format,
+            process.tables.root,
+            hva,
+            Access.of(kind, cpl=3),
+            self.physical_tables,
+            _HOST_RULES,
         )
 
     def handle_mm_fault(

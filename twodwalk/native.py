@@ -10,7 +10,7 @@ from twodwalk.machine import new_host
 from twodwalk.paging import GeneralProtection, exception_for
 from twodwalk.processor import AccessResult, Processor
 from twodwalk.trace import NativeWalk, Trace
-from twodwalk.walker import Access, FaultKind, PhysicalTables, WalkRecord, walk
+from twodwalk.walker import Access, FaultKind, WalkRecord, walk
 
 
 class NativeCpu(Processor):
@@ -35,7 +35,7 @@ class NativeCpu(Processor):
             self.machine.process.tables.root,
             gva,
             access,
-            PhysicalTables(self.memory),
+            self.machine.host.physical_tables,
             controls.rules,
             start,
         )

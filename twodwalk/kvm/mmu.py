@@ -35,7 +35,7 @@ from twodwalk.kvm.memslots import KvmError, Memslot, Memslots
 from twodwalk.pagetables import PageTables
 from twodwalk.paging import PFERR_FETCH, PFERR_PRESENT, PFERR_USER, PFERR_WRITE
 from twodwalk.trace import KvmStep, SpteWrite, Trace
-from twodwalk.walker import Access, PhysicalTables, WalkRecord, walk
+from twodwalk.walker import Access, WalkRecord, walk
 
 _EPT_RULES = EptAccessRules()
 PFERR_GUEST_FINAL = 1 << 32
@@ -178,7 +178,7 @@ class TdpMmu(KvmMmu):
         self.fmt = fmt
         self.tables = PageTables(fmt, host.memory, host.frames.alloc)
         self.eptp = Eptp(self.tables.root, fmt.levels, fmt.ad)
-        self._tables = PhysicalTables(host.memory)
+        self._tables = host.physical_tables
 
     # --- what the hardware does -------------------------------------------------------------
 

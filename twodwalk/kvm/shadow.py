@@ -31,7 +31,7 @@ from twodwalk.paging import (
     exception_for,
 )
 from twodwalk.trace import KvmStep, KvmWalk, SpteWrite, Trace
-from twodwalk.walker import Access, PhysicalTables, TableRead, WalkRecord, WalkStart, walk
+from twodwalk.walker import Access, TableRead, WalkRecord, WalkStart, walk
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class ShadowMmu(KvmMmu):
             root,
             gva,
             access,
-            PhysicalTables(self.host.memory),
+            self.host.physical_tables,
             controls.rules,
             start,
         )
