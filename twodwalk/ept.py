@@ -56,7 +56,6 @@ class Eptp:
 
 
 _NEEDED = {AccessKind.READ: Rights.R, AccessKind.WRITE: Rights.W, AccessKind.FETCH: Rights.X}
-_NEEDED_BITS = {kind: int(right) for kind, right in _NEEDED.items()}
 
 
 @dataclass(frozen=True)
@@ -65,9 +64,11 @@ class EptAccessRules:
 
     def violation(self, access: Access, rights: Rights, leaf: int) -> Violation | None:
         del leaf
-        if int(rights) & _NEEDED_BITS[access.kind]:  # plain ints: this runs on every EPT walk
+        kind = access.kind  # compared by identity: hashing an enum costs more than the walk step
+        bit = 2 if kind is AccessKind.WRITE else 4 if kind is AccessKind.FETCH else 1
+        if int(rights) & bit:
             return None
-        needed = _NEEDED[access.kind]
+        needed = _NEEDED[kind]
         return Violation(f"EPT entries do not allow {access.kind.value} (need {needed.name})")
 
 

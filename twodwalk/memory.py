@@ -59,7 +59,10 @@ class PhysicalMemory:
 
         def read_entry(address: int) -> int:
             frame = frames.get(address >> PAGE_SHIFT)
-            return 0 if frame is None else int(unpack(frame, address & (PAGE_SIZE - 1))[0])
+            if frame is None:
+                return 0
+            value: int = unpack(frame, address & 0xFFF)[0]
+            return value
 
         return read_entry
 
