@@ -31,7 +31,7 @@ from twodwalk.paging import (
     exception_for,
 )
 from twodwalk.processor import AccessResult, InternalError, MmioExit, Processor
-from twodwalk.tlb import Tag, Tlb, TlbEntry
+from twodwalk.tlb import PageWalkCache, PageWalkCacheTables, Tag, Tlb, TlbEntry
 from twodwalk.trace import (
     CacheHit,
     EptWalk,
@@ -75,10 +75,12 @@ class GuestPhysical:
     """GPA -> HPA as the processor does it under EPT: a guest-physical mapping from the cache
     if one allows the access, else an EPT walk whose result is cached (SDM Vol 3C 29.4.2)."""
 
-    def __init__(self, mmu: TdpMmu, cache: Tlb) -> None:
+    def __init__(self, mmu: TdpMmu, cache: Tlb, pwc: PageWalkCache | None = None) -> None:
         self.mmu = mmu
         self.cache = cache
         self.tag = Tag(0, 0, mmu.eptp.value)
+        self.pwc = pwc  # the AMD-style model's page-walk cache, which EPT walks read through
+        self.tables = None if pwc is None else PageWalkCacheTables(mmu.host.physical_tables, pwc)
 
     def translate(self, gpa: int, access: Access) -> GpaTranslation:
         hit = self.cache.lookup(self.tag, gpa) if self.cache.enabled else None
@@ -88,10 +90,12 @@ class GuestPhysical:
                 offset = gpa & (hit.page_size - 1)
                 return GpaTranslation(hit.frame + offset, hit.page_size, hit.rights, None)
             self.cache.invalidate(lambda e: e is not hit)
-        record = self.mmu.walk(gpa, access)
+        record = self.mmu.walk(gpa, access, self.tables)
         t = record.translation
         if t is None:
             return GpaTranslation(None, 0, Rights.NONE, record)
+        if self.pwc is not None:
+            self.pwc.fill(record)
         if not self.cache.enabled:
             return GpaTranslation(t.address, t.page_size, t.rights, record)
         leaf = record.leaf
@@ -122,6 +126,7 @@ class EptTables:
         self.gpa = gpa
         self.memory = memory
         self.known = known
+        self.pwc = gpa.pwc
         self.access = Access.of(AccessKind.WRITE if gpa.mmu.fmt.ad else AccessKind.READ)
 
     def read_entry(self, address: int, access: Access) -> tuple[int, TableRead]:
@@ -134,10 +139,11 @@ class EptTables:
         if found.hpa is None:
             assert found.record is not None
             return 0, TableRead(0, 0, failed=found.record)
-        value = self.memory.read_u64(found.hpa)
-        if found.record is None:
-            return value, TableRead(value, found.hpa, cached="guest-physical")
-        return value, TableRead(value, found.hpa, nested=(found.record,))
+        cached = None if self.pwc is None else self.pwc.lookup(found.hpa)
+        value = self.memory.read_u64(found.hpa) if cached is None else cached
+        nested = () if found.record is None else (found.record,)
+        how = "guest-physical" if found.record is None else None
+        return value, TableRead(value, found.hpa, nested, None, how, cached is not None)
 
     def write_entry(self, physical: int, value: int) -> None:
         self.memory.write_u64(physical, value)
@@ -203,10 +209,16 @@ class Vcpu(Processor):
 
     def _guest_physical(self, mmu: TdpMmu) -> GuestPhysical:
         """The GPA -> HPA path through this vCPU's guest-physical mappings (made again only
-        when someone replaced the cache)."""
-        path = self._gpa_path
-        if path is None or path.mmu is not mmu or path.cache is not self.caches.guest_physical:
-            path = self._gpa_path = GuestPhysical(mmu, self.caches.guest_physical)
+        when someone replaced a cache or switched the cache model)."""
+        caches, path = self.caches, self._gpa_path
+        pwc = caches.pwc if caches.amd else None
+        if (
+            path is None
+            or path.mmu is not mmu
+            or path.cache is not caches.guest_physical
+            or path.pwc is not pwc
+        ):
+            path = self._gpa_path = GuestPhysical(mmu, caches.guest_physical, pwc)
         return path
 
     def _attempt_tdp(
@@ -295,7 +307,10 @@ class Vcpu(Processor):
         fmt = self.guest_format(controls)
         guest_root = self.cr3_root
         start, _ = self._psc_start(fmt, gva, trace)
-        hardware = mmu.walk(mmu.root_for(guest_root, fmt), gva, access, controls, start)
+        shadow_tables = self.walk_tables(machine.host.physical_tables)
+        hardware = mmu.walk(
+            mmu.root_for(guest_root, fmt), gva, access, controls, start, shadow_tables
+        )
         trace.add(NativeWalk(hardware))
         if hardware.translation is not None:
             self._fill_psc(hardware)

@@ -35,7 +35,7 @@ class NativeCpu(Processor):
             self.machine.process.tables.root,
             gva,
             access,
-            self.machine.host.physical_tables,
+            self.walk_tables(self.machine.host.physical_tables),
             controls.rules,
             start,
         )

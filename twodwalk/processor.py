@@ -23,9 +23,16 @@ from twodwalk.paging import (
     PagingControls,
     decode_cr3,
 )
-from twodwalk.tlb import Tag, Tlb, TlbEntry, TranslationCaches, TwoLevelTlb
+from twodwalk.tlb import (
+    PageWalkCacheTables,
+    Tag,
+    Tlb,
+    TlbEntry,
+    TranslationCaches,
+    TwoLevelTlb,
+)
 from twodwalk.trace import CacheHit, DataAccess, Retry, TlbHit, Trace
-from twodwalk.walker import Access, AccessKind, WalkRecord, WalkStart
+from twodwalk.walker import Access, AccessKind, TableMemory, WalkRecord, WalkStart
 
 MAX_ATTEMPTS = 16
 ACCESS_SIZE = 8
@@ -165,6 +172,13 @@ class Processor(ABC):
             controls = _CONTROLS[key] = PagingControls(*key)
         return controls
 
+    def walk_tables(self, tables: TableMemory) -> TableMemory:
+        """How this CPU's walks read tables in physical memory: through the page-walk cache
+        in the AMD-style model, straight from memory otherwise."""
+        if self.caches.amd:
+            return PageWalkCacheTables(tables, self.caches.pwc)
+        return tables
+
     def guest_format(self, controls: PagingControls) -> Ia32eFormat:
         """The entry format `controls` select on this CPU, looked up once per controls value
         (controls are interned, so their id is a key)."""
@@ -228,7 +242,10 @@ class Processor(ABC):
         self, fmt: EntryFormat, gva: int, trace: Trace
     ) -> tuple[WalkStart | None, dict[int, int]]:
         """The deepest paging-structure cache entry for `gva`: where the walk can begin
-        (SDM Vol 3A 4.10.3.2: the PDE cache first, then the PDPTE and PML4E caches)."""
+        (SDM Vol 3A 4.10.3.2: the PDE cache first, then the PDPTE and PML4E caches). The
+        AMD-style model has none: its walks start at the root."""
+        if self.caches.amd:
+            return None, {}
         tag = self._tag()
         for level in range(2, fmt.levels + 1):
             entry = self.caches.psc[level].lookup(tag, gva)
@@ -241,7 +258,11 @@ class Processor(ABC):
 
     def _fill_psc(self, record: WalkRecord) -> None:
         """Cache, for each table the walk went through, the address of the table below it
-        and the rights so far (keyed by the address bits that chose them)."""
+        and the rights so far (keyed by the address bits that chose them); in the AMD-style
+        model, keep the walk's upper-level entries in the page-walk cache instead."""
+        if self.caches.amd:
+            self.caches.pwc.fill(record)
+            return
         tag = self._tag()
         for (level, _, _, value, mask, _), (_, table, _, _, _, read) in pairwise(record.rows):
             cache = self.caches.psc[level]

@@ -19,8 +19,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from twodwalk.errors import TwodwalkError
+from twodwalk.errors import TwodwalkError, check_choice, check_int
 from twodwalk.formats import Rights
+from twodwalk.walker import Access, TableMemory, TableRead, WalkRecord
 
 KIB4, MIB2, GIB1 = 1 << 12, 1 << 21, 1 << 30
 # Sizes of a Skylake-class core (Intel Optimization Reference Manual, "TLB parameters"): the
@@ -187,6 +188,81 @@ class TwoLevelTlb:
         return list({id(e): e for e in (*self.l1.entries(), *self.stlb.entries())}.values())
 
 
+@dataclass
+class PageWalkCache:
+    """An AMD-style page-walk cache, the alternative to Intel's paging-structure caches (as
+    modelled by Bhargava et al., ASPLOS 2008, and Barr et al., ISCA 2010): upper-level
+    entries of any walk, guest or nested, kept by the host-physical address they were read
+    from. A walk still visits every level; a hit saves only that level's memory reference.
+    Fully associative with LRU replacement. Like the paging-structure caches it may hold a
+    stale entry, and every invalidation (INVLPG, MOV CR3, INVVPID, INVEPT) empties it."""
+
+    size: int = 32
+    enabled: bool = True
+    stats: TlbStats = field(default_factory=TlbStats)
+
+    def __post_init__(self) -> None:
+        check_int("size", self.size, 1, 1 << 20, valid="1 or more entries")
+        self._lines: OrderedDict[int, int] = OrderedDict()
+
+    def lookup(self, hpa: int) -> int | None:
+        """The cached entry read from `hpa`, or None (counted as a miss)."""
+        if not self.enabled:
+            return None
+        value = self._lines.get(hpa)
+        if value is None:
+            self.stats.misses += 1
+            return None
+        self._lines.move_to_end(hpa)
+        self.stats.hits += 1
+        return value
+
+    def fill(self, record: WalkRecord) -> None:
+        """Keep the upper-level entries of a successful walk (not its leaf), as written."""
+        if not self.enabled:
+            return
+        written = record.written or (None,) * len(record.rows)
+        for (_, table, index, value, _, read), wrote in zip(
+            record.rows[:-1], written, strict=False
+        ):
+            hpa = table + 8 * index if read is None else read.physical
+            self._lines[hpa] = value if wrote is None else wrote
+            self._lines.move_to_end(hpa)
+            if len(self._lines) > self.size:
+                self._lines.popitem(last=False)
+
+    def clear(self) -> int:
+        """Empty the cache; return how many entries went."""
+        gone = len(self._lines)
+        self._lines.clear()
+        return gone
+
+    def entries(self) -> list[tuple[int, int]]:
+        """(host-physical address, entry) of each line, least recently used first."""
+        return list(self._lines.items())
+
+
+class PageWalkCacheTables:
+    """Tables in physical memory read through a page-walk cache: a hit answers without a
+    memory reference (`TableRead.pwc`)."""
+
+    def __init__(self, tables: TableMemory, pwc: PageWalkCache) -> None:
+        self.tables = tables
+        self.pwc = pwc
+
+    def read_entry(self, address: int, access: Access) -> tuple[int, TableRead | None]:
+        value = self.pwc.lookup(address)
+        if value is not None:
+            return value, TableRead(value, address, pwc=True)
+        return self.tables.read_entry(address, access)
+
+    def write_entry(self, physical: int, value: int) -> None:
+        self.tables.write_entry(physical, value)
+
+
+MODELS = ("intel", "amd")
+
+
 def _psc_geometry(level: int) -> Mapping[int, tuple[int, int]]:
     """A paging-structure cache for level `level` entries: keyed by the address bits above
     the level below (so its "page" is 2 MiB for the PDE cache, 1 GiB for the PDPTE cache ...)."""
@@ -203,7 +279,9 @@ class TranslationCaches:
       guest-physical) address of the level L-1 table and the rights accumulated above it,
       so a walk can start there (PML4E cache L=4, PDPTE cache L=3, PDE cache L=2);
     - `guest_physical`: guest-physical mappings (GPA page -> HPA page from EPT), tagged
-      by the EPTP only, used for the GPA of each guest table and the final GPA.
+      by the EPTP only, used for the GPA of each guest table and the final GPA;
+    - `pwc`: with `model="amd"`, a `PageWalkCache` takes the place of the paging-structure
+      caches (`model="intel"`, the default, is the SDM's).
 
     Each can be switched off (`enabled`); `off()` switches all of them off."""
 
@@ -212,6 +290,19 @@ class TranslationCaches:
         default_factory=lambda: {lv: Tlb(_psc_geometry(lv)) for lv in (5, 4, 3, 2)}
     )
     guest_physical: Tlb = field(default_factory=Tlb)
+    model: str = "intel"
+    pwc: PageWalkCache = field(default_factory=PageWalkCache)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        """Plain attributes; `model` must name a model (`MODELS`), when made or changed."""
+        if name == "model":
+            check_choice("model", value, MODELS)
+        object.__setattr__(self, name, value)
+
+    @property
+    def amd(self) -> bool:
+        """Whether walks use the page-walk cache instead of the paging-structure caches."""
+        return self.model == "amd"
 
     def all(self) -> list[Tlb | TwoLevelTlb]:
         return [self.tlb, *self.psc.values(), self.guest_physical]
@@ -219,21 +310,25 @@ class TranslationCaches:
     def off(self) -> None:
         for cache in self.all():
             cache.enabled = False
+        self.pwc.enabled = False
 
     def flush_vpid(self, vpid: int, keep_global: bool = False) -> None:
         """INVVPID single-context (or retaining globals): linear and combined mappings and
         paging-structure caches of one VPID; guest-physical mappings stay."""
+        self.pwc.clear()
         self.tlb.invalidate(lambda e: e.tag.vpid != vpid or (keep_global and e.global_page))
         for psc in self.psc.values():
             psc.invalidate(lambda e: e.tag.vpid != vpid)
 
     def flush_all_vpids(self) -> None:
         """INVVPID all-context: every VPID but 0 (the host's)."""
+        self.pwc.clear()
         for cache in (self.tlb, *self.psc.values()):
             cache.invalidate(lambda e: e.tag.vpid == 0)
 
     def flush_pcid(self, vpid: int, pcid: int) -> None:
         """MOV to CR3: the non-global TLB entries and all paging-structure entries of a PCID."""
+        self.pwc.clear()
         self.tlb.invalidate(lambda e: e.global_page or e.tag.vpid != vpid or e.tag.pcid != pcid)
         for psc in self.psc.values():
             psc.invalidate(lambda e: e.tag.vpid != vpid or e.tag.pcid != pcid)
@@ -242,6 +337,7 @@ class TranslationCaches:
         """INVLPG (pcid: the current PCID) or INVVPID individual-address (pcid None: every
         PCID): the page's TLB entries (global ones too) and every paging-structure entry of
         the PCID, whatever its address (SDM Vol 3A 4.10.4.1)."""
+        self.pwc.clear()
         self.tlb.invalidate(
             lambda e: (
                 e.tag.vpid != vpid
@@ -257,6 +353,7 @@ class TranslationCaches:
     def flush_eptp(self, eptp: int | None) -> None:
         """INVEPT single-context (eptp) or global (None): combined, paging-structure and
         guest-physical mappings derived from that EPT (from any EPT)."""
+        self.pwc.clear()
 
         def keep(e: TlbEntry) -> bool:
             return e.tag.eptp == 0 if eptp is None else e.tag.eptp != eptp

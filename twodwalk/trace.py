@@ -194,12 +194,21 @@ class Trace:
 
     def memory_references(self, attempt: int = -1) -> list[Reference]:
         """The hardware references of one attempt (default: the last), in hardware order."""
-        out = []
-        for n, (dimension, guest, ept, record, row) in enumerate(
-            _references(self.attempts()[attempt]), 1
-        ):
+        return self._entry_reads(attempt, memory=True)
+
+    def page_walk_cache_reads(self, attempt: int = -1) -> list[Reference]:
+        """The entries of one attempt's walks that a page-walk cache gave instead of memory
+        (AMD-style model), in walk order, numbered 0: they are not references."""
+        return self._entry_reads(attempt, memory=False)
+
+    def _entry_reads(self, attempt: int, memory: bool) -> list[Reference]:
+        out: list[Reference] = []
+        for dimension, guest, ept, record, row in _references(self.attempts()[attempt], memory):
             step = record.steps[row]
-            out.append(Reference(n, dimension, guest, ept, step.read.physical, step.value, step))
+            number = len(out) + 1 if memory else 0
+            out.append(
+                Reference(number, dimension, guest, ept, step.read.physical, step.value, step)
+            )
         return out
 
     def reference_counts(self) -> dict[str, int]:
@@ -227,8 +236,11 @@ class Counts(Trace):
 
     def add(self, event: Event) -> None:
         if isinstance(event, GuestWalk | EptWalk | NativeWalk):
-            for dimension, count in _walk_counts(event):
+            for dimension, count, cached in _walk_counts(event):
                 self.references[dimension] = self.references.get(dimension, 0) + count
+                if cached:
+                    hits = self.cache_hits.get(PAGE_WALK_CACHE, 0)
+                    self.cache_hits[PAGE_WALK_CACHE] = hits + cached
         elif isinstance(event, TlbHit):
             self.tlb_hits += 1
         elif isinstance(event, CacheHit):
@@ -240,54 +252,70 @@ class Counts(Trace):
             self.host_page_faults += 1
 
 
-def _walk_counts(event: GuestWalk | EptWalk | NativeWalk) -> Iterator[tuple[str, int]]:
-    """(dimension, references) of one hardware walk event, nested EPT walks included."""
+PAGE_WALK_CACHE = "page-walk cache"
+
+
+def _walk_counts(event: GuestWalk | EptWalk | NativeWalk) -> Iterator[tuple[str, int, int]]:
+    """(dimension, references, entries a page-walk cache gave) of one hardware walk event,
+    nested EPT walks included."""
     record = event.record
     if isinstance(event, NativeWalk):
-        yield "native", len(record.rows)
+        yield "native", *_split(record)
     elif isinstance(event, EptWalk):
-        yield "ept", len(record.rows)
+        yield "ept", *_split(record)
     else:
-        yield "guest", len(record.rows)
+        yield "guest", *_split(record)
         for _, nested in _nested_walks(record):
-            yield "ept", len(nested.rows)
+            yield "ept", *_split(nested)
+
+
+def _split(record: WalkRecord) -> tuple[int, int]:
+    """(entries read from memory, entries a page-walk cache gave) of one walk."""
+    cached = sum(1 for *_, read in record.rows if read is not None and read.pwc)
+    return len(record.rows) - cached, cached
 
 
 Ref = tuple[str, int | None, int | None, WalkRecord, int]
 """(dimension, guest level, EPT level, the walk, the index of the entry read in its rows)."""
 
 
-def _references(events: Iterable[Event]) -> Iterator[Ref]:
-    """Each hardware reference, in order. An EPT reference carries the guest level whose
-    table it translated (None: the final GPA)."""
+def _references(events: Iterable[Event], memory: bool = True) -> Iterator[Ref]:
+    """Each entry read that went to memory (or, `memory=False`, that a page-walk cache
+    gave), in order. An EPT entry carries the guest level whose table it translated (None:
+    the final GPA)."""
     for event in events:
         if isinstance(event, GuestWalk):
-            yield from _guest_walk_references(event.record)
+            yield from _guest_walk_references(event.record, memory)
         elif isinstance(event, EptWalk):
-            yield from _walk_references(event.record, "ept", None)
+            yield from _walk_references(event.record, "ept", None, memory)
         elif isinstance(event, NativeWalk):
-            yield from _walk_references(event.record, "native", None)
+            yield from _walk_references(event.record, "native", None, memory)
 
 
-def _walk_references(record: WalkRecord, dimension: str, guest_level: int | None) -> Iterator[Ref]:
-    for i, row in enumerate(record.rows):
+def _walk_references(
+    record: WalkRecord, dimension: str, guest_level: int | None, memory: bool
+) -> Iterator[Ref]:
+    for i, (level, *_, read) in enumerate(record.rows):
+        if (read is not None and read.pwc) == memory:
+            continue
         if dimension == "ept":
-            yield "ept", guest_level, row[0], record, i
+            yield "ept", guest_level, level, record, i
         else:
-            yield dimension, row[0], None, record, i
+            yield dimension, level, None, record, i
 
 
-def _guest_walk_references(record: WalkRecord) -> Iterator[Ref]:
+def _guest_walk_references(record: WalkRecord, memory: bool) -> Iterator[Ref]:
     nested = _nested_walks(record)
     pending = next(nested, None)
-    for i, (level, *_) in enumerate(record.rows):
+    for i, (level, *_, read) in enumerate(record.rows):
         while pending is not None and pending[0] == i:
-            yield from _walk_references(pending[1], "ept", level)
+            yield from _walk_references(pending[1], "ept", level, memory)
             pending = next(nested, None)
-        yield "guest", level, None, record, i
+        if (read is not None and read.pwc) != memory:
+            yield "guest", level, None, record, i
     fault = record.fault
     if pending is not None and fault is not None:
-        yield from _walk_references(pending[1], "ept", fault.level)
+        yield from _walk_references(pending[1], "ept", fault.level, memory)
 
 
 def _nested_walks(record: WalkRecord) -> Iterator[tuple[int, WalkRecord]]:

@@ -125,6 +125,7 @@ class TableRead:
     nested: tuple[WalkRecord, ...] = ()
     failed: WalkRecord | None = None
     cached: str | None = None
+    pwc: bool = False  # the entry itself came from a page-walk cache: no memory reference
 
 
 @dataclass(frozen=True)

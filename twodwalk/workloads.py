@@ -75,9 +75,11 @@ def pointer_chase(base: int, pages: int, count: int, seed: int = 0) -> Iterator[
 @dataclass
 class WorkloadResult:
     """Counts over a run. References are per dimension: "guest" and "ept" for the
-    two-dimensional walk, "native" for shadow tables."""
+    two-dimensional walk, "native" for shadow tables. `cache_model` says which walk caches
+    the run had: "intel" (paging-structure caches) or "amd" (a page-walk cache)."""
 
     name: str
+    cache_model: str = "intel"
     accesses: int = 0
     references: dict[str, int] = field(default_factory=dict)
     tlb_hits: int = 0
@@ -109,6 +111,7 @@ class WorkloadResult:
     def table(self) -> str:
         """The counts as a small text table."""
         rows = [
+            ("walk caches", "AMD-style page-walk cache" if self.cache_model == "amd" else "Intel"),
             ("accesses", f"{self.accesses}"),
             ("memory references / access", f"{self.references_per_access:.2f}"),
             *((f"  {dim} references", f"{n}") for dim, n in sorted(self.references.items())),
@@ -139,7 +142,7 @@ def run_workload(
     writes store the access number. Accesses the TLB serves take the counts-only fast path
     (`Processor.tlb_access`); the rest run the full access path into a `Counts` trace sink,
     which keeps the totals and no events. `progress(n)` is called every 1,000 accesses."""
-    result = WorkloadResult(name)
+    result = WorkloadResult(name, machine.vcpu.caches.model)
     cpu = machine.vcpu
     counts = Counts()
     for number, (gva, kind) in enumerate(stream):
@@ -159,7 +162,9 @@ def run_workload(
 
 @dataclass(frozen=True)
 class Configuration:
-    """One way to run a guest: EPT (with its depth and large pages) or shadow paging."""
+    """One way to run a guest: EPT (with its depth and large pages) or shadow paging, and
+    the model of the walk caches: Intel's paging-structure caches (the SDM's, the default)
+    or an AMD-style page-walk cache (`cache_model="amd"`)."""
 
     name: str
     tdp: bool = True
@@ -168,6 +173,7 @@ class Configuration:
     guest_page_size: int = PAGE_SIZE
     thp: bool = False
     native: bool = False
+    cache_model: str = "intel"
 
     def machine(self, pages: int, base: int) -> HasCpu:
         """A machine whose guest maps `pages` pages at `base` (rounded up to whole large
@@ -176,6 +182,7 @@ class Configuration:
         if self.native:
             native = NativeMachine(maxphyaddr=48)
             native.mmap(size, huge=self.guest_page_size > PAGE_SIZE, fixed=base)
+            native.vcpu.caches.model = self.cache_model
             return native
         m = Machine(
             guest_ram=max(32 << 20, 2 * size),
@@ -186,6 +193,7 @@ class Configuration:
             thp=self.thp,
         )
         m.guest.map(base, self.guest_page_size, size, page_size=self.guest_page_size, rw=1)
+        m.vcpu.caches.model = self.cache_model
         return m
 
 
@@ -197,6 +205,7 @@ CONFIGURATIONS = (
     Configuration("EPT 4x4, 2 MiB guest pages", guest_page_size=2 << 20),
     Configuration("EPT 4x4, 2 MiB guest and EPT pages", guest_page_size=2 << 20, thp=True),
     Configuration("shadow paging", tdp=False),
+    Configuration("EPT 4x4, AMD-style page-walk cache", cache_model="amd"),
 )
 
 

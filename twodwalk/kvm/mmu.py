@@ -35,7 +35,7 @@ from twodwalk.kvm.memslots import KvmError, Memslot, Memslots
 from twodwalk.pagetables import PageTables
 from twodwalk.paging import PFERR_FETCH, PFERR_PRESENT, PFERR_USER, PFERR_WRITE
 from twodwalk.trace import KvmStep, SpteWrite, Trace
-from twodwalk.walker import Access, WalkRecord, walk
+from twodwalk.walker import Access, TableMemory, WalkRecord, walk
 
 _EPT_RULES = EptAccessRules()
 PFERR_GUEST_FINAL = 1 << 32
@@ -182,9 +182,10 @@ class TdpMmu(KvmMmu):
 
     # --- what the hardware does -------------------------------------------------------------
 
-    def walk(self, gpa: int, access: Access) -> WalkRecord:
-        """The CPU's EPT walk of one guest-physical address (SDM 29.3.2)."""
-        return walk(self.fmt, self.eptp.root, gpa, access, self._tables, _EPT_RULES)
+    def walk(self, gpa: int, access: Access, tables: TableMemory | None = None) -> WalkRecord:
+        """The CPU's EPT walk of one guest-physical address (SDM 29.3.2), reading the EPT
+        through `tables` (default: straight from host memory)."""
+        return walk(self.fmt, self.eptp.root, gpa, access, tables or self._tables, _EPT_RULES)
 
     # --- exits ------------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from twodwalk.paging import (
     exception_for,
 )
 from twodwalk.trace import KvmStep, KvmWalk, SpteWrite, Trace
-from twodwalk.walker import Access, TableRead, WalkRecord, WalkStart, walk
+from twodwalk.walker import Access, TableMemory, TableRead, WalkRecord, WalkStart, walk
 
 
 @dataclass(frozen=True)
@@ -97,15 +97,17 @@ class ShadowMmu(KvmMmu):
         access: Access,
         controls: PagingControls,
         start: WalkStart | None = None,
+        tables: TableMemory | None = None,
     ) -> WalkRecord:
         """The CPU's walk of the shadow tables (native paging, host memory), from `start`
-        when a paging-structure cache supplied the upper levels."""
+        when a paging-structure cache supplied the upper levels, reading them through
+        `tables` (default: straight from host memory)."""
         return walk(
             controls.format(self.cpu),
             root,
             gva,
             access,
-            self.host.physical_tables,
+            tables or self.host.physical_tables,
             controls.rules,
             start,
         )

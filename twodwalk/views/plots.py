@@ -26,6 +26,7 @@ from twodwalk.cpumodel import PAGE_SIZE, CpuModel, size_text
 from twodwalk.errors import TwodwalkError, check_choice, check_int
 from twodwalk.formats import EntryFormat, ept_format, ia32e_format
 from twodwalk.trace import (
+    PAGE_WALK_CACHE,
     CacheHit,
     DataAccess,
     EptWalk,
@@ -105,6 +106,9 @@ PSC = "paging-structure cache"
 CELL_STYLES = {
     GUEST_PHYSICAL: Style(GREY, "++", label="GPM: guest-physical mapping, no EPT walk", tag="GPM"),
     PSC: Style(GREY, "--", label="PSC: paging-structure cache, read skipped", tag="PSC"),
+    PAGE_WALK_CACHE: Style(
+        GREY, "oo", label="PWC: page-walk cache (AMD-style), no memory read", tag="PWC"
+    ),
     "data": Style("#FFFFFF", "", "dashed", "the data access (not a walk reference)", "data"),
 }
 EMPTY_CELL = Style("#FFFFFF", "", "dotted")
@@ -406,18 +410,26 @@ def walk_grid(trace: Trace, attempt: int = -1, *, ept_levels: int | None = None)
         note = "TLB hit: no walk" if any(isinstance(e, TlbHit) for e in events) else "no walk"
         return WalkGrid((*rows, final), (*cols, entry), tuple(data), None, note, True)
     cells = [
-        GridCell(
-            n if ref.guest_level is None else n - ref.guest_level,
-            m if ref.ept_level is None else m - ref.ept_level,
-            "memory",
-            ref.number,
-            ref.dimension,
-        )
+        GridCell(_row(ref, n), _col(ref, m), "memory", ref.number, ref.dimension)
         for ref in trace.memory_references(attempt)
+    ]
+    cells += [
+        GridCell(_row(ref, n), _col(ref, m), PAGE_WALK_CACHE)
+        for ref in trace.page_walk_cache_reads(attempt)
     ]
     cells += _cached_cells(record, events, n, m) + data
     stop = _grid_stop(record, events, n, m)
     return WalkGrid((*rows, final), (*cols, entry), tuple(cells), stop, "", two_dimensional)
+
+
+def _row(ref: Reference, n: int) -> int:
+    """Guest level n is row 0; the data GPA's row is n."""
+    return n if ref.guest_level is None else n - ref.guest_level
+
+
+def _col(ref: Reference, m: int) -> int:
+    """EPT level m is column 0; the guest entry's column is m."""
+    return m if ref.ept_level is None else m - ref.ept_level
 
 
 def _headers(space: str, levels: int) -> tuple[tuple[str, int | None], ...]:

@@ -294,6 +294,13 @@ def info_tlb(caches: TranslationCaches) -> str:
                 f"{name}: {len(entries)} entries ({stats.hits} hits, {stats.misses} misses)"
             )
             lines.extend(_tlb_entry_text(e) for e in entries)
+    if caches.amd:
+        pwc = caches.pwc
+        lines.append(
+            f"page-walk cache (AMD-style): {len(pwc.entries())} entries"
+            f" ({pwc.stats.hits} hits, {pwc.stats.misses} misses)"
+        )
+        lines.extend(f"  entry @ {hpa:#x} = {value:#018x}" for hpa, value in pwc.entries())
     return "\n".join(lines)
 
 
