@@ -64,3 +64,19 @@ def test_native_costs_what_shadow_costs_and_ept_costs_more() -> None:
     assert native.references_per_access == results["shadow paging"].references_per_access
     assert results["EPT 4x4"].references_per_access > native.references_per_access
     assert native.exits == {}
+
+
+def test_demand_fault_keeps_the_walk_caches_and_cow_flushes_the_page() -> None:
+    """Linux flushes nothing after making a not-present PTE present (nothing cached P=0,
+    SDM Vol 3A 4.10.2.3), so the retry walks from the PDE cache; breaking copy-on-write
+    replaces a present PTE and flushes the page (`ptep_clear_flush`)."""
+    from twodwalk.trace import CacheHit
+
+    m = machine()
+    m.vcpu.access(VA, "write", 1)  # tables built, the PDE cache warm
+    touch = m.vcpu.access(VA + 0x1000, "read")  # a demand fault, then the retry
+    retry = touch.trace.attempts()[-1]
+    assert any(isinstance(e, CacheHit) for e in retry), "the retry starts at the PDE cache"
+    assert len(touch.trace.memory_references()) == 1
+    write = m.vcpu.access(VA + 0x1000, "write", 2)  # copy-on-write of the zero page
+    assert write.value == 2 and m.vcpu.access(VA + 0x1000, "read").value == 2

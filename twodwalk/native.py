@@ -50,7 +50,12 @@ class NativeCpu(Processor):
         if isinstance(exception, GeneralProtection) or not self._kernel_resolves(record):
             return self._result(trace, fault=exception)
         self.machine.host.handle_mm_fault(self.machine.process, gva, access.is_write, trace)
-        self.invlpg(gva)  # the kernel's flush_tlb_page after changing the PTE
+        assert record.fault is not None
+        if record.fault.kind is FaultKind.PERMISSION:
+            # Copy-on-write replaced a present PTE: `ptep_clear_flush` -> flush_tlb_page. A
+            # not-present PTE made present needs no flush: nothing cached it (SDM Vol 3A
+            # 4.10.2.3, 4.10.3.1: no TLB or paging-structure-cache entry for P=0).
+            self.invlpg(gva)
         return None
 
     def _kernel_resolves(self, record: WalkRecord) -> bool:
