@@ -303,7 +303,7 @@ class Processor(ABC):
         """The TLB entry for `gva` if it allows the access. An entry whose rights refuse
         it, or a write through a clean entry, is dropped and the CPU walks (SDM Vol 3A
         4.10.4.1: a page fault invalidates the address's TLB entries)."""
-        entry = self.tlb.lookup(self._tag(), gva)
+        entry = self.caches.tlb.lookup(self._tag(), gva)
         if entry is None:
             return None
         controls = self.controls()

@@ -84,20 +84,24 @@ class Tlb:
             size: [OrderedDict() for _ in range(sets)] for size, (sets, _) in self.geometry.items()
         }
         self._held = dict.fromkeys(self._sets, 0)
-        self._in_use: list[tuple[int, list[OrderedDict[tuple[Tag, int], TlbEntry]], int]] = []
+        self._in_use: list[tuple[int, int, list[OrderedDict[tuple[Tag, int], TlbEntry]], int]] = []
 
     def _note_sizes_in_use(self) -> None:
         """The arrays a look-up probes: only page sizes that hold an entry now."""
-        self._in_use = [(s, sets, len(sets)) for s, sets in self._sets.items() if self._held[s]]
+        self._in_use = [
+            (-s, s.bit_length() - 1, sets, len(sets))
+            for s, sets in self._sets.items()
+            if self._held[s]
+        ]
 
     def lookup(self, tag: Tag, address: int) -> TlbEntry | None:
         """The entry that translates `address` for `tag`, or None (counted as a miss)."""
         if not self.enabled:
             return None
-        for size, sets, count in self._in_use:
-            page = address & -size
+        for mask, shift, sets, count in self._in_use:  # per page size: -size, log2(size)
+            page = address & mask
             key = (tag, page)
-            ways = sets[(page // size) % count]
+            ways = sets[(page >> shift) % count]
             entry = ways.get(key)
             if entry is not None:
                 ways.move_to_end(key)
