@@ -442,3 +442,16 @@ def test_logging_splits_huge_leaves_and_maps_4k_over_thp() -> None:
     assert adjust and adjust[-1].level == 1 and "dirty logging" in adjust[-1].detail
     bits = data_bits(m.vm.get_dirty_log(0), DATA_GPA >> 12, 1025)
     assert bits == {1, 1024}
+
+
+def test_dirty_pages_reads_the_bitmap_as_kvm_lays_it_out() -> None:
+    """Bit i of the bitmap (little-endian longs) is page i of the slot."""
+    from twodwalk.views.text import dirty_pages
+
+    assert dirty_pages(bytes([0b101, 0, 0, 0, 0, 0, 0, 0x80])) == [0, 2, 63]
+    assert dirty_pages(bytes(8)) == []
+    m = logging_machine()
+    m.vm.get_dirty_log(0)  # start clean
+    write(m, 3)
+    dirty = set(dirty_pages(m.vm.get_dirty_log(0)))  # slot 0 starts at GPA 0: page = GFN
+    assert dirty - table_gfns(m) == {(DATA_GPA >> 12) + 3}, "besides tables given A/D bits"

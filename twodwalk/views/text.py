@@ -212,6 +212,13 @@ def _event_text(event: Event) -> str:
     return f"data {event.kind} at HPA {event.hpa:#x}: {event.value:#x}"
 
 
+def dirty_pages(bitmap: bytes) -> list[int]:
+    """The pages, numbered from the start of the memslot, whose bits a KVM_GET_DIRTY_LOG
+    bitmap sets: bit i is page i (longs in little-endian order, so byte i // 8, bit i % 8;
+    `kvm_get_dirty_log_protect`)."""
+    return [page for page in range(8 * len(bitmap)) if bitmap[page // 8] >> page % 8 & 1]
+
+
 def info_memslots(slots: Iterable[Memslot]) -> str:
     """Memslots as a table, in the spirit of QEMU's `info mtree` / KVM's memslot dump."""
     lines = ["slot as  GPA range                               HVA              pages  flags"]
