@@ -131,3 +131,13 @@ def test_counts_only_sink_adds_up_what_a_full_trace_shows() -> None:
     assert counts.events == [], "the sink keeps no events"
     assert counts.references == totals and sum(counts.exits.values()) == exits
     assert counts.exits["EPT_VIOLATION"] > 0 and counts.host_page_faults > 0
+
+
+def test_a_configuration_can_ask_what_a_smaller_tlb_would_do() -> None:
+    small = tw.workloads.Configuration("EPT 4x4, 8-entry TLB", tlb_geometry=((4096, 2, 4),))
+    default = CONFIGURATIONS[1]
+    results = compare(lambda base: zipf(base, 64, 2000, seed=4), 64, [default, small])
+    assert results[0].tlb_hit_rate == 1.0, "64 pages fit the default STLB"
+    assert results[1].tlb_hit_rate < 0.9, "but not 8 entries"
+    with pytest.raises(tw.TwodwalkError, match="cache geometry"):
+        tw.workloads.Configuration("bad", tlb_geometry=((4096, 0, 4),)).machine(4, BASE)

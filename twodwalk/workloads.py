@@ -22,6 +22,7 @@ from twodwalk.errors import check_int
 from twodwalk.machine import Machine
 from twodwalk.native import NativeMachine
 from twodwalk.processor import Processor
+from twodwalk.tlb import Tlb
 from twodwalk.trace import Counts
 
 Stream = Iterable[tuple[int, str]]
@@ -164,7 +165,9 @@ def run_workload(
 class Configuration:
     """One way to run a guest: EPT (with its depth and large pages) or shadow paging, and
     the model of the walk caches: Intel's paging-structure caches (the SDM's, the default)
-    or an AMD-style page-walk cache (`cache_model="amd"`)."""
+    or an AMD-style page-walk cache (`cache_model="amd"`). `tlb_geometry` replaces the
+    default two-level TLB by one level of (page size, sets, ways) arrays, e.g.
+    `((4096, 16, 4),)` for a 64-entry TLB, to ask what a smaller or larger TLB would do."""
 
     name: str
     tdp: bool = True
@@ -174,6 +177,7 @@ class Configuration:
     thp: bool = False
     native: bool = False
     cache_model: str = "intel"
+    tlb_geometry: tuple[tuple[int, int, int], ...] | None = None
 
     def machine(self, pages: int, base: int) -> HasCpu:
         """A machine whose guest maps `pages` pages at `base` (rounded up to whole large
@@ -182,7 +186,7 @@ class Configuration:
         if self.native:
             native = NativeMachine(maxphyaddr=48)
             native.mmap(size, huge=self.guest_page_size > PAGE_SIZE, fixed=base)
-            native.vcpu.caches.model = self.cache_model
+            self._set_caches(native.vcpu)
             return native
         m = Machine(
             guest_ram=max(32 << 20, 2 * size),
@@ -193,8 +197,13 @@ class Configuration:
             thp=self.thp,
         )
         m.guest.map(base, self.guest_page_size, size, page_size=self.guest_page_size, rw=1)
-        m.vcpu.caches.model = self.cache_model
+        self._set_caches(m.vcpu)
         return m
+
+    def _set_caches(self, cpu: Processor) -> None:
+        cpu.caches.model = self.cache_model
+        if self.tlb_geometry is not None:
+            cpu.caches.tlb = Tlb({size: (sets, ways) for size, sets, ways in self.tlb_geometry})
 
 
 CONFIGURATIONS = (
