@@ -120,10 +120,8 @@ COUNT_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("guest_levels", "ept_levels", "maxphyaddr", "count"), COUNT_CASES)
-def test_warm_walk_reference_count(
-    guest_levels: int, ept_levels: int, maxphyaddr: int, count: int
-) -> None:
+def mapped_machine(guest_levels: int, ept_levels: int, maxphyaddr: int) -> tw.Machine:
+    """A guest of that depth under EPT of that depth, with the page at GVA mapped."""
     m = tw.Machine(
         guest_ram=32 * MIB,
         guest_levels=guest_levels,
@@ -132,6 +130,14 @@ def test_warm_walk_reference_count(
         gbpages=False,
     )
     m.guest.map(GVA & ~0xFFF, DATA_GPA, 0x1000, rw=1, us=1)
+    return m
+
+
+@pytest.mark.parametrize(("guest_levels", "ept_levels", "maxphyaddr", "count"), COUNT_CASES)
+def test_warm_walk_reference_count(
+    guest_levels: int, ept_levels: int, maxphyaddr: int, count: int
+) -> None:
+    m = mapped_machine(guest_levels, ept_levels, maxphyaddr)
     r = warm(m)
     refs = r.trace.memory_references()
     assert len(refs) == count == (guest_levels + 1) * (ept_levels + 1) - 1
@@ -144,14 +150,7 @@ def test_warm_walk_reference_count(
 def test_warm_walk_reference_addresses_match_raw_tables(
     guest_levels: int, ept_levels: int, maxphyaddr: int, count: int
 ) -> None:
-    m = tw.Machine(
-        guest_ram=32 * MIB,
-        guest_levels=guest_levels,
-        ept_levels=ept_levels,
-        maxphyaddr=maxphyaddr,
-        gbpages=False,
-    )
-    m.guest.map(GVA & ~0xFFF, DATA_GPA, 0x1000, rw=1, us=1)
+    m = mapped_machine(guest_levels, ept_levels, maxphyaddr)
     m.write_gpa(DATA_GPA + 8, (0xFEEDFACE).to_bytes(8, "little"))
     r = warm(m)
     expected, gpa, hpa = raw_two_dimensional(m, GVA)

@@ -1381,7 +1381,7 @@ def tlb_question(
     )
     grader = Grader(
         expected,
-        _reference_count_reader,
+        _count_reader(_HIT_WORDS),
         "give the number of memory references in decimal (0 for a TLB hit)",
         _mistakes(expected, _tlb_mistakes(expected, off, refs, story, final)),
         lambda given: (
@@ -1393,11 +1393,14 @@ def tlb_question(
     return Question("tlb", prompt, hint, solution, str(expected), grader)
 
 
-def _reference_count_reader(text: str) -> tuple[Value, ...]:
-    """A count in decimal, or a word for a TLB hit (0 references)."""
-    if _normal(text) in _HIT_WORDS:
-        return (0,)
-    return ValueReader(bare=(10,))(text)
+def _count_reader(zero_words: frozenset[str]) -> Callable[[str], tuple[Value, ...]]:
+    """A count in decimal, or one of `zero_words` ("hit", "none" ...) for 0."""
+    decimal = ValueReader(bare=(10,))
+
+    def read(text: str) -> tuple[Value, ...]:
+        return (0,) if _normal(text) in zero_words else decimal(text)
+
+    return read
 
 
 def _tlb_step(step: str, pages: Mapping[str, int]) -> tuple[str, str | None]:
@@ -2139,7 +2142,7 @@ def shadow_question(
     ]
     grader = Grader(
         expected,
-        _exit_count_reader,
+        _count_reader(_NO_EXIT_WORDS),
         "give the number of VM exits in decimal",
         _mistakes(expected, mistakes),
         lambda given: (
@@ -2149,13 +2152,6 @@ def shadow_question(
         ),
     )
     return Question("shadow", prompt, hint, solution, str(expected), grader)
-
-
-def _exit_count_reader(text: str) -> tuple[Value, ...]:
-    """A count in decimal, or a word for none."""
-    if _normal(text) in _NO_EXIT_WORDS:
-        return (0,)
-    return ValueReader(bare=(10,))(text)
 
 
 def _shadow_run(actions: Sequence[str], tdp: bool, gva: int, gpa: int) -> tuple[list[Trace], int]:

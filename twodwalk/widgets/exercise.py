@@ -1,4 +1,4 @@
-"""The exercise's model: one seeded question, the student's attempts, hint and solution.
+"""The exercise's model: one seeded question, the feedback on an answer, hint and solution.
 
 As in the OSTEP homework simulators, a seed names the question, so "seed 7" is the same
 question for every student and the lecturer; "New question" moves to the next seed.
@@ -11,7 +11,7 @@ from twodwalk.exercises import SEED_LIMIT, TOPICS, Feedback, Question, quiz
 
 
 class ExerciseModel:
-    """The question shown, and what the student has seen of its hint and solution."""
+    """The question shown and the feedback on the last answer."""
 
     def __init__(self, question_or_seed: Question | int, topic: str | None = None) -> None:
         if topic is not None:
@@ -24,8 +24,6 @@ class ExerciseModel:
             self.seed = question_or_seed
             self.question = quiz(question_or_seed, topic)
         self.feedback: Feedback | None = None
-        self.hint_shown = False
-        self.revealed = False
 
     @property
     def title(self) -> str:
@@ -42,11 +40,9 @@ class ExerciseModel:
         return self.feedback
 
     def show_hint(self) -> str:
-        self.hint_shown = True
         return self.question.hint
 
     def reveal(self) -> str:
-        self.revealed = True
         return self.question.solution
 
     @property
@@ -62,5 +58,4 @@ class ExerciseModel:
         self.seed = (self.seed + 1) % SEED_LIMIT
         self.question = quiz(self.seed, self.topic)
         self.feedback = None
-        self.hint_shown = self.revealed = False
         return self.question
