@@ -30,10 +30,11 @@ from twodwalk.paging import (
     PagingControls,
     exception_for,
 )
-from twodwalk.processor import AccessResult, InternalError, MmioExit, Processor
+from twodwalk.processor import ACCESS_SIZE, AccessResult, InternalError, MmioExit, Processor
 from twodwalk.tlb import PageWalkCache, PageWalkCacheTables, Tag, Tlb, TlbEntry
 from twodwalk.trace import (
     CacheHit,
+    DataAccess,
     EptWalk,
     GuestWalk,
     KvmStep,
@@ -54,10 +55,8 @@ from twodwalk.walker import (
 if TYPE_CHECKING:
     from twodwalk.machine import Machine
 
-MAX_ATTEMPTS = 16
-_CONTROLS: dict[tuple[bool, bool, bool, bool, bool, bool, bool, int], PagingControls] = {}
+_WRITE = Access.of(AccessKind.WRITE)
 EXIT_REASON_EXCEPTION_NMI = 0
-ACCESS_SIZE = 8
 
 
 @dataclass(slots=True)
@@ -120,9 +119,15 @@ class GuestPhysical:
 class EptTables:
     """Guest tables read through EPT: each table GPA is translated first, by a
     paging-structure cache that already knows the table, by a guest-physical mapping, or by
-    an EPT walk. With EPT A/D on, these accesses count as writes (SDM 29.3.5)."""
+    an EPT walk. With EPT A/D on, these accesses count as writes (SDM 29.3.5); the A/D
+    updates the walk makes are writes in any case (`write_entry`)."""
 
-    def __init__(self, gpa: GuestPhysical, memory: PhysicalMemory, known: dict[int, int]) -> None:
+    def __init__(
+        self,
+        gpa: GuestPhysical,
+        memory: PhysicalMemory,
+        known: dict[int, tuple[int, Rights | None]],
+    ) -> None:
         self.gpa = gpa
         self.memory = memory
         self.known = known
@@ -132,9 +137,10 @@ class EptTables:
     def read_entry(self, address: int, access: Access) -> tuple[int, TableRead]:
         page = address & ~0xFFF
         if page in self.known:
-            hpa = self.known[page] | (address & 0xFFF)
+            frame, rights = self.known[page]
+            hpa = frame | (address & 0xFFF)
             value = self.memory.read_u64(hpa)
-            return value, TableRead(value, hpa, cached="paging-structure cache")
+            return value, TableRead(value, hpa, cached="paging-structure cache", ept_rights=rights)
         found = self.gpa.translate(address, self.access)
         if found.hpa is None:
             assert found.record is not None
@@ -143,10 +149,25 @@ class EptTables:
         value = self.memory.read_u64(found.hpa) if cached is None else cached
         nested = () if found.record is None else (found.record,)
         how = "guest-physical" if found.record is None else None
-        return value, TableRead(value, found.hpa, nested, None, how, cached is not None)
+        return value, TableRead(
+            value, found.hpa, nested, None, how, cached is not None, found.rights
+        )
 
-    def write_entry(self, physical: int, value: int) -> None:
-        self.memory.write_u64(physical, value)
+    def write_entry(self, address: int, read: TableRead | None, value: int) -> WalkRecord | None:
+        """The processor's A/D update of a guest paging-structure entry is a data write for
+        EPT (SDM Vol 3C 29.3.3.2; exit qualification bit 8 = 0): it needs W in the EPT
+        rights of the table's page. Without it, the EPT walk of the write is the violation
+        (a page KVM maps read-only: dirty logging, the zero page, a KSM-merged frame)."""
+        assert read is not None
+        if read.ept_rights is not None and Rights.W in read.ept_rights:
+            self.memory.write_u64(read.physical, value)
+            return None
+        write = self.gpa.translate(address, _WRITE)
+        if write.hpa is None:
+            assert write.record is not None
+            return write.record
+        self.memory.write_u64(write.hpa, value)
+        return None
 
 
 class Vcpu(Processor):
@@ -189,6 +210,14 @@ class Vcpu(Processor):
 
     def _hva_of(self, gpa: int) -> int | None:
         return self.machine.vm.gpa_to_hva(gpa)
+
+    def hardware_controls(self) -> PagingControls:
+        """Without EPT, KVM runs the guest with hardware CR0.WP=1 whatever the guest set
+        (vmx.c `vmx_set_cr0`, svm.c `svm_set_cr0`), so that a supervisor write through a
+        read-only shadow entry always exits; `ShadowMmu.page_fault` emulates guest WP=0."""
+        if isinstance(self.machine.vm.mmu, ShadowMmu):
+            return self._controls(True)
+        return self.controls()
 
     def _vm_exit(self, trace: Trace, event: VmExit) -> None:
         """A VM exit; without a VPID (vpid=0) every exit and entry flushes the linear and
@@ -308,8 +337,9 @@ class Vcpu(Processor):
         guest_root = self.cr3_root
         start, _ = self._psc_start(fmt, gva, trace)
         shadow_tables = self.walk_tables(machine.host.physical_tables)
+        hardware_controls = self.hardware_controls()
         hardware = mmu.walk(
-            mmu.root_for(guest_root, fmt), gva, access, controls, start, shadow_tables
+            mmu.root_for(guest_root, fmt), gva, access, hardware_controls, start, shadow_tables
         )
         trace.add(NativeWalk(hardware))
         if hardware.translation is not None:
@@ -319,7 +349,7 @@ class Vcpu(Processor):
             self._fill_tlb(gva, hardware.translation.page_size, hpa, gpa, hardware, None)
             data = self._data_access(hpa, access, value, trace)
             return self._result(trace, value=data, gpa=gpa, hva=machine.vm.gpa_to_hva(gpa), hpa=hpa)
-        exception = exception_for(hardware, controls)
+        exception = exception_for(hardware, hardware_controls)
         if isinstance(exception, GeneralProtection):
             return self._result(trace, fault=exception)
         self._vm_exit(
@@ -331,14 +361,12 @@ class Vcpu(Processor):
         if isinstance(resolution, EmulateMmio):
             return self._mmio_exit(resolution.gpa, access, value, trace)
         if isinstance(resolution, EmulateWrite):
-            data = self._data_access(resolution.hpa, access, value, trace)
-            mmu.track_write(resolution.gpa, trace)
+            assert value is not None
+            hpa = mmu.emulate_write(resolution.gpa, value.to_bytes(ACCESS_SIZE, "little"), trace)
+            trace.add(DataAccess(hpa, access.kind.value, value))
+            gpa = resolution.gpa
             return self._result(
-                trace,
-                value=data,
-                gpa=resolution.gpa,
-                hva=machine.vm.gpa_to_hva(resolution.gpa),
-                hpa=resolution.hpa,
+                trace, value=value, gpa=gpa, hva=machine.vm.gpa_to_hva(gpa), hpa=hpa
             )
         return None
 

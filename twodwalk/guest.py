@@ -1,9 +1,11 @@
 """The guest OS: its page tables, written as real entries into guest RAM.
 
-A guest kernel keeps its page tables in its own RAM, at guest-physical addresses. Here the
-guest's page-table code writes them through the VMM's view of guest RAM (memslot -> HVA ->
-host page tables -> host frame), as a loader or firmware does before the guest runs; either way
-the entries end up in the host frames that back guest RAM, and the vCPU walks them there.
+A guest kernel keeps its page tables in its own RAM, at guest-physical addresses, and edits
+them with ordinary stores. Every write here is such a guest store (`Machine.guest_store`), so
+it meets what a store meets in the real system: under EPT the page is logged by dirty logging
+and copy-on-write is broken; under shadow paging a store to a page table KVM shadows traps, is
+emulated and zaps the shadow entries derived from it (`kvm_mmu_track_write`). Edits do not
+flush the TLB: as on real hardware, the guest invalidates with INVLPG or a CR3 load.
 Page-table pages are taken from the top of guest RAM downward.
 """
 
@@ -29,7 +31,7 @@ class GuestPhysical:
         return int.from_bytes(self.machine.read_gpa(address, 8), "little")
 
     def write_u64(self, address: int, value: int) -> None:
-        self.machine.write_gpa(address, value.to_bytes(8, "little"))
+        self.machine.guest_store(address, value.to_bytes(8, "little"))
 
 
 class GuestOS:
@@ -44,7 +46,7 @@ class GuestOS:
     def alloc_table(self) -> int:
         """A zeroed page for a new page table, from the top of guest RAM down."""
         self._next_table -= PAGE_SIZE
-        self.machine.write_gpa(self._next_table, bytes(PAGE_SIZE))
+        self.machine.guest_store(self._next_table, bytes(PAGE_SIZE))
         return self._next_table
 
     def map(

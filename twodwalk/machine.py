@@ -86,8 +86,19 @@ class Machine:
             )
         return bytes(out)
 
+    def guest_store(self, gpa: int, data: bytes) -> None:
+        """Store bytes at a GPA as the guest kernel does (`KvmMmu.guest_store`): dirty logging
+        and, under shadow paging, KVM's write tracking see it; the TLB is not flushed."""
+        check_int("gpa", gpa, 0, 1 << 64)
+        done = 0
+        for gfn, start, end in page_pieces(gpa, len(data)):
+            self.vm.mmu.guest_store((gfn << PAGE_SHIFT) + start, data[done : done + end - start])
+            done += end - start
+
     def write_gpa(self, gpa: int, data: bytes) -> None:
-        """Write guest memory as the VMM does (faulting host pages in; no dirty-log bit)."""
+        """Write guest memory as the VMM does, through its own mapping: host pages are faulted
+        in, but KVM sees nothing (no dirty-log bit, no shadow write tracking), as when QEMU
+        writes guest RAM behind the guest's back. For the guest's own stores: `guest_store`."""
         check_int("gpa", gpa, 0, 1 << 64)
         done = 0
         for gfn, start, end in page_pieces(gpa, len(data)):

@@ -157,8 +157,16 @@ class Processor(ABC):
 
     def controls(self) -> PagingControls:
         """The paging controls as the bits stand now (one value per distinct setting)."""
+        return self._controls(self.cr0_wp)
+
+    def hardware_controls(self) -> PagingControls:
+        """The controls the processor's own walks and TLB checks obey: the guest's, except
+        where the hypervisor overrides a bit in hardware (`Vcpu.hardware_controls`)."""
+        return self.controls()
+
+    def _controls(self, cr0_wp: bool) -> PagingControls:
         key = (
-            self.cr0_wp,
+            cr0_wp,
             self.cr4_la57,
             self.cr4_smep,
             self.cr4_smap,
@@ -240,10 +248,11 @@ class Processor(ABC):
 
     def _psc_start(
         self, fmt: EntryFormat, gva: int, trace: Trace
-    ) -> tuple[WalkStart | None, dict[int, int]]:
+    ) -> tuple[WalkStart | None, dict[int, tuple[int, Rights | None]]]:
         """The deepest paging-structure cache entry for `gva`: where the walk can begin
-        (SDM Vol 3A 4.10.3.2: the PDE cache first, then the PDPTE and PML4E caches). The
-        AMD-style model has none: its walks start at the root."""
+        (SDM Vol 3A 4.10.3.2: the PDE cache first, then the PDPTE and PML4E caches), and the
+        table it names: its GPA page -> (HPA page, EPT rights of that page). The AMD-style
+        model has none: its walks start at the root."""
         if self.caches.amd:
             return None, {}
         tag = self._tag()
@@ -252,7 +261,7 @@ class Processor(ABC):
             if entry is not None and entry.gpa_page is not None:
                 trace.add(CacheHit(f"paging-structure cache L{level}", entry.page, entry.frame))
                 return WalkStart(level - 1, entry.gpa_page, entry.rights), {
-                    entry.gpa_page: entry.frame
+                    entry.gpa_page: (entry.frame, entry.ept_rights)
                 }
         return None, {}
 
@@ -278,7 +287,7 @@ class Processor(ABC):
                     frame,
                     table,
                     RIGHTS_BY_MASK[mask],
-                    None,
+                    None if read is None else read.ept_rights,
                     value,
                     True,
                     False,
@@ -306,7 +315,7 @@ class Processor(ABC):
         entry = self.caches.tlb.lookup(self._tag(), gva)
         if entry is None:
             return None
-        controls = self.controls()
+        controls = self.hardware_controls()
         # Controls and accesses are interned (one object per setting: `controls`,
         # `Access.of`), so their ids are keys.
         key = (entry.rights, entry.ept_rights, entry.leaf >> 59, id(access), id(controls))

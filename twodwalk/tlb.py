@@ -260,8 +260,8 @@ class PageWalkCacheTables:
             return value, TableRead(value, address, pwc=True)
         return self.tables.read_entry(address, access)
 
-    def write_entry(self, physical: int, value: int) -> None:
-        self.tables.write_entry(physical, value)
+    def write_entry(self, address: int, read: TableRead | None, value: int) -> WalkRecord | None:
+        return self.tables.write_entry(address, read, value)
 
 
 MODELS = ("intel", "amd")

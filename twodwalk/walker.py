@@ -126,6 +126,7 @@ class TableRead:
     failed: WalkRecord | None = None
     cached: str | None = None
     pwc: bool = False  # the entry itself came from a page-walk cache: no memory reference
+    ept_rights: Rights | None = None  # EPT rights of the table's page: may the CPU write A/D?
 
 
 @dataclass(frozen=True)
@@ -142,12 +143,16 @@ class TableMemory(Protocol):
     """Where the walker reads and writes entries (host memory directly, or through EPT).
 
     `read_entry` gives the value and, when the entry was not simply read at `address` in
-    physical memory, how it was read (a `TableRead`); `write_entry` takes the physical
-    address the entry was read from."""
+    physical memory, how it was read (a `TableRead`). `write_entry` writes an A/D update back
+    to the entry at `address` (in the walk's own space) that was read as `read`: a write the
+    processor or KVM makes on the guest's behalf, so it passes the second dimension's write
+    check; a refused write comes back as the failed nested walk (an EPT violation)."""
 
     def read_entry(self, address: int, access: Access) -> tuple[int, TableRead | None]: ...
 
-    def write_entry(self, physical: int, value: int) -> None: ...
+    def write_entry(
+        self, address: int, read: TableRead | None, value: int
+    ) -> WalkRecord | None: ...
 
 
 class PhysicalTables:
@@ -160,8 +165,9 @@ class PhysicalTables:
     def read_entry(self, address: int, access: Access) -> tuple[int, TableRead | None]:
         return self._read_u64(address), None
 
-    def write_entry(self, physical: int, value: int) -> None:
-        self.memory.write_u64(physical, value)
+    def write_entry(self, address: int, read: TableRead | None, value: int) -> WalkRecord | None:
+        self.memory.write_u64(address if read is None else read.physical, value)
+        return None
 
 
 @dataclass(frozen=True)
@@ -266,9 +272,13 @@ def walk(
     tables: TableMemory,
     rules: AccessRules,
     start: WalkStart | None = None,
+    *,
+    accessed_dirty: bool = True,
 ) -> WalkRecord:
     """Translate `address` through the tree rooted at `root`; faults come back as values.
-    `start` skips the levels a paging-structure cache already resolved."""
+    `start` skips the levels a paging-structure cache already resolved. `accessed_dirty`
+    False: a software look-up that reads entries and writes none, as Linux's
+    get_user_pages (mm/gup.c `follow_page_pte`) or QEMU's debug walk do."""
     if type(root) is not int or root & 0xFFF or not 0 <= root < 1 << fmt.maxphyaddr:
         check_aligned("root", check_int("root", root, 0, 1 << fmt.maxphyaddr), 4096)
     if type(address) is not int or not 0 <= address < U64_LIMIT:
@@ -319,17 +329,24 @@ def walk(
             reached=physical,
         )
         return WalkRecord(fmt, root, address, access, tuple(rows), fault, start)
-    written = _set_accessed_dirty(fmt, rows, access, tables)
+    written = _set_accessed_dirty(fmt, rows, access, tables) if accessed_dirty else None
+    if isinstance(written, WalkRecord):  # the level whose entry could not be written
+        level = next(r[0] for r in rows if r[1] + ENTRY_SIZE * r[2] == written.address)
+        return _fault(
+            fmt, root, address, access, start, rows, FaultKind.NESTED, level, written, True
+        )
     translation = Translation(physical, page_size, level, rights)
     return WalkRecord(fmt, root, address, access, tuple(rows), translation, start, written)
 
 
 def _set_accessed_dirty(
     fmt: EntryFormat, rows: list[Row], access: Access, tables: TableMemory
-) -> tuple[int | None, ...] | None:
+) -> tuple[int | None, ...] | WalkRecord | None:
     """Set A in every entry used and D in the leaf on a write (SDM 4.8; KVM
     `update_accessed_dirty_bits`); an entry that already has them is not written. Returns
-    what was written to each row's entry (None where nothing), or None if nothing was."""
+    what was written to each row's entry (None where nothing), None if nothing was, or the
+    failed nested walk of an update the second dimension refused (SDM Vol 3C 29.3.3.2:
+    A/D updates to guest paging structures are data writes for EPT)."""
     if fmt.accessed_bit is None:
         return None
     accessed = 1 << fmt.accessed_bit
@@ -347,7 +364,9 @@ def _set_accessed_dirty(
     for i, (_, table, index, value, _, read) in enumerate(rows):
         new = value | accessed | (dirty if i == last else 0)
         if new != value:
-            tables.write_entry(table + ENTRY_SIZE * index if read is None else read.physical, new)
+            refused = tables.write_entry(table + ENTRY_SIZE * index, read, new)
+            if refused is not None:
+                return refused
             written = written or [None] * len(rows)
             written[i] = new
     return None if written is None else tuple(written)
@@ -363,15 +382,29 @@ def _fault(
     kind: FaultKind,
     level: int | None,
     nested: WalkRecord | None = None,
+    updating: bool = False,
 ) -> WalkRecord:
-    """Seal a walk that stopped: the fault value says why, in words a learner can check."""
-    fault = WalkFault(kind, level, address, _fault_detail(fmt, address, rows, kind), False, nested)
+    """Seal a walk that stopped: the fault value says why, in words a learner can check.
+    `updating`: the nested fault came from writing an A/D update, not from a read."""
+    detail = _fault_detail(fmt, address, rows, kind, nested if updating else None)
+    fault = WalkFault(kind, level, address, detail, False, nested)
     return WalkRecord(fmt, root, address, access, tuple(rows), fault, start)
 
 
-def _fault_detail(fmt: EntryFormat, address: int, rows: list[Row], kind: FaultKind) -> str:
+def _fault_detail(
+    fmt: EntryFormat,
+    address: int,
+    rows: list[Row],
+    kind: FaultKind,
+    update: WalkRecord | None = None,
+) -> str:
     if kind is FaultKind.NON_CANONICAL:
         return fmt.check_address(address) or ""
+    if update is not None:
+        return (
+            f"setting the accessed/dirty flags of the entry at {update.address:#x} needs a"
+            " write there, which the other dimension refused"
+        )
     if kind is FaultKind.NESTED:
         return "reading the table entry faulted"
     level, table, index, value, _, _ = rows[-1]

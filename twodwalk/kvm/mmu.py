@@ -29,6 +29,7 @@ from twodwalk.ept import (
     EptAccessRules,
     Eptp,
 )
+from twodwalk.errors import TwodwalkError
 from twodwalk.formats import ENTRY_SIZE, EPT_MEMTYPE_WB, EptFormat
 from twodwalk.host import HostKernel, Process
 from twodwalk.kvm.memslots import KvmError, Memslot, Memslots
@@ -126,6 +127,46 @@ class KvmMmu(ABC):
             )
         )
         return page.hpa, page.writable, page.page_size
+
+    def gpa_to_hpa(self, gpa: int, write: bool, trace: Trace | None = None) -> int | None:
+        """memslot -> HVA -> host page, as KVM reaches guest memory itself (its software
+        walker, its emulator); None for a hole or an HVA in no VMA."""
+        memslot = self.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
+        if memslot is None:
+            return None
+        hva = memslot.gfn_to_hva(gpa >> PAGE_SHIFT)
+        page = self.host.get_user_page(self.vmm, hva, write, trace)
+        if page is None:
+            return None
+        return page.hpa + (hva & (page.page_size - 1)) + (gpa & (PAGE_SIZE - 1))
+
+    def write_guest(self, gpa: int, data: bytes, trace: Trace | None = None) -> int | None:
+        """virt/kvm/kvm_main.c `kvm_vcpu_write_guest`: KVM writes guest memory through the
+        VMM's mapping (a user write: the host page is faulted in writable, which breaks
+        copy-on-write), then `mark_page_dirty_in_slot`. Returns the HPA written; None where
+        no memslot, or a read-only one, covers the GPA (KVM's -EFAULT)."""
+        if (gpa & (PAGE_SIZE - 1)) + len(data) > PAGE_SIZE:
+            raise TwodwalkError(f"gpa={gpa:#x}: a write of {len(data)} bytes crosses a page")
+        memslot = self.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
+        if memslot is None or memslot.readonly:
+            return None
+        hpa = self.gpa_to_hpa(gpa, True, trace)
+        if hpa is None:
+            return None
+        self.host.memory.write(hpa, data)
+        memslot.mark_dirty(gpa >> PAGE_SHIFT)
+        return hpa
+
+    def guest_store(self, gpa: int, data: bytes) -> None:
+        """What a guest kernel's store to `gpa` (within one page) leaves behind once KVM has
+        handled the exits it causes: the bytes in the page behind the GPA (copy-on-write
+        broken), the page in the dirty log. Under EPT the store would exit only if the EPT
+        refused it (`handle_ept_violation` then maps the page writable and logs it); the
+        shadow MMU adds its write tracking (`ShadowMmu.guest_store`)."""
+        if self.write_guest(gpa, data) is None:
+            memslot = self.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
+            where = "is in no memslot" if memslot is None else "is in a KVM_MEM_READONLY memslot"
+            raise TwodwalkError(f"gpa={gpa:#x} {where}: the guest has no RAM to store to there")
 
     def _mmio_gen(self) -> int:
         return self.memslots.generation & ((1 << 19) - 1)

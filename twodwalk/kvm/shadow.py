@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE, CpuModel
+from twodwalk.cpumodel import PAGE_SHIFT, CpuModel
+from twodwalk.errors import TwodwalkError
 from twodwalk.formats import ENTRY_SIZE, EntryFormat, Ia32eFormat, Rights, bits
 from twodwalk.host import HostKernel, Process
 from twodwalk.kvm.memslots import Memslot, Memslots
@@ -43,10 +44,10 @@ class InjectFault:
 
 @dataclass(frozen=True)
 class EmulateWrite:
-    """A guest write to one of its own (write-protected) page tables: KVM emulates it."""
+    """A guest write to one of its own (write-protected) page tables: KVM emulates it
+    (`ShadowMmu.emulate_write`)."""
 
     gpa: int
-    hpa: int
 
 
 ShadowResolution = Fixed | EmulateMmio | InjectFault | EmulateWrite
@@ -56,8 +57,9 @@ class GuestTablesViaMemslots:
     """How KVM's software walker reads guest tables: GPA -> memslot -> HVA -> host page.
     A table in no memslot reads as a not-present entry (`walk_addr_generic` error path)."""
 
-    def __init__(self, mmu: ShadowMmu) -> None:
+    def __init__(self, mmu: ShadowMmu, trace: Trace | None = None) -> None:
         self.mmu = mmu
+        self.trace = trace
 
     def read_entry(self, address: int, access: Access) -> tuple[int, TableRead]:
         hpa = self.mmu.gpa_to_hpa(address, write=False)
@@ -66,8 +68,12 @@ class GuestTablesViaMemslots:
         value = self.mmu.host.memory.read_u64(hpa)
         return value, TableRead(value, hpa)
 
-    def write_entry(self, physical: int, value: int) -> None:
-        self.mmu.host.memory.write_u64(physical, value)
+    def write_entry(self, address: int, read: TableRead | None, value: int) -> WalkRecord | None:
+        """`FNAME(update_accessed_dirty_bits)`: the A/D bits go through the HVA
+        (`__try_cmpxchg_user`, a user write that breaks copy-on-write), then the table's GFN
+        is marked dirty (`kvm_vcpu_mark_page_dirty`); in a read-only slot they stay unset."""
+        self.mmu.write_guest(address, value.to_bytes(8, "little"), self.trace)
+        return None
 
 
 class ShadowMmu(KvmMmu):
@@ -112,17 +118,6 @@ class ShadowMmu(KvmMmu):
             start,
         )
 
-    def gpa_to_hpa(self, gpa: int, write: bool, trace: Trace | None = None) -> int | None:
-        """memslot -> HVA -> host page for KVM's own reads of guest memory; None for a hole."""
-        memslot = self.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
-        if memslot is None:
-            return None
-        hva = memslot.gfn_to_hva(gpa >> PAGE_SHIFT)
-        page = self.host.get_user_page(self.vmm, hva, write, trace)
-        if page is None:
-            return None
-        return page.hpa + (hva & (page.page_size - 1)) + (gpa & (PAGE_SIZE - 1))
-
     def page_fault(
         self,
         gva: int,
@@ -138,7 +133,9 @@ class ShadowMmu(KvmMmu):
         if mmio is not None:
             return mmio
         fmt = controls.format(self.cpu)
-        guest = walk(fmt, guest_root, gva, access, GuestTablesViaMemslots(self), controls.rules)
+        guest = walk(
+            fmt, guest_root, gva, access, GuestTablesViaMemslots(self, trace), controls.rules
+        )
         trace.add(KvmWalk(guest))
         exception = exception_for(guest, controls)
         if exception is not None:
@@ -161,9 +158,6 @@ class ShadowMmu(KvmMmu):
             if memslot is None:
                 self._install_mmio(hardware, gpa, trace)
             return EmulateMmio(gpa, access.is_write)
-        hpa = self.gpa_to_hpa(gpa, access.is_write, trace)
-        if hpa is None:
-            return EmulateMmio(gpa, access.is_write)
         if access.is_write and gfn in self.shadowed:
             trace.add(
                 KvmStep(
@@ -173,8 +167,12 @@ class ShadowMmu(KvmMmu):
                     gfn=gfn,
                 )
             )
-            return EmulateWrite(gpa, hpa)
-        self._fetch(guest, hardware.root, hpa & ~0xFFF, access, trace)
+            return EmulateWrite(gpa)
+        hpa = self.gpa_to_hpa(gpa, access.is_write, trace)
+        if hpa is None:
+            return EmulateMmio(gpa, access.is_write)
+        rights = _emulated_wp(guest.translation.rights, access, controls)
+        self._fetch(guest, rights, hardware.root, hpa & ~0xFFF, access, trace)
         return Fixed()
 
     def _mmio_fast_path(self, hardware: WalkRecord, trace: Trace) -> EmulateMmio | None:
@@ -214,7 +212,15 @@ class ShadowMmu(KvmMmu):
                 trace,
             )
 
-    def _fetch(self, guest: WalkRecord, root: int, hpa: int, access: Access, trace: Trace) -> None:
+    def _fetch(
+        self,
+        guest: WalkRecord,
+        rights: Rights,
+        root: int,
+        hpa: int,
+        access: Access,
+        trace: Trace,
+    ) -> None:
         """`FNAME(fetch)`: write-protect and link a shadow table for each guest table on the
         walk, then the 4 KiB leaf with the rights the guest walk accumulated. Below a guest
         large page KVM links direct shadow tables down to level 1, so the shadow leaf is
@@ -231,8 +237,7 @@ class ShadowMmu(KvmMmu):
         for level in range(leaf.level - 1, 0, -1):
             table = self._child(fmt, table, guest.address, level + 1, trace)
         gfn = guest.translation.address >> PAGE_SHIFT
-        writable = self._leaf_writable(guest, gfn, access)
-        rights = guest.translation.rights
+        writable = self._leaf_writable(guest, rights, gfn, access)
         spte = fmt.encode(
             1,
             True,
@@ -262,14 +267,13 @@ class ShadowMmu(KvmMmu):
             )
         )
 
-    def _leaf_writable(self, guest: WalkRecord, gfn: int, access: Access) -> bool:
+    def _leaf_writable(self, guest: WalkRecord, rights: Rights, gfn: int, access: Access) -> bool:
         """W in the shadow leaf only if the guest allows writes, the guest PTE is already
         dirty (`FNAME(protect_clean_gpte)`), the page holds no shadowed guest table, the host
         page is writable, and dirty logging does not want to see the first write."""
-        assert guest.translation is not None
         value = guest.leaf
         memslot = self.memslots.gfn_to_memslot(gfn)
-        if memslot is None or Rights.W not in guest.translation.rights or not value >> 6 & 1:
+        if memslot is None or Rights.W not in rights or not value >> 6 & 1:
             return False
         host = self.host.get_user_page(self.vmm, memslot.gfn_to_hva(gfn), False, fault_in=False)
         return (
@@ -317,7 +321,27 @@ class ShadowMmu(KvmMmu):
         if trace is not None:
             trace.add(SpteWrite("shadow", level, address, old, new, level == 1))
 
-    def track_write(self, gpa: int, trace: Trace) -> int:
+    def emulate_write(self, gpa: int, data: bytes, trace: Trace | None) -> int:
+        """x86.c `emulator_write_phys`: the emulated store goes to guest memory as KVM's own
+        write (`kvm_vcpu_write_guest`: copy-on-write broken, page marked dirty), then the
+        write tracker sees it (`kvm_page_track_write` -> `kvm_mmu_track_write`). Returns
+        the HPA written."""
+        hpa = self.write_guest(gpa, data, trace)
+        if hpa is None:
+            raise TwodwalkError(f"gpa={gpa:#x}: KVM cannot write guest memory there (EFAULT)")
+        for entry in range(gpa & ~7, gpa + len(data), 8):
+            self.track_write(entry, trace)
+        return hpa
+
+    def guest_store(self, gpa: int, data: bytes) -> None:
+        """A guest store under shadow paging: to a page-table page KVM shadows it traps and
+        is emulated (`emulate_write`), anywhere else it lands as under EPT."""
+        if gpa >> PAGE_SHIFT in self.shadowed:
+            self.emulate_write(gpa, data, None)
+        else:
+            super().guest_store(gpa, data)
+
+    def track_write(self, gpa: int, trace: Trace | None) -> int:
         """`kvm_mmu_pte_write`: after an emulated write to a guest page table, zap the shadow
         entry at the same index in every shadow table of that page. Returns how many."""
         zapped = 0
@@ -326,14 +350,16 @@ class ShadowMmu(KvmMmu):
             if self.host.memory.read_u64(slot):
                 self._write(slot, level, 0, trace)
                 zapped += 1
-        trace.add(
-            KvmStep(
-                "kvm_mmu_pte_write",
-                f"guest wrote its page table at GPA {gpa:#x}:"
-                f" zapped {zapped} shadow entries derived from it",
-                gfn=gpa >> PAGE_SHIFT,
-            )
+        step = KvmStep(
+            "kvm_mmu_pte_write",
+            f"guest wrote its page table at GPA {gpa:#x}:"
+            f" zapped {zapped} shadow entries derived from it",
+            gfn=gpa >> PAGE_SHIFT,
         )
+        if trace is None:
+            self.log.append(step)
+        else:
+            trace.add(step)
         if zapped:
             self.flush_remote_tlbs()
         return zapped
@@ -375,3 +401,14 @@ class ShadowMmu(KvmMmu):
         if count:
             self.flush_remote_tlbs()
         return count
+
+
+def _emulated_wp(rights: Rights, access: Access, controls: PagingControls) -> Rights:
+    """paging_tmpl.h `FNAME(page_fault)`: hardware CR0.WP is 1 under shadow paging, so a
+    supervisor write the guest's WP=0 allows to a read-only page gets a writable,
+    supervisor-only shadow entry (not executable under SMEP, or the kernel could run what
+    it may write to a user page); user accesses to it fault again and are re-shadowed."""
+    if not access.is_write or Rights.W in rights or controls.cr0_wp or access.user:
+        return rights
+    rights = (rights | Rights.W) & ~Rights.U
+    return rights & ~Rights.X if controls.cr4_smep else rights
