@@ -274,3 +274,24 @@ def test_ept_leaves_always_match_memslot_and_host_tables(ops: list[Op]) -> None:
         value = m.vcpu.access(PROP_GVA + page * 0x1000, "read").value
         assert value == model.get(backing[page], 0)
     assert check_ept_matches_host(m) >= PAGES
+
+
+def test_a_guest_read_sets_no_bit_in_the_vmms_host_pte() -> None:
+    """KVM's `hva_to_pfn` asks get_user_pages for the page (first a writable one without
+    faulting); GUP reads the host PTE and never sets its A or D bit (mm/gup.c
+    `follow_page_pte`). A page swapped back in by a read is writable and clean (D=0), and
+    a guest read must leave it clean, or reclaim would write it to swap again for nothing."""
+    m = machine()
+    hva = m.vm.gpa_to_hva(DATA_GPA)
+    assert hva is not None
+    m.host.swap_out(m.vmm, hva)
+    assert first_access(m).value == word(PAYLOAD)
+    ept(m).zap_all()  # the next read faults again: now `hva_to_pfn_fast` finds the page
+    again = m.vcpu.access(GVA, "read")
+    fast = [s for s in again.trace.of_type(KvmStep) if s.function == "hva_to_pfn_fast"]
+    assert [s.hva for s in fast].count(hva) == 1
+    found = m.vmm.tables.find_leaf(hva)
+    assert found is not None
+    pte = m.memory.read_u64(found[0])
+    # P, R/W, U/S and A (x86 vm_page_prot has _PAGE_ACCESSED), D clear, XD set.
+    assert pte & 0x7F == 0b010_0111 and pte >> 63 == 1

@@ -35,6 +35,7 @@ SWP_TYPE_BITS = 5  # arch/x86/include/asm/pgtable_64.h: swap entries in non-pres
 SWP_OFFSET_FIRST_BIT = 9
 _PAGE_SPECIAL = 1  # AVL field value: bit 9, _PAGE_BIT_SPECIAL (zero page)
 _HOST_RULES = X86AccessRules(PagingControls(cr0_wp=True, efer_nxe=True))
+_PAGE_TABLE = {"a": 1}  # arch/x86/include/asm/pgtable_types.h: user tables are made accessed
 
 
 def swp_entry_pte(swap_type: int, offset: int) -> int:
@@ -89,7 +90,9 @@ class Process:
         self.pid = pid
         self.name = name
         self.vmas: list[Vma] = []
-        self.tables = PageTables(kernel.format, kernel.memory, kernel.frames.alloc)
+        self.tables = PageTables(
+            kernel.format, kernel.memory, kernel.frames.alloc, table_fields=_PAGE_TABLE
+        )
         self._mmap_top = MMAP_BASE
 
     def mmap(
@@ -232,7 +235,9 @@ class HostKernel:
         return UserPage(record.outcome.address & ~(page - 1), page, writable, record)
 
     def walk(self, process: Process, hva: int, write: bool) -> WalkRecord:
-        """A software walk of the process's page tables, as a user access would see them."""
+        """A software walk of the process's page tables, as a user access would see them, by
+        get_user_pages (mm/gup.c `follow_page_pte`): it reads entries and sets no A/D bit
+        (GUP marks the struct page accessed or dirty, never the PTE)."""
         kind = AccessKind.WRITE if write else AccessKind.READ
         return walk(
             self.format,
@@ -241,6 +246,7 @@ class HostKernel:
             Access.of(kind, cpl=3),
             self.physical_tables,
             _HOST_RULES,
+            accessed_dirty=False,
         )
 
     def handle_mm_fault(
@@ -273,7 +279,7 @@ class HostKernel:
         assert slot is not None
         level = self.format.level_for_size(vma.page_size)
         self.memory.write_u64(
-            slot, self.format.encode(level, True, address=frame, p=1, rw=1, us=1, d=1, xd=1)
+            slot, self.format.encode(level, True, address=frame, p=1, rw=1, us=1, a=1, d=1, xd=1)
         )
         return f"new zeroed {vma.page_size >> 20} MiB huge page", frame
 
@@ -308,8 +314,9 @@ class HostKernel:
     def _pte(
         self, frame: int, *, writable: bool, dirty: bool | None = None, special: bool = False
     ) -> int:
-        """A user PTE for anonymous memory: U/S=1, XD=1, D=1 when created writable
-        (`do_anonymous_page`: pte_mkdirty(pte_mkwrite(entry)))."""
+        """A user PTE for anonymous memory: U/S=1, XD=1, A=1 (x86's vm_page_prot includes
+        _PAGE_ACCESSED), D=1 when created writable (`do_anonymous_page`:
+        pte_mkdirty(pte_mkwrite(entry)))."""
         d = writable if dirty is None else dirty
         return self.format.encode(
             1,
@@ -318,6 +325,7 @@ class HostKernel:
             p=1,
             rw=int(writable),
             us=1,
+            a=1,
             d=int(d),
             xd=1,
             avl=_PAGE_SPECIAL if special else 0,
@@ -408,7 +416,7 @@ class HostKernel:
             )
         self.refcount[frame] = 512
         self.memory.write_u64(
-            slot, self.format.encode(2, False, address=table, **self.format.table_defaults)
+            slot, self.format.encode(2, False, address=table, **process.tables.table_fields)
         )
 
     def collapse_thp(self, process: Process, hva: int) -> int:
@@ -432,7 +440,7 @@ class HostKernel:
                 self.memory.copy_frame(old, new + i * PAGE_SIZE)
                 self.put_frame(old)
         self.memory.write_u64(
-            slot, self.format.encode(2, True, address=new, p=1, rw=1, us=1, d=1, xd=1)
+            slot, self.format.encode(2, True, address=new, p=1, rw=1, us=1, a=1, d=1, xd=1)
         )
         self.frames.free(table)
         return new

@@ -9,7 +9,7 @@ serves any of those address spaces; reading the result back is the walker's job,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,10 +46,14 @@ class PageTables:
         space: PhysicalSpace,
         alloc_table: Callable[[], int],
         root: int | None = None,
+        table_fields: Mapping[str, int] | None = None,
     ) -> None:
+        """`table_fields`: fields for new non-leaf entries beyond the format's defaults (Linux
+        writes host tables with A set: `_PAGE_TABLE`)."""
         self.fmt = fmt
         self.space = space
         self.alloc_table = alloc_table
+        self.table_fields = {**fmt.table_defaults, **(table_fields or {})}
         self.root = alloc_table() if root is None else root
         check_aligned("root", check_int("root", self.root, 0, 1 << fmt.maxphyaddr), PAGE_SIZE)
 
@@ -150,9 +154,7 @@ class PageTables:
             if not self.fmt.is_present(value):
                 if not create:
                     return None
-                value = self.fmt.encode(
-                    lv, False, address=self.alloc_table(), **self.fmt.table_defaults
-                )
+                value = self.fmt.encode(lv, False, address=self.alloc_table(), **self.table_fields)
                 self.space.write_u64(slot, value)
             elif self.fmt.is_leaf(value, lv):
                 raise TwodwalkError(
