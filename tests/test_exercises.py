@@ -1,18 +1,26 @@
 """Seeded exercises (twodwalk.exercises): answers, notations, feedback, determinism, bad input.
 
 Where a test states an expected answer, it is worked out here by hand (bit arithmetic, the
-memslot formula, the SDM's error-code table, FACTS F), independently of the engine that the
-exercises run.
+memslot formula, the SDM's error-code table, the reference-count formula), independently of the
+engine that the exercises run. The seeded translate and roots questions are checked against
+walks done here by hand on the raw 8-byte entries in the question's own memory (read with
+`read_u64`, indexed and masked as SDM Vol 3A 4.5.4 and Vol 3C 29.3.2 say), never through the
+engine's walker or the question's solution.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from twodwalk import exercises
+from twodwalk.cpumodel import CpuModel
 from twodwalk.errors import TwodwalkError
 from twodwalk.exercises import (
     HUGE_PAGE,
@@ -34,6 +42,9 @@ from twodwalk.exercises import (
     what_if_question,
 )
 from twodwalk.kvm.memslots import KVM_MEM_READONLY
+from twodwalk.machine import Machine
+from twodwalk.memory import PhysicalMemory
+from twodwalk.pagetables import PageTables
 from twodwalk.paging import PagingControls
 
 SEEDS = range(6)
@@ -64,7 +75,10 @@ def test_topics_cover_the_required_ones() -> None:
 
 @pytest.mark.parametrize("topic", ALL_TOPICS)
 @pytest.mark.parametrize("seed", SEEDS)
-def test_canonical_answer_is_right_and_in_the_solution(topic: str, seed: int) -> None:
+def test_canonical_answer_is_accepted_and_shown(topic: str, seed: int) -> None:
+    """Self-consistency only: the grader reads its own canonical answer back and the solution
+    prints it. That the answer is *right* is checked against hand-worked values in each
+    topic's section below (e.g. test_seeded_translate_follows_the_raw_entries)."""
     q = quiz(seed, topic)
     assert q.topic == topic
     assert q.check(q.answer) == Feedback(True, "Correct.")
@@ -101,9 +115,11 @@ def test_without_a_topic_the_seed_picks_one() -> None:
 
 @settings(max_examples=25)
 @given(seed=st.integers(0, SEED_LIMIT - 1), topic=st.sampled_from(ALL_TOPICS))
-def test_any_seed_gives_a_self_consistent_question(seed: int, topic: str) -> None:
+def test_any_seed_builds_a_question(seed: int, topic: str) -> None:
+    """Every seed in range builds a question without error (self-consistency again, not
+    correctness: the grader reads its own answer back and the solution shows it)."""
     q = quiz(seed, topic)
-    assert q.check(q.answer).correct
+    assert q.topic == topic and q.check(q.answer).correct
     assert q.answer in q.solution
 
 
@@ -363,6 +379,121 @@ def test_translate_feedback() -> None:
     faulting = translate_question(TOY, 0x7F00_0060_0000)
     assert wrong(faulting, "0x812345") == (
         "The walk faults: PDE at 0x3018 is not present. Answer 'fault'."
+    )
+
+
+# Seeded translate questions, worked by hand on the raw entries (SDM Vol 3A 4.5.4, table 4-15
+# to 4-20): index = GVA bits 47:39, 38:30, 29:21, 20:12; entry = 8 bytes at table + 8 * index;
+# P = bit 0; PS = bit 7 in a PDE maps a 2 MiB page; the address is bits M-1:12 of the entry.
+
+P_BIT, A_BIT, PS_BIT = 1, 1 << 5, 1 << 7
+TOY_MAXPHYADDR = 36  # the toy tables' CPU (exercises: MAXPHYADDR 36)
+LEVEL_NAMES = {4: "PML4E", 3: "PDPTE", 2: "PDE", 1: "PTE"}
+
+
+def address_field(entry: int, maxphyaddr: int) -> int:
+    """Bits M-1:12 of an entry: the table or page it names."""
+    return entry & ((1 << maxphyaddr) - 1) & ~0xFFF
+
+
+def gva_index(gva: int, level: int) -> int:
+    return gva >> (12 + 9 * (level - 1)) & 0x1FF
+
+
+def capture_toy_memory(monkeypatch: pytest.MonkeyPatch) -> list[PhysicalMemory]:
+    """Record the physical memory each toy question builds its tables in (a test hook on the
+    private builder: the question keeps no reference to it)."""
+    memories: list[PhysicalMemory] = []
+    build = exercises._toy_tables
+
+    def recording(levels: int) -> tuple[PhysicalMemory, PageTables, CpuModel]:
+        built = build(levels)
+        memories.append(built[0])
+        return built
+
+    monkeypatch.setattr(exercises, "_toy_tables", recording)
+    return memories
+
+
+def number_after(text: str, label: str) -> int:
+    found = re.search(re.escape(label) + r"\s*(0x[0-9a-f]+)", text)
+    assert found is not None, f"{label!r} not in {text!r}"
+    return int(found.group(1), 16)
+
+
+@pytest.mark.parametrize(
+    ("seed", "ends"),
+    [(0, "4k"), (4, "2m"), (2, "pte-not-present"), (5, "pde-not-present")],
+)
+def test_seeded_translate_follows_the_raw_entries(
+    monkeypatch: pytest.MonkeyPatch, seed: int, ends: str
+) -> None:
+    """The seeded question's answer equals a 4-level walk done here on the 8-byte entries in
+    the question's memory (SDM Vol 3A 4.5.4), and typical slips get specific feedback."""
+    memories = capture_toy_memory(monkeypatch)
+    q = quiz(seed, "translate")
+    (memory,) = memories
+    gva = number_after(q.prompt, "A supervisor read of GVA")
+    table = number_after(q.prompt, "root table at")
+    assert table == 0x1000
+    used: dict[int, tuple[int, int]] = {}  # level -> (entry address, entry value)
+    gpa: int | None = None
+    for level in (4, 3, 2, 1):
+        slot = table + 8 * gva_index(gva, level)
+        entry = memory.read_u64(slot)
+        used[level] = (slot, entry)
+        if not entry & P_BIT:
+            break
+        # The student's copy: the prompt lists the entry as it was before the walk set A.
+        assert f"@ {slot:#x} = {entry & ~A_BIT:#018x}" in q.prompt
+        if level == 2 and entry & PS_BIT:
+            gpa = address_field(entry, TOY_MAXPHYADDR) & ~0x1F_FFFF | gva & 0x1F_FFFF
+            break
+        if level == 1:
+            gpa = address_field(entry, TOY_MAXPHYADDR) | gva & 0xFFF
+        table = address_field(entry, TOY_MAXPHYADDR)
+    stop_level = min(used)
+    stop_slot, stop_entry = used[stop_level]
+
+    if ends.endswith("not-present"):
+        assert gpa is None and not stop_entry & P_BIT
+        assert LEVEL_NAMES[stop_level] == {"pte": "PTE", "pde": "PDE"}[ends.split("-")[0]]
+        assert q.answer == "fault"
+        right(q, "#PF")
+        # Ignoring P and adding the offset to a zero address is a typical slip:
+        assert wrong(q, f"{gva & 0xFFF:#x}") == (
+            f"The walk faults: {LEVEL_NAMES[stop_level]} at {stop_slot:#x} is not present."
+            " Answer 'fault'."
+        )
+        return
+
+    assert gpa is not None
+    assert q.answer == f"{gpa:#x}"
+    leaf = LEVEL_NAMES[stop_level]
+    assert (stop_level, leaf) == ((1, "PTE") if ends == "4k" else (2, "PDE"))
+    # Off by one level: the leaf's own address (read from the level above) is not the page.
+    assert wrong(q, f"{stop_slot:#x}") == f"That is where the {leaf} sits, not what it points to."
+    # The raw value as the prompt shows it: before the question's own read set A (SDM 4.8).
+    assert wrong(q, f"{stop_entry & ~A_BIT:#x}") == (
+        f"That is the {leaf}'s raw value: the address is in bits 51:12."
+    )
+    if ends == "2m":
+        twelve = address_field(stop_entry, TOY_MAXPHYADDR) & ~0x1F_FFFF | gva & 0xFFF
+        assert wrong(q, f"{twelve:#x}") == (
+            "A 2 MiB page's offset is the low 21 bits of the GVA, not just bits 11:0."
+        )
+        return
+    # Wrong index field: another present PTE of the same page table (a neighbour's page).
+    pt = address_field(used[2][1], TOY_MAXPHYADDR)
+    ours = gva_index(gva, 1)
+    others = [i for i in range(512) if i != ours and memory.read_u64(pt + 8 * i) & P_BIT]
+    assert others, "the seeded page table maps other pages too"
+    other = others[0]
+    other_gpa = address_field(memory.read_u64(pt + 8 * other), TOY_MAXPHYADDR) | gva & 0xFFF
+    other_gva = gva & ~(0x1FF << 12) | other << 12
+    assert wrong(q, f"{other_gpa:#x}") == (
+        f"That is where GVA {other_gva:#x} goes; for {gva:#x} the PTE index (bits 20:12) is"
+        f" {ours}, not {other}."
     )
 
 
@@ -662,6 +793,103 @@ def test_roots_feedback() -> None:
     shadow = roots_question("gva-shadow")
     assert "With EPT off the CPU never walks them" in wrong(shadow, gva.answer)
     right(gva, gva.answer.removeprefix("0x"))
+
+
+# Seeded roots questions, checked by walking each tree by hand from the root the answer names
+# (SDM Vol 3A 4.5.4 for the guest's, the host's and KVM's shadow tables; Vol 3C 29.3.2 for
+# EPT, where an entry is present if any of bits 2:0 is set). M = 46, the machine's MAXPHYADDR.
+
+MACHINE_MAXPHYADDR = 46
+
+
+def hand_walk(
+    read: Callable[[int], int], root: int, address: int, levels: int, *, ept: bool = False
+) -> int:
+    """The physical address `address` reaches from `root`, read entry by entry."""
+    table = root
+    for level in range(levels, 0, -1):
+        slot = table + 8 * gva_index(address, level)
+        entry = read(slot)
+        assert entry & (0b111 if ept else P_BIT), f"level-{level} entry at {slot:#x} not present"
+        if level == 1 or (level in (2, 3) and entry & PS_BIT):
+            size = 1 << (12 + 9 * (level - 1))
+            page = address_field(entry, MACHINE_MAXPHYADDR) & ~(size - 1)
+            return page | address & (size - 1)
+        table = address_field(entry, MACHINE_MAXPHYADDR)
+    raise AssertionError("unreachable: level 1 always ends the walk")
+
+
+def capture_machines(monkeypatch: pytest.MonkeyPatch) -> list[Machine]:
+    """Record every Machine the exercises module builds (a test hook: questions keep none)."""
+    machines: list[Machine] = []
+
+    class Recording(Machine):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            machines.append(self)
+
+    monkeypatch.setattr(exercises, "Machine", Recording)
+    return machines
+
+
+@pytest.mark.parametrize(("seed", "walk"), [(0, "gva"), (1, "gpa"), (8, "hva"), (5, "gva-shadow")])
+def test_seeded_roots_walk_by_hand_to_the_data_page(
+    monkeypatch: pytest.MonkeyPatch, seed: int, walk: str
+) -> None:
+    """The root the seeded question gives is the register the SDM names (CR3 bits M-1:12,
+    Vol 3A 4.5.4; EPTP bits N-1:12, Vol 3C 25.6.11), and walking that tree by hand on the raw
+    entries in the machine's memory reaches the question's data page."""
+    machines = capture_machines(monkeypatch)
+    q = quiz(seed, "roots")
+    (machine,) = machines
+    assert machine.cpu_model.maxphyaddr == MACHINE_MAXPHYADDR
+    read = machine.memory.read_u64
+    mask = ((1 << MACHINE_MAXPHYADDR) - 1) & ~0xFFF
+    found = re.search(r"A (\d)-level guest", q.prompt)
+    assert found is not None
+    levels = int(found.group(1))
+    gva = number_after(q.prompt, "first read of GVA")
+    gpa = number_after(q.prompt, "to GPA")
+    hva = number_after(q.prompt, "at HVA")
+    cr3 = number_after(q.prompt, "guest CR3, as the guest loaded it:")
+    vmm_cr3 = number_after(q.prompt, "the VMM process's CR3 on the host:")
+    # The VMM's own tables (4-level host paging) put the data page's HVA at this frame:
+    data_hpa = hand_walk(read, vmm_cr3 & mask, hva, 4)
+
+    if walk == "gva-shadow":
+        assert "EPTP" not in q.prompt
+        shadow_root = number_after(q.prompt, "the root of KVM's shadow tables for it:")
+        assert q.answer == f"{shadow_root:#x}"
+        # The CPU walks KVM's shadow tables, GVA -> HPA, from that root to the same frame.
+        assert hand_walk(read, shadow_root, gva, levels) == data_hpa | gva & 0xFFF
+        assert "With EPT off the CPU never walks them" in wrong(q, f"{cr3:#x}")
+        return
+
+    eptp = number_after(q.prompt, "the EPTP in the VMCS:")
+    assert (eptp >> 3 & 7) + 1 == 4, "EPTP bits 5:3: a 4-level EPT walk"
+    ept_root = eptp & mask
+
+    def ept(guest_physical: int) -> int:
+        return hand_walk(read, ept_root, guest_physical, 4, ept=True)
+
+    def guest_read(guest_physical: int) -> int:
+        return read(ept(guest_physical))
+
+    assert ept(gpa) == data_hpa, "EPT and the VMM's tables agree on the data page"
+    assert hand_walk(guest_read, cr3 & mask, gva, levels) == gpa | gva & 0xFFF
+    expected = {"gva": cr3 & mask, "gpa": ept_root, "hva": vmm_cr3 & mask}[walk]
+    assert q.answer == f"{expected:#x}"
+    if walk == "gva":
+        root_hpa = ept(cr3 & mask)
+        assert wrong(q, f"{root_hpa:#x}") == (
+            f"Not {root_hpa:#x}: That is where the guest's root table sits in host memory,"
+            " found through EPT; the register holds its guest-physical address."
+        )
+    elif walk == "gpa":
+        assert wrong(q, f"{eptp:#x}").startswith(f"Not {eptp:#x}: That is the whole EPTP")
+        assert "root of the guest's own tables" in wrong(q, f"{cr3:#x}")
+    else:
+        assert wrong(q, f"{ept_root:#x}").startswith(f"Not {ept_root:#x}: That is the EPT root")
 
 
 # --- shadow (FACTS D: shadow paging; EPT violations) ---------------------------------------------

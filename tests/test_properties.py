@@ -148,9 +148,31 @@ def check_exception(record: WalkRecord, controls: PagingControls, fault: WalkFau
     assert bool(exception.error_code & 8) == (fault.kind is FaultKind.RESERVED)
 
 
+def value_at(frames: dict[int, bytes], address: int) -> int:
+    """The 8-byte little-endian entry at `address` in a `snapshot` (0 in an untouched frame)."""
+    frame = frames.get(address & ~(PAGE_SIZE - 1), bytes(PAGE_SIZE))
+    offset = address & (PAGE_SIZE - 1)
+    return int.from_bytes(frame[offset : offset + 8], "little")
+
+
+def maps_a_page(level: int, value: int) -> bool:
+    """SDM Vol 3A 4.5.4: a PTE maps a page, and so does a PDE or PDPTE with PS (bit 7) = 1;
+    any other entry of a walk references the next table."""
+    return level == 1 or bool(value & PS_BIT)
+
+
 @settings(max_examples=400)
 @given(random_chains())
 def test_random_entries_never_crash_the_walker(chain: RandomChain) -> None:
+    """Any 8-byte values in the tables give a translation or a fault value, never an
+    exception, and the A/D bits follow the SDM (Vol 3A 4.8) where it is definite: D is set
+    only in the entry that maps the page (never in one that references a table), and a
+    faulting walk leaves the A and D flags of the entry it stopped at as they were. Where the
+    SDM leaves the choice to the processor (A flags of the upper levels on a faulting walk),
+    the engine follows KVM's software walker (paging_tmpl.h `FNAME(walk_addr_generic)` calls
+    `FNAME(update_accessed_dirty_bits)` only after the permission check passed), which
+    tests/test_realkvm.py compares with a real CPU under KVM (`realkvm.paging_fuzz` reads
+    back the A/D bits of every entry of the chain after each case, faulting ones included)."""
     memory, cpu, written = build_chain(chain)
     before = snapshot(memory)
     record = translate(
@@ -170,9 +192,30 @@ def test_random_entries_never_crash_the_walker(chain: RandomChain) -> None:
     )
     outcome = record.outcome
     event(outcome.kind.name if isinstance(outcome, WalkFault) else f"level-{outcome.level} page")
+    # Hardware rule, every walk (SDM Vol 3A 4.8): D is set only in the entry that identifies
+    # the final physical address; an entry that references a table never gets it.
+    for step in record.steps:
+        old = value_at(before, step.entry_address)
+        if not maps_a_page(step.level, old):
+            now = memory.read_u64(step.entry_address)
+            assert now & D_BIT == old & D_BIT, f"D set in the level-{step.level} table entry"
     if isinstance(outcome, WalkFault):
         check_exception(record, chain.controls, outcome)
-        assert snapshot(memory) == before, "a faulting walk must not write any entry"
+        if record.steps:
+            # Hardware rule (SDM Vol 3A 4.8, 4.7): the faulting access did not happen, so the
+            # entry the walk stopped at (the leaf on a protection fault) keeps its A and D.
+            last = record.steps[-1]
+            old = value_at(before, last.entry_address)
+            now = memory.read_u64(last.entry_address)
+            assert now & (A_BIT | D_BIT) == old & (A_BIT | D_BIT), (
+                f"A/D of the level-{last.level} entry the faulting walk stopped at changed:"
+                f" {old:#x} -> {now:#x}"
+            )
+        # The engine's choice, not an SDM rule: Vol 3A 4.8 lets a processor set A in the upper
+        # levels of a walk that then faults. The engine sets no flag on a faulting walk, as
+        # KVM's FNAME(walk_addr_generic) does (update_accessed_dirty_bits runs only after the
+        # permission check), and realkvm.paging_fuzz checks that against real KVM.
+        assert snapshot(memory) == before, "engine: a faulting walk writes no entry (as KVM)"
         return
     assert exception_for(record, chain.controls) is None
     assert 0 <= outcome.address < 1 << chain.maxphyaddr
@@ -391,6 +434,11 @@ def test_walking_twice_gives_the_same_translation_and_sets_no_more_bits(
 @settings(max_examples=100)
 @given(mappings(), st.data())
 def test_faulting_walk_changes_no_entry(mapping: Mapping, data: st.DataObject) -> None:
+    """The engine's choice on a faulting walk (not an SDM rule: Vol 3A 4.8 leaves A updates
+    of the upper levels to the processor): no entry is written, as in KVM's software walker,
+    where paging_tmpl.h `FNAME(walk_addr_generic)` calls `FNAME(update_accessed_dirty_bits)`
+    only after the permission check. The hardware rules are in
+    test_random_entries_never_crash_the_walker."""
     memory, tables = build(mapping)
     flags = mapping.flags
     user = bool(flags.get("us", 0))

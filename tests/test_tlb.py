@@ -321,9 +321,10 @@ def test_pde_cache_shortens_the_shadow_walk_too() -> None:
 PROP_PAGES = 6
 
 
+@pytest.mark.parametrize("tdp", [True, False], ids=["ept", "shadow"])
 @settings(max_examples=40)
 @given(
-    st.lists(
+    ops=st.lists(
         st.tuples(
             st.sampled_from(["read", "write", "fetch", "remap", "protect", "swap", "log"]),
             st.integers(0, PROP_PAGES - 1),
@@ -333,8 +334,15 @@ PROP_PAGES = 6
         max_size=30,
     )
 )
-def test_caches_on_and_off_give_the_same_answers(ops: list[tuple[str, int, int]]) -> None:
-    cached, uncached = machine(), machine()
+def test_caches_on_and_off_give_the_same_answers(
+    tdp: bool, ops: list[tuple[str, int, int]]
+) -> None:
+    """With the invalidations the SDM requires (Vol 3A 4.10.4.1: INVLPG after a guest edits a
+    PTE; KVM's own flushes after an MMU-notifier zap or a memslot flag change), a vCPU with
+    its TLB and paging-structure caches on answers every access as one with them off. With
+    EPT (Vol 3C 29.4) and under shadow paging, where KVM intercepts the guest's INVLPG
+    (`kvm_mmu_invlpg`) and must drop its shadow entry for the page too."""
+    cached, uncached = machine(tdp), machine(tdp)
     uncached.vcpu.caches.off()
     for m in (cached, uncached):
         m.guest.map(0x80_0000, 0x20_0000, PROP_PAGES * 4096, rw=1, us=1)

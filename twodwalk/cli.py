@@ -414,7 +414,7 @@ def _entry_data(e: TlbEntry) -> Json:
     return {
         "vpid": e.tag.vpid,
         "pcid": e.tag.pcid,
-        "eptp": _hex(e.tag.eptp),
+        "ep4ta": _hex(e.tag.ep4ta),
         "page": _hex(e.page),
         "page_size": _hex(e.page_size),
         "frame": _hex(e.frame),

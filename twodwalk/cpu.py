@@ -17,10 +17,11 @@ from twodwalk.ept import (
     EXIT_REASON_EPT_MISCONFIG,
     EXIT_REASON_EPT_VIOLATION,
     EptAccessRules,
+    ep4ta_of,
     ept_violation_qualification,
     is_misconfiguration,
 )
-from twodwalk.errors import TwodwalkError, check_choice
+from twodwalk.errors import TwodwalkError, check_choice, check_int
 from twodwalk.formats import Rights
 from twodwalk.kvm.mmu import EmulateMmio, TdpMmu
 from twodwalk.kvm.shadow import EmulateWrite, InjectFault, ShadowMmu
@@ -77,7 +78,7 @@ class GuestPhysical:
     def __init__(self, mmu: TdpMmu, cache: Tlb, pwc: PageWalkCache | None = None) -> None:
         self.mmu = mmu
         self.cache = cache
-        self.tag = Tag(0, 0, mmu.eptp.value)
+        self.tag = Tag(0, 0, mmu.eptp.ep4ta)
         self.pwc = pwc  # the AMD-style model's page-walk cache, which EPT walks read through
         self.tables = None if pwc is None else PageWalkCacheTables(mmu.host.physical_tables, pwc)
 
@@ -180,7 +181,7 @@ class Vcpu(Processor):
         self.machine = machine
         self._gpa_path: GuestPhysical | None = None
         mmu = machine.vm.mmu
-        self._eptp_value = mmu.eptp.value if isinstance(mmu, TdpMmu) else 0  # fixed per VM
+        self._ep4ta = mmu.eptp.ep4ta if isinstance(mmu, TdpMmu) else 0  # fixed per VM
         mmu.tlb_flushers.append(self._kvm_flush)
 
     def flush_tlb(self) -> None:
@@ -193,12 +194,13 @@ class Vcpu(Processor):
 
     def invept(self, kind: str, eptp: int | None = None) -> None:
         """INVEPT (SDM Vol 3C 31.3): "single" drops the combined and guest-physical mappings
-        tagged with one EPTP (default: the VM's), "global" those of every EPTP."""
+        tagged with one EPTP's EP4TA (default: the VM's EPTP), "global" those of every EPTP."""
         check_choice("kind", kind, ("single", "global"))
         if kind == "global":
             self.caches.flush_eptp(None)
         else:
-            self.caches.flush_eptp(self.machine.vm.ept.eptp.value if eptp is None else eptp)
+            value = self.machine.vm.ept.eptp.value if eptp is None else eptp
+            self.caches.flush_eptp(ep4ta_of(check_int("eptp", value, 0, 1 << 64)))
 
     def _kvm_flush(self) -> None:
         """`kvm_flush_remote_tlbs` after KVM zaps or write-protects entries: INVEPT of the
@@ -210,6 +212,13 @@ class Vcpu(Processor):
 
     def _hva_of(self, gpa: int) -> int | None:
         return self.machine.vm.gpa_to_hva(gpa)
+
+    def _cr0_wp_changed(self) -> None:
+        """Under shadow paging CR0.WP is part of KVM's MMU role (`kvm_post_set_cr0` ->
+        `kvm_mmu_reset_context`): the vCPU moves to the shadow root built for the new WP
+        (`ShadowMmu.root_for`) and its TLB is flushed, so no entry made for WP=0 survives."""
+        if isinstance(self.machine.vm.mmu, ShadowMmu):
+            self.flush_tlb()
 
     def hardware_controls(self) -> PagingControls:
         """Without EPT, KVM runs the guest with hardware CR0.WP=1 whatever the guest set
@@ -339,7 +348,12 @@ class Vcpu(Processor):
         shadow_tables = self.walk_tables(machine.host.physical_tables)
         hardware_controls = self.hardware_controls()
         hardware = mmu.walk(
-            mmu.root_for(guest_root, fmt), gva, access, hardware_controls, start, shadow_tables
+            mmu.root_for(guest_root, fmt, controls.cr0_wp),
+            gva,
+            access,
+            hardware_controls,
+            start,
+            shadow_tables,
         )
         trace.add(NativeWalk(hardware))
         if hardware.translation is not None:

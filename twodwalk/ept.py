@@ -47,12 +47,23 @@ class Eptp:
         """Bits 2:0 memory type, 5:3 walk length - 1, 6 A/D enable, M-1:12 the root."""
         return self.root | int(self.ad) << 6 | (self.levels - 1) << 3 | self.memtype
 
+    @property
+    def ep4ta(self) -> int:
+        """EPTP bits 51:12, the EP4TA that tags cached translations (SDM Vol 3C 29.4.1)."""
+        return ep4ta_of(self.value)
+
     @classmethod
     def decode(cls, value: int) -> Eptp:
         check_int("eptp", value, 0, 1 << 64)
         return cls(
             value & ~0xFFF & ((1 << 52) - 1), (value >> 3 & 7) + 1, bool(value >> 6 & 1), value & 7
         )
+
+
+def ep4ta_of(eptp: int) -> int:
+    """The EP4TA of an EPTP value: two EPTPs that differ only in memory type, walk length or
+    the A/D enable name the same cached translations."""
+    return eptp & ~0xFFF & ((1 << 52) - 1)
 
 
 _NEEDED = {AccessKind.READ: Rights.R, AccessKind.WRITE: Rights.W, AccessKind.FETCH: Rights.X}

@@ -24,6 +24,7 @@ from twodwalk.paging import (
     decode_cr3,
 )
 from twodwalk.tlb import (
+    ANY_PCID,
     PageWalkCacheTables,
     Tag,
     Tlb,
@@ -39,6 +40,13 @@ ACCESS_SIZE = 8
 _CONTROLS: dict[tuple[bool, bool, bool, bool, bool, bool, bool, int], PagingControls] = {}
 # Whether cached rights allow an access under some controls: the answer depends on nothing else.
 _ALLOWED: dict[tuple[Rights, Rights | None, int, int, int], bool] = {}
+
+
+def _address_for(gva: int | None) -> int:
+    """The linear address an individual-address invalidation needs (INVVPID, INVPCID)."""
+    if gva is None:
+        raise TwodwalkError("kind=address needs gva=, the linear address to invalidate")
+    return check_int("gva", gva, 0, 1 << 64, valid="0 <= gva < 2**64")
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,9 @@ class Processor(ABC):
         self._cr3 = 0
         self.cr3_root = 0  # CR3's root-table address, decoded once per MOV to CR3
         self._formats: dict[int, Ia32eFormat] = {}
-        self.cr0_wp = True
+        self._cr0_wp = True
+        self._cr4_pge = True
+        self._cr4_pcide = False
         self.cr4_smep = False
         self.cr4_smap = False
         self.cr4_la57 = False
@@ -91,11 +101,58 @@ class Processor(ABC):
         self.rflags_ac = False
         self.pkru = 0
         self.cpl = 0
-        self.cr4_pge = True
-        self.cr4_pcide = False
         self.vpid = vpid
         self.caches = TranslationCaches()
-        self._eptp_value = 0  # the EPTP that tags cached translations; a vCPU with EPT sets it
+        self._ep4ta = 0  # the EP4TA that tags cached translations; a vCPU with EPT sets it
+
+    @property
+    def cr0_wp(self) -> bool:
+        """CR0.WP: whether supervisor writes obey R/W (SDM Vol 3A 4.6.1)."""
+        return self._cr0_wp
+
+    @cr0_wp.setter
+    def cr0_wp(self, value: bool) -> None:
+        changed = value != self._cr0_wp
+        self._cr0_wp = value
+        if changed:
+            self._cr0_wp_changed()
+
+    def _cr0_wp_changed(self) -> None:
+        """A MOV to CR0 that changes WP invalidates nothing on bare metal (SDM 4.10.4.1)."""
+        return None
+
+    @property
+    def cr4_pge(self) -> bool:
+        """CR4.PGE: whether G=1 leaves make global TLB entries."""
+        return self._cr4_pge
+
+    @cr4_pge.setter
+    def cr4_pge(self, value: bool) -> None:
+        """A MOV to CR4 that changes PGE invalidates every TLB entry, global ones too, and
+        every paging-structure-cache entry, of every PCID (SDM Vol 3A 4.10.4.1)."""
+        changed = value != self._cr4_pge
+        self._cr4_pge = value
+        if changed:
+            self.caches.flush_vpid(self.vpid)
+
+    @property
+    def cr4_pcide(self) -> bool:
+        """CR4.PCIDE: whether CR3 bits 11:0 are a PCID that tags translations."""
+        return self._cr4_pcide
+
+    @cr4_pcide.setter
+    def cr4_pcide(self, value: bool) -> None:
+        """Setting PCIDE needs CR3[11:0] = 0, or MOV to CR4 raises #GP (SDM Vol 3A 4.10.1);
+        clearing it invalidates everything, globals included (4.10.4.1)."""
+        if value and not self._cr4_pcide and self._cr3 & 0xFFF:
+            raise TwodwalkError(
+                f"cr4_pcide=True with CR3[11:0]={self._cr3 & 0xFFF:#x} would raise #GP:"
+                " load a CR3 with bits 11:0 clear first"
+            )
+        changed = value != self._cr4_pcide
+        self._cr4_pcide = value
+        if changed and not value:
+            self.caches.flush_vpid(self.vpid)
 
     @property
     def cr3(self) -> int:
@@ -141,19 +198,31 @@ class Processor(ABC):
         check_choice("kind", kind, ("address", "single", "single-retaining-globals", "all"))
         target = self.vpid if vpid is None else vpid
         if kind == "address":
-            address = check_int("gva", gva, 0, 1 << 64, valid="a linear address for kind=address")
-            self.caches.flush_address(target, None, address)
+            self.caches.flush_address(target, None, _address_for(gva))
         elif kind == "all":
             self.caches.flush_all_vpids()
         else:
             self.caches.flush_vpid(target, keep_global=kind == "single-retaining-globals")
 
+    def invpcid(self, kind: str, pcid: int = 0, gva: int | None = None) -> None:
+        """INVPCID (SDM Vol 2 "INVPCID", Vol 3A 4.10.4.1): "address" (type 0: one page of a
+        PCID, global entries kept), "single" (type 1: a PCID, globals kept), "all" (type 2:
+        every PCID, globals too) or "all-but-globals" (type 3)."""
+        check_choice("kind", kind, ("address", "single", "all", "all-but-globals"))
+        check_int("pcid", pcid, 0, 1 << 12, valid="a 12-bit PCID")
+        if kind == "address":
+            self.caches.flush_pcid_address(self.vpid, pcid, _address_for(gva))
+        elif kind == "single":
+            self.caches.flush_pcid(self.vpid, pcid)
+        else:
+            self.caches.flush_vpid(self.vpid, keep_global=kind == "all-but-globals")
+
     def _pcid(self) -> int:
-        return self._cr3 & 0xFFF if self.cr4_pcide else 0
+        return self._cr3 & 0xFFF if self._cr4_pcide else 0
 
     def _tag(self) -> Tag:
-        """What the caches tag entries with now: VPID, PCID and EPTP (0 without EPT)."""
-        return Tag(self.vpid, self._cr3 & 0xFFF if self.cr4_pcide else 0, self._eptp_value)
+        """What the caches tag entries with now: VPID, PCID and EP4TA (0 without EPT)."""
+        return Tag(self.vpid, self._cr3 & 0xFFF if self._cr4_pcide else 0, self._ep4ta)
 
     def controls(self) -> PagingControls:
         """The paging controls as the bits stand now (one value per distinct setting)."""
@@ -362,9 +431,11 @@ class Processor(ABC):
         assert walk_leaf.translation is not None
         leaf = walk_leaf.leaf
         mask = page_size - 1
+        global_page = bool(leaf >> 8 & 1) and self._cr4_pge
+        tag = self._tag()
         self.tlb.insert(
             TlbEntry(
-                self._tag(),
+                Tag(tag.vpid, ANY_PCID, tag.ep4ta) if global_page else tag,
                 gva & ~mask,
                 page_size,
                 hpa & ~mask,
@@ -373,7 +444,7 @@ class Processor(ABC):
                 ept_rights,
                 leaf,
                 bool(leaf >> 6 & 1),
-                bool(leaf >> 8 & 1) and self.cr4_pge,
+                global_page,
             )
         )
 

@@ -33,12 +33,17 @@ STLB_GEOMETRY: Mapping[int, tuple[int, int]] = {KIB4: (128, 12), MIB2: (128, 12)
 
 
 class Tag(NamedTuple):
-    """What an entry belongs to: the VPID, the PCID and the EPTP (0 without EPT). A named
-    tuple, because every cache lookup hashes one."""
+    """What an entry belongs to: the VPID, the PCID and the EP4TA, EPTP bits 51:12 (0 without
+    EPT; SDM Vol 3C 29.4.1: entries are associated with the EP4TA, not the whole EPTP). A
+    global entry carries ANY_PCID: it may be used with every PCID (SDM Vol 3A 4.10.2.4).
+    A named tuple, because every cache lookup hashes one."""
 
     vpid: int
     pcid: int
-    eptp: int
+    ep4ta: int
+
+
+ANY_PCID = -1  # the PCID of a global TLB entry: it translates for every PCID
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,8 @@ class Tlb:
                 ways.move_to_end(key)
                 self.stats.hits += 1
                 return entry
+        if tag.pcid != ANY_PCID:  # a global entry of another PCID will do (4.10.2.4)
+            return self.lookup(Tag(tag.vpid, ANY_PCID, tag.ep4ta), address)
         self.stats.misses += 1
         return None
 
@@ -354,13 +361,28 @@ class TranslationCaches:
                 lambda e: e.tag.vpid != vpid or (pcid is not None and e.tag.pcid != pcid)
             )
 
-    def flush_eptp(self, eptp: int | None) -> None:
-        """INVEPT single-context (eptp) or global (None): combined, paging-structure and
+    def flush_pcid_address(self, vpid: int, pcid: int, address: int) -> None:
+        """INVPCID individual-address (type 0): the page's non-global TLB entries of one
+        PCID, and that PCID's paging-structure entries (SDM Vol 3A 4.10.4.1)."""
+        self.pwc.clear()
+        self.tlb.invalidate(
+            lambda e: (
+                e.tag.vpid != vpid
+                or e.tag.pcid != pcid
+                or e.global_page
+                or not e.page <= address < e.page + e.page_size
+            )
+        )
+        for psc in self.psc.values():
+            psc.invalidate(lambda e: e.tag.vpid != vpid or e.tag.pcid != pcid)
+
+    def flush_eptp(self, ep4ta: int | None) -> None:
+        """INVEPT single-context (one EP4TA) or global (None): combined, paging-structure and
         guest-physical mappings derived from that EPT (from any EPT)."""
         self.pwc.clear()
 
         def keep(e: TlbEntry) -> bool:
-            return e.tag.eptp == 0 if eptp is None else e.tag.eptp != eptp
+            return e.tag.ep4ta == 0 if ep4ta is None else e.tag.ep4ta != ep4ta
 
         for cache in self.all():
             cache.invalidate(keep)

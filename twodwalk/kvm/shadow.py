@@ -82,15 +82,17 @@ class ShadowMmu(KvmMmu):
     def __init__(self, host: HostKernel, vmm: Process, memslots: Memslots, cpu: CpuModel) -> None:
         super().__init__(host, vmm, memslots)
         self.cpu = cpu
-        self.roots: dict[tuple[int, int], int] = {}
+        self.roots: dict[tuple[int, int, bool], int] = {}
         self.shadowed: dict[int, dict[int, int]] = {}  # guest table gfn -> {shadow: level}
         self.rmap: dict[int, set[int]] = {}
         self.spte_gfn: dict[int, int] = {}
         self.mmio_mask = bits(51, cpu.maxphyaddr) | 1
 
-    def root_for(self, guest_root: int, fmt: Ia32eFormat) -> int:
-        """`kvm_mmu_new_pgd`: the shadow root for a guest CR3 (cached per root and depth)."""
-        key = (guest_root, fmt.levels)
+    def root_for(self, guest_root: int, fmt: Ia32eFormat, cr0_wp: bool = True) -> int:
+        """`kvm_mmu_new_pgd`: the shadow root for a guest CR3, one per root, depth and guest
+        CR0.WP (part of the shadow page's role, `kvm_mmu_page_role.cr0_wp`: entries made to
+        emulate WP=0 must not serve WP=1)."""
+        key = (guest_root, fmt.levels, cr0_wp)
         if key not in self.roots:
             self.roots[key] = self.host.frames.alloc()
             self.shadowed.setdefault(guest_root >> PAGE_SHIFT, {})[self.roots[key]] = fmt.levels

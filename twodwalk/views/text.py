@@ -325,7 +325,7 @@ def _tlb_entry_text(e: TlbEntry) -> str:
     gpa = "" if e.gpa_page is None else f"  gpa {e.gpa_page:#x}"
     flags = ("D" if e.dirty else "-") + ("G" if e.global_page else "-")
     return (
-        f"  vpid {e.tag.vpid} pcid {e.tag.pcid:#x} eptp {e.tag.eptp:#x}  {e.page:#018x}"
+        f"  vpid {e.tag.vpid} pcid {e.tag.pcid:#x} ep4ta {e.tag.ep4ta:#x}  {e.page:#018x}"
         f" ({size_text(e.page_size)}) -> {e.frame:#x}{gpa}  {rights_text(e.rights)} {flags}"
     )
 
