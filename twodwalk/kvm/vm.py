@@ -35,8 +35,12 @@ class Vm:
         self.vmm = vmm
         self.cpu = cpu
         self.tdp = tdp
-        # kvm_mmu_max_gfn: the host MAXPHYADDR with TDP, 52 bits with shadow paging.
-        self.memslots = Memslots(max_gpa_bits=cpu.maxphyaddr if tdp else 52)
+        # kvm_mmu_max_gfn: the host MAXPHYADDR with TDP, 52 bits with shadow paging; a
+        # 4-level EPT walks only GPA bits 47:0, so above 2**48 no EPT entry can map a page
+        # (KVM caps the guest's physical bits at 48 without 5-level TDP: CPUID 0x80000008
+        # GuestPhysBits, `kvm_set_cpu_caps`).
+        gpa_bits = min(cpu.maxphyaddr, 48 if ept_levels == 4 else 52) if tdp else 52
+        self.memslots = Memslots(max_gpa_bits=gpa_bits)
         self.mmu: TdpMmu | ShadowMmu
         if tdp:
             self.mmu = TdpMmu(host, vmm, self.memslots, ept_format(ept_levels, cpu, ept_ad))
