@@ -625,9 +625,11 @@ def test_bad_builder_arguments() -> None:
 
 
 # --- tlb (SDM Vol 3C 29.4; Vol 3A 4.10) ----------------------------------------------------------
-# Worked by hand from FACTS E and F: n guest levels, m EPT levels; a PSC hit for level L skips
-# the guest levels above L-1 and the EPT walk of the table it names; a guest-physical mapping
-# skips one EPT walk (m references).
+# Worked by hand from the SDM (Vol 3C 29.4.3): n guest levels, m EPT levels; a PSC hit for level
+# L skips the guest levels above L-1 and the EPT walk of the table it names; a guest-physical
+# mapping skips one EPT walk (m references); an EPT PDE-cache hit leaves 1 EPT reference of an
+# EPT walk. The guest tables (top of RAM) share one 2 MiB GPA region, the data pages another,
+# and "read A" walked both, so after it every EPT walk of these GPAs starts at an EPT PT.
 
 
 @pytest.mark.parametrize(
@@ -635,12 +637,12 @@ def test_bad_builder_arguments() -> None:
     [
         pytest.param([], "A", 24, id="caches-empty-worst-case"),
         pytest.param(["read A"], "A", 0, id="tlb-hit"),
-        pytest.param(["read A"], "B", 1 + 4, id="pde-cache-then-final-gpa-walk"),
-        pytest.param(["read A"], "C", 1 + (4 + 1) + 4, id="pdpte-cache"),
-        pytest.param(["read A"], "D", 1 + 2 * (4 + 1) + 4, id="pml4e-cache"),
+        pytest.param(["read A"], "B", 1 + 1, id="pde-cache-then-final-gpa-walk"),
+        pytest.param(["read A"], "C", 1 + (1 + 1) + 1, id="pdpte-cache"),
+        pytest.param(["read A"], "D", 1 + 2 * (1 + 1) + 1, id="pml4e-cache"),
         pytest.param(["read A", "invlpg A"], "A", 4, id="invlpg-keeps-guest-physical"),
         pytest.param(["read A", "invvpid"], "A", 4, id="invvpid-keeps-guest-physical"),
-        pytest.param(["read B", "mov-cr3"], "A", 4 + 4, id="cr3-tables-cached-data-not"),
+        pytest.param(["read B", "mov-cr3"], "A", 4 + 1, id="cr3-tables-cached-data-not"),
         pytest.param(["read A", "invept"], "A", 24, id="invept-drops-everything"),
         pytest.param(["read A", "invlpg B"], "A", 0, id="invlpg-of-another-page"),
     ],
@@ -651,7 +653,8 @@ def test_tlb_counts(history: list[str], final: str, count: int) -> None:
 
 def test_tlb_counts_with_5_level_ept() -> None:
     assert tlb_question([], "A", ept_levels=5).answer == str((4 + 1) * (5 + 1) - 1)
-    assert tlb_question(["read A"], "B", ept_levels=5).answer == str(1 + 5)
+    assert tlb_question(["read A"], "B", ept_levels=5).answer == str(1 + 1)
+    assert tlb_question(["read A", "invept"], "B", ept_levels=5).answer == str(5 * 6 - 1)
 
 
 def test_tlb_notations_and_feedback() -> None:
@@ -666,17 +669,24 @@ def test_tlb_notations_and_feedback() -> None:
     assert wrong(after, "0") == (
         "Not 0: The TLB has no entry for A (since step 2, INVLPG A). The read walks."
     )
-    assert "the cost without guest-physical mappings" in wrong(after, "24")
+    # Without guest-physical mappings the 4 table GPAs and the data GPA are walked, each from
+    # an EPT PT that the EPT PDE cache names: 4 + 5 * 1.
+    assert "the cost without guest-physical mappings" in wrong(after, "9")
     assert "counts the data access too" in wrong(after, "5")
     neighbour = tlb_question(["read A"], "B")
-    assert "counts only the guest entries; the walk also reads 4 EPT entries" in wrong(
+    assert "counts only the guest entries; the walk also reads 1 EPT entries" in wrong(
         neighbour, "1"
     )
     assert "The PDE cache covers B's 2 MiB region (since step 1, read A)" in wrong(neighbour, "24")
     far = tlb_question(["read A"], "D")
+    # Without the EPT's caches, D's PD, PT and data GPAs are walked from the EPT root:
+    # 1 + (4 + 1) + (4 + 1) + 4.
+    assert "the cost without the EPT's paging-structure caches" in wrong(far, "15")
+    assert "The EPT PDE cache covers D's GPA (since step 1, read A)" in wrong(far, "15")
     # Without the PML4E cache: 4 guest reads; A's walk left the PML4 and PDPT GPAs in the
-    # guest-physical mappings, so only D's PD, PT and data GPAs need EPT walks: 4 + 3 * 4.
-    assert "the cost without paging-structure caches" in wrong(far, "16")
+    # guest-physical mappings, so only D's PD, PT and data GPAs need EPT walks, each of them
+    # from an EPT PT: 4 + 3 * 1.
+    assert "the cost without paging-structure caches" in wrong(far, "7")
 
 
 def test_tlb_prompt_and_solution() -> None:
@@ -684,7 +694,8 @@ def test_tlb_prompt_and_solution() -> None:
     assert "1. read A" in q.prompt and "2. MOV to CR3" in q.prompt
     assert "one PDE, and the PT it points to, serve both" in q.prompt
     assert "No paging-structure cache covers B (since step 2, MOV to CR3)" in q.solution
-    assert "= 4 guest entries + 4 EPT entries" in q.solution
+    assert "= 4 guest entries + 1 EPT entries" in q.solution
+    assert "The EPT PDE cache covers B's GPA (since step 1, read A)" in q.solution
 
 
 def test_tlb_bad_steps() -> None:
@@ -700,7 +711,7 @@ def test_tlb_bad_steps() -> None:
         tlb_question([], "E")
 
 
-# --- what-if (FACTS C, D: owners of each structure; MMU notifiers; memslot changes) -------------
+# --- what-if (owners of each structure; MMU notifiers; memslot changes: KVM mmu.c, mm/) ---------
 
 
 @pytest.mark.parametrize(
@@ -892,7 +903,7 @@ def test_seeded_roots_walk_by_hand_to_the_data_page(
         assert wrong(q, f"{ept_root:#x}").startswith(f"Not {ept_root:#x}: That is the EPT root")
 
 
-# --- shadow (FACTS D: shadow paging; EPT violations) ---------------------------------------------
+# --- shadow (KVM paging_tmpl.h: shadow paging; EPT violations) -----------------------------------
 
 
 @pytest.mark.parametrize(

@@ -170,15 +170,18 @@ def test_shadow_paging_runs_the_guest_with_hardware_wp_set() -> None:
     assert m.vcpu.access(GVA, "read").value == 0xDEADBEEF
 
 
-@pytest.mark.parametrize("smep", [False, True])
-def test_shadow_paging_emulates_wp0_with_a_writable_supervisor_entry(smep: bool) -> None:
+@pytest.mark.parametrize(("smep", "nxe"), [(False, True), (True, True), (True, False)])
+def test_shadow_paging_emulates_wp0_with_a_writable_supervisor_entry(smep: bool, nxe: bool) -> None:
     """`FNAME(page_fault)`: a kernel write that guest WP=0 allows to a read-only user page
-    gets a shadow leaf with R/W=1, U/S=0, and XD=1 under SMEP; a user read afterwards faults
-    into KVM again and is shadowed as the guest's tables say (read-only, user)."""
+    gets a shadow leaf with R/W=1, U/S=0, and XD=1 under SMEP, even when the guest runs
+    with EFER.NXE=0 (the hardware runs with NX=1 under shadow paging, so XD is not a
+    reserved bit there); a user read afterwards faults into KVM again and is shadowed as the
+    guest's tables say (read-only, user)."""
     m = machine(tdp=False)
     m.guest.protect(GVA, 0x1000, rw=0)
     m.vcpu.cr0_wp = False
     m.vcpu.cr4_smep = smep
+    m.vcpu.efer_nxe = nxe
     w = m.vcpu.access(GVA, "write", 7)
     assert w.fault is None and w.value == 7
     leaf = w.trace.of_type(NativeWalk)[-1].record.steps[-1].value

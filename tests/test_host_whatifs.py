@@ -1,4 +1,4 @@
-"""Host-side what-ifs under a running guest (FACTS.md D, "MMU notifiers"): swap-out, migration,
+"""Host-side what-ifs under a running guest (include/linux/mmu_notifier.h): swap-out, migration,
 KSM, THP split/collapse, munmap, and what goes wrong when KVM is not notified."""
 
 from __future__ import annotations

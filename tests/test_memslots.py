@@ -1,6 +1,6 @@
 """KVM_SET_USER_MEMORY_REGION: the validation table of `__kvm_set_memory_region` (errno and a
 message naming the rule), the kinds of change (create, move, flags only, delete, no-op), and
-what a change does to the guest (FACTS.md section C, virt/kvm/kvm_main.c)."""
+what a change does to the guest (Documentation/virt/kvm/api.rst, virt/kvm/kvm_main.c)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """MMIO exits, cached MMIO EPT entries, READONLY slots, guest tables in no memslot, and dirty
-logging (FACTS.md sections C and D; arch/x86/kvm/mmu/mmu.c, spte.c, virt/kvm/kvm_main.c)."""
+logging (Documentation/virt/kvm/api.rst; arch/x86/kvm/mmu/mmu.c, spte.c, virt/kvm/kvm_main.c)."""
 
 from __future__ import annotations
 

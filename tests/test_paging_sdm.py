@@ -1,4 +1,4 @@
-"""Hand-computed cases of IA-32e paging, one per rule of SDM Vol 3A ch. 4 (FACTS.md section A).
+"""Hand-computed cases of IA-32e paging, one per rule of SDM Vol 3A ch. 4.
 
 Each case builds real tables in simulated memory, walks them, and checks the outcome, the #PF
 error code and CR2, and the A/D bits written back, against values worked out by hand.

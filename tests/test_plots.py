@@ -235,10 +235,14 @@ def test_paging_structure_cache_skips_rows_and_is_labelled() -> None:
     result = m.vcpu.access(GVA + 0x1000, "read")  # same page table: the PDE cache hits
     grid = walk_grid(result.trace)
     sources = Counter(cell.source for cell in grid.cells)
-    assert sources["memory"] == 5 and sources[PSC] == 19
+    # Rows gL4..gL2 (15 cells) and the PT's EPT cells (4) from the guest PDE cache; the data
+    # GPA's EPT PML4E, PDPTE and PDE (3) from the EPT's PDE cache: the PTE and the EPT PTE
+    # are the only memory references.
+    assert sources["memory"] == 2 and sources[PSC] == 22
     assert {(c.row, c.col) for c in grid.cells if c.source == PSC} >= {(0, 4), (1, 4), (2, 4)}
+    assert {(c.row, c.col) for c in grid.cells if c.source == "memory"} == {(3, 4), (4, 3)}
     figure = plot_walk_grid(result.trace)
-    assert tags(figure)["PSC"] == 19
+    assert tags(figure)["PSC"] == 22
     assert CELL_STYLES[PSC].label in legend_labels(figure.axes[0])
 
 

@@ -97,7 +97,8 @@ def test_without_kvm_the_check_skips_and_the_command_exits_2(
 def test_command_exits_0_when_everything_agrees() -> None:
     from twodwalk.realkvm import __main__ as cli
 
-    assert cli.main(["--cases", "200", "--memslot-cases", "200", "--seed", "9"]) == 0
+    argv = ["--cases", "200", "--memslot-cases", "200", "--sequence-cases", "30", "--seed", "9"]
+    assert cli.main(argv) == 0
 
 
 @needs_kvm

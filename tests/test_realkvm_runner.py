@@ -7,7 +7,6 @@ import dataclasses
 import shutil
 import struct
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from twodwalk.errors import TwodwalkError
 from twodwalk.kvm.memslots import KvmError
 from twodwalk.realkvm import runtime
 from twodwalk.realkvm.device import KvmExitError
-from twodwalk.realkvm.runtime import Controls, Observed, RealRunner
+from twodwalk.realkvm.runtime import Controls, Observed, RealRunner, Step
 
 REASON = realkvm.unavailable_reason()
 needs_kvm = pytest.mark.skipif(REASON is not None, reason=f"no usable /dev/kvm: {REASON}")
@@ -181,14 +180,45 @@ def test_bad_arguments_are_refused(runner: RealRunner) -> None:
 
 
 @needs_kvm
-def test_runs_per_second(runner: RealRunner, capsys: pytest.CaptureFixture[str]) -> None:
-    ram, count = image(), 40
-    start = time.perf_counter()
-    for _ in range(count):
-        runner.run(ram, PML4, DATA_GVA, "read", CPL0)
-    rate = count / (time.perf_counter() - start)
-    with capsys.disabled():
-        print(f"\nRealRunner: {rate:.0f} runs/s (one runner, {runner.ram_size >> 20} MiB RAM)")
+def test_a_sequence_keeps_state_between_steps(runner: RealRunner) -> None:
+    """One run: a read, a write that must set D, an MMIO write, a fault the run survives,
+    a MOV to CR3 and INVLPG; each step reports on its own."""
+    steps = [
+        Step("read", DATA_GVA),
+        Step("write", DATA_GVA, 0xFEED),
+        Step("invlpg", DATA_GVA),
+        Step("read", DATA_GVA),
+        Step("write", CODE_GVA + 0x1000, 5),  # PTE 2 is not present
+        Step("cr3", value=PML4),
+        Step("read", DATA_GVA),
+    ]
+    seen = runner.run_sequence(image(), PML4, steps, CPL0)
+    assert [(o.vector, o.error_code, o.value) for o in seen] == [
+        (None, None, VALUE),
+        (None, None, None),
+        (None, None, None),
+        (None, None, 0xFEED),
+        (14, 2, None),
+        (None, None, None),
+        (None, None, 0xFEED),
+    ]
+    assert entry(seen[0], "PTE") & (A | D) == A
+    assert entry(seen[1], "PTE") & (A | D) == A | D
+    mmio = runner.run_sequence(image(data_pte=MMIO_GPA | P | RW), PML4, steps[:2], CPL0)
+    assert [o.mmio for o in mmio] == [
+        (MMIO_GPA, 8, False, b""),
+        (MMIO_GPA, 8, True, (0xFEED).to_bytes(8, "little")),
+    ]
+
+
+@needs_kvm
+def test_bad_sequences_are_refused(runner: RealRunner) -> None:
+    with pytest.raises(TwodwalkError, match="CPL 0"):
+        runner.run_sequence(image(), PML4, [Step("read", DATA_GVA)], CPL3)
+    with pytest.raises(TwodwalkError, match="step kind"):
+        runner.run_sequence(image(), PML4, [Step("fetch", CODE_GVA)], CPL0)
+    with pytest.raises(TwodwalkError, match="number of steps"):
+        runner.run_sequence(image(), PML4, [], CPL0)
 
 
 def test_embedded_code_is_the_assembled_source(tmp_path: Path) -> None:
@@ -203,7 +233,10 @@ def test_embedded_code_is_the_assembled_source(tmp_path: Path) -> None:
     listing = subprocess.run([nm, obj], check=True, capture_output=True, text=True).stdout
     symbols = {name: int(address, 16) for address, _, name in map(str.split, listing.splitlines())}
     assert {kind: symbols[kind] for kind in runtime.STUBS} == runtime.STUBS
-    assert (symbols["DONE_PORT"], symbols["EXCEPTION_PORT"]) == (
+    assert {kind: symbols[f"step_{kind}"] for kind in runtime.STEPS} == runtime.STEPS
+    assert symbols["next"] == runtime.SEQUENCE
+    assert (symbols["DONE_PORT"], symbols["EXCEPTION_PORT"], symbols["STEP_PORT"]) == (
         runtime.DONE_PORT,
         runtime.EXCEPTION_PORT,
+        runtime.STEP_PORT,
     )

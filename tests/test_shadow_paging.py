@@ -1,6 +1,6 @@
 """Shadow paging (EPT off) against EPT: same guest-visible results, different machinery.
 
-FACTS.md section D "Shadow paging": KVM walks the guest tables in software, builds shadow
+arch/x86/kvm/mmu/paging_tmpl.h: KVM walks the guest tables in software, builds shadow
 tables GVA -> HPA that the CPU walks, write-protects guest page-table pages so guest edits
 trap, and maps clean guest PTEs read-only so the first write sets the guest's D bit.
 """

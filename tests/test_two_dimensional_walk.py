@@ -1,4 +1,4 @@
-"""The two-dimensional walk under EPT (FACTS.md B, D, F), checked against raw tables.
+"""The two-dimensional walk under EPT (SDM Vol 3C 29.3; KVM mmu.c), checked against raw tables.
 
 Every expected address here is computed from the raw 8-byte entries (guest tables read through
 the VMM's view of guest RAM, EPT tables read from host memory), never from the engine's walker.

@@ -32,7 +32,14 @@ from twodwalk.paging import (
     exception_for,
 )
 from twodwalk.processor import ACCESS_SIZE, AccessResult, InternalError, MmioExit, Processor
-from twodwalk.tlb import PageWalkCache, PageWalkCacheTables, Tag, Tlb, TlbEntry
+from twodwalk.tlb import (
+    PageWalkCacheTables,
+    Tag,
+    TlbEntry,
+    TranslationCaches,
+    deepest_table,
+    fill_paging_structure_caches,
+)
 from twodwalk.trace import (
     CacheHit,
     DataAccess,
@@ -50,6 +57,7 @@ from twodwalk.walker import (
     TableRead,
     WalkFault,
     WalkRecord,
+    WalkStart,
     walk,
 )
 
@@ -73,14 +81,40 @@ class GpaTranslation:
 
 class GuestPhysical:
     """GPA -> HPA as the processor does it under EPT: a guest-physical mapping from the cache
-    if one allows the access, else an EPT walk whose result is cached (SDM Vol 3C 29.4.2)."""
+    if one allows the access, else an EPT walk, started below the root when a guest-physical
+    paging-structure cache knows a table on the way; what it finds is cached (SDM Vol 3C
+    29.4.2-29.4.3)."""
 
-    def __init__(self, mmu: TdpMmu, cache: Tlb, pwc: PageWalkCache | None = None) -> None:
+    def __init__(self, mmu: TdpMmu, caches: TranslationCaches) -> None:
         self.mmu = mmu
-        self.cache = cache
+        self.caches = caches
+        self.cache = caches.guest_physical
+        self.psc = caches.ept_psc
         self.tag = Tag(0, 0, mmu.eptp.ep4ta)
-        self.pwc = pwc  # the AMD-style model's page-walk cache, which EPT walks read through
+        # the AMD-style model's page-walk cache, which EPT walks read through instead
+        self.pwc = caches.pwc if caches.amd else None
+        pwc = self.pwc
         self.tables = None if pwc is None else PageWalkCacheTables(mmu.host.physical_tables, pwc)
+        self.walked: list[WalkRecord] = []  # EPT walks since the caches were last filled
+
+    def fill_paging_structure_caches(self) -> None:
+        """Cache the upper EPT entries of the walks that completed, once the two-dimensional
+        walk is over: one walk does not feed itself, so a cold 4x4 walk still makes its 24
+        references (when entries are cached is left to the processor, SDM Vol 3C 29.4.3)."""
+        for record in self.walked:
+            fill_paging_structure_caches(self.psc, self.tag, record)
+        self.walked.clear()
+
+    def current(self, mmu: TdpMmu) -> bool:
+        """Whether this path still uses the VM's MMU and the vCPU's caches as they are."""
+        caches = self.caches
+        pwc = caches.pwc if caches.amd else None
+        return (
+            self.mmu is mmu
+            and self.cache is caches.guest_physical
+            and self.psc is caches.ept_psc
+            and self.pwc is pwc
+        )
 
     def translate(self, gpa: int, access: Access) -> GpaTranslation:
         hit = self.cache.lookup(self.tag, gpa) if self.cache.enabled else None
@@ -90,12 +124,19 @@ class GuestPhysical:
                 offset = gpa & (hit.page_size - 1)
                 return GpaTranslation(hit.frame + offset, hit.page_size, hit.rights, None)
             self.cache.invalidate(lambda e: e is not hit)
-        record = self.mmu.walk(gpa, access, self.tables)
+        start = None
+        if self.pwc is None:
+            found = deepest_table(self.psc, self.tag, gpa, self.mmu.fmt.levels)
+            if found is not None:
+                start = WalkStart(found[0] - 1, found[1].frame, found[1].rights)
+        record = self.mmu.walk(gpa, access, self.tables, start)
         t = record.translation
         if t is None:
             return GpaTranslation(None, 0, Rights.NONE, record)
         if self.pwc is not None:
             self.pwc.fill(record)
+        else:
+            self.walked.append(record)
         if not self.cache.enabled:
             return GpaTranslation(t.address, t.page_size, t.rights, record)
         leaf = record.leaf
@@ -182,6 +223,7 @@ class Vcpu(Processor):
         self._gpa_path: GuestPhysical | None = None
         mmu = machine.vm.mmu
         self._ep4ta = mmu.eptp.ep4ta if isinstance(mmu, TdpMmu) else 0  # fixed per VM
+        self._shadow = isinstance(mmu, ShadowMmu)  # a VM's MMU kind never changes
         mmu.tlb_flushers.append(self._kvm_flush)
 
     def flush_tlb(self) -> None:
@@ -217,15 +259,17 @@ class Vcpu(Processor):
         """Under shadow paging CR0.WP is part of KVM's MMU role (`kvm_post_set_cr0` ->
         `kvm_mmu_reset_context`): the vCPU moves to the shadow root built for the new WP
         (`ShadowMmu.root_for`) and its TLB is flushed, so no entry made for WP=0 survives."""
-        if isinstance(self.machine.vm.mmu, ShadowMmu):
+        if self._shadow:
             self.flush_tlb()
 
     def hardware_controls(self) -> PagingControls:
         """Without EPT, KVM runs the guest with hardware CR0.WP=1 whatever the guest set
         (vmx.c `vmx_set_cr0`, svm.c `svm_set_cr0`), so that a supervisor write through a
-        read-only shadow entry always exits; `ShadowMmu.page_fault` emulates guest WP=0."""
-        if isinstance(self.machine.vm.mmu, ShadowMmu):
-            return self._controls(True)
+        read-only shadow entry always exits, and `ShadowMmu.page_fault` emulates guest WP=0;
+        and with EFER.NX=1 (vmx.c `update_transition_efer`, svm.c `svm_set_efer`: "shadow
+        paging assumes NX"), so that the XD bit it sets in shadow entries is not reserved."""
+        if self._shadow:
+            return self._controls(True, True)
         return self.controls()
 
     def _vm_exit(self, trace: Trace, event: VmExit) -> None:
@@ -248,15 +292,9 @@ class Vcpu(Processor):
     def _guest_physical(self, mmu: TdpMmu) -> GuestPhysical:
         """The GPA -> HPA path through this vCPU's guest-physical mappings (made again only
         when someone replaced a cache or switched the cache model)."""
-        caches, path = self.caches, self._gpa_path
-        pwc = caches.pwc if caches.amd else None
-        if (
-            path is None
-            or path.mmu is not mmu
-            or path.cache is not caches.guest_physical
-            or path.pwc is not pwc
-        ):
-            path = self._gpa_path = GuestPhysical(mmu, caches.guest_physical, pwc)
+        path = self._gpa_path
+        if path is None or not path.current(mmu):
+            path = self._gpa_path = GuestPhysical(mmu, self.caches)
         return path
 
     def _attempt_tdp(
@@ -273,15 +311,20 @@ class Vcpu(Processor):
         tables = EptTables(gpa_path, machine.memory, known)
         guest = walk(fmt, root, gva, access, tables, controls.rules, start)
         trace.add(GuestWalk(guest))
+        final = None
+        if guest.translation is not None:
+            self._fill_psc(guest)
+            # EPT has no user/supervisor distinction: the final GPA is translated as a plain
+            # access of the same kind.
+            final = gpa_path.translate(guest.translation.address, Access.of(access.kind))
+        gpa_path.fill_paging_structure_caches()  # the hardware walk is over
         fault = guest.fault
         if fault is not None and fault.nested is not None:
             return self._ept_exit(guest, fault.nested, final=False, value=value, trace=trace)
         if fault is not None:
             return self._result(trace, fault=exception_for(guest, controls))
-        assert guest.translation is not None
-        self._fill_psc(guest)
+        assert guest.translation is not None and final is not None
         gpa = guest.translation.address
-        final = gpa_path.translate(gpa, Access.of(access.kind))  # EPT has no user/supervisor
         if final.record is not None:
             trace.add(EptWalk(final.record))
         hpa = final.hpa

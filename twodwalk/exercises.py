@@ -331,7 +331,7 @@ def _random_page(
     return address | ((1 << 64) - (1 << (width - 1))) if kernel else address
 
 
-# --- topic "indices": split a GVA (SDM Vol 3A 4.5.4, figure 4-8) ---------------------------------
+# --- topic "indices": split a GVA (SDM Vol 3A 4.5.4, figure 4-8) ----------------------------------
 
 
 def indices_question(gva: int, levels: int = 4) -> Question:
@@ -437,7 +437,7 @@ def _seeded_indices(seed: int) -> Question:
     return indices_question(page + rng.randrange(PAGE_SIZE), levels)
 
 
-# --- topic "references": the cost of a 2D walk (FACTS F; SDM Vol 3C 29.3.2) ----------------------
+# --- topic "references": the cost of a 2D walk (SDM Vol 3C 29.3.2; Bhargava et al.) ---------------
 
 
 def references_question(
@@ -623,7 +623,7 @@ def _seeded_references(seed: int) -> Question:
     )
 
 
-# --- topic "error-code": the #PF error code (SDM Vol 3A 4.6, 4.7) --------------------------------
+# --- topic "error-code": the #PF error code (SDM Vol 3A 4.6, 4.7) ---------------------------------
 
 _NO_FAULT = "none"
 _NO_FAULT_WORDS = {
@@ -788,7 +788,7 @@ def _seeded_error_code(seed: int) -> Question:
     )
 
 
-# --- topic "translate": walk a toy guest page table by hand (SDM Vol 3A 4.5.4) -------------------
+# --- topic "translate": walk a toy guest page table by hand (SDM Vol 3A 4.5.4) --------------------
 
 _FAULT = "fault"
 _FAULT_WORDS = {
@@ -941,7 +941,7 @@ def _seeded_translate(seed: int) -> Question:
     return translate_question(mappings, gva)
 
 
-# --- topic "memslot": GPA -> HVA (KVM `__gfn_to_hva_memslot`, FACTS C) ---------------------------
+# --- topic "memslot": GPA -> HVA (KVM `__gfn_to_hva_memslot`, api.rst) ----------------------------
 
 _MMIO = "mmio"
 _MMIO_WORDS = {
@@ -1103,7 +1103,7 @@ def memslots_of_machine_question(memslots: Memslots, seed: int) -> Question:
     return memslot_question(specs, gpa)
 
 
-# --- topic "ept-qualification": an EPT violation's exit qualification (SDM Vol 3C 28-7) ----------
+# --- topic "ept-qualification": an EPT violation's exit qualification (SDM Vol 3C 28-7) -----------
 
 _QUAL_NAMES = {
     "read": EPT_VIOLATION_ACC_READ,
@@ -1262,7 +1262,7 @@ def _seeded_qualification(seed: int) -> Question:
     )
 
 
-# --- topic "tlb": what the translation caches save (SDM Vol 3C 29.4; Vol 3A 4.10) ---------------
+# --- topic "tlb": what the translation caches save (SDM Vol 3C 29.4; Vol 3A 4.10) -----------------
 
 TLB_STEPS = ("read", "invlpg", "mov-cr3", "invvpid", "invept")
 _STEP_TEXT = {
@@ -1280,7 +1280,7 @@ _SHORT_STEP = {
     "invept": "INVEPT",
 }
 _HIT_WORDS = frozenset({"hit", "tlb hit", "a tlb hit", "no walk", "none"})
-_CACHES_OFF = ("tlb", "psc", "guest-physical", "all")
+_CACHES_OFF = ("tlb", "psc", "guest-physical", "ept-psc", "all")
 TLB_PAGES: Mapping[str, int] = MappingProxyType(
     {
         "A": 0x7F00_4060_5000,  # 1 GiB 1, 2 MiB region 3, page 5
@@ -1298,6 +1298,7 @@ class _CacheState:
     tlb: bool
     psc: int | None  # the lowest paging-structure-cache level whose entry covers the page
     gpm: bool  # the page's guest-physical mapping (its GPA -> HPA)
+    ept_psc: int | None  # the lowest EPT paging-structure-cache level covering the page's GPA
 
 
 @dataclass(frozen=True)
@@ -1348,8 +1349,9 @@ def tlb_question(
             f"Finally the guest reads {final}. How many memory references does the hardware"
             " make to translate that read? Count the reads of guest and EPT entries, not the"
             " data access; answer 0 if the TLB serves it. The caches (SDM Vol 3C 29.4): a TLB"
-            " big enough for all these pages, paging-structure caches (PML4E, PDPTE, PDE)"
-            " and guest-physical mappings.",
+            " big enough for all these pages, paging-structure caches (PML4E, PDPTE, PDE),"
+            " guest-physical mappings, and the EPT's own paging-structure caches (EPT PML4E,"
+            " PDPTE, PDE: a GPA prefix -> the EPT table below), filled when a walk is over.",
         ]
     )
     hint = (
@@ -1357,8 +1359,10 @@ def tlb_question(
         " Else the lowest paging-structure cache that covers the page lets the walk start"
         " below it (the PDE cache: only the PTE is read). Every guest table then costs 1"
         " read plus an EPT walk of its GPA, and so does the final GPA, unless a guest-physical"
-        " mapping holds that GPA. INVLPG and MOV to CR3 drop the page's TLB entries and all"
-        " paging-structure caches but keep guest-physical mappings; INVEPT drops all three."
+        " mapping holds that GPA; an EPT walk starts below the EPT root when an EPT"
+        " paging-structure cache covers the GPA (the EPT PDE cache: 1 read). INVLPG and MOV to"
+        " CR3 drop the page's TLB entries and the paging-structure caches but keep what came"
+        " from EPT (guest-physical mappings, EPT paging-structure caches); INVEPT drops all."
     )
     story = _tlb_story(run, steps, final)
     walk = (
@@ -1465,6 +1469,7 @@ def _tlb_run(
         "tlb": [caches.tlb],
         "psc": list(caches.psc.values()),
         "guest-physical": [caches.guest_physical],
+        "ept-psc": list(caches.ept_psc.values()),
         "all": caches.all(),
     }
     off_caches = choices[off]
@@ -1498,10 +1503,16 @@ def _cache_state(machine: Machine, gva: int, gpa: int) -> _CacheState:
         for level, cache in caches.psc.items()
         if any(e.page <= gva < e.page + e.page_size for e in cache.entries())
     ]
+    ept_psc = [
+        level
+        for level, cache in caches.ept_psc.items()
+        if any(e.page <= gpa < e.page + e.page_size for e in cache.entries())
+    ]
     return _CacheState(
         any(e.page <= gva < e.page + e.page_size for e in caches.tlb.entries()),
         min(psc, default=None),
         any(e.page <= gpa < e.page + e.page_size for e in caches.guest_physical.entries()),
+        min(ept_psc, default=None),
     )
 
 
@@ -1555,7 +1566,18 @@ def _tlb_story(run: _TlbRun, steps: Sequence[tuple[str, str | None]], final: str
         )
     else:
         gpm += "."
-    return [f"  {line}" for line in (tlb, psc, gpm)]
+    if state.ept_psc is not None:
+        ept = (
+            f"The EPT {PSC_NAMES[state.ept_psc]} covers {final}'s GPA"
+            f" ({_since(run, steps, 'ept_psc')}): an EPT walk of it reads only the"
+            f" {state.ept_psc - 1} EPT level{'s' if state.ept_psc > 2 else ''} below."
+        )
+    else:
+        ept = (
+            f"No EPT paging-structure cache covers {final}'s GPA"
+            f" ({_since(run, steps, 'ept_psc')}): an EPT walk of it starts at the EPT root."
+        )
+    return [f"  {line}" for line in (tlb, psc, gpm, ept)]
 
 
 def _tlb_mistakes(
@@ -1566,7 +1588,7 @@ def _tlb_mistakes(
     final: str,
 ) -> list[tuple[Value, str]]:
     """Typical wrong counts, each found by running the history with a cache switched off."""
-    tlb, psc, gpm = (line.strip() for line in story)
+    tlb, psc, gpm, ept = (line.strip() for line in story)
     guest = sum(r.dimension == "guest" for r in refs)
     items: list[tuple[Value, str]] = [
         (off["tlb"], f"Not {off['tlb']}: that is what a walk would cost. {tlb}"),
@@ -1575,6 +1597,11 @@ def _tlb_mistakes(
         (
             off["guest-physical"],
             f"Not {off['guest-physical']}: that is the cost without guest-physical mappings. {gpm}",
+        ),
+        (
+            off["ept-psc"],
+            f"Not {off['ept-psc']}: that is the cost without the EPT's paging-structure"
+            f" caches, every EPT walk from the root. {ept}",
         ),
         (
             off["all"],
@@ -1621,7 +1648,7 @@ def _seeded_tlb(seed: int) -> Question:
     )
 
 
-# --- topic "what-if": which structure a change under a running guest touches (FACTS C, D) --------
+# --- topic "what-if": which structure a change under a running guest touches (KVM mmu.c, mm/) -----
 
 WHAT_IFS: Mapping[str, str] = MappingProxyType(
     {
@@ -1902,7 +1929,7 @@ def _seeded_what_if(seed: int) -> Question:
     )
 
 
-# --- topic "roots": the same shape, different trees (SDM Vol 3A 4.5; Vol 3C 29.3.2) -------------
+# --- topic "roots": the same shape, different trees (SDM Vol 3A 4.5; Vol 3C 29.3.2) ---------------
 
 ROOT_WALKS: Mapping[str, str] = MappingProxyType(
     {
@@ -2054,7 +2081,7 @@ def _seeded_roots(seed: int) -> Question:
     )
 
 
-# --- topic "shadow": what exits with EPT off, and with EPT on (FACTS D; paging_tmpl.h) ----------
+# --- topic "shadow": what exits with EPT off, and with EPT on (KVM paging_tmpl.h, mmu.c) ----------
 
 SHADOW_ACTIONS: Mapping[str, str] = MappingProxyType(
     {

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from itertools import pairwise
 
 from twodwalk.cpumodel import CpuModel
 from twodwalk.ept import EptAccessRules
 from twodwalk.errors import TwodwalkError, check_choice, check_int
-from twodwalk.formats import RIGHTS_BY_MASK, EntryFormat, Ia32eFormat, Rights
+from twodwalk.formats import EntryFormat, Ia32eFormat, Rights
 from twodwalk.memory import PhysicalMemory
 from twodwalk.paging import (
     GeneralProtection,
@@ -31,6 +30,8 @@ from twodwalk.tlb import (
     TlbEntry,
     TranslationCaches,
     TwoLevelTlb,
+    deepest_table,
+    fill_paging_structure_caches,
 )
 from twodwalk.trace import CacheHit, DataAccess, Retry, TlbHit, Trace
 from twodwalk.walker import Access, AccessKind, TableMemory, WalkRecord, WalkStart
@@ -226,21 +227,21 @@ class Processor(ABC):
 
     def controls(self) -> PagingControls:
         """The paging controls as the bits stand now (one value per distinct setting)."""
-        return self._controls(self.cr0_wp)
+        return self._controls(self._cr0_wp, self.efer_nxe)
 
     def hardware_controls(self) -> PagingControls:
         """The controls the processor's own walks and TLB checks obey: the guest's, except
         where the hypervisor overrides a bit in hardware (`Vcpu.hardware_controls`)."""
         return self.controls()
 
-    def _controls(self, cr0_wp: bool) -> PagingControls:
+    def _controls(self, cr0_wp: bool, efer_nxe: bool) -> PagingControls:
         key = (
             cr0_wp,
             self.cr4_la57,
             self.cr4_smep,
             self.cr4_smap,
             self.cr4_pke,
-            self.efer_nxe,
+            efer_nxe,
             self.rflags_ac,
             self.pkru,
         )
@@ -324,15 +325,14 @@ class Processor(ABC):
         model has none: its walks start at the root."""
         if self.caches.amd:
             return None, {}
-        tag = self._tag()
-        for level in range(2, fmt.levels + 1):
-            entry = self.caches.psc[level].lookup(tag, gva)
-            if entry is not None and entry.gpa_page is not None:
-                trace.add(CacheHit(f"paging-structure cache L{level}", entry.page, entry.frame))
-                return WalkStart(level - 1, entry.gpa_page, entry.rights), {
-                    entry.gpa_page: (entry.frame, entry.ept_rights)
-                }
-        return None, {}
+        found = deepest_table(self.caches.psc, self._tag(), gva, fmt.levels)
+        if found is None:
+            return None, {}
+        level, entry = found
+        assert entry.gpa_page is not None
+        trace.add(CacheHit(f"paging-structure cache L{level}", entry.page, entry.frame))
+        start = WalkStart(level - 1, entry.gpa_page, entry.rights)
+        return start, {entry.gpa_page: (entry.frame, entry.ept_rights)}
 
     def _fill_psc(self, record: WalkRecord) -> None:
         """Cache, for each table the walk went through, the address of the table below it
@@ -340,28 +340,8 @@ class Processor(ABC):
         model, keep the walk's upper-level entries in the page-walk cache instead."""
         if self.caches.amd:
             self.caches.pwc.fill(record)
-            return
-        tag = self._tag()
-        for (level, _, _, value, mask, _), (_, table, _, _, _, read) in pairwise(record.rows):
-            cache = self.caches.psc[level]
-            if not cache.enabled:
-                continue
-            cover = record.format.page_size(level)
-            frame = table if read is None else read.physical & ~0xFFF
-            cache.insert(
-                TlbEntry(
-                    tag,
-                    record.address & ~(cover - 1),
-                    cover,
-                    frame,
-                    table,
-                    RIGHTS_BY_MASK[mask],
-                    None if read is None else read.ept_rights,
-                    value,
-                    True,
-                    False,
-                )
-            )
+        else:
+            fill_paging_structure_caches(self.caches.psc, self._tag(), record)
 
     def _tlb_hit(
         self, gva: int, access: Access, value: int | None, trace: Trace

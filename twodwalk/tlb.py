@@ -17,10 +17,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import NamedTuple
 
 from twodwalk.errors import TwodwalkError, check_choice, check_int
-from twodwalk.formats import Rights
+from twodwalk.formats import RIGHTS_BY_MASK, Rights
 from twodwalk.walker import Access, TableMemory, TableRead, WalkRecord
 
 KIB4, MIB2, GIB1 = 1 << 12, 1 << 21, 1 << 30
@@ -274,6 +275,37 @@ class PageWalkCacheTables:
 MODELS = ("intel", "amd")
 
 
+def deepest_table(
+    psc: Mapping[int, Tlb], tag: Tag, address: int, levels: int
+) -> tuple[int, TlbEntry] | None:
+    """The deepest paging-structure-cache entry for `address` and its level: where a walk
+    can begin (SDM Vol 3A 4.10.3.2: the PDE cache first, then the PDPTE and PML4E caches;
+    Vol 3C 29.4.3 likewise for the EPT's caches of guest-physical addresses)."""
+    for level in range(2, levels + 1):
+        entry = psc[level].lookup(tag, address)
+        if entry is not None and entry.gpa_page is not None:
+            return level, entry
+    return None
+
+
+def fill_paging_structure_caches(psc: Mapping[int, Tlb], tag: Tag, record: WalkRecord) -> None:
+    """Cache, for each table a walk went through, the table below it (its address in the
+    walk's own space, its HPA, the EPT rights of its page) and the rights so far, keyed by
+    the address bits that chose them."""
+    for (level, _, _, value, mask, _), (_, table, _, _, _, read) in pairwise(record.rows):
+        cache = psc[level]
+        if not cache.enabled:
+            continue
+        cover = record.format.page_size(level)
+        frame = table if read is None else read.physical & ~0xFFF
+        ept_rights = None if read is None else read.ept_rights
+        rights = RIGHTS_BY_MASK[mask]
+        page = record.address & ~(cover - 1)
+        cache.insert(
+            TlbEntry(tag, page, cover, frame, table, rights, ept_rights, value, True, False)
+        )
+
+
 def _psc_geometry(level: int) -> Mapping[int, tuple[int, int]]:
     """A paging-structure cache for level `level` entries: keyed by the address bits above
     the level below (so its "page" is 2 MiB for the PDE cache, 1 GiB for the PDPTE cache ...)."""
@@ -290,7 +322,10 @@ class TranslationCaches:
       guest-physical) address of the level L-1 table and the rights accumulated above it,
       so a walk can start there (PML4E cache L=4, PDPTE cache L=3, PDE cache L=2);
     - `guest_physical`: guest-physical mappings (GPA page -> HPA page from EPT), tagged
-      by the EPTP only, used for the GPA of each guest table and the final GPA;
+      by the EP4TA only, used for the GPA of each guest table and the final GPA;
+    - `ept_psc[L]`: guest-physical paging-structure caches: a GPA prefix -> the HPA of the
+      level L-1 EPT table and the EPT rights above it, so that an EPT walk that misses the
+      guest-physical mappings can start there (EPT PML4E L=4, PDPTE L=3, PDE L=2);
     - `pwc`: with `model="amd"`, a `PageWalkCache` takes the place of the paging-structure
       caches (`model="intel"`, the default, is the SDM's).
 
@@ -301,6 +336,9 @@ class TranslationCaches:
         default_factory=lambda: {lv: Tlb(_psc_geometry(lv)) for lv in (5, 4, 3, 2)}
     )
     guest_physical: Tlb = field(default_factory=Tlb)
+    ept_psc: dict[int, Tlb] = field(
+        default_factory=lambda: {lv: Tlb(_psc_geometry(lv)) for lv in (5, 4, 3, 2)}
+    )
     model: str = "intel"
     pwc: PageWalkCache = field(default_factory=PageWalkCache)
 
@@ -316,7 +354,7 @@ class TranslationCaches:
         return self.model == "amd"
 
     def all(self) -> list[Tlb | TwoLevelTlb]:
-        return [self.tlb, *self.psc.values(), self.guest_physical]
+        return [self.tlb, *self.psc.values(), self.guest_physical, *self.ept_psc.values()]
 
     def off(self) -> None:
         for cache in self.all():

@@ -36,7 +36,7 @@ from twodwalk.kvm.memslots import KvmError, Memslot, Memslots
 from twodwalk.pagetables import PageTables
 from twodwalk.paging import PFERR_FETCH, PFERR_PRESENT, PFERR_USER, PFERR_WRITE
 from twodwalk.trace import KvmStep, SpteWrite, Trace
-from twodwalk.walker import Access, TableMemory, WalkRecord, walk
+from twodwalk.walker import Access, TableMemory, WalkRecord, WalkStart, walk
 
 _EPT_RULES = EptAccessRules()
 PFERR_GUEST_FINAL = 1 << 32
@@ -223,10 +223,18 @@ class TdpMmu(KvmMmu):
 
     # --- what the hardware does -------------------------------------------------------------
 
-    def walk(self, gpa: int, access: Access, tables: TableMemory | None = None) -> WalkRecord:
+    def walk(
+        self,
+        gpa: int,
+        access: Access,
+        tables: TableMemory | None = None,
+        start: WalkStart | None = None,
+    ) -> WalkRecord:
         """The CPU's EPT walk of one guest-physical address (SDM 29.3.2), reading the EPT
-        through `tables` (default: straight from host memory)."""
-        return walk(self.fmt, self.eptp.root, gpa, access, tables or self._tables, _EPT_RULES)
+        through `tables` (default: straight from host memory), from `start` when a
+        guest-physical paging-structure cache named a table below the root."""
+        tables = tables or self._tables
+        return walk(self.fmt, self.eptp.root, gpa, access, tables, _EPT_RULES, start)
 
     # --- exits ------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from twodwalk.cpumodel import PAGE_SHIFT, CpuModel
 from twodwalk.errors import TwodwalkError
-from twodwalk.formats import ENTRY_SIZE, EntryFormat, Ia32eFormat, Rights, bits
+from twodwalk.formats import ENTRY_SIZE, EntryFormat, Ia32eFormat, Rights, bits, ia32e_format
 from twodwalk.host import HostKernel, Process
 from twodwalk.kvm.memslots import Memslot, Memslots
 from twodwalk.kvm.mmu import EmulateMmio, Fixed, KvmMmu
@@ -226,8 +226,10 @@ class ShadowMmu(KvmMmu):
         """`FNAME(fetch)`: write-protect and link a shadow table for each guest table on the
         walk, then the 4 KiB leaf with the rights the guest walk accumulated. Below a guest
         large page KVM links direct shadow tables down to level 1, so the shadow leaf is
-        always 4 KiB here (KVM maps huge only when the host page is huge too)."""
-        fmt = guest.format
+        always 4 KiB here (KVM maps huge only when the host page is huge too). Shadow
+        entries are in the format the hardware walks them in: EFER.NX is 1 under shadow
+        paging whatever the guest set (`Vcpu.hardware_controls`)."""
+        fmt = ia32e_format(guest.format.levels, self.cpu, nxe=True)
         assert guest.translation is not None
         table = root
         leaf = guest.steps[-1]

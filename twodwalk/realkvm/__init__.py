@@ -19,9 +19,11 @@ from twodwalk.realkvm.device import (
 )
 from twodwalk.realkvm.memslots import MemslotReport, memslot_fuzz
 from twodwalk.realkvm.paging import QUIRKS, PagingReport, paging_fuzz
-from twodwalk.realkvm.runtime import Controls, Observed, RealRunner
+from twodwalk.realkvm.runtime import Controls, Observed, RealRunner, Step
+from twodwalk.realkvm.sequences import ENGINE_DEFECTS, SequenceReport, sequence_fuzz
 
 __all__ = [
+    "ENGINE_DEFECTS",
     "QUIRKS",
     "CheckResult",
     "Controls",
@@ -33,8 +35,11 @@ __all__ = [
     "RealKvm",
     "RealRunner",
     "RealVm",
+    "SequenceReport",
+    "Step",
     "check",
     "memslot_fuzz",
     "paging_fuzz",
+    "sequence_fuzz",
     "unavailable_reason",
 ]

@@ -1,4 +1,4 @@
-"""`python -m twodwalk.realkvm --cases N --seed S`: the differential fuzzer against /dev/kvm.
+"""`python -m twodwalk.realkvm --cases N --seed S`: the differential fuzzers against /dev/kvm.
 
 Prints agreement counts by category and a reproduction of every disagreement; exits 1 on any
 disagreement and 2 when real KVM cannot be used here (saying why).
@@ -15,10 +15,13 @@ from twodwalk.realkvm.check import check
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m twodwalk.realkvm", description=__doc__)
     parser.add_argument("--cases", type=int, default=1000, help="random paging cases")
+    parser.add_argument(
+        "--sequence-cases", type=int, default=200, help="random step sequences, one run each"
+    )
     parser.add_argument("--memslot-cases", type=int, default=1000, help="random memslot calls")
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same cases")
     args = parser.parse_args(argv)
-    result = check(args.cases, args.memslot_cases, args.seed)
+    result = check(args.cases, args.memslot_cases, args.seed, args.sequence_cases)
     print(result.text, file=sys.stderr if result.disagreements is None else sys.stdout)
     if result.disagreements is None:
         return 2

@@ -17,16 +17,21 @@ class CheckResult:
     disagreements: int | None
 
 
-def check(cases: int = 1000, memslot_cases: int = 1000, seed: int = 0) -> CheckResult:
-    """Paging cases, memslot calls, MMIO exits and dirty logs on real KVM and on the engine."""
+def check(
+    cases: int = 1000, memslot_cases: int = 1000, seed: int = 0, sequence_cases: int = 200
+) -> CheckResult:
+    """Paging cases, access sequences, memslot calls, MMIO exits and dirty logs on real KVM
+    and on the engine."""
     reason = unavailable_reason()
     if reason is not None:
         return CheckResult(f"skipped: {reason}", None)
     from twodwalk.realkvm.paging import QUIRKS, paging_fuzz
     from twodwalk.realkvm.runtime import RealRunner
+    from twodwalk.realkvm.sequences import ENGINE_DEFECTS, sequence_fuzz
     from twodwalk.realkvm.slots import dirty_log, readonly_and_hole
 
     paging = paging_fuzz(cases, seed)
+    sequences = sequence_fuzz(sequence_cases, seed)
     memslots = memslot_fuzz(memslot_cases, seed)
     runner = RealRunner()
     try:
@@ -43,12 +48,16 @@ def check(cases: int = 1000, memslot_cases: int = 1000, seed: int = 0) -> CheckR
     lines = [
         f"seed {seed}",
         paging.table(),
+        sequences.table(),
         memslots.table(),
         f"MMIO accesses (READONLY slot, hole): {len(mmio)}, agree: {sum(o.agree for o in mmio)}",
         f"dirty-log rounds: {len(logs)}, agree: {sum(o.agree for o in logs)}",
         *bad,
         "known quirks of KVM flavours (not engine rules):",
         *(f"  {q.name} ({q.module}): {q.description}" for q in QUIRKS),
+        "known engine defects (to be fixed in the engine):",
+        *(f"  {d.name} ({d.kernel}): {d.description}" for d in ENGINE_DEFECTS),
     ]
-    total = len(paging.disagreements) + len(memslots.disagreements) + len(bad)
+    total = len(paging.disagreements) + len(sequences.disagreements)
+    total += len(memslots.disagreements) + len(bad)
     return CheckResult("\n".join(lines), total)

@@ -444,6 +444,12 @@ class RealVcpu:
         phys_addr, data, length, is_write = _RUN_MMIO.unpack_from(self.run_map, _RUN_UNION)
         return phys_addr, length, bool(is_write), data[:length]
 
+    def clear_mmio_data(self) -> None:
+        """Zero kvm_run.mmio.data: what a read that exited as KVM_EXIT_MMIO gets once
+        KVM_RUN is entered again (api.rst: userspace fills it in for a read)."""
+        start = _RUN_UNION + 8
+        self.run_map[start : start + 8] = bytes(8)
+
     def emulation_failure(self) -> bytes | None:
         """For a KVM_EXIT_INTERNAL_ERROR of suberror KVM_INTERNAL_ERROR_EMULATION that carries
         the instruction (flag KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, api.rst):

@@ -2,12 +2,14 @@
 # in runtime.py as RUNTIME_CODE (tests/test_realkvm_runner.py checks the bytes):
 #     as --64 -o runtime.o runtime.S && objcopy -O binary -j .text runtime.o runtime.bin
 # Position independent. The VMM maps all of it on a supervisor page and its first 0x20 bytes
-# (the stubs) on a user page; the offsets below are STUBS/HANDLERS/HANDLER_STRIDE in runtime.py.
+# (the stubs) on a user page; the offsets below are STUBS/HANDLERS/HANDLER_STRIDE and
+# SEQUENCE/STEPS in runtime.py.
         .intel_syntax noprefix
         .code64
         .text
         .set DONE_PORT, 0xf0            # OUT here: the access completed (RAX: what a read read)
         .set EXCEPTION_PORT, 0xf1       # OUT here: RAX vector, RBX error code, RDX RIP, RCX CR2
+        .set STEP_PORT, 0xf2            # OUT here: a sequence's step completed (RAX: a read's)
 
 # One access each (RDI: the GVA, RSI: the value to write); IOPL=3 lets ring 3 do the OUT.
         .org 0x00
@@ -36,3 +38,34 @@ common: pop rax
         pop rdx
         mov rcx, cr2
         out EXCEPTION_PORT, al
+                                        # a sequence goes on with its next step
+
+# A sequence of steps in one run, at CPL 0: R12 points at the command list, 24 bytes a step
+# (the step's entry point below, its RDI, its RSI); R13 is the stack top and R14 the RFLAGS,
+# both taken back after an exception, as its IRETQ would (RFLAGS.AC is found clear there on
+# kvm_pvm). The VMM reads the guest's state at each report and re-enters KVM_RUN to go on.
+next:   mov rsp, r13
+        push r14
+        popfq
+        mov rbx, [r12]
+        mov rdi, [r12 + 8]
+        mov rsi, [r12 + 16]
+        add r12, 24
+        jmp rbx
+step_read:
+        mov rax, [rdi]
+        jmp step_done
+step_write:
+        mov [rdi], rsi
+        jmp step_done
+step_cr0:
+        mov cr0, rsi                    # CR0.WP on or off (SDM Vol. 3A 2.5)
+        jmp step_done
+step_cr3:
+        mov cr3, rsi                    # flushes the TLB's non-global entries (SDM 4.10.4.1)
+        jmp step_done
+step_invlpg:
+        invlpg [rdi]                    # flushes one page's translations (SDM 4.10.4.1)
+step_done:
+        out STEP_PORT, al
+        jmp next

@@ -1,5 +1,6 @@
 """A guest runtime on real KVM: one access (read, write or fetch) at one GVA under the caller's
-page tables, at CPL 0 or 3, with the paging controls set as asked, and what the guest saw.
+page tables, at CPL 0 or 3, with the paging controls set as asked, and what the guest saw; or a
+sequence of CPL-0 steps (accesses, MOV to CR0 or CR3, INVLPG) in one run, reported step by step.
 
 The guest is a plain long-mode guest (SDM Vol. 3A 9.8.5): its GDT, TSS, IDT, handlers and
 stack live in the top RUNTIME_SIZE bytes of guest RAM (RUNTIME_GPA with the default 32 MiB),
@@ -11,10 +12,10 @@ reports of the guest's OUTs.
 
 from __future__ import annotations
 
-import ctypes
+import dataclasses
 import mmap
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from twodwalk.cpumodel import PAGE_SIZE, CpuModel
@@ -66,13 +67,19 @@ RUNTIME_CODE = (
     b"\x00\x00\x6a\x00\x6a\x1b\xeb\x40\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x6a\x00\x6a\x1c"
     b"\xeb\x30\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x6a\x1d\xeb\x22\x00\x00\x00\x00\x00\x00"
     b"\x00\x00\x00\x00\x00\x00\x6a\x1e\xeb\x12\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
-    b"\x6a\x00\x6a\x1f\xeb\x00\x58\x5b\x5a\x0f\x20\xd1\xe6\xf1"
+    b"\x6a\x00\x6a\x1f\xeb\x00\x58\x5b\x5a\x0f\x20\xd1\xe6\xf1\x4c\x89\xec\x41\x56\x9d\x49\x8b"
+    b"\x1c\x24\x49\x8b\x7c\x24\x08\x49\x8b\x74\x24\x10\x49\x83\xc4\x18\xff\xe3\x48\x8b\x07\xeb"
+    b"\x12\x48\x89\x37\xeb\x0d\x0f\x22\xc6\xeb\x08\x0f\x22\xde\xeb\x03\x0f\x01\x3f\xe6\xf2\xeb"
+    b"\xcb"
 )
 STUBS = {"read": 0x00, "write": 0x08, "fetch": 0x10}  # offsets in RUNTIME_CODE
 HANDLERS = 0x20  # vector n's handler at HANDLERS + HANDLER_STRIDE * n
 HANDLER_STRIDE = 0x10
+SEQUENCE = 0x21E  # `next`: runs the command list's next step
+STEPS = {"read": 0x238, "write": 0x23D, "cr0": 0x242, "cr3": 0x247, "invlpg": 0x24C}
 DONE_PORT = 0xF0
 EXCEPTION_PORT = 0xF1
+STEP_PORT = 0xF2
 
 # Pages of the runtime area (the same offset from RUNTIME_GPA and from RUNTIME_GVA).
 _PDPT, _PD, _PT = 0x0000, 0x1000, 0x2000
@@ -80,6 +87,10 @@ _CODE = 0x3000  # supervisor: the ring-0 stubs and the handlers
 _USER = 0x4000  # user: the ring-3 stubs
 _TABLES = 0x5000  # supervisor: the GDT, the TSS at +_TSS, the IDT at +_IDT
 _STACK = 0x6000  # supervisor: the ring-0 stack, RSP0 at its top
+_COMMANDS = 0x7000  # supervisor, read-only: a sequence's command list
+_STACK_TOP = RUNTIME_GVA + _STACK + 0x1000
+_COMMAND = struct.Struct("<3Q")  # the step's entry point, its RDI, its RSI
+MAX_STEPS = PAGE_SIZE // _COMMAND.size
 _TSS, _IDT = 0x80, 0x200
 # The TSS ends with an all-clear I/O bitmap for ports 0..0xFF (and its 0xFF byte) so ring 3
 # may OUT its report (SDM Vol. 1 19.5.2). IOPL=3 would do, but PVM keeps no guest IOPL.
@@ -94,6 +105,7 @@ _EFER_SCE, _EFER_LME, _EFER_LMA, _EFER_NXE = 1, 1 << 8, 1 << 10, 1 << 11
 _RFLAGS_FIXED, _RFLAGS_AC = 0x2, 1 << 18
 _INT3 = 0xCC
 _MAX_EXITS = 16
+KVM_MEM_LOG_DIRTY_PAGES = 1
 
 
 @dataclass(frozen=True)
@@ -126,11 +138,22 @@ class Controls:
 
 
 @dataclass(frozen=True)
+class Step:
+    """One step of a sequence at CPL 0: "read" or "write" (`value`) of `gva`, "cr0" (MOV to
+    CR0 with CR0.WP = `value`), "cr3" (MOV to CR3 of `value`), or "invlpg" of `gva`."""
+
+    kind: str
+    gva: int = 0
+    value: int = 0
+
+
+@dataclass(frozen=True)
 class Observed:
     """What real KVM showed for one access: the exception the guest took (vector, error code
     as pushed, CR2 for #PF), or the completed access (a read's 8 bytes, a fetch's int3 run), or
     the KVM_EXIT_MMIO it became (data: the bytes written, empty for a read); and the pages
-    the caller loaded, as they are afterwards (for A/D bits and written data)."""
+    the caller loaded, as they are afterwards (for A/D bits and written data). A sequence's
+    step also has the RAM slot's KVM_GET_DIRTY_LOG bitmap taken right after it, if asked."""
 
     vector: int | None
     error_code: int | None
@@ -139,6 +162,7 @@ class Observed:
     fetched: bool
     mmio: tuple[int, int, bool, bytes] | None
     pages: Mapping[int, bytes]
+    dirty_log: bytes | None = None
 
     def read_u64(self, gpa: int) -> int:
         """8 bytes of guest RAM after the run, from a page the caller loaded."""
@@ -177,7 +201,7 @@ def _idt() -> bytes:
 def _runtime_image(base: int) -> bytes:
     """The runtime area's used pages: its page tables, code, descriptor tables and stack.
     Every entry is accessed (and leaves of written pages dirty) already."""
-    image = bytearray(_STACK + 0x1000)
+    image = bytearray(_COMMANDS + 0x1000)
     struct.pack_into("<Q", image, _PDPT, base + _PD | _P | _RW | _US | _A)
     struct.pack_into("<Q", image, _PD, base + _PT | _P | _RW | _US | _A)
     leaves = {
@@ -185,6 +209,7 @@ def _runtime_image(base: int) -> bytes:
         _USER: _P | _US | _A,
         _TABLES: _P | _RW | _A | _D,
         _STACK: _P | _RW | _A | _D,
+        _COMMANDS: _P | _A,
     }
     for page, flags in leaves.items():
         struct.pack_into("<Q", image, _PT + 8 * (page >> 12), base + page | flags)
@@ -192,11 +217,20 @@ def _runtime_image(base: int) -> bytes:
     image[_USER : _USER + HANDLERS] = RUNTIME_CODE[:HANDLERS]
     gdt = _gdt()
     image[_TABLES : _TABLES + len(gdt)] = gdt
-    struct.pack_into("<Q", image, _TABLES + _TSS + 4, RUNTIME_GVA + _STACK + 0x1000)  # RSP0
+    struct.pack_into("<Q", image, _TABLES + _TSS + 4, _STACK_TOP)  # RSP0
     struct.pack_into("<H", image, _TABLES + _TSS + 102, 104)  # I/O map base
     image[_TABLES + _TSS + _TSS_LIMIT] = 0xFF
     image[_TABLES + _IDT : _TABLES + _IDT + 32 * 16] = _idt()
     return bytes(image)
+
+
+def _cr0(wp: bool) -> int:
+    """CR0 of a long-mode guest (SDM Vol. 3A 2.5), with WP as asked."""
+    return _CR0_PE | _CR0_ET | _CR0_NE | _CR0_PG | (_CR0_WP if wp else 0)
+
+
+def _rflags(controls: Controls) -> int:
+    return _RFLAGS_FIXED | (_RFLAGS_AC if controls.rflags_ac else 0)
 
 
 def _flat(selector: int, code: bool, dpl: int) -> Segment:
@@ -286,48 +320,108 @@ class RealRunner:
         check_choice("kind", kind, tuple(STUBS))
         if controls.cpl not in (0, 3):
             raise TwodwalkError(f"cpl={controls.cpl!r} is not supported: valid is 0 or 3")
+        check_int("gva", gva, 0, 1 << 64)
+        check_int("value", value, 0, 1 << 64)
+        self._start(pages, cr3, controls, b"", 0)
+        stub = RUNTIME_GVA + (_USER if controls.cpl == 3 else _CODE) + STUBS[kind]
+        self._vcpu.set_regs(
+            Regs(rsi=value, rdi=gva, rsp=_STACK_TOP, rip=stub, rflags=_rflags(controls))
+        )
+        return self._observe(gva, kind, controls.cpl)
+
+    def run_sequence(
+        self,
+        pages: Mapping[int, bytes],
+        cr3: int,
+        steps: Sequence[Step],
+        controls: Controls,
+        log_dirty: bool = False,
+        watch: Iterable[int] = (),
+    ) -> list[Observed]:
+        """Load guest RAM and the runtime as `run` does, then run `steps` at CPL 0 in one
+        guest run: the guest interprets a command list, and each step's report stops it
+        (an OUT, or an exception it took, or a KVM_EXIT_MMIO on the way) until KVM_RUN is
+        entered again. Nothing is re-created between steps, so KVM's shadow pages, the TLB
+        and the guest's CR0/CR3 carry over. One `Observed` per step, with the loaded pages
+        and the `watch` pages (GPAs) as they are after it and, with `log_dirty`, the RAM
+        slot's KVM_GET_DIRTY_LOG bitmap (the slot is made with KVM_MEM_LOG_DIRTY_PAGES)."""
+        if controls.cpl != 0:
+            raise TwodwalkError(f"cpl={controls.cpl!r}: a sequence runs at CPL 0")
+        check_int("number of steps", len(steps), 1, MAX_STEPS + 1)
+        commands = bytearray()
+        for step in steps:
+            check_choice("step kind", step.kind, tuple(STEPS))
+            check_int("step gva", step.gva, 0, 1 << 64)
+            check_int("step value", step.value, 0, 1 << 64)
+            rsi = _cr0(bool(step.value)) if step.kind == "cr0" else step.value
+            commands += _COMMAND.pack(RUNTIME_GVA + _CODE + STEPS[step.kind], step.gva, rsi)
+        watched = sorted({a & ~(PAGE_SIZE - 1) for a in watch} - set(pages))
+        for address in watched:
+            check_int("watched page", address, 0, self.runtime_gpa)
+        self._start(pages, cr3, controls, bytes(commands), KVM_MEM_LOG_DIRTY_PAGES * log_dirty)
+        self._loaded = sorted([*self._loaded, *watched])
+        self._vcpu.set_regs(
+            Regs(
+                r12=RUNTIME_GVA + _COMMANDS,
+                r13=_STACK_TOP,
+                r14=_rflags(controls),
+                rsp=_STACK_TOP,
+                rip=RUNTIME_GVA + _CODE + SEQUENCE,
+                rflags=_rflags(controls),
+            )
+        )
+        out = []
+        for step in steps:
+            seen = self._observe_step(step)
+            if log_dirty:
+                dirty = self._vm.get_dirty_log(0, self.ram_size // PAGE_SIZE)
+                seen = dataclasses.replace(seen, dirty_log=dirty)
+            out.append(seen)
+        return out
+
+    def _start(
+        self, pages: Mapping[int, bytes], cr3: int, controls: Controls, commands: bytes, flags: int
+    ) -> None:
+        """Check the guest RAM and CR3, load them with the command list, and set the
+        control registers; the caller sets the general registers."""
         for address, page in pages.items():
             check_int("page address", address, 0, self.ram_size - PAGE_SIZE + 1)
             check_aligned("page address", address, PAGE_SIZE)
             check_int("page length", len(page), 0, PAGE_SIZE + 1)
-        check_int("gva", gva, 0, 1 << 64)
-        check_int("value", value, 0, 1 << 64)
         check_int("cr3", cr3, 0, 1 << 64)
         pml4 = cr3 & _PHYS_MASK
         if pml4 + 0x1000 > self.ram_size or pml4 >= self.runtime_gpa:
             raise AddressError(f"cr3={cr3:#x}: the PML4 must be in RAM, outside the runtime area")
         self._vcpu.complete_pending()
-        self._load(pages, pml4)
-        self._set_state(cr3, gva, kind, controls, value)
-        return self._observe(gva, kind, controls.cpl)
+        self._load(pages, pml4, commands, flags)
+        self._set_sregs(cr3, controls)
 
-    def _load(self, pages: Mapping[int, bytes], pml4: int) -> None:
-        """Delete the memslot, fill RAM, re-create the memslot (api.rst, KVM_SET_USER_MEMORY_
-        REGION: a zero memory_size deletes the slot; KVM drops its shadow pages with it).
-        Outside the runtime area only the pages an earlier run loaded can be non-zero, so
-        clearing those (not all of RAM) keeps a run cheap."""
+    def _load(self, pages: Mapping[int, bytes], pml4: int, commands: bytes, flags: int) -> None:
+        """Delete the memslot, drop all of RAM, fill it, re-create the memslot with `flags`
+        (api.rst, KVM_SET_USER_MEMORY_REGION: a zero memory_size deletes the slot, and KVM
+        drops its shadow pages with it). MADV_DONTNEED gives the host's pages back, so a page
+        no run loads is never-touched anonymous memory again, as in a fresh VMM."""
         if self._slot_present:
             self._vm.set_user_memory_region(0, 0, 0, 0, self._mem.address)
             self._slot_present = False
         memory = self._mem.map
-        for address in self._loaded:
-            ctypes.memset(self._mem.address + address, 0, PAGE_SIZE)
+        memory.madvise(mmap.MADV_DONTNEED)
         for address, page in pages.items():
             memory[address : address + len(page)] = page
         self._loaded = sorted(pages)
         memory[self.runtime_gpa : self.runtime_gpa + len(self._image)] = self._image
+        start = self.runtime_gpa + _COMMANDS
+        memory[start : start + len(commands)] = commands
         entry = self.runtime_gpa + _PDPT | _P | _RW | _US | _A
         struct.pack_into("<Q", memory, pml4 + 8 * RUNTIME_PML4_SLOT, entry)
-        self._vm.set_user_memory_region(0, 0, 0, self.ram_size, self._mem.address)
+        self._vm.set_user_memory_region(0, flags, 0, self.ram_size, self._mem.address)
         self._slot_present = True
 
-    def _set_state(self, cr3: int, gva: int, kind: str, controls: Controls, value: int) -> None:
-        """Long mode by KVM_SET_SREGS (SDM Vol. 3A 9.8.5), the stub's registers by
-        KVM_SET_REGS: RDI the GVA, RSI the value, RFLAGS.AC as asked."""
+    def _set_sregs(self, cr3: int, controls: Controls) -> None:
+        """Long mode by KVM_SET_SREGS (SDM Vol. 3A 9.8.5), at the controls' CPL."""
         user = controls.cpl == 3
         data = _flat(_USER_SS if user else _KERNEL_SS, False, controls.cpl)
         tables = RUNTIME_GVA + _TABLES
-        cr0 = _CR0_PE | _CR0_ET | _CR0_NE | _CR0_PG | (_CR0_WP if controls.cr0_wp else 0)
         cr4 = _CR4_PAE | (_CR4_SMEP if controls.cr4_smep else 0)
         cr4 |= _CR4_SMAP if controls.cr4_smap else 0
         efer = _EFER_SCE | _EFER_LME | _EFER_LMA | (_EFER_NXE if controls.efer_nxe else 0)
@@ -343,7 +437,7 @@ class RealRunner:
                 ldt=Segment(0, 0, 0, 2, 0, 0, 0, 0, 0, 0, unusable=1),
                 gdt=(tables, 7 * 8 - 1),
                 idt=(tables + _IDT, 32 * 16 - 1),
-                cr0=cr0,
+                cr0=_cr0(controls.cr0_wp),
                 cr2=0,
                 cr3=cr3,
                 cr4=cr4,
@@ -352,11 +446,42 @@ class RealRunner:
                 apic_base=self._apic_base,
             )
         )
-        rflags = _RFLAGS_FIXED | (_RFLAGS_AC if controls.rflags_ac else 0)
-        stub = RUNTIME_GVA + (_USER if user else _CODE) + STUBS[kind]
-        self._vcpu.set_regs(
-            Regs(rsi=value, rdi=gva, rsp=RUNTIME_GVA + _STACK + 0x1000, rip=stub, rflags=rflags)
-        )
+
+    def _observe_step(self, step: Step) -> Observed:
+        """KVM_RUN until the guest reports the step: an OUT to STEP_PORT, or to
+        EXCEPTION_PORT from a fault at the step's own instruction. A KVM_EXIT_MMIO on the way
+        is kept, and the read it stands for gets zeros (kvm_run.mmio.data, api.rst)."""
+        vcpu = self._vcpu
+        mmio = None
+        where = f"step {step.kind} at GVA {step.gva:#x}"
+        for _ in range(_MAX_EXITS):
+            reason = vcpu.run()
+            if reason == KVM_EXIT_INTR:
+                continue
+            if reason == KVM_EXIT_MMIO and mmio is None:
+                phys_addr, length, is_write, data = vcpu.mmio()
+                mmio = (phys_addr, length, is_write, data if is_write else b"")
+                vcpu.clear_mmio_data()
+                continue
+            if reason == KVM_EXIT_IO and vcpu.io() == (KVM_EXIT_IO_OUT, STEP_PORT):
+                read = vcpu.get_regs().rax if step.kind == "read" and mmio is None else None
+                return Observed(None, None, None, read, False, mmio, self._ram())
+            if reason == KVM_EXIT_IO and vcpu.io() == (KVM_EXIT_IO_OUT, EXCEPTION_PORT):
+                regs = vcpu.get_regs()
+                vector, error_code, rip, cr2 = regs.rax, regs.rbx, regs.rdx, regs.rcx
+                if vector == 3 or rip != RUNTIME_GVA + _CODE + STEPS[step.kind]:
+                    raise KvmExitError(
+                        f"{where}: the guest took vector {vector} (error code"
+                        f" {error_code:#x}, CR2 {cr2:#x}) at RIP {rip:#x}, not at the step"
+                    )
+                cr2_seen = cr2 if vector == 14 else None
+                return Observed(vector, error_code, cr2_seen, None, False, mmio, self._ram())
+            name = EXIT_REASONS.get(reason, f"exit reason {reason}")
+            raise KvmExitError(
+                f"{where}: KVM_RUN stopped with {name}"
+                f" (kvm_run union: {vcpu.exit_details()}; RIP {vcpu.get_regs().rip:#x})"
+            )
+        raise KvmExitError(f"{where}: no report after {_MAX_EXITS} exits")
 
     def _observe(self, gva: int, kind: str, cpl: int) -> Observed:
         """KVM_RUN until the guest reports (an OUT to DONE_PORT or EXCEPTION_PORT), an MMIO

@@ -458,9 +458,22 @@ def _cached_cells(record: WalkRecord, events: list[Event], n: int, m: int) -> li
     for step in record.steps:
         if step.read.cached is not None:
             cells += [GridCell(n - step.level, col, step.read.cached) for col in range(m)]
+        for nested in (*step.read.nested, *filter(None, [step.read.failed])):
+            cells += _ept_cache_cells(nested, n - step.level, m)
     if any(isinstance(e, CacheHit) and e.cache == GUEST_PHYSICAL for e in events):
         cells += [GridCell(n, col, GUEST_PHYSICAL) for col in range(m)]
+    final = next((e.record for e in events if isinstance(e, EptWalk)), None)
+    if final is not None:
+        cells += _ept_cache_cells(final, n, m)
     return cells
+
+
+def _ept_cache_cells(record: WalkRecord, row: int, m: int) -> list[GridCell]:
+    """The EPT cells of one row that the EPT's paging-structure caches served: the levels
+    above where that EPT walk started (SDM Vol 3C 29.4.3)."""
+    if record.start is None:
+        return []
+    return [GridCell(row, m - lv, PSC) for lv in range(m, record.start.level, -1)]
 
 
 def _grid_stop(record: WalkRecord, events: list[Event], n: int, m: int) -> GridStop | None:

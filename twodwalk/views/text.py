@@ -15,6 +15,7 @@ from twodwalk.cpumodel import size_text as size_text  # re-exported for views an
 from twodwalk.formats import DecodedEntry, EntryFormat, EptFormat, Rights
 from twodwalk.paging import GeneralProtection, PageFault
 from twodwalk.processor import InternalError, MmioExit
+from twodwalk.tlb import ANY_PCID
 from twodwalk.trace import (
     CacheHit,
     EptWalk,
@@ -313,19 +314,26 @@ def info_tlb(caches: TranslationCaches) -> str:
 
 def named_caches(caches: TranslationCaches) -> list[tuple[str, Tlb | TwoLevelTlb]]:
     """Each cache with its SDM name: the TLB, the paging-structure caches from the top level
-    down, the guest-physical mappings."""
+    down, the guest-physical mappings, the EPT's paging-structure caches."""
     return [
         ("TLB", caches.tlb),
         *((PSC_NAMES[level], caches.psc[level]) for level in sorted(caches.psc, reverse=True)),
         ("guest-physical mappings", caches.guest_physical),
+        *(
+            (f"EPT {PSC_NAMES[level]}", caches.ept_psc[level])
+            for level in sorted(caches.ept_psc, reverse=True)
+        ),
     ]
 
 
 def _tlb_entry_text(e: TlbEntry) -> str:
-    gpa = "" if e.gpa_page is None else f"  gpa {e.gpa_page:#x}"
+    # A GPA only where one differs from the frame: a paging-structure-cache entry of a walk
+    # through host memory (EPT, shadow, bare metal) names its next table by its HPA alone.
+    gpa = "" if e.gpa_page in (None, e.frame) else f"  gpa {e.gpa_page:#x}"
     flags = ("D" if e.dirty else "-") + ("G" if e.global_page else "-")
+    pcid = "any" if e.tag.pcid == ANY_PCID else f"{e.tag.pcid:#x}"
     return (
-        f"  vpid {e.tag.vpid} pcid {e.tag.pcid:#x} ep4ta {e.tag.ep4ta:#x}  {e.page:#018x}"
+        f"  vpid {e.tag.vpid} pcid {pcid} ep4ta {e.tag.ep4ta:#x}  {e.page:#018x}"
         f" ({size_text(e.page_size)}) -> {e.frame:#x}{gpa}  {rights_text(e.rights)} {flags}"
     )
 
