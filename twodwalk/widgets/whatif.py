@@ -257,14 +257,10 @@ class WhatIfModel:
         return f"the scenario was built again with {paging}: the access below is its first"
 
     def edit_pte(self) -> str:
-        """Clear P in the guest's leaf entry for the GVA through guest memory, as the guest
-        kernel's store does, with no INVLPG (a second click restores the entry)."""
-        if not self.machine.vm.tdp:
-            raise TwodwalkError(
-                "with EPT off KVM write-protects the guest's page tables, so a guest store"
-                " to a PTE traps and KVM zaps the shadow entry at once (kvm_mmu_pte_write;"
-                " twodwalk models no unsync shadow pages): there is no stale window to show"
-            )
+        """Clear P in the guest's leaf entry for the GVA with a guest store, with no INVLPG
+        (a second click restores the entry). Under EPT the TLB keeps the old translation
+        until INVLPG; with EPT off the store traps and KVM zaps the shadow entry at once
+        (`kvm_mmu_pte_write`; the model has no unsync shadow pages)."""
         if self._edited_pte is not None:
             entry, value = self._edited_pte
             self._write_entry(entry, value)
@@ -279,13 +275,17 @@ class WhatIfModel:
         self._write_entry(entry, value & ~1)
         self._edited_pte = (entry, value)
         size = size_text(tables.fmt.page_size(level))
+        trapped = (
+            "" if self.machine.vm.tdp else "; with EPT off the store trapped and KVM zapped"
+            " the shadow entry (kvm_mmu_pte_write), so there is no stale window"
+        )
         return (
             f"the guest cleared P in its {tables.fmt.level_name(level)} at GPA {entry:#x}"
-            f" ({size} page) and did not run INVLPG"
+            f" ({size} page) and did not run INVLPG{trapped}"
         )
 
     def _write_entry(self, entry: int, value: int) -> None:
-        self.machine.write_gpa(entry, value.to_bytes(8, "little"))
+        self.machine.guest_store(entry, value.to_bytes(8, "little"))
 
     def invlpg(self) -> str:
         self.machine.vcpu.invlpg(self.access.gva)
