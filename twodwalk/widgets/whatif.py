@@ -276,7 +276,9 @@ class WhatIfModel:
         self._edited_pte = (entry, value)
         size = size_text(tables.fmt.page_size(level))
         trapped = (
-            "" if self.machine.vm.tdp else "; with EPT off the store trapped and KVM zapped"
+            ""
+            if self.machine.vm.tdp
+            else "; with EPT off the store trapped and KVM zapped"
             " the shadow entry (kvm_mmu_pte_write), so there is no stale window"
         )
         return (
