@@ -66,6 +66,10 @@ if TYPE_CHECKING:
 
 _WRITE = Access.of(AccessKind.WRITE)
 EXIT_REASON_EXCEPTION_NMI = 0
+EXIT_REASON_INVLPG = 14
+EXIT_REASON_CR_ACCESS = 28
+CR_ACCESS_MOV_TO_CR3 = 3  # bits 3:0 the CR number, 5:4 access type 0 (MOV to CR), 11:8 RAX
+PREV_ROOTS = 3  # KVM_MMU_NUM_PREV_ROOTS
 
 
 @dataclass(slots=True)
@@ -224,6 +228,7 @@ class Vcpu(Processor):
         mmu = machine.vm.mmu
         self._ep4ta = mmu.eptp.ep4ta if isinstance(mmu, TdpMmu) else 0  # fixed per VM
         self._shadow = isinstance(mmu, ShadowMmu)  # a VM's MMU kind never changes
+        self._prev_roots: list[int] = []  # CR3 roots, current first (`mmu->prev_roots`)
         mmu.tlb_flushers.append(self._kvm_flush)
 
     def flush_tlb(self) -> None:
@@ -254,6 +259,41 @@ class Vcpu(Processor):
 
     def _hva_of(self, gpa: int) -> int | None:
         return self.machine.vm.gpa_to_hva(gpa)
+
+    def _intercepted_cr3_load(self) -> Trace:
+        """Without EPT, KVM sets CR3-load exiting: MOV to CR3 exits (reason 28, qualification
+        3: MOV to CR3 from RAX, SDM Vol 3C table 28-3) and KVM switches shadow roots itself
+        (`kvm_set_cr3` -> `kvm_mmu_new_pgd`). A root among the vCPU's previous roots
+        (KVM_MMU_NUM_PREV_ROOTS = 3) is switched to at once (`fast_pgd_switch`); any other
+        is found or built on the next fault (`kvm_mmu_load`). With EPT there is no exit."""
+        trace = Trace()
+        if not self._shadow:
+            return trace
+        exit_ = VmExit(EXIT_REASON_CR_ACCESS, "CR_ACCESS (MOV to CR3)", CR_ACCESS_MOV_TO_CR3)
+        self._vm_exit(trace, exit_)
+        root = self.cr3_root
+        cached = root in self._prev_roots
+        self._prev_roots = [root, *(r for r in self._prev_roots if r != root)][: PREV_ROOTS + 1]
+        detail = (
+            f"fast_pgd_switch: the shadow root for CR3 {root:#x} is one of the vCPU's"
+            f" {PREV_ROOTS} previous roots"
+            if cached
+            else f"CR3 {root:#x} is not among the current and {PREV_ROOTS} previous roots:"
+            " its shadow root is found or built on the next fault (kvm_mmu_load)"
+        )
+        trace.add(KvmStep("kvm_mmu_new_pgd", detail))
+        return trace
+
+    def _intercepted_invlpg(self, gva: int) -> Trace:
+        """Without EPT, KVM sets INVLPG exiting: INVLPG exits (reason 14, the qualification
+        is the address, SDM Vol 3C 28.2.1) and KVM invalidates the address in its shadow
+        tables and in the TLB (`kvm_mmu_invlpg`, `flush_tlb_gva`); with no unsync shadow
+        pages in this model there is nothing to sync. With EPT there is no exit."""
+        trace = Trace()
+        if self._shadow:
+            self._vm_exit(trace, VmExit(EXIT_REASON_INVLPG, "INVLPG", gva, None, gva))
+            trace.add(KvmStep("kvm_mmu_invlpg", f"flush the TLB entries of GVA {gva:#x}"))
+        return trace
 
     def _cr0_wp_changed(self) -> None:
         """Under shadow paging CR0.WP is part of KVM's MMU role (`kvm_post_set_cr0` ->

@@ -166,16 +166,21 @@ class Processor(ABC):
         with bit 63 set (use `mov_cr3` for the no-flush form)."""
         self.mov_cr3(value & ~(1 << 63))
 
-    def mov_cr3(self, value: int) -> None:
+    def mov_cr3(self, value: int) -> Trace:
         """MOV to CR3 (SDM Vol 3A 4.10.4.1). Bits above MAXPHYADDR raise #GP, so they are
         rejected. With CR4.PCIDE=0 the load invalidates every non-global entry (PCID 0); with
         PCIDE=1 it invalidates the non-global entries of the new PCID, unless bit 63 is set,
-        which asks for no invalidation and is not stored."""
+        which asks for no invalidation and is not stored. Returns what the load cost beyond
+        that: the VM exit, where a hypervisor intercepts it (`Vcpu`)."""
         self.cr3_root = decode_cr3(value, self.cpu_model, pcide=self.cr4_pcide).root
         self._cr3 = value & ~(1 << 63)
-        if self.cr4_pcide and value >> 63:
-            return
-        self.caches.flush_pcid(self.vpid, self._pcid())
+        if not (self.cr4_pcide and value >> 63):
+            self.caches.flush_pcid(self.vpid, self._pcid())
+        return self._intercepted_cr3_load()
+
+    def _intercepted_cr3_load(self) -> Trace:
+        """Nothing intercepts a CR3 load on bare metal."""
+        return Trace()
 
     @property
     def tlb(self) -> Tlb | TwoLevelTlb:
@@ -187,11 +192,18 @@ class Processor(ABC):
         paging-structure caches (INVVPID single-context), so the next access walks."""
         self.invvpid("single")
 
-    def invlpg(self, gva: int) -> None:
+    def invlpg(self, gva: int) -> Trace:
         """INVLPG: drop the translations of the page holding `gva` for the current PCID,
-        and global ones for every PCID (SDM Vol 3A 4.10.4.1)."""
+        and global ones for every PCID (SDM Vol 3A 4.10.4.1). Returns what it cost beyond
+        that: the VM exit, where a hypervisor intercepts it (`Vcpu`)."""
         check_int("gva", gva, 0, 1 << 64, valid="0 <= gva < 2**64")
         self.caches.flush_address(self.vpid, self._pcid(), gva)
+        return self._intercepted_invlpg(gva)
+
+    def _intercepted_invlpg(self, gva: int) -> Trace:
+        """Nothing intercepts INVLPG on bare metal."""
+        del gva
+        return Trace()
 
     def invvpid(self, kind: str, vpid: int | None = None, gva: int | None = None) -> None:
         """INVVPID (SDM Vol 3C 31.3): "address" (one linear address of a VPID),
