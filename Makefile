@@ -1,6 +1,7 @@
 # twodwalk developer entry points (GNU make or BSD/macOS make 3.81+).
 #   make venv   create .venv (if missing) and install twodwalk[dev] editable
 #   make lab    open the notebooks in JupyterLab
+#   make check  the fast loop: lint, format check, type check, tests without the slow groups
 #   make test   lint, format check, type check, notebook strip check, tests + notebooks
 # Override the interpreter with e.g. `make test PYTHON=python3.12` (needs >= 3.11).
 
@@ -9,7 +10,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.twodwalk-installed
 
-.PHONY: venv lab test bench clean-venv
+.PHONY: venv lab check test bench clean-venv
 
 venv: $(STAMP)
 
@@ -26,6 +27,12 @@ $(STAMP): pyproject.toml $(VPY)
 
 lab: $(STAMP)
 	$(VPY) -m jupyter lab $$([ "$$(id -u)" = 0 ] && echo --allow-root) notebooks/00-start-here.ipynb
+
+check: $(STAMP)
+	$(VPY) -m ruff check .
+	$(VPY) -m ruff format --check .
+	$(VPY) -m mypy
+	$(VPY) -m pytest -q -m "not slow" tests
 
 test: $(STAMP)
 	$(VPY) -m ruff check .
