@@ -19,7 +19,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twodwalk import exercises
 from twodwalk.cpumodel import CpuModel
 from twodwalk.errors import TwodwalkError
 from twodwalk.exercises import (
@@ -36,11 +35,14 @@ from twodwalk.exercises import (
     quiz,
     references_question,
     roots_question,
+    setups,
     shadow_question,
     tlb_question,
     translate_question,
     what_if_question,
 )
+from twodwalk.exercises import roots as roots_topic
+from twodwalk.exercises import translate as translate_topic
 from twodwalk.kvm.memslots import KVM_MEM_READONLY
 from twodwalk.machine import Machine
 from twodwalk.memory import PhysicalMemory
@@ -404,14 +406,14 @@ def capture_toy_memory(monkeypatch: pytest.MonkeyPatch) -> list[PhysicalMemory]:
     """Record the physical memory each toy question builds its tables in (a test hook on the
     private builder: the question keeps no reference to it)."""
     memories: list[PhysicalMemory] = []
-    build = exercises._toy_tables
+    build = setups._toy_tables
 
     def recording(levels: int) -> tuple[PhysicalMemory, PageTables, CpuModel]:
         built = build(levels)
         memories.append(built[0])
         return built
 
-    monkeypatch.setattr(exercises, "_toy_tables", recording)
+    monkeypatch.setattr(translate_topic, "_toy_tables", recording)
     return memories
 
 
@@ -831,7 +833,7 @@ def hand_walk(
 
 
 def capture_machines(monkeypatch: pytest.MonkeyPatch) -> list[Machine]:
-    """Record every Machine the exercises module builds (a test hook: questions keep none)."""
+    """Record every Machine the roots topic builds (a test hook: questions keep none)."""
     machines: list[Machine] = []
 
     class Recording(Machine):
@@ -839,7 +841,7 @@ def capture_machines(monkeypatch: pytest.MonkeyPatch) -> list[Machine]:
             super().__init__(*args, **kwargs)
             machines.append(self)
 
-    monkeypatch.setattr(exercises, "Machine", Recording)
+    monkeypatch.setattr(roots_topic, "Machine", Recording)
     return machines
 
 

@@ -1,0 +1,113 @@
+"""Seeded exercises: the same seed gives the same question, and the engine gives the answer.
+
+The pattern is OSTEP's simulators (`paging-linear-translate.py -s N -c`): a seed picks the
+parameters, the student works the problem by hand, and solve mode prints the worked answer.
+Every answer here comes from running the engine on the question's own tables, memslots or
+machine (never from a table of answers), so a question cannot disagree with the notebooks.
+This is the pure model: the `twodwalk quiz` command and the `Exercise` widget wrap it.
+
+`quiz(seed, topic)` picks a question; `TOPICS` maps each topic to its seeded generator; the
+`*_question` functions build one question from explicit parameters, for a notebook that wants a
+particular case.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+
+from twodwalk.errors import check_choice
+from twodwalk.exercises.ept_qualification import _seeded_qualification, ept_qualification_question
+from twodwalk.exercises.error_code import _seeded_error_code, error_code_question
+from twodwalk.exercises.grading import (
+    HUGE_PAGE,
+    MIB,
+    PAGE_SIZES,
+    SEED_LIMIT,
+    Bases,
+    Bit,
+    Feedback,
+    Grader,
+    Question,
+    SequenceReader,
+    Value,
+    ValueReader,
+    check_seed,
+    number_readings,
+)
+from twodwalk.exercises.indices import _seeded_indices, indices_question
+from twodwalk.exercises.memslot import (
+    SlotSpec,
+    _seeded_memslot,
+    memslot_question,
+    memslots_of_machine_question,
+)
+from twodwalk.exercises.references import _seeded_references, references_question
+from twodwalk.exercises.roots import ROOT_WALKS, _seeded_roots, roots_question
+from twodwalk.exercises.shadow import SHADOW_ACTIONS, _seeded_shadow, shadow_question
+from twodwalk.exercises.tlb import TLB_PAGES, TLB_STEPS, _seeded_tlb, tlb_question
+from twodwalk.exercises.translate import _seeded_translate, translate_question
+from twodwalk.exercises.what_if import STRUCTURES, WHAT_IFS, _seeded_what_if, what_if_question
+
+__all__ = [
+    "HUGE_PAGE",
+    "MIB",
+    "PAGE_SIZES",
+    "ROOT_WALKS",
+    "SEED_LIMIT",
+    "SHADOW_ACTIONS",
+    "STRUCTURES",
+    "TLB_PAGES",
+    "TLB_STEPS",
+    "TOPICS",
+    "WHAT_IFS",
+    "Bases",
+    "Bit",
+    "Feedback",
+    "Grader",
+    "Question",
+    "SequenceReader",
+    "SlotSpec",
+    "Value",
+    "ValueReader",
+    "ept_qualification_question",
+    "error_code_question",
+    "indices_question",
+    "memslot_question",
+    "memslots_of_machine_question",
+    "number_readings",
+    "quiz",
+    "references_question",
+    "roots_question",
+    "shadow_question",
+    "tlb_question",
+    "translate_question",
+    "what_if_question",
+]
+
+# --- choosing a question -------------------------------------------------------------------------
+
+TOPICS: Mapping[str, Callable[[int], Question]] = MappingProxyType(
+    {
+        "indices": _seeded_indices,
+        "references": _seeded_references,
+        "error-code": _seeded_error_code,
+        "translate": _seeded_translate,
+        "memslot": _seeded_memslot,
+        "ept-qualification": _seeded_qualification,
+        "tlb": _seeded_tlb,
+        "what-if": _seeded_what_if,
+        "roots": _seeded_roots,
+        "shadow": _seeded_shadow,
+    }
+)
+
+
+def quiz(seed: int, topic: str | None = None) -> Question:
+    """The question for `seed`: the same seed (and topic) always gives the same question.
+    Without a topic, the seed picks one too."""
+    check_seed(seed)
+    if topic is None:
+        topic = random.Random(seed).choice(tuple(TOPICS))
+    return TOPICS[check_choice("topic", topic, tuple(TOPICS))](seed)

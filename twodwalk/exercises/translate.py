@@ -1,0 +1,184 @@
+"""Topic 'translate'."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from twodwalk.cpumodel import PAGE_SIZE
+from twodwalk.errors import check_int
+from twodwalk.exercises.error_code import _fault
+from twodwalk.exercises.grading import (
+    HUGE_PAGE,
+    PAGE_SIZES,
+    Grader,
+    Question,
+    Value,
+    ValueReader,
+    _hex,
+    _mistakes,
+    seeded_rng,
+)
+from twodwalk.exercises.indices import _translation
+from twodwalk.exercises.setups import (
+    _TOY_MAXPHYADDR,
+    _TOY_TABLES,
+    _bit_range,
+    _random_page,
+    _toy_tables,
+    _toy_walk,
+)
+from twodwalk.paging import PageFault, PagingControls, exception_for
+from twodwalk.views.text import dump_tables, format_walk
+from twodwalk.walker import WalkRecord
+
+# --- topic "translate": walk a toy guest page table by hand (SDM Vol 3A 4.5.4) --------------------
+
+_FAULT = "fault"
+_FAULT_WORDS = {
+    w: _FAULT for w in ("fault", "#pf", "pf", "page fault", "not mapped", "unmapped", "not present")
+}
+_TOY_GPA_RANGE = (_TOY_TABLES[1], 1 << _TOY_MAXPHYADDR)
+
+
+def translate_question(
+    mappings: Sequence[tuple[int, int, int]], gva: int, levels: int = 4
+) -> Question:
+    """Which GPA a supervisor read of `gva` reaches through toy guest tables that map each
+    (gva, gpa, page size) of `mappings`; the answer is the engine's walk."""
+    memory, tables, cpu = _toy_tables(levels)
+    for va, pa, size in mappings:
+        check_int("gpa", pa, *_TOY_GPA_RANGE, valid="1 MiB <= gpa < 64 GiB (tables sit below)")
+        tables.map(va, pa, size, page_size=size, rw=1)
+    dump = dump_tables(tables)  # before any walk sets A bits that would give the path away
+    record = _toy_walk(tables, memory, cpu, gva)
+    translation = record.translation
+    expected: Value = _FAULT if translation is None else translation.address
+    answer = _hex(expected)
+    prompt = (
+        "The guest's page tables (present entries only; each line shows the entry's name,"
+        " the first GVA it covers, where the entry sits and its value):\n"
+        f"{dump}\n"
+        f"A supervisor read of GVA {gva:#x}: which guest-physical address does it reach?"
+        " Answer in hex, or 'fault' if the walk faults."
+    )
+    hint = (
+        "Follow the GVA's indices from the root down to the leaf (or match the GVA against"
+        " the first-GVA column). The GPA is the leaf's page address plus the GVA's offset in"
+        " the page: bits 11:0 for a 4 KiB page, bits 20:0 for a 2 MiB page."
+    )
+    others = [
+        _toy_walk(tables, memory, cpu, va | (gva & (size - 1)))
+        for va, _, size in mappings
+        if va != gva & ~(size - 1)
+    ]
+    if translation is None:
+        fault = _fault(record)
+        last = f"=> #PF, error code {_error_code(record):#x}: the guest handles it ({fault.detail})"
+    else:
+        base = translation.address & ~(translation.page_size - 1)
+        last = (
+            f"page {base:#x} + offset {translation.address - base:#x}"
+            f" (GVA bits {translation.page_size.bit_length() - 2}:0) = {translation.address:#x}"
+        )
+    solution = "\n".join([format_walk(record), last, f"Answer: {answer}"])
+    grader = Grader(
+        expected,
+        ValueReader(bare=(16, 10), words=_FAULT_WORDS),
+        "give a guest-physical address in hex (0x1234abc or 1234abc) or decimal,"
+        " or 'fault' if the walk faults",
+        _mistakes(expected, _translate_mistakes(record, others)),
+        _translate_explainer(record),
+    )
+    return Question("translate", prompt, hint, solution, answer, grader)
+
+
+def _error_code(record: WalkRecord) -> int:
+    fault = exception_for(record, PagingControls(cr4_la57=record.format.levels == 5))
+    assert isinstance(fault, PageFault)
+    return fault.error_code
+
+
+def _translate_mistakes(
+    record: WalkRecord, others: Sequence[WalkRecord]
+) -> list[tuple[Value, str]]:
+    """The numbers a student finds on the way and may give by mistake."""
+    fmt = record.format
+    items: list[tuple[Value, str]] = []
+    translation = record.translation
+    if translation is not None:
+        size = translation.page_size
+        base = translation.address & ~(size - 1)
+        items += [
+            (base, f"Not {base:#x}: that is the page's base; add the GVA's offset in the page."),
+            (
+                base | (record.address & 0xFFF),
+                f"A {size >> 20} MiB page's offset is the low {size.bit_length() - 1} bits of"
+                " the GVA, not just bits 11:0.",
+            ),
+        ]
+    for step in record.steps:
+        name = fmt.level_name(step.level)
+        items += [
+            (step.entry_address, f"That is where the {name} sits, not what it points to."),
+            (step.value, f"That is the {name}'s raw value: the address is in bits 51:12."),
+        ]
+    for other in others:
+        items += [
+            (_translation(other).address, _wrong_page_message(record, other)),
+        ]
+    items.append((record.address, "That is the GVA itself: follow the tables to its GPA."))
+    return items
+
+
+def _wrong_page_message(record: WalkRecord, other: WalkRecord) -> str:
+    """The other page's GPA: name the first index where its GVA and ours differ."""
+    fmt = record.format
+    level = next(
+        lv
+        for lv in range(fmt.levels, 0, -1)
+        if fmt.index(record.address, lv) != fmt.index(other.address, lv)
+    )
+    return (
+        f"That is where GVA {other.address:#x} goes; for {record.address:#x} the"
+        f" {fmt.level_name(level)} index (bits {_bit_range(fmt, level)}) is"
+        f" {fmt.index(record.address, level)}, not {fmt.index(other.address, level)}."
+    )
+
+
+def _translate_explainer(record: WalkRecord) -> Callable[[Value], str]:
+    def explain(given: Value) -> str:
+        translation = record.translation
+        if translation is None:
+            return f"The walk faults: {_fault(record).detail}. Answer 'fault'."
+        if not isinstance(given, int):
+            leaf = record.steps[-1]
+            return (
+                f"The walk does not fault: the {record.format.level_name(leaf.level)} at"
+                f" {leaf.entry_address:#x} is present and maps a"
+                f" {PAGE_SIZES[translation.page_size]} page."
+            )
+        return (
+            f"Not {given:#x}: follow the GVA's indices down to the leaf, then add the offset"
+            " within the page."
+        )
+
+    return explain
+
+
+def _seeded_translate(seed: int) -> Question:
+    rng = seeded_rng("translate", seed)
+    pd_index = rng.randrange(510)
+    region = _random_page(rng, 4, 1 << 30) | pd_index << 21
+    slots = rng.sample(range(512), 4)  # three mapped pages, and one left as a hole
+    frames = rng.sample(range(0x100, 0x800), 3)
+    mappings = [(region | s << 12, f << 12, PAGE_SIZE) for s, f in zip(slots, frames, strict=False)]
+    large = region + HUGE_PAGE
+    mappings.append((large, rng.randrange(4, 32) * HUGE_PAGE, HUGE_PAGE))
+    target = rng.choice(("small", "small", "large", "hole", "no-table"))
+    gva = {
+        "small": region | rng.choice(slots[:3]) << 12 | rng.randrange(PAGE_SIZE),
+        "large": large + rng.randrange(HUGE_PAGE),
+        "hole": region | slots[3] << 12 | rng.randrange(PAGE_SIZE),
+        "no-table": region + 2 * HUGE_PAGE + rng.randrange(HUGE_PAGE),
+    }[target]
+    return translate_question(mappings, gva)
