@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterable
 
@@ -435,3 +437,13 @@ def test_plots_draw_on_a_given_axes_and_leave_no_pyplot_state() -> None:
     assert all(ax.has_data() or ax.texts for ax in axes)
     assert Gcf.get_num_fig_managers() == 0
     assert all(readable(ax.texts) for ax in axes)
+
+
+def test_readouts_and_styles_load_without_matplotlib() -> None:
+    """Widget models and text views read the grid, the regions and the styles without paying
+    for matplotlib: only views/plots.py and views/graph.py draw."""
+    code = (
+        "import sys, twodwalk.views.readouts, twodwalk.views.style;"
+        " sys.exit('matplotlib' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

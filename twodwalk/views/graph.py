@@ -37,7 +37,9 @@ from twodwalk.trace import (
     NativeWalk,
     TlbHit,
 )
-from twodwalk.views.plots import (
+from twodwalk.views.plots import figure_and_axes
+from twodwalk.views.readouts import access_gva, all_references, table_name
+from twodwalk.views.style import (
     BLACK,
     CELL_STYLES,
     DIMENSION_STYLES,
@@ -47,10 +49,6 @@ from twodwalk.views.plots import (
     HARDWARE_DIMENSIONS,
     LEVEL_STYLES,
     STOP_MARKER,
-    access_gva,
-    all_references,
-    figure_and_axes,
-    table_name,
 )
 from twodwalk.walker import TableRead, WalkRecord
 

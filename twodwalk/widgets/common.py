@@ -11,7 +11,7 @@ from __future__ import annotations
 from twodwalk.errors import TwodwalkError
 from twodwalk.machine import Machine
 from twodwalk.scenarios import GuestAccess, Scenario, scenario
-from twodwalk.views.plots import Region, guest_mappings
+from twodwalk.views.readouts import Region, guest_mappings
 
 DEFAULT_SCENARIO = "qemu"
 Source = Machine | Scenario | str | None

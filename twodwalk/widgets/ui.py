@@ -30,7 +30,7 @@ from twodwalk.cpumodel import PAGE_SIZE
 from twodwalk.exercises import Question
 from twodwalk.machine import Machine
 from twodwalk.processor import AccessResult
-from twodwalk.views.plots import BLUE, ORANGE, VERMILLION
+from twodwalk.views.style import BLUE, ORANGE, VERMILLION
 from twodwalk.views.text import size_text
 from twodwalk.widgets.common import Source
 from twodwalk.widgets.exercise import ExerciseModel
