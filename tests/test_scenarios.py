@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 import twodwalk as tw
-from twodwalk.processor import MmioExit
+from twodwalk.errors import parse_int
+from twodwalk.kvm.run import MmioExit
 from twodwalk.scenarios import (
     SCENARIOS,
     GuestAccess,
     GuestMapping,
     Scenario,
     load_scenario,
-    parse_int,
     random_scenario,
     save_scenario,
     scenario,

@@ -25,6 +25,7 @@ from twodwalk.formats import (
     ia32e_format,
 )
 from twodwalk.kvm.memslots import KvmError
+from twodwalk.kvm.run import InternalError, MmioExit
 from twodwalk.machine import Machine
 from twodwalk.memory import FrameAllocator, PhysicalMemory
 from twodwalk.pagetables import PageTables
@@ -37,7 +38,7 @@ from twodwalk.paging import (
     exception_for,
     translate,
 )
-from twodwalk.processor import AccessResult, InternalError, MmioExit, Processor
+from twodwalk.processor import AccessResult, Processor
 from twodwalk.tlb import Tlb, TranslationCaches, TwoLevelTlb
 from twodwalk.walker import (
     Access,

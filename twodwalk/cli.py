@@ -28,11 +28,12 @@ from typing import NoReturn
 
 from twodwalk import exercises
 from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE
-from twodwalk.errors import TwodwalkError, check_int
+from twodwalk.errors import TwodwalkError, check_int, parse_int
+from twodwalk.kvm.run import InternalError, MmioExit
 from twodwalk.machine import Machine
 from twodwalk.paging import GeneralProtection, PageFault
-from twodwalk.processor import AccessResult, InternalError, MmioExit
-from twodwalk.scenarios import KINDS, GuestAccess, Scenario, parse_int, scenario
+from twodwalk.processor import AccessResult
+from twodwalk.scenarios import KINDS, GuestAccess, Scenario, scenario
 from twodwalk.tlb import TlbEntry
 from twodwalk.trace import Reference, VmExit
 from twodwalk.views.text import (

@@ -24,6 +24,7 @@ from twodwalk.ept import (
 from twodwalk.errors import TwodwalkError, check_choice, check_int
 from twodwalk.formats import Rights
 from twodwalk.kvm.mmu import EmulateMmio, TdpMmu
+from twodwalk.kvm.run import InternalError, MmioExit
 from twodwalk.kvm.shadow import EmulateWrite, InjectFault, ShadowMmu
 from twodwalk.memory import PhysicalMemory
 from twodwalk.paging import (
@@ -31,7 +32,7 @@ from twodwalk.paging import (
     PagingControls,
     exception_for,
 )
-from twodwalk.processor import ACCESS_SIZE, AccessResult, InternalError, MmioExit, Processor
+from twodwalk.processor import ACCESS_SIZE, AccessResult, Processor
 from twodwalk.tlb import (
     PageWalkCacheTables,
     Tag,

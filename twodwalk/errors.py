@@ -41,3 +41,16 @@ def check_choice(field: str, value: object, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise TwodwalkError(f"{field}={value!r} is not valid: choose one of {', '.join(choices)}")
     return str(value)
+
+
+def parse_int(text: str, field: str = "address") -> int:
+    """An address or size as people write them in paging dumps: hex with or without 0x
+    (0x7f001000, 7f001000), or decimal with NASM's 0d prefix (0d4096); underscores allowed."""
+    digits = text.strip().lower().replace("_", "")
+    base, body = (10, digits[2:]) if digits.startswith("0d") else (16, digits.removeprefix("0x"))
+    if body and all(c in "0123456789abcdef"[:base] for c in body):
+        return int(body, base)
+    raise TwodwalkError(
+        f"{field} = {text!r} is not a number: give hex (0x7f001000 or 7f001000)"
+        " or decimal with 0d (0d4096)"
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from twodwalk.cpumodel import CpuModel
 from twodwalk.ept import EptAccessRules
@@ -36,6 +37,9 @@ from twodwalk.tlb import (
 from twodwalk.trace import CacheHit, DataAccess, Retry, TlbHit, Trace
 from twodwalk.walker import Access, AccessKind, TableMemory, WalkRecord, WalkStart
 
+if TYPE_CHECKING:
+    from twodwalk.kvm.run import InternalError, MmioExit
+
 MAX_ATTEMPTS = 16
 ACCESS_SIZE = 8
 _CONTROLS: dict[tuple[bool, bool, bool, bool, bool, bool, bool, int], PagingControls] = {}
@@ -48,24 +52,6 @@ def _address_for(gva: int | None) -> int:
     if gva is None:
         raise TwodwalkError("kind=address needs gva=, the linear address to invalidate")
     return check_int("gva", gva, 0, 1 << 64, valid="0 <= gva < 2**64")
-
-
-@dataclass(frozen=True)
-class MmioExit:
-    """KVM_EXIT_MMIO: the access went to userspace (struct kvm_run `mmio`)."""
-
-    phys_addr: int
-    is_write: bool
-    len: int
-    data: bytes
-
-
-@dataclass(frozen=True)
-class InternalError:
-    """KVM_EXIT_INTERNAL_ERROR: KVM could not emulate the access (e.g. a fetch from MMIO)."""
-
-    suberror: str
-    detail: str
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar, Union, get_args, get_
 from typing import get_type_hints as _type_hints
 
 from twodwalk.cpumodel import PAGE_SIZE
-from twodwalk.errors import TwodwalkError, check_choice, check_int
+from twodwalk.errors import TwodwalkError, check_choice, check_int, parse_int
 from twodwalk.host import HUGE_PAGE_SIZE
 from twodwalk.machine import Machine, ram_aliases
 from twodwalk.views.text import size_text
@@ -352,19 +352,6 @@ def _join(where: str, key: str) -> str:
 
 def _shown(value: object) -> str:
     return f"{value!r} ({type(value).__name__})"
-
-
-def parse_int(text: str, field: str = "address") -> int:
-    """An address or size as people write them in paging dumps: hex with or without 0x
-    (0x7f001000, 7f001000), or decimal with NASM's 0d prefix (0d4096); underscores allowed."""
-    digits = text.strip().lower().replace("_", "")
-    base, body = (10, digits[2:]) if digits.startswith("0d") else (16, digits.removeprefix("0x"))
-    if body and all(c in "0123456789abcdef"[:base] for c in body):
-        return int(body, base)
-    raise TwodwalkError(
-        f"{field} = {text!r} is not a number: give hex (0x7f001000 or 7f001000)"
-        " or decimal with 0d (0d4096)"
-    )
 
 
 # --- named scenarios ---------------------------------------------------------------------------

@@ -42,9 +42,9 @@ from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE, CpuModel
 from twodwalk.errors import TwodwalkError
 from twodwalk.formats import Rights, ia32e_format
 from twodwalk.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES
+from twodwalk.kvm.run import MmioExit
 from twodwalk.memory import PhysicalMemory
 from twodwalk.paging import GeneralProtection, exception_for, translate
-from twodwalk.processor import MmioExit
 from twodwalk.realkvm.runtime import RUNTIME_SIZE, Controls, Observed, RealRunner, Step
 
 RAM_SIZE = 32 << 20

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from twodwalk.cpumodel import size_text as size_text  # re-exported for views and widgets
 from twodwalk.formats import DecodedEntry, EntryFormat, EptFormat, Rights
+from twodwalk.kvm.run import InternalError, MmioExit
 from twodwalk.paging import GeneralProtection, PageFault
-from twodwalk.processor import InternalError, MmioExit
 from twodwalk.tlb import ANY_PCID
 from twodwalk.trace import (
     CacheHit,
