@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from twodwalk.cpumodel import PAGE_SIZE
 from twodwalk.errors import AddressError, TwodwalkError, check_aligned, check_int
@@ -35,6 +35,14 @@ class TreeEntry:
     entry_address: int
     value: int
     leaf: bool
+
+
+class Leaf(NamedTuple):
+    """Where a present leaf entry is: the entry's address (in the tables' own space) and its
+    level (1: a 4 KiB page; 2 or 3: a large page)."""
+
+    slot: int
+    level: int
 
 
 class PageTables:
@@ -174,7 +182,7 @@ class PageTables:
             if found is None:
                 va += PAGE_SIZE
                 continue
-            slot, level = found
+            slot, level = found.slot, found.level
             page = self.fmt.page_size(level)
             if va % page or va + page > end:
                 raise TwodwalkError(
@@ -184,8 +192,8 @@ class PageTables:
             yield slot, level
             va += page
 
-    def find_leaf(self, virtual: int) -> tuple[int, int] | None:
-        """(entry address, level) of the present leaf mapping `virtual`, or None."""
+    def find_leaf(self, virtual: int) -> Leaf | None:
+        """The present leaf entry mapping `virtual` (where it is, at which level), or None."""
         table = self.root
         for level in range(self.fmt.levels, 0, -1):
             slot = table + ENTRY_SIZE * self.fmt.index(virtual, level)
@@ -193,7 +201,7 @@ class PageTables:
             if not self.fmt.is_present(value):
                 return None
             if self.fmt.is_leaf(value, level):
-                return slot, level
+                return Leaf(slot, level)
             table = self.fmt.output_address(value, level)
         return None
 

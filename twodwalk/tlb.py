@@ -234,11 +234,10 @@ class PageWalkCache:
         if not self.enabled:
             return
         written = record.written or (None,) * len(record.rows)
-        for (_, table, index, value, _, read), wrote in zip(
-            record.rows[:-1], written, strict=False
-        ):
-            hpa = table + 8 * index if read is None else read.physical
-            self._lines[hpa] = value if wrote is None else wrote
+        for row, wrote in zip(record.rows[:-1], written, strict=False):
+            read = row.read
+            hpa = row.table + 8 * row.table_index if read is None else read.physical
+            self._lines[hpa] = row.value if wrote is None else wrote
             self._lines.move_to_end(hpa)
             if len(self._lines) > self.size:
                 self._lines.popitem(last=False)
@@ -292,17 +291,20 @@ def fill_paging_structure_caches(psc: Mapping[int, Tlb], tag: Tag, record: WalkR
     """Cache, for each table a walk went through, the table below it (its address in the
     walk's own space, its HPA, the EPT rights of its page) and the rights so far, keyed by
     the address bits that chose them."""
-    for (level, _, _, value, mask, _), (_, table, _, _, _, read) in pairwise(record.rows):
-        cache = psc[level]
+    for entry, below in pairwise(record.rows):
+        cache = psc[entry.level]
         if not cache.enabled:
             continue
-        cover = record.format.page_size(level)
-        frame = table if read is None else read.physical & ~0xFFF
+        cover = record.format.page_size(entry.level)
+        read = below.read
+        frame = below.table if read is None else read.physical & ~0xFFF
         ept_rights = None if read is None else read.ept_rights
-        rights = RIGHTS_BY_MASK[mask]
+        rights = RIGHTS_BY_MASK[entry.rights]
         page = record.address & ~(cover - 1)
         cache.insert(
-            TlbEntry(tag, page, cover, frame, table, rights, ept_rights, value, True, False)
+            TlbEntry(
+                tag, page, cover, frame, below.table, rights, ept_rights, entry.value, True, False
+            )
         )
 
 

@@ -271,7 +271,7 @@ def _walk_counts(event: GuestWalk | EptWalk | NativeWalk) -> Iterator[tuple[str,
 
 def _split(record: WalkRecord) -> tuple[int, int]:
     """(entries read from memory, entries a page-walk cache gave) of one walk."""
-    cached = sum(1 for *_, read in record.rows if read is not None and read.pwc)
+    cached = sum(1 for row in record.rows if row.read is not None and row.read.pwc)
     return len(record.rows) - cached, cached
 
 
@@ -295,24 +295,24 @@ def _references(events: Iterable[Event], memory: bool = True) -> Iterator[Ref]:
 def _walk_references(
     record: WalkRecord, dimension: str, guest_level: int | None, memory: bool
 ) -> Iterator[Ref]:
-    for i, (level, *_, read) in enumerate(record.rows):
-        if (read is not None and read.pwc) == memory:
+    for i, row in enumerate(record.rows):
+        if (row.read is not None and row.read.pwc) == memory:
             continue
         if dimension == "ept":
-            yield "ept", guest_level, level, record, i
+            yield "ept", guest_level, row.level, record, i
         else:
-            yield dimension, level, None, record, i
+            yield dimension, row.level, None, record, i
 
 
 def _guest_walk_references(record: WalkRecord, memory: bool) -> Iterator[Ref]:
     nested = _nested_walks(record)
     pending = next(nested, None)
-    for i, (level, *_, read) in enumerate(record.rows):
+    for i, row in enumerate(record.rows):
         while pending is not None and pending[0] == i:
-            yield from _walk_references(pending[1], "ept", level, memory)
+            yield from _walk_references(pending[1], "ept", row.level, memory)
             pending = next(nested, None)
-        if (read is not None and read.pwc) != memory:
-            yield "guest", level, None, record, i
+        if (row.read is not None and row.read.pwc) != memory:
+            yield "guest", row.level, None, record, i
     fault = record.fault
     if pending is not None and fault is not None:
         yield from _walk_references(pending[1], "ept", fault.level, memory)
@@ -321,8 +321,8 @@ def _guest_walk_references(record: WalkRecord, memory: bool) -> Iterator[Ref]:
 def _nested_walks(record: WalkRecord) -> Iterator[tuple[int, WalkRecord]]:
     """The EPT walks a guest walk made, in order, each with the index of the row it
     translated the table address for (len(rows): the walk that faulted before a row)."""
-    for i, (*_, read) in enumerate(record.rows):
-        for nested in () if read is None else read.nested:
+    for i, row in enumerate(record.rows):
+        for nested in () if row.read is None else row.read.nested:
             yield i, nested
     fault = record.fault
     if fault is not None and fault.nested is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from twodwalk.errors import check_aligned, check_choice, check_int
 from twodwalk.formats import ENTRY_SIZE, RIGHTS_BY_MASK, DecodedEntry, EntryFormat, Rights
@@ -204,9 +204,16 @@ class WalkStep:
         return self.format.decode(self.value, self.level)
 
 
-Row = tuple[int, int, int, int, int, TableRead | None]
-"""One entry read, as the walker keeps it: level, table, index, value, the rights mask so
-far, and how it was read (None: at table + 8 * index in physical memory)."""
+class Row(NamedTuple):
+    """One entry read, as the walker keeps it on its hot path (`WalkRecord.steps` spells it
+    out as a `WalkStep`)."""
+
+    level: int
+    table: int  # the table's address in the walk's own space
+    table_index: int  # the address's index field at this level: the entry is table[index]
+    value: int
+    rights: int  # the `Rights` mask accumulated down to this entry
+    read: TableRead | None  # how it was read (None: at table + 8 * index in physical memory)
 
 
 @dataclass(slots=True)
@@ -253,7 +260,7 @@ class WalkRecord:
     def leaf(self) -> int:
         """The last entry read as it is now in memory (with any A/D bits the walk set)."""
         wrote = self.written[-1] if self.written else None
-        return self.rows[-1][3] if wrote is None else wrote
+        return self.rows[-1].value if wrote is None else wrote
 
     @property
     def fault(self) -> WalkFault | None:
@@ -303,7 +310,7 @@ def walk(
         present = value & present_bits
         if present:
             mask &= rights_mask(value)
-        rows.append((level, table, index, value, mask, read))
+        rows.append(Row(level, table, index, value, mask, read))
         if not present:
             return _fault(fmt, root, address, access, start, rows, FaultKind.NOT_PRESENT, level)
         large = value & 0x80
@@ -331,7 +338,9 @@ def walk(
         return WalkRecord(fmt, root, address, access, tuple(rows), fault, start)
     written = _set_accessed_dirty(fmt, rows, access, tables) if accessed_dirty else None
     if isinstance(written, WalkRecord):  # the level whose entry could not be written
-        level = next(r[0] for r in rows if r[1] + ENTRY_SIZE * r[2] == written.address)
+        level = next(
+            r.level for r in rows if r.table + ENTRY_SIZE * r.table_index == written.address
+        )
         return _fault(
             fmt, root, address, access, start, rows, FaultKind.NESTED, level, written, True
         )
@@ -355,10 +364,10 @@ def _set_accessed_dirty(
         dirty = 1 << fmt.dirty_bit
     last = len(rows) - 1
     for row in rows:
-        if not row[3] & accessed:
+        if not row.value & accessed:
             break
     else:
-        if rows[last][3] & dirty == dirty:
+        if rows[last].value & dirty == dirty:
             return None  # the usual case once a page has been used: nothing to write
     written: list[int | None] | None = None
     for i, (_, table, index, value, _, read) in enumerate(rows):

@@ -129,7 +129,7 @@ def _shadow_run(actions: Sequence[str], tdp: bool, gva: int, gpa: int) -> tuple[
     machine.write_gpa(gpa, b"P" * PAGE_SIZE + b"Q" * PAGE_SIZE)
     found = machine.guest.page_tables.find_leaf(gva)
     assert found is not None
-    table = found[0] & ~(PAGE_SIZE - 1)
+    table = found.slot & ~(PAGE_SIZE - 1)
     table_gva = _DIRECT_MAP + table
     machine.guest.map(table_gva, table, PAGE_SIZE, rw=1)
     vcpu = machine.vcpu

@@ -13,7 +13,7 @@ from twodwalk.exercises.setups import _DATA_GPA, _GUEST_RAM, _random_page
 from twodwalk.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES
 from twodwalk.machine import Machine
 from twodwalk.memory import PhysicalMemory
-from twodwalk.pagetables import PageTables
+from twodwalk.pagetables import Leaf, PageTables
 from twodwalk.views.text import entry_meaning, size_text
 
 # --- topic "what-if": which structure a change under a running guest touches (KVM mmu.c, mm/) -----
@@ -104,7 +104,7 @@ def what_if_question(
         machine.vcpu.access(gva, kind, 2 if guest_write else None)
     pte = machine.guest.page_tables.find_leaf(gva)
     assert pte is not None
-    pte_hva = machine.vm.gpa_to_hva(pte[0])
+    pte_hva = machine.vm.gpa_to_hva(pte.slot)
     assert pte_hva is not None
     before = _structures(machine, gpa, hva, pte_hva)
     logged = len(machine.vm.mmu.log)
@@ -178,8 +178,9 @@ def _structures(machine: Machine, gpa: int, hva: int, pte_hva: int) -> dict[str,
     found = machine.vmm.tables.find_leaf(pte_hva)
     guest = "not in memory"
     if found is not None:
-        frame = host_fmt.output_address(machine.memory.read_u64(found[0]), found[1])
-        value = machine.memory.read_u64(frame + (pte_hva & (host_fmt.page_size(found[1]) - 1)))
+        frame = host_fmt.output_address(machine.memory.read_u64(found.slot), found.level)
+        offset = pte_hva & (host_fmt.page_size(found.level) - 1)
+        value = machine.memory.read_u64(frame + offset)
         guest = f"PTE = {value:#018x}{entry_meaning(machine.guest.format, 1, value)}"
     slot = machine.vm.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
     memslot = (
@@ -204,13 +205,13 @@ def _leaf_text(tables: PageTables, memory: PhysicalMemory, address: int) -> str:
         for level in range(1, fmt.levels + 1):
             slot = tables.entry_address(address, level)
             if slot is not None:
-                found = slot, level
+                found = Leaf(slot, level)
                 break
     if found is None:
         return "no table"
-    value = memory.read_u64(found[0])
-    name = fmt.level_name(found[1])
-    return f"{name} = {value:#018x}{entry_meaning(fmt, found[1], value)}"
+    value = memory.read_u64(found.slot)
+    name = fmt.level_name(found.level)
+    return f"{name} = {value:#018x}{entry_meaning(fmt, found.level, value)}"
 
 
 def _do_what_if(machine: Machine, what: str, gva: int, gpa: int, hva: int, pte: int) -> None:

@@ -113,7 +113,7 @@ class InspectorModel:
                 f"HVA {hva:#x} has no host frame (never touched, or swapped out):"
                 " the VMM's first touch would fault it in"
             )
-        entry, level = found
+        entry, level = found.slot, found.level
         size = host.format.page_size(level)
         frame = host.format.output_address(self.machine.memory.read_u64(entry), level)
         return frame + (hva & (size - 1))

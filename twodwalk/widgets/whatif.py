@@ -270,7 +270,7 @@ class WhatIfModel:
         found = tables.find_leaf(self.access.gva)
         if found is None:
             raise TwodwalkError(f"the guest maps no page at GVA {self.access.gva:#x}")
-        entry, level = found
+        entry, level = found.slot, found.level
         value = int.from_bytes(self.machine.read_gpa(entry, 8), "little")
         self._write_entry(entry, value & ~1)
         self._edited_pte = (entry, value)
