@@ -22,7 +22,7 @@ from twodwalk.ept import (
     is_misconfiguration,
 )
 from twodwalk.errors import TwodwalkError, check_choice, check_int
-from twodwalk.formats import Rights
+from twodwalk.formats import Rights, leaf_bit
 from twodwalk.kvm.mmu import EmulateMmio, TdpMmu
 from twodwalk.kvm.run import InternalError, MmioExit
 from twodwalk.kvm.shadow import EmulateWrite, InjectFault, ShadowMmu
@@ -101,6 +101,7 @@ class GuestPhysical:
         pwc = self.pwc
         self.tables = None if pwc is None else PageWalkCacheTables(mmu.host.physical_tables, pwc)
         self.walked: list[WalkRecord] = []  # EPT walks since the caches were last filled
+        self.dirty_bit = leaf_bit(mmu.fmt, "d")  # EPT D, bit 9 (with EPT A/D on)
 
     def fill_paging_structure_caches(self) -> None:
         """Cache the upper EPT entries of the walks that completed, once the two-dimensional
@@ -145,7 +146,7 @@ class GuestPhysical:
         if not self.cache.enabled:
             return GpaTranslation(t.address, t.page_size, t.rights, record)
         leaf = record.leaf
-        dirty = not self.mmu.fmt.ad or bool(leaf >> 9 & 1)
+        dirty = not self.mmu.fmt.ad or bool(leaf & self.dirty_bit)
         self.cache.insert(
             TlbEntry(
                 self.tag,

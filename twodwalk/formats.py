@@ -601,3 +601,13 @@ class EptFormat(EntryFormat):
 def ept_format(levels: int, cpu: CpuModel, ad: bool = True) -> EptFormat:
     """The EPT format for a CPU model; 1 GiB EPT pages follow the CPU's 1 GiB support."""
     return EptFormat(levels, cpu.maxphyaddr, cpu.gbpages, ad)
+
+
+def leaf_bit(fmt: EntryFormat, key: str) -> int:
+    """The mask of a one-bit field of `fmt`'s leaf entries, named as the SDM's tables name
+    it ("d", "g", "mw" ...): the bit is the same in a 4 KiB leaf and in a large one (SDM Vol
+    3A tables 4-18 to 4-20; Vol 3C tables 29-3 to 29-6). For hot paths, look it up once."""
+    field = fmt.layout(1, False).field(key)
+    if field.high != field.low:
+        raise TwodwalkError(f"{key} is bits {field.bit_range} of a leaf, not one bit")
+    return field.mask
