@@ -68,7 +68,9 @@ def test_cpu_dirty_bit_update_is_an_ept_write_that_dirty_logging_sees() -> None:
     """EPT A/D off: the guest walk only reads its tables, so the EPT entry of the page table
     needs only R; setting the PTE's D bit is a write and needs W, which dirty logging took
     away. The CPU exits (write, rights R and X, GVA valid, not the final address) at the
-    PTE's own GPA; KVM's fast path logs the page-table page. Then the data write exits too."""
+    PTE's own GPA; KVM's fast path logs the page-table page. Then the data write exits too,
+    twice: breaking copy-on-write of the zero page in hva_to_pfn is an MMU-notifier
+    invalidation, so that fault is stale (`is_page_fault_stale`) and the retry finds no entry."""
     m = machine(tdp=True, ept_ad=False)
     pml4, _, _, pt = table_gfns(m)
     start_logging_after_a_read(m)
@@ -77,6 +79,7 @@ def test_cpu_dirty_bit_update_is_an_ept_write_that_dirty_logging_sees() -> None:
     assert exits(r) == [
         (EPT_VIOLATION, ACC_WRITE | EPT_R | EPT_X | GVA_VALID, pt << 12),
         (EPT_VIOLATION, ACC_WRITE | EPT_R | EPT_X | GVA_VALID | FINAL, GPA),
+        (EPT_VIOLATION, ACC_WRITE | GVA_VALID | FINAL, GPA),
     ]
     assert dirty_gfns(m) == {pt, GPA >> 12}, "the PTE page (D set) and the data page"
     pte = int.from_bytes(m.read_gpa(pt << 12, 8), "little")
@@ -86,7 +89,8 @@ def test_cpu_dirty_bit_update_is_an_ept_write_that_dirty_logging_sees() -> None:
 
 def test_with_ept_ad_every_table_read_is_a_write_that_dirty_logging_sees() -> None:
     """EPT A/D on: every guest paging-structure access counts as a write (SDM 29.3.3.2), so
-    each of the four write-protected table pages exits, with bits 0 and 1 both set."""
+    each of the four write-protected table pages exits, with bits 0 and 1 both set; the data
+    write exits twice (copy-on-write makes the first fault stale)."""
     m = machine(tdp=True, ept_ad=True)
     tables = table_gfns(m)
     start_logging_after_a_read(m)
@@ -99,6 +103,7 @@ def test_with_ept_ad_every_table_read_is_a_write_that_dirty_logging_sees() -> No
         (EPT_VIOLATION, table_qualification, tables[2] << 12),
         (EPT_VIOLATION, table_qualification, tables[3] << 12),
         (EPT_VIOLATION, ACC_WRITE | EPT_R | EPT_X | GVA_VALID | FINAL, GPA),
+        (EPT_VIOLATION, ACC_WRITE | GVA_VALID | FINAL, GPA),
     ]
     assert dirty_gfns(m) == {*tables, GPA >> 12}
 
@@ -106,13 +111,13 @@ def test_with_ept_ad_every_table_read_is_a_write_that_dirty_logging_sees() -> No
 def test_kvm_software_walker_logs_the_table_whose_dirty_bit_it_sets() -> None:
     """Shadow paging: KVM's walker sets D through the HVA and marks the table's GFN dirty
     (`kvm_vcpu_mark_page_dirty`); the write itself is logged when the shadow leaf becomes
-    writable."""
+    writable. Two #PF exits: copy-on-write in the first makes it stale, the retry maps."""
     m = machine(tdp=False)
     _, _, _, pt = table_gfns(m)
     start_logging_after_a_read(m)
     r = m.vcpu.access(GVA, "write", 5)
     assert r.fault is None
-    assert [e.reason for e in r.trace.of_type(VmExit)] == [0]
+    assert [e.reason for e in r.trace.of_type(VmExit)] == [0, 0]
     assert dirty_gfns(m) == {pt, GPA >> 12}
 
 
@@ -158,13 +163,14 @@ def test_precopy_copies_page_tables_whose_accessed_bits_changed(tdp: bool, ept_a
 def test_shadow_paging_runs_the_guest_with_hardware_wp_set() -> None:
     """Guest CR0.WP=0 under shadow paging: the CPU still walks KVM's tables with WP=1
     (`vmx_set_cr0`), so a kernel write through the read-only shadow leaf of a clean, zero-page
-    backed PTE exits and KVM breaks copy-on-write; it must never reach the zero page."""
+    backed PTE exits and KVM breaks copy-on-write (which makes that fault stale: one more
+    exit); it must never reach the zero page."""
     m = machine(tdp=False)
     m.vcpu.cr0_wp = False
     assert m.vcpu.access(GVA, "read").hpa == m.host.zero_page
     w = m.vcpu.access(GVA, "write", 0xDEADBEEF)
     assert w.fault is None and w.hpa is not None and w.hpa & ~0xFFF != m.host.zero_page
-    assert [e.reason for e in w.trace.of_type(VmExit)] == [0]
+    assert [e.reason for e in w.trace.of_type(VmExit)] == [0, 0]
     assert m.vcpu.access(GVA + 0x1000, "read").value == 0, "other pages still read zero"
     assert m.memory.read(m.host.zero_page, 8) == bytes(8)
     assert m.vcpu.access(GVA, "read").value == 0xDEADBEEF

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 import twodwalk as tw
+from twodwalk.kvm.mmu import SHADOW_NONPRESENT_VALUE
 from twodwalk.kvm.shadow import ShadowMmu
 from twodwalk.trace import KvmStep, KvmWalk, NativeWalk, SpteWrite, TlbHit, VmExit
 
@@ -128,7 +129,7 @@ def test_guest_edit_of_its_page_table_traps_and_the_next_access_sees_it() -> Non
     assert (edit.fault, edit.exit) == (None, None)
     functions = [s.function for s in edit.trace.of_type(KvmStep)]
     assert "kvm_mmu_track_write" in functions and "kvm_mmu_pte_write" in functions
-    zaps = [w for w in edit.trace.of_type(SpteWrite) if w.new == 0]
+    zaps = [w for w in edit.trace.of_type(SpteWrite) if w.new == SHADOW_NONPRESENT_VALUE]
     assert [(w.level, w.leaf) for w in zaps] == [(1, True)], "the shadow PTE of that guest PTE"
     assert int.from_bytes(m.read_gpa(pte_gpa, 8), "little") == new
     after = m.vcpu.access(DATA_GVA + 8, "read")

@@ -301,7 +301,7 @@ def test_lab_starts_from_the_steady_state() -> None:
 
 def test_lab_swap_out_shows_the_swap_in() -> None:
     lab = tww.WhatIfLab("toy")
-    lab.buttons["swap_out"].click()
+    lab.buttons["swap-out"].click()
     diff = changed(lab)
     assert "swap offset" in lab.message_line.value
     assert diff["TLB"] == ("hit", "miss")
@@ -316,21 +316,21 @@ def test_lab_migrate_and_ksm_change_the_frame() -> None:
     before = lab.model.result.hpa
     lab.buttons["migrate"].click()
     assert lab.model.result.hpa != before
-    lab.buttons["ksm_merge"].click()
+    lab.buttons["ksm-merge"].click()
     assert error_of(lab) == ""
     assert "copy-on-write" in changed(lab)["host page faults"][1], "the write breaks KSM's CoW"
 
 
 def test_lab_thp_split_and_collapse() -> None:
     lab = tww.WhatIfLab("qemu")
-    lab.buttons["swap_out"].click()
+    lab.buttons["swap-out"].click()
     assert "split_thp() it first" in error_of(lab)
-    lab.buttons["collapse_thp"].click()
+    lab.buttons["thp-collapse"].click()
     assert "not mapped by small pages" in error_of(lab)
-    lab.buttons["split_thp"].click()
+    lab.buttons["thp-split"].click()
     assert error_of(lab) == ""
     assert "level 1" in lab.model.trace_text  # kvm_mmu_hugepage_adjust: 4 KiB now
-    lab.buttons["collapse_thp"].click()
+    lab.buttons["thp-collapse"].click()
     assert error_of(lab) == ""
     assert lab.model.result.hpa is not None
     assert lab.model.result.hpa & ~(HUGE_PAGE_SIZE - 1) == int(
@@ -340,52 +340,52 @@ def test_lab_thp_split_and_collapse() -> None:
 
 def test_lab_inapplicable_what_if_changes_nothing() -> None:
     lab = tww.WhatIfLab("toy")
-    lab.buttons["swap_out"].click()
+    lab.buttons["swap-out"].click()
     table = lab.table.value
-    lab.buttons["split_thp"].click()
+    lab.buttons["thp-split"].click()
     assert "not applicable here" in error_of(lab) and "2 MiB page" in error_of(lab)
     assert lab.table.value == table and lab.message_line.value == ""
 
 
 def test_lab_memslot_moves_and_deletes() -> None:
     lab = tww.WhatIfLab("toy")
-    lab.buttons["move_memslot"].click()
+    lab.buttons["memslot-move"].click()
     assert "#PF" in changed(lab)["outcome"][1], "the guest's tables moved away with the slot"
     lab.reset_button.click()
     assert lab.model.result.fault is None and changed(lab) == {}
-    lab.buttons["delete_memslot"].click()
+    lab.buttons["memslot-delete"].click()
     assert "#PF" in changed(lab)["outcome"][1]
 
 
 def test_lab_dirty_logging_logs_the_next_write_once() -> None:
     lab = tww.WhatIfLab("toy")
-    lab.buttons["dirty_logging"].click()
+    lab.buttons["dirty-logging"].click()
     assert "fast_page_fault" in changed(lab)["KVM steps"][1]
-    lab.buttons["dirty_logging"].click()
+    lab.buttons["dirty-logging"].click()
     assert "already logs dirty pages" in error_of(lab)
 
 
 def test_lab_guest_pte_edit_is_stale_until_invlpg() -> None:
     lab = tww.WhatIfLab("toy", DATA_GVA, kind="read")
     value = lab.model.result.value
-    lab.buttons["edit_pte"].click()
+    lab.buttons["edit-pte"].click()
     assert "cleared P" in lab.message_line.value
     assert changed(lab) == {}, "the TLB still holds the old translation"
     assert lab.model.result.value == value
     lab.buttons["invlpg"].click()
     assert changed(lab)["outcome"][1].startswith("#PF")
-    lab.buttons["edit_pte"].click()  # restore P: the #PF is not cached, so it is seen at once
+    lab.buttons["edit-pte"].click()  # restore P: the #PF is not cached, so it is seen at once
     assert lab.model.result.fault is None and lab.model.result.value == value
 
 
 def test_lab_switches_to_shadow_paging() -> None:
     lab = tww.WhatIfLab("toy")
-    lab.buttons["switch_paging"].click()
+    lab.buttons["switch-paging"].click()
     assert not lab.model.machine.vm.tdp
     assert "EXCEPTION_NMI" in changed(lab)["VM exits"][1]
     lab.rerun_button.click()
     assert changed(lab)["TLB"] == ("miss", "hit")
-    lab.buttons["edit_pte"].click()
+    lab.buttons["edit-pte"].click()
     assert "KVM zapped the shadow entry (kvm_mmu_pte_write)" in lab.message_line.value
     assert changed(lab)["outcome"][1].startswith("#PF"), "no stale window without INVLPG"
 
@@ -397,7 +397,7 @@ def test_lab_of_a_machine_cannot_rebuild() -> None:
     assert lab.model.access.gva == 0x1234_5000  # a read of its first mapping, at CPL 0
     lab.reset_button.click()
     assert "give the lab a scenario" in error_of(lab)
-    lab.buttons["switch_paging"].click()
+    lab.buttons["switch-paging"].click()
     assert "give the lab a scenario" in error_of(lab)
 
 

@@ -316,10 +316,15 @@ class Vcpu(Processor):
 
     def _vm_exit(self, trace: Trace, event: VmExit) -> None:
         """A VM exit; without a VPID (vpid=0) every exit and entry flushes the linear and
-        combined mappings of VPID 0 (SDM Vol 3C 29.4.3.3)."""
+        combined mappings of VPID 0 (SDM Vol 3C 29.4.3.3). With PML on, KVM empties the PML
+        buffer into the dirty bitmap first thing on every exit (vmx.c `__vmx_handle_exit`
+        -> `vmx_flush_pml_buffer`)."""
         trace.add(event)
         if self.vpid == 0:
             self.caches.flush_vpid(0)
+        mmu = self.machine.vm.mmu
+        if isinstance(mmu, TdpMmu) and mmu.pml_enabled:
+            mmu.flush_pml_buffer(trace)
 
     def _attempt(
         self, gva: int, access: Access, value: int | None, trace: Trace

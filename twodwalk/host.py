@@ -5,8 +5,9 @@ host kernel fills in x86-64 page tables for it in host physical memory on demand
 mm/memory.c `handle_mm_fault`). A first read of anonymous memory maps the shared zero page
 read-only (`do_anonymous_page`); the first write breaks copy-on-write into a fresh frame
 (`do_wp_page` -> `wp_page_copy`). Every change to a mapping that KVM may have copied into EPT
-calls the MMU notifiers first (`mmu_notifier_invalidate_range_start`), as swap-out, migration,
-KSM, THP split/collapse and munmap do in Linux.
+is bracketed by the MMU notifiers (`mmu_notifier_invalidate_range_start` before,
+`mmu_notifier_invalidate_range_end` after), as swap-out, migration, KSM, THP split/collapse and
+munmap do in Linux.
 
 Simplification, said once: THP read faults allocate a huge page (as with
 /sys/kernel/mm/transparent_hugepage/use_zero_page=0); there is no huge zero page. 1 GiB pages
@@ -15,6 +16,8 @@ come from hugetlbfs (a VMA of 1 GiB pages), as QEMU's `-mem-path /dev/hugepages1
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,6 +32,7 @@ from twodwalk.walker import Access, AccessKind, PhysicalTables, Translation, Wal
 
 HUGE_PAGE_SIZE = 2 << 20
 GIGANTIC_PAGE_SIZE = 1 << 30
+HPAGE_PMD_NR = HUGE_PAGE_SIZE // PAGE_SIZE  # 512 PTEs under one PMD
 TASK_SIZE_MAX = (1 << 47) - PAGE_SIZE  # arch/x86/include/asm/page_64_types.h, 4-level host
 MMAP_BASE = 0x7F00_0000_0000
 SWP_TYPE_BITS = 5  # arch/x86/include/asm/pgtable_64.h: swap entries in non-present PTEs
@@ -67,9 +71,14 @@ class Vma:
 
 
 class MmuNotifier(Protocol):
-    """A listener for changes to a process's mappings (include/linux/mmu_notifier.h)."""
+    """A listener for changes to a process's mappings (include/linux/mmu_notifier.h): told
+    before the change (`invalidate_range_start`) and after it (`invalidate_range_end`)."""
 
-    def invalidate_range(self, process: Process, start: int, end: int, reason: str) -> None: ...
+    def invalidate_range_start(
+        self, process: Process, start: int, end: int, reason: str
+    ) -> None: ...
+
+    def invalidate_range_end(self, process: Process, start: int, end: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -132,7 +141,13 @@ class Process:
         """Remove the mapping of [hva, hva+size): notify, clear entries, free frames."""
         check_aligned("hva", hva, PAGE_SIZE)
         check_aligned("size", size, PAGE_SIZE)
-        self.kernel.notify(self, hva, hva + size, "munmap")
+        with self.kernel.invalidation(self, hva, hva + size, "munmap"):
+            self._zap_range(hva, size)
+        self.vmas = [piece for vma in self.vmas for piece in _cut(vma, hva, hva + size)]
+
+    def _zap_range(self, hva: int, size: int) -> None:
+        """Clear the leaves of [hva, hva+size) and drop their frames (mm/memory.c
+        `unmap_page_range`); a huge page must lie wholly inside."""
         va = hva
         while va < hva + size:
             found = self.tables.find_leaf(va)
@@ -150,7 +165,6 @@ class Process:
                 )
                 self.kernel.memory.write_u64(found[0], 0)
             va += page
-        self.vmas = [piece for vma in self.vmas for piece in _cut(vma, hva, hva + size)]
 
     def find_vma(self, hva: int) -> Vma | None:
         return next((v for v in self.vmas if v.start <= hva < v.end), None)
@@ -193,18 +207,27 @@ class HostKernel:
         self.notifiers: list[MmuNotifier] = []
         self.mmu_notifiers_enabled = True
         self.processes: list[Process] = []
+        # /sys/kernel/mm/transparent_hugepage/khugepaged/max_ptes_none and max_ptes_swap
+        self.khugepaged_max_ptes_none = HPAGE_PMD_NR - 1
+        self.khugepaged_max_ptes_swap = HPAGE_PMD_NR // 8
 
     def spawn(self, name: str) -> Process:
         process = Process(self, len(self.processes) + 1, name)
         self.processes.append(process)
         return process
 
-    def notify(self, process: Process, start: int, end: int, reason: str) -> None:
-        """mmu_notifier_invalidate_range_start: tell listeners (KVM) before a mapping changes;
-        the what-if switch `mmu_notifiers_enabled=False` shows what goes wrong without it."""
-        if self.mmu_notifiers_enabled:
-            for listener in self.notifiers:
-                listener.invalidate_range(process, start, end, reason)
+    @contextmanager
+    def invalidation(self, process: Process, start: int, end: int, reason: str) -> Iterator[None]:
+        """The change made inside the `with` is bracketed by
+        `mmu_notifier_invalidate_range_start` and `mmu_notifier_invalidate_range_end`, as
+        mm/ does around every change to a mapping; the what-if switch
+        `mmu_notifiers_enabled=False` shows what goes wrong without them."""
+        listeners = list(self.notifiers) if self.mmu_notifiers_enabled else []
+        for listener in listeners:
+            listener.invalidate_range_start(process, start, end, reason)
+        yield
+        for listener in listeners:
+            listener.invalidate_range_end(process, start, end)
 
     # --- demand paging --------------------------------------------------------------------
 
@@ -302,12 +325,12 @@ class HostKernel:
             self.memory.write_u64(slot, self._pte(frame, writable=True, dirty=write))
             return f"swap-in from swap offset {offset:#x}", frame
         old = self.format.output_address(pte, 1)
-        self.notify(process, page_va, page_va + PAGE_SIZE, "copy-on-write")
-        frame = self._new_frame()
-        if old != self.zero_page:
-            self.memory.copy_frame(old, frame)
-        self.put_frame(old)
-        self.memory.write_u64(slot, self._pte(frame, writable=True))
+        with self.invalidation(process, page_va, page_va + PAGE_SIZE, "copy-on-write"):
+            frame = self._new_frame()
+            if old != self.zero_page:
+                self.memory.copy_frame(old, frame)
+            self.put_frame(old)
+            self.memory.write_u64(slot, self._pte(frame, writable=True))
         what = "zero page" if old == self.zero_page else f"shared frame {old:#x}"
         return f"copy-on-write break of the {what}", frame
 
@@ -364,22 +387,23 @@ class HostKernel:
         """Write a page to swap and free its frame (mm/vmscan.c `shrink_folio_list`,
         `try_to_unmap`). Returns the swap offset; the next touch swaps it back in."""
         slot, frame = self._pte_of(process, hva)
-        self.notify(process, hva, hva + PAGE_SIZE, "swap-out")
-        offset = len(self.swap) + 1 + max(self.swap, default=0)
-        self.swap[offset] = self.memory.read(frame, PAGE_SIZE)
-        self.memory.write_u64(slot, swp_entry_pte(0, offset))
-        self.put_frame(frame)
+        with self.invalidation(process, hva, hva + PAGE_SIZE, "swap-out"):
+            offset = len(self.swap) + 1 + max(self.swap, default=0)
+            self.swap[offset] = self.memory.read(frame, PAGE_SIZE)
+            self.memory.write_u64(slot, swp_entry_pte(0, offset))
+            self.put_frame(frame)
         return offset
 
     def migrate(self, process: Process, hva: int) -> int:
         """Move a page to another frame (mm/migrate.c `migrate_pages`). Returns the new HPA."""
         slot, frame = self._pte_of(process, hva)
-        self.notify(process, hva, hva + PAGE_SIZE, "migration")
-        new = self._new_frame()
-        self.memory.copy_frame(frame, new)
-        pte = self.memory.read_u64(slot)
-        self.memory.write_u64(slot, self.format.layout(1, False).field("address").insert(pte, new))
-        self.put_frame(frame)
+        with self.invalidation(process, hva, hva + PAGE_SIZE, "migration"):
+            new = self._new_frame()
+            self.memory.copy_frame(frame, new)
+            pte = self.memory.read_u64(slot)
+            address = self.format.layout(1, False).field("address")
+            self.memory.write_u64(slot, address.insert(pte, new))
+            self.put_frame(frame)
         return new
 
     def ksm_merge(self, process: Process, hva: int, other: int) -> int:
@@ -392,8 +416,8 @@ class HostKernel:
                 f"pages at {hva:#x} and {other:#x} differ: KSM merges only identical pages"
             )
         for va, slot in ((hva, slot_a), (other, slot_b)):
-            self.notify(process, va, va + PAGE_SIZE, "KSM merge")
-            self.memory.write_u64(slot, self._pte(frame_a, writable=False, dirty=False))
+            with self.invalidation(process, va, va + PAGE_SIZE, "KSM merge"):
+                self.memory.write_u64(slot, self._pte(frame_a, writable=False, dirty=False))
         self.refcount[frame_a] += 1
         self.put_frame(frame_b)
         return frame_a
@@ -407,21 +431,22 @@ class HostKernel:
         slot, _ = found
         pmd = self.memory.read_u64(slot)
         frame = self.format.output_address(pmd, 2)
-        self.notify(process, base, base + HUGE_PAGE_SIZE, "THP split")
-        table = self.frames.alloc()
-        for i in range(512):
-            self.memory.write_u64(
-                table + 8 * i,
-                self._pte(frame + i * PAGE_SIZE, writable=bool(pmd & 2), dirty=bool(pmd >> 6 & 1)),
-            )
-        self.refcount[frame] = 512
-        self.memory.write_u64(
-            slot, self.format.encode(2, False, address=table, **process.tables.table_fields)
-        )
+        with self.invalidation(process, base, base + HUGE_PAGE_SIZE, "THP split"):
+            table = self.frames.alloc()
+            for i in range(HPAGE_PMD_NR):
+                pte = self._pte(
+                    frame + i * PAGE_SIZE, writable=bool(pmd & 2), dirty=bool(pmd >> 6 & 1)
+                )
+                self.memory.write_u64(table + 8 * i, pte)
+            self.refcount[frame] = HPAGE_PMD_NR
+            link = self.format.encode(2, False, address=table, **process.tables.table_fields)
+            self.memory.write_u64(slot, link)
 
     def collapse_thp(self, process: Process, hva: int) -> int:
-        """khugepaged: copy 512 small pages into one 2 MiB page (`collapse_huge_page`).
-        Returns the new 2 MiB frame."""
+        """khugepaged: copy 512 small pages into one 2 MiB page (mm/khugepaged.c
+        `collapse_huge_page`) once the scan allows it (`khugepaged_scan_ptes`); swapped-out
+        pages are swapped in first (`__collapse_huge_page_swapin`), so their data survives and
+        their swap slots are freed. Returns the new 2 MiB frame."""
         base = hva & ~(HUGE_PAGE_SIZE - 1)
         vma = process.find_vma(base)
         if vma is None or vma.page_size != HUGE_PAGE_SIZE or vma.end < base + HUGE_PAGE_SIZE:
@@ -429,18 +454,56 @@ class HostKernel:
         slot = process.tables.entry_address(base, 2)
         if slot is None or self.format.is_leaf(self.memory.read_u64(slot), 2):
             raise TwodwalkError(f"hva={hva:#x} is not mapped by small pages")
-        self.notify(process, base, base + HUGE_PAGE_SIZE, "THP collapse")
         table = self.format.output_address(self.memory.read_u64(slot), 2)
-        new = self.huge_frames.alloc()
-        self.refcount[new] = 1
-        for i in range(512):
-            pte = self.memory.read_u64(table + 8 * i)
-            if pte & 1:
-                old = self.format.output_address(pte, 1)
-                self.memory.copy_frame(old, new + i * PAGE_SIZE)
-                self.put_frame(old)
-        self.memory.write_u64(
-            slot, self.format.encode(2, True, address=new, p=1, rw=1, us=1, a=1, d=1, xd=1)
-        )
-        self.frames.free(table)
+        ptes = [self.memory.read_u64(table + 8 * i) for i in range(HPAGE_PMD_NR)]
+        self.khugepaged_scan_ptes(base, ptes)
+        for i, pte in enumerate(ptes):
+            if pte and not pte & 1:
+                self._pte_fault(process, base + i * PAGE_SIZE, write=False)
+        with self.invalidation(process, base, base + HUGE_PAGE_SIZE, "THP collapse"):
+            new = self.huge_frames.alloc()
+            self.refcount[new] = 1
+            for i in range(HPAGE_PMD_NR):
+                pte = self.memory.read_u64(table + 8 * i)
+                if pte & 1:  # `__collapse_huge_page_copy`: empty and zero-page PTEs stay zero
+                    old = self.format.output_address(pte, 1)
+                    if old != self.zero_page:
+                        self.memory.copy_frame(old, new + i * PAGE_SIZE)
+                    self.put_frame(old)
+            leaf = self.format.encode(2, True, address=new, p=1, rw=1, us=1, a=1, d=1, xd=1)
+            self.memory.write_u64(slot, leaf)
+            self.frames.free(table)
         return new
+
+    def khugepaged_scan_ptes(self, base: int, ptes: list[int]) -> None:
+        """mm/khugepaged.c `hpage_collapse_scan_pmd`: give up (SCAN_EXCEED_NONE_PTE,
+        SCAN_EXCEED_SWAP_PTE) when more PTEs are empty or map the zero page than
+        `khugepaged_max_ptes_none`, or more are swap entries than `khugepaged_max_ptes_swap`;
+        and (SCAN_LACK_REFERENCED_PAGE) when no page is young, or when swap-in would be needed
+        for a range less than half of which is young."""
+        present = [pte for pte in ptes if pte & 1]
+        swapped = sum(1 for pte in ptes if pte and not pte & 1)
+        none = len(ptes) - len(present) - swapped
+        none += sum(1 for pte in present if self.format.output_address(pte, 1) == self.zero_page)
+        referenced = sum(
+            1
+            for pte in present
+            if pte >> 5 & 1 and self.format.output_address(pte, 1) != self.zero_page
+        )
+        where = f"khugepaged gives up on [{base:#x}, {base + HUGE_PAGE_SIZE:#x}):"
+        knobs = "/sys/kernel/mm/transparent_hugepage/khugepaged"
+        if none > self.khugepaged_max_ptes_none:
+            raise TwodwalkError(
+                f"{where} SCAN_EXCEED_NONE_PTE: {none} PTEs are empty or map the zero page,"
+                f" more than max_ptes_none={self.khugepaged_max_ptes_none} ({knobs}/max_ptes_none)"
+            )
+        if swapped > self.khugepaged_max_ptes_swap:
+            raise TwodwalkError(
+                f"{where} SCAN_EXCEED_SWAP_PTE: {swapped} PTEs are swap entries, more than"
+                f" max_ptes_swap={self.khugepaged_max_ptes_swap} ({knobs}/max_ptes_swap)"
+            )
+        if not referenced or (swapped and referenced < HPAGE_PMD_NR // 2):
+            raise TwodwalkError(
+                f"{where} SCAN_LACK_REFERENCED_PAGE: {referenced} young pages"
+                + (f" for {swapped} to swap in (it wants {HPAGE_PMD_NR // 2})" if swapped else "")
+            )

@@ -5,6 +5,11 @@ running, then asks KVM_GET_DIRTY_LOG which pages the guest wrote meanwhile and s
 again, round after round, until few enough are left to stop the guest and send the rest
 (stop-and-copy). If the guest dirties pages faster than rounds shrink, migration does not
 converge. Pages go to a destination image, so the result can be checked page by page.
+
+It works in every dirty-logging mode of the VM (`Vm.set_dirty_log_mode`). With
+KVM_DIRTY_LOG_INITIALLY_SET, KVM_GET_DIRTY_LOG only reports, so each round clears the bits it
+is about to send with KVM_CLEAR_DIRTY_LOG first, as QEMU does
+(`migration_clear_memory_region_dirty_bitmap`): a write after the clear is in the next round.
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ def precopy(
         memslot.memory_size,
         memslot.userspace_addr,
     )
-    vm.get_dirty_log(slot)
+    _collect_dirty(machine, slot)
     destination: dict[int, bytes] = {}
     to_send = list(range(memslot.base_gfn, memslot.base_gfn + memslot.npages))
     rounds = []
@@ -74,7 +79,7 @@ def precopy(
         for gfn in to_send:
             destination[gfn] = machine.read_gpa(gfn << PAGE_SHIFT, PAGE_SIZE)
         workload(number)
-        dirty = _dirty_gfns(vm.get_dirty_log(slot), memslot.base_gfn)
+        dirty = _collect_dirty(machine, slot)
         rounds.append(MigrationRound(number, len(to_send), len(dirty)))
         to_send = dirty
         if len(dirty) <= threshold_pages:
@@ -84,6 +89,18 @@ def precopy(
     return MigrationResult(
         tuple(rounds), len(to_send) <= threshold_pages, len(to_send), destination
     )
+
+
+def _collect_dirty(machine: Machine, slot: int) -> list[int]:
+    """The GFNs dirtied since the last call, with tracking re-armed for them: one
+    KVM_GET_DIRTY_LOG, and with manual protection a KVM_CLEAR_DIRTY_LOG of what it reported
+    (the whole slot in one call: num_pages reaches the slot's end)."""
+    vm = machine.vm
+    bitmap = vm.get_dirty_log(slot)
+    memslot = vm.memslots.dirty_log_slot(slot)
+    if vm.manual_dirty_log_protect:
+        vm.clear_dirty_log(slot, 0, memslot.npages, bitmap)
+    return _dirty_gfns(bitmap, memslot.base_gfn)
 
 
 def _dirty_gfns(bitmap: bytes, base_gfn: int) -> list[int]:

@@ -10,36 +10,19 @@ from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import check_aligned, check_choice, check_int
 from twodwalk.exercises.grading import MIB, Grader, Question, Value, _normal, seeded_rng
 from twodwalk.exercises.setups import _DATA_GPA, _GUEST_RAM, _random_page
-from twodwalk.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES
 from twodwalk.machine import Machine
 from twodwalk.memory import PhysicalMemory
 from twodwalk.pagetables import Leaf, PageTables
 from twodwalk.views.text import entry_meaning, size_text
+from twodwalk.whatifs import WHAT_IFS as REGISTRY
+from twodwalk.whatifs import Page, what_if
 
 # --- topic "what-if": which structure a change under a running guest touches (KVM mmu.c, mm/) -----
 
+# The registry's what-ifs that change one of the four structures, or could: INVLPG changes
+# none, so it makes no question.
 WHAT_IFS: Mapping[str, str] = MappingProxyType(
-    {
-        "swap-out": "The host kernel swaps the page out (mm/vmscan.c shrink_folio_list).",
-        "migrate": "The host kernel migrates the page to another frame (mm/migrate.c"
-        " migrate_pages), e.g. for compaction or NUMA balancing.",
-        "ksm-merge": "KSM finds an identical page elsewhere in the VMM and merges the two into"
-        " one write-protected frame (mm/ksm.c try_to_merge_one_page).",
-        "thp-split": "The host splits the 2 MiB transparent huge page that backs the page into"
-        " 512 small pages (mm/huge_memory.c __split_huge_pmd).",
-        "thp-collapse": "khugepaged collapses the 512 small pages around the page into one"
-        " 2 MiB page (mm/khugepaged.c collapse_huge_page).",
-        "munmap": "The VMM munmaps the 4 KiB of its guest-RAM mapping behind the page.",
-        "memslot-move": "The VMM moves the memslot to a new guest-physical base"
-        " (KVM_SET_USER_MEMORY_REGION, a MOVE).",
-        "memslot-delete": "The VMM deletes the memslot (KVM_SET_USER_MEMORY_REGION with"
-        " memory_size 0).",
-        "dirty-logging": "The VMM turns on dirty logging for the memslot, as live migration"
-        " does (KVM_SET_USER_MEMORY_REGION with KVM_MEM_LOG_DIRTY_PAGES).",
-        "guest-remap": "The guest points its PTE for the page at another GPA, and runs no INVLPG.",
-        "swap-out-without-notifiers": "With KVM's MMU notifiers switched off (a what-if: Linux"
-        " always has them), the host kernel swaps the page out.",
-    }
+    {name: w.changes for name, w in REGISTRY.items() if name != "invlpg"}
 )
 STRUCTURES = ("guest", "memslot", "host", "ept")  # along the chain GVA -> GPA -> HVA -> HPA
 _STRUCTURE_NAMES = {
@@ -108,7 +91,7 @@ def what_if_question(
     assert pte_hva is not None
     before = _structures(machine, gpa, hva, pte_hva)
     logged = len(machine.vm.mmu.log)
-    _do_what_if(machine, what, gva, gpa, hva, pte[0])
+    what_if(what).apply(machine, Page(gva, gpa, hva))
     after = _structures(machine, gpa, hva, pte_hva)
     kvm = [f"KVM {s.function}: {s.detail}" for s in machine.vm.mmu.log[logged:]]
     changed = tuple(name for name in STRUCTURES if before[name] != after[name])
@@ -212,49 +195,6 @@ def _leaf_text(tables: PageTables, memory: PhysicalMemory, address: int) -> str:
     value = memory.read_u64(found.slot)
     name = fmt.level_name(found.level)
     return f"{name} = {value:#018x}{entry_meaning(fmt, found.level, value)}"
-
-
-def _do_what_if(machine: Machine, what: str, gva: int, gpa: int, hva: int, pte: int) -> None:
-    """Make one what-if happen, through the calls the real actors make."""
-    host, vmm, vm = machine.host, machine.vmm, machine.vm
-    slot = vm.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
-    assert slot is not None
-    region = (slot.as_id << 16 | slot.id, slot.guest_phys_addr, slot.memory_size)
-    if what in ("swap-out", "swap-out-without-notifiers"):
-        host.mmu_notifiers_enabled = what == "swap-out"
-        host.swap_out(vmm, hva)
-    elif what == "migrate":
-        host.migrate(vmm, hva)
-    elif what == "ksm-merge":
-        twin = vmm.mmap(PAGE_SIZE, name="KSM twin")
-        page = host.get_user_page(vmm, twin, True)
-        assert page is not None
-        machine.memory.write(page.hpa, machine.read_gpa(gpa, PAGE_SIZE))
-        host.ksm_merge(vmm, hva, twin)
-    elif what == "thp-split":
-        host.split_thp(vmm, hva)
-    elif what == "thp-collapse":
-        host.collapse_thp(vmm, hva)
-    elif what == "munmap":
-        vmm.munmap(hva, PAGE_SIZE)
-    elif what == "memslot-move":
-        vm.set_user_memory_region(region[0], slot.flags, 1 << 30, region[2], slot.userspace_addr)
-    elif what == "memslot-delete":
-        vm.set_user_memory_region(region[0], slot.flags, region[1], 0, slot.userspace_addr)
-    elif what == "dirty-logging":
-        vm.set_user_memory_region(
-            region[0],
-            slot.flags | KVM_MEM_LOG_DIRTY_PAGES,
-            region[1],
-            region[2],
-            slot.userspace_addr,
-        )
-    else:  # guest-remap: the guest kernel's store to its PTE, no INVLPG
-        value = int.from_bytes(machine.read_gpa(pte, 8), "little")
-        moved = (
-            machine.guest.format.layout(1, False).field("address").insert(value, gpa + PAGE_SIZE)
-        )
-        machine.write_gpa(pte, moved.to_bytes(8, "little"))
 
 
 def _structure_reasons(

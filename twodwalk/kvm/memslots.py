@@ -4,6 +4,8 @@
 and its checks in virt/kvm/kvm_main.c `__kvm_set_memory_region` in the kernel's order, failing
 with the same errno. Translation is `__gfn_to_hva_memslot`: hva = userspace_addr +
 (gfn - base_gfn) * 4096. The dirty bitmap is KVM's (one bit per page, bit 0 = first page).
+Each address space has its own generation, bumped by every swap of its memslot array
+(`kvm_swap_active_memslots`): once for CREATE and FLAGS_ONLY, twice for DELETE and MOVE.
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ class Memslot:
     dirty_bitmap: bytearray | None = field(default=None, repr=False)
 
     @property
+    def slot(self) -> int:
+        """The `slot` field of KVM_SET_USER_MEMORY_REGION: address space in bits 31:16, slot
+        id in bits 15:0."""
+        return self.as_id << 16 | self.id
+
+    @property
     def guest_phys_addr(self) -> int:
         return self.base_gfn << PAGE_SHIFT
 
@@ -96,8 +104,8 @@ class MemslotChange:
 
 
 class Memslots:
-    """All memslots of a VM, in their address spaces, with the generation counter that
-    invalidates cached MMIO entries (`kvm_memslots.generation`)."""
+    """All memslots of a VM, in their address spaces, with the generation counters that
+    invalidate cached MMIO entries (`kvm_memslots.generation`)."""
 
     def __init__(self, max_gpa_bits: int, address_spaces: int = KVM_ADDRESS_SPACE_NUM) -> None:
         """`address_spaces`: 2 on x86 with SMM (`kvm_arch_nr_memslot_as_ids`); a KVM
@@ -105,7 +113,17 @@ class Memslots:
         self.max_gpa_bits = max_gpa_bits
         self.address_spaces = address_spaces
         self.slots: dict[tuple[int, int], Memslot] = {}
-        self.generation = 0
+        # kvm_create_vm: address space i starts at generation i; swaps add the number of
+        # address spaces, so generations stay unique across them
+        self.generations = list(range(address_spaces))
+        # kvm_dirty_log_manual_protect_and_init_set: new dirty bitmaps start all set
+        self.dirty_log_initially_set = False
+
+    @property
+    def generation(self) -> int:
+        """The generation of address space 0, the one a vCPU outside SMM uses
+        (`kvm_vcpu_memslots`)."""
+        return self.generations[0]
 
     def set_user_memory_region(
         self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
@@ -118,7 +136,7 @@ class Memslots:
             ("memory_size", memory_size),
             ("userspace_addr", userspace_addr),
         ):
-            _check_u64(name, value, 32 if name in ("slot", "flags") else 64)
+            check_uapi_int(name, value, 32 if name in ("slot", "flags") else 64)
         as_id, sid = slot >> 16, slot & 0xFFFF
         _validate(
             flags, guest_phys_addr, memory_size, userspace_addr, as_id, sid, self.address_spaces
@@ -137,10 +155,20 @@ class Memslots:
             self._check_overlap(new)
             self._check_max_gfn(new)
         if new.dirty_logging:
-            keep = old.dirty_bitmap if old is not None and old.dirty_logging else None
-            # kvm_dirty_bitmap_bytes: one bit per page, rounded up to whole longs
-            new.dirty_bitmap = keep if keep is not None else bytearray((npages + 63) // 64 * 8)
+            new.dirty_bitmap = self._dirty_bitmap(old, npages)
         return self._commit((as_id, sid), MemslotChange(change, old, new))
+
+    def _dirty_bitmap(self, old: Memslot | None, npages: int) -> bytearray:
+        """`kvm_prepare_memory_region`: keep the old slot's bitmap, or allocate one
+        (`kvm_dirty_bitmap_bytes`: one bit per page, rounded up to whole longs), all set
+        with KVM_DIRTY_LOG_INITIALLY_SET (`bitmap_set`)."""
+        if old is not None and old.dirty_bitmap is not None:
+            return old.dirty_bitmap
+        bitmap = bytearray((npages + 63) // 64 * 8)
+        if self.dirty_log_initially_set:
+            for page in range(npages):
+                bitmap[page >> 3] |= 1 << (page & 7)
+        return bitmap
 
     def _check_max_gfn(self, new: Memslot) -> None:
         """x86 `kvm_arch_prepare_memory_region`: the last GFN must be one the MMU can map."""
@@ -168,11 +196,15 @@ class Memslots:
                 )
 
     def _commit(self, key: tuple[int, int], result: MemslotChange) -> MemslotChange:
+        """`kvm_set_memslot`: DELETE and MOVE first swap in the old slot marked INVALID
+        (`kvm_invalidate_memslot`), then the final array; each `kvm_swap_active_memslots`
+        adds the number of address spaces to that address space's generation."""
         if result.new is None:
             del self.slots[key]
         else:
             self.slots[key] = result.new
-        self.generation += self.address_spaces  # kvm_swap_active_memslots
+        swaps = 2 if result.change in (Change.DELETE, Change.MOVE) else 1
+        self.generations[key[0]] += swaps * self.address_spaces
         return result
 
     def gfn_to_memslot(self, gfn: int, as_id: int = 0) -> Memslot | None:
@@ -182,28 +214,37 @@ class Memslots:
                 return slot
         return None
 
-    def get_dirty_log(self, slot: int) -> bytes:
-        """KVM_GET_DIRTY_LOG: the bitmap since the last call; the kernel then clears it
-        (the caller re-write-protects: see `Vm.get_dirty_log`)."""
-        as_id, sid = slot >> 16, slot & 0xFFFF
-        if as_id >= self.address_spaces or sid >= KVM_USER_MEM_SLOTS:
-            raise KvmError(errno_codes.EINVAL, f"slot {slot:#x} is not a valid slot number")
+    def dirty_log_slot(self, slot: int) -> Memslot:
+        """The memslot KVM_GET_DIRTY_LOG or KVM_CLEAR_DIRTY_LOG names, with its bitmap:
+        EINVAL for a slot number out of range, ENOENT for a slot that does not log."""
+        as_id, sid = check_slot_number(slot, self.address_spaces)
         memslot = self.slots.get((as_id, sid))
         if memslot is None or memslot.dirty_bitmap is None:
             raise KvmError(
                 errno_codes.ENOENT,
                 f"slot {sid} has no dirty log: create it with KVM_MEM_LOG_DIRTY_PAGES",
             )
-        snapshot = bytes(memslot.dirty_bitmap)
-        memslot.dirty_bitmap[:] = bytes(len(snapshot))
-        return snapshot
+        return memslot
 
 
-def _check_u64(name: str, value: object, width: int) -> None:
+def check_slot_number(slot: int, address_spaces: int) -> tuple[int, int]:
+    """(address space, slot id) of a dirty-log ioctl's `slot`: bits 31:16 and 15:0, each
+    in range, or EINVAL (`kvm_get_dirty_log_protect`, `kvm_clear_dirty_log_protect`)."""
+    check_uapi_int("slot", slot, 32, "kvm_dirty_log")
+    as_id, sid = slot >> 16, slot & 0xFFFF
+    if as_id >= address_spaces or sid >= KVM_USER_MEM_SLOTS:
+        raise KvmError(errno_codes.EINVAL, f"slot {slot:#x} is not a valid slot number")
+    return as_id, sid
+
+
+def check_uapi_int(
+    name: str, value: object, width: int, struct: str = "kvm_userspace_memory_region"
+) -> None:
+    """A field of an ioctl's struct must be an int that fits it."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << width:
         raise TwodwalkError(
             f"{name}={value!r} is not valid: it is a __u{width} in"
-            f" struct kvm_userspace_memory_region (0 .. 2**{width}-1)"
+            f" struct {struct} (0 .. 2**{width}-1)"
         )
 
 

@@ -7,13 +7,19 @@ of the VMM's page tables that may fault the page in), picks the mapping level
 (`kvm_mmu_hugepage_adjust`) and writes EPT entries (tdp_mmu.c `kvm_tdp_mmu_map`, spte.c
 `make_spte`). The hardware walks only the EPT; the memslot and host tables are KVM's
 software path. MMU notifiers and memslot changes zap entries, so the next access faults again.
+
+SPTE layouts are Linux 6.18's (arch/x86/kvm/mmu/spte.h): every shadow-present SPTE has KVM's
+SPTE_MMU_PRESENT bit 11; an EPT SPTE also has the suppress-#VE bit 63, part of
+`shadow_present_mask` (`kvm_mmu_set_ept_masks`); a zapped or never-filled SPTE holds
+SHADOW_NONPRESENT_VALUE, bit 63 alone (x86-64, since Linux 6.10), and new table pages are filled
+with it. An MMIO SPTE keeps the memslot generation in bits 10:3 and 62:52.
 """
 
 from __future__ import annotations
 
 import errno
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE, size_text
@@ -33,10 +39,10 @@ from twodwalk.errors import TwodwalkError
 from twodwalk.formats import ENTRY_SIZE, EPT_MEMTYPE_WB, EptFormat
 from twodwalk.host import HostKernel, Process
 from twodwalk.kvm.memslots import KvmError, Memslot, Memslots
-from twodwalk.pagetables import PageTables
+from twodwalk.pagetables import PageTables, TreeEntry
 from twodwalk.paging import PFERR_FETCH, PFERR_PRESENT, PFERR_USER, PFERR_WRITE
 from twodwalk.trace import KvmStep, SpteWrite, Trace
-from twodwalk.walker import Access, TableMemory, WalkRecord, WalkStart, walk
+from twodwalk.walker import Access, TableMemory, TableRead, WalkRecord, WalkStart, walk
 
 _EPT_RULES = EptAccessRules()
 PFERR_GUEST_FINAL = 1 << 32
@@ -44,6 +50,19 @@ PFERR_GUEST_PAGE = 1 << 33
 MMIO_SPTE_VALUE = 0b110  # VMX_EPT_MISCONFIG_WX_VALUE: write+execute without read
 MMIO_GEN_LOW = (3, 10)  # spte.h MMIO_SPTE_GEN_LOW_START/END
 MMIO_GEN_HIGH = (52, 62)  # spte.h MMIO_SPTE_GEN_HIGH_START/END
+MMIO_SPTE_GEN_MASK = (1 << 19) - 1  # 8 low + 11 high generation bits
+SHADOW_NONPRESENT_VALUE = 1 << 63  # spte.h, x86-64 since Linux 6.10
+SPTE_MMU_PRESENT_MASK = 1 << 11  # spte.h: set in every shadow-present SPTE
+VMX_EPT_SUPPRESS_VE_BIT = 1 << 63  # in EPT shadow_present_mask and shadow_mmio_mask
+EPT_MMIO_MASK = 0b111 | VMX_EPT_SUPPRESS_VE_BIT  # kvm_mmu_set_ept_masks: RWX | SUPPRESS_VE
+EPT_SPTE_MMU_WRITABLE = 1 << 58
+PT_WRITABLE_MASK = 1 << 1  # W in x86 PTEs, and in EPT entries
+PT_PAGE_SIZE_MASK = 1 << 7
+VMX_EPT_DIRTY_BIT = 1 << 9
+PML_LOG_NR_ENTRIES = 512  # the PML buffer: one 4 KiB page of GPAs (SDM 29.3.6)
+ALL_LEVELS = range(1, 6)
+PG_LEVEL_4K = range(1, 2)
+HUGE_LEVELS = range(2, 6)  # PG_LEVEL_2M and up
 
 
 def ept_violation_error_code(qualification: int) -> int:
@@ -74,13 +93,40 @@ class EmulateMmio:
     write: bool
 
 
-Resolution = Fixed | EmulateMmio
+@dataclass(frozen=True)
+class RetPfRetry:
+    """RET_PF_RETRY: KVM installed nothing (a host invalidation raced with the fault);
+    re-entering the guest repeats the access, which faults again."""
+
+
+Resolution = Fixed | EmulateMmio | RetPfRetry
+
+
+def is_shadow_present_pte(spte: int) -> bool:
+    """spte.h `is_shadow_present_pte`: KVM's own bit 11, not the hardware's present bits (an
+    MMIO SPTE and SHADOW_NONPRESENT_VALUE lack it)."""
+    return bool(spte & SPTE_MMU_PRESENT_MASK)
+
+
+def mmio_generation_bits(generation: int) -> int:
+    """spte.c `generation_mmio_spte_mask`: the memslot generation (19 bits) spread over
+    bits 10:3 and 62:52 of an MMIO SPTE."""
+    low_bits = MMIO_GEN_LOW[1] - MMIO_GEN_LOW[0] + 1
+    gen = generation & MMIO_SPTE_GEN_MASK
+    return (gen & ((1 << low_bits) - 1)) << MMIO_GEN_LOW[0] | (gen >> low_bits) << MMIO_GEN_HIGH[0]
+
+
+def _overlaps(first: int, pages: int, gfns: Collection[int]) -> bool:
+    """Whether the GFNs [first, first + pages) of one mapping meet `gfns`."""
+    if isinstance(gfns, range):
+        return first < gfns.stop and gfns.start < first + pages
+    return any(first <= gfn < first + pages for gfn in gfns)
 
 
 class KvmMmu(ABC):
     """What KVM's MMU does the same way with EPT and with shadow paging: register for MMU
-    notifiers, find the host page behind a GFN, and zap what the host or a memslot change
-    made stale."""
+    notifiers, find the host page behind a GFN, retry a fault that raced with the host, and
+    zap or protect what the host, a memslot change or dirty logging asks for."""
 
     def __init__(self, host: HostKernel, vmm: Process, memslots: Memslots) -> None:
         self.host = host
@@ -88,6 +134,13 @@ class KvmMmu(ABC):
         self.memslots = memslots
         self.log: list[KvmStep] = []
         self.tlb_flushers: list[Callable[[], None]] = []
+        # struct kvm: the MMU-notifier sequence count, invalidations running, and the GFN
+        # range they cover (kvm_mmu_invalidate_begin / _range_add / _end)
+        self.mmu_invalidate_seq = 0
+        self.mmu_invalidate_in_progress = 0
+        self.mmu_invalidate_range: tuple[int, int] | None = None
+        # what-if: runs once between hva_to_pfn and the install (a racing host change)
+        self.race_after_hva_to_pfn: Callable[[], None] | None = None
         host.notifiers.append(self)
 
     def flush_remote_tlbs(self) -> None:
@@ -96,9 +149,135 @@ class KvmMmu(ABC):
         for flush in self.tlb_flushers:
             flush()
 
+    def _alloc_table(self) -> int:
+        """A new shadow or EPT table page, every entry SHADOW_NONPRESENT_VALUE (the page
+        caches' `init_value`, mmu.c `kvm_mmu_create`)."""
+        table = self.host.frames.alloc()
+        self.host.memory.write(table, SHADOW_NONPRESENT_VALUE.to_bytes(8, "little") * 512)
+        return table
+
+    def _step(self, trace: Trace | None, step: KvmStep) -> None:
+        """A KVM step goes to the access's trace, or to `log` when no access caused it."""
+        if trace is None:
+            self.log.append(step)
+        else:
+            trace.add(step)
+
     @abstractmethod
-    def zap_gfn_range(self, start: int, end: int) -> int:
-        """Clear every leaf mapping a GFN in [start, end); return how many were cleared."""
+    def unmap_gfn_range(self, start: int, end: int) -> int:
+        """`kvm_unmap_gfn_range`: clear every leaf mapping a GFN in [start, end); return how
+        many were cleared."""
+
+    @abstractmethod
+    def zap_all(self) -> int:
+        """`kvm_mmu_zap_all_fast`: drop every translation KVM built; return how many."""
+
+    @abstractmethod
+    def write_protect(self, gfns: Collection[int], levels: range) -> int:
+        """Clear W (only W: KVM's MMU-writable bit stays, so `fast_page_fault` can restore
+        it) in the leaves of `levels` that map a GFN in `gfns`; return how many."""
+
+    @abstractmethod
+    def split_huge_pages(self, gfns: range) -> int:
+        """Eager page split (`kvm_mmu_try_split_huge_pages`): map [gfns] with 4 KiB leaves;
+        return how many huge leaves were split."""
+
+    @abstractmethod
+    def recover_huge_pages(self, memslot: Memslot) -> int:
+        """`kvm_mmu_recover_huge_pages` after dirty logging stops: map huge again what may be
+        mapped huge; return how many huge mappings were recovered."""
+
+    # --- MMU notifiers (virt/kvm/kvm_main.c) ------------------------------------------------
+
+    def _slot_ranges(self, process: Process, start: int, end: int) -> list[tuple[int, int, int]]:
+        """(first GFN, end GFN, lowest HVA) of every memslot part whose HVA lies in
+        [start, end) of the VMM (`kvm_handle_hva_range`)."""
+        if process is not self.vmm:
+            return []
+        out = []
+        for memslot in self.memslots.slots.values():
+            lo = max(start, memslot.userspace_addr)
+            hi = min(end, memslot.userspace_addr + memslot.memory_size)
+            if lo < hi:
+                out.append((memslot.hva_to_gfn(lo), memslot.hva_to_gfn(hi - 1) + 1, lo))
+        return out
+
+    def invalidate_range_start(self, process: Process, start: int, end: int, reason: str) -> None:
+        """`kvm_mmu_notifier_invalidate_range_start`: for the memslots behind [start, end),
+        `kvm_mmu_invalidate_begin` (one more invalidation in progress), add their GFNs to the
+        invalidated range, and `kvm_unmap_gfn_range`, so the next access faults and sees the
+        change."""
+        ranges = self._slot_ranges(process, start, end)
+        if ranges:
+            self.mmu_invalidate_in_progress += 1
+        for first, stop, hva in ranges:
+            old = self.mmu_invalidate_range or (first, stop)
+            self.mmu_invalidate_range = (min(old[0], first), max(old[1], stop))
+            zapped = self.unmap_gfn_range(first, stop)
+            self.log.append(
+                KvmStep(
+                    "kvm_mmu_notifier_invalidate_range_start",
+                    f"{reason}: HVA [{max(start, hva):#x}, ...) is GFN [{first:#x}, {stop:#x});"
+                    f" kvm_unmap_gfn_range zapped {zapped} entries",
+                    gfn=first,
+                    hva=hva,
+                )
+            )
+
+    def invalidate_range_end(self, process: Process, start: int, end: int) -> None:
+        """`kvm_mmu_notifier_invalidate_range_end` -> `kvm_mmu_invalidate_end`: bump
+        `mmu_invalidate_seq` (a fault that looked up a PFN before now must not install it),
+        then one invalidation fewer in progress."""
+        if not self._slot_ranges(process, start, end):
+            return
+        self.mmu_invalidate_seq += 1
+        self.mmu_invalidate_in_progress -= 1
+        if not self.mmu_invalidate_in_progress:
+            self.mmu_invalidate_range = None
+
+    def mmu_invalidate_retry_gfn(self, mmu_seq: int, gfn: int) -> bool:
+        """include/linux/kvm_host.h `mmu_invalidate_retry_gfn`: an invalidation covering the
+        GFN is in progress, or one ended since `mmu_seq` was sampled."""
+        span = self.mmu_invalidate_range
+        if self.mmu_invalidate_in_progress and span is not None and span[0] <= gfn < span[1]:
+            return True
+        return self.mmu_invalidate_seq != mmu_seq
+
+    def _faultin_seq(self, gfn: int, trace: Trace) -> int | None:
+        """mmu.c `kvm_mmu_faultin_pfn`: sample `mmu_invalidate_seq` before asking the host
+        for the page; None (RET_PF_RETRY) when an invalidation of the GFN is already running
+        (`mmu_invalidate_retry_gfn_unsafe`)."""
+        mmu_seq = self.mmu_invalidate_seq
+        if not self.mmu_invalidate_retry_gfn(mmu_seq, gfn):
+            return mmu_seq
+        trace.add(
+            KvmStep(
+                "kvm_mmu_faultin_pfn",
+                "an MMU-notifier invalidation of this GFN is in progress: RET_PF_RETRY",
+                gfn=gfn,
+            )
+        )
+        return None
+
+    def _page_fault_stale(self, mmu_seq: int, gfn: int, trace: Trace) -> bool:
+        """mmu.c `is_page_fault_stale`, under mmu_lock just before the install: the PFN from
+        `hva_to_pfn` may be gone if the host invalidated the GFN meanwhile (RET_PF_RETRY).
+        The what-if `race_after_hva_to_pfn` runs first, once: the racing host change."""
+        race, self.race_after_hva_to_pfn = self.race_after_hva_to_pfn, None
+        if race is not None:
+            race()
+        if not self.mmu_invalidate_retry_gfn(mmu_seq, gfn):
+            return False
+        trace.add(
+            KvmStep(
+                "is_page_fault_stale",
+                f"mmu_invalidate_retry_gfn: the host invalidated GFN {gfn:#x} after hva_to_pfn"
+                f" (mmu_invalidate_seq {mmu_seq} -> {self.mmu_invalidate_seq}):"
+                " RET_PF_RETRY, nothing installed",
+                gfn=gfn,
+            )
+        )
+        return True
 
     def _hva_to_pfn(self, hva: int, write: bool, trace: Trace) -> tuple[int, bool, int]:
         """virt/kvm/kvm_main.c `hva_to_pfn`: try a writable page without faulting (the fast
@@ -169,28 +348,8 @@ class KvmMmu(ABC):
             raise TwodwalkError(f"gpa={gpa:#x} {where}: the guest has no RAM to store to there")
 
     def _mmio_gen(self) -> int:
-        return self.memslots.generation & ((1 << 19) - 1)
-
-    def invalidate_range(self, process: Process, start: int, end: int, reason: str) -> None:
-        """`kvm_mmu_notifier_invalidate_range_start`: zap the EPT entries of every GFN whose
-        HVA lies in [start, end) of the VMM, so the next access faults and sees the change."""
-        if process is not self.vmm:
-            return
-        for memslot in self.memslots.slots.values():
-            lo = max(start, memslot.userspace_addr)
-            hi = min(end, memslot.userspace_addr + memslot.memory_size)
-            if lo < hi:
-                first, last = memslot.hva_to_gfn(lo), memslot.hva_to_gfn(hi - 1)
-                zapped = self.zap_gfn_range(first, last + 1)
-                self.log.append(
-                    KvmStep(
-                        "kvm_mmu_notifier_invalidate_range_start",
-                        f"{reason}: HVA [{lo:#x}, {hi:#x}) is GFN [{first:#x},"
-                        f" {last + 1:#x}); zapped {zapped} EPT entries",
-                        gfn=first,
-                        hva=lo,
-                    )
-                )
+        """The generation an MMIO SPTE records (`make_mmio_spte`: masked to 19 bits)."""
+        return self.memslots.generation & MMIO_SPTE_GEN_MASK
 
     def zap_memslot(self, memslot: Memslot) -> int:
         """`kvm_arch_flush_shadow_memslot` before a slot is deleted or moved: with
@@ -206,20 +365,26 @@ class KvmMmu(ABC):
         )
         return zapped
 
-    @abstractmethod
-    def zap_all(self) -> int:
-        """`kvm_mmu_zap_all_fast`: drop every translation KVM built; return how many."""
-
 
 class TdpMmu(KvmMmu):
-    """KVM's EPT for one VM: the root, the page fault path, zaps, and dirty-log protection."""
+    """KVM's EPT for one VM: the root, the page fault path, zaps, dirty-log protection and
+    the PML buffer."""
 
     def __init__(self, host: HostKernel, vmm: Process, memslots: Memslots, fmt: EptFormat) -> None:
         super().__init__(host, vmm, memslots)
         self.fmt = fmt
-        self.tables = PageTables(fmt, host.memory, host.frames.alloc)
+        self.tables = PageTables(fmt, host.memory, self._alloc_table)
         self.eptp = Eptp(self.tables.root, fmt.levels, fmt.ad)
         self._tables = host.physical_tables
+        self.pml = False  # kvm_intel.enable_pml: set by `Vm.set_dirty_log_mode`
+        self.cpu_dirty_logging_count = 0  # memslots logging dirty pages
+        self.pml_buffer: list[int] = []  # GPAs, in the order the CPU logged them
+
+    @property
+    def pml_enabled(self) -> bool:
+        """`vmx_update_cpu_dirty_logging`: the VMCS enables PML while a memslot logs dirty
+        pages (`kvm_mmu_update_cpu_dirty_logging`)."""
+        return self.pml and self.cpu_dirty_logging_count > 0
 
     # --- what the hardware does -------------------------------------------------------------
 
@@ -232,9 +397,43 @@ class TdpMmu(KvmMmu):
     ) -> WalkRecord:
         """The CPU's EPT walk of one guest-physical address (SDM 29.3.2), reading the EPT
         through `tables` (default: straight from host memory), from `start` when a
-        guest-physical paging-structure cache named a table below the root."""
+        guest-physical paging-structure cache named a table below the root. With PML on,
+        the walk logs the GPA when it sets an EPT D bit (SDM 29.3.6)."""
         tables = tables or self._tables
+        if self.pml_enabled:
+            tables = PmlLogging(tables, self, gpa)
         return walk(self.fmt, self.eptp.root, gpa, access, tables, _EPT_RULES, start)
+
+    def pml_log(self, gpa: int) -> None:
+        """SDM 29.3.6 (page-modification logging): the CPU set an EPT D bit 0 -> 1, so it
+        writes the 4 KiB-aligned GPA to the PML buffer at the PML index (511 down to 0).
+        With the buffer full the write first causes a "PML log full" VM exit (reason 62),
+        where KVM empties it (`handle_pml_full`, after the flush every exit does)."""
+        if not self.pml_enabled:
+            return
+        if len(self.pml_buffer) == PML_LOG_NR_ENTRIES:
+            self.log.append(
+                KvmStep("handle_pml_full", "PML log full (exit reason 62): buffer flushed")
+            )
+            self.flush_pml_buffer()
+        self.pml_buffer.append(gpa & ~(PAGE_SIZE - 1))
+
+    def flush_pml_buffer(self, trace: Trace | None = None) -> int:
+        """`vmx_flush_pml_buffer` (`kvm_flush_pml_buffer` once x86.c shares it with SVM): on
+        every VM exit, and before userspace reads the log (`kvm_arch_sync_dirty_log` kicks
+        the vCPUs out), mark each logged GFN dirty (`kvm_vcpu_mark_page_dirty`) in the order
+        the CPU logged them, and reset the PML index. Returns how many entries there were."""
+        logged, self.pml_buffer = self.pml_buffer, []
+        for gpa in logged:
+            memslot = self.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
+            if memslot is not None:
+                memslot.mark_dirty(gpa >> PAGE_SHIFT)
+        if logged:
+            self._step(
+                trace,
+                KvmStep("vmx_flush_pml_buffer", f"{len(logged)} GPAs from the PML buffer"),
+            )
+        return len(logged)
 
     # --- exits ------------------------------------------------------------------------------
 
@@ -256,7 +455,7 @@ class TdpMmu(KvmMmu):
         current memslot generation goes straight to MMIO emulation; a stale one is dropped
         and the fault takes the normal path."""
         found = self.tables.find_leaf(gpa)
-        spte = self.host.memory.read_u64(found[0]) if found else 0
+        spte = self.host.memory.read_u64(found[0]) if found else SHADOW_NONPRESENT_VALUE
         if found and is_mmio_spte(spte) and mmio_spte_generation(spte) == self._mmio_gen():
             trace.add(
                 KvmStep(
@@ -275,14 +474,16 @@ class TdpMmu(KvmMmu):
             )
         )
         if found:
-            self._set_spte(found[0], 1, 0, trace)
+            self._set_spte(found[0], 1, SHADOW_NONPRESENT_VALUE, trace)
         return self._direct_page_fault(gpa, False, trace)
 
     # --- the page fault path ----------------------------------------------------------------
 
     def _fast_page_fault(self, gpa: int, code: int, trace: Trace) -> bool:
         """mmu.c `fast_page_fault`: a write to a present entry that KVM write-protected
-        only for dirty logging (MMU-writable set) is fixed in place: set W, mark dirty."""
+        only for dirty logging (MMU-writable set) is fixed in place: set W (the CPU sets D
+        when the write retries), mark the page dirty. Not for a huge leaf of a slot that
+        logs: only its first page would be logged, so the slow path maps 4 KiB."""
         if not code & PFERR_WRITE or not code & PFERR_PRESENT:
             return False
         found = self.tables.find_leaf(gpa)
@@ -290,11 +491,12 @@ class TdpMmu(KvmMmu):
             return False
         slot_address, level = found
         spte = self.host.memory.read_u64(slot_address)
-        if not spte >> 58 & 1 or spte & 2:
+        if not spte & EPT_SPTE_MMU_WRITABLE or spte & PT_WRITABLE_MASK:
             return False
-        new = spte | 2 | ((1 << 9) if self.fmt.ad else 0)
-        self._set_spte(slot_address, level, new, trace)
         memslot = self.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
+        if level > 1 and memslot is not None and memslot.dirty_logging:
+            return False
+        self._set_spte(slot_address, level, spte | PT_WRITABLE_MASK, trace)
         if memslot is not None:
             memslot.mark_dirty(gpa >> PAGE_SHIFT)
         trace.add(
@@ -322,6 +524,9 @@ class TdpMmu(KvmMmu):
                 hva=hva & ~0xFFF,
             )
         )
+        mmu_seq = self._faultin_seq(gfn, trace)
+        if mmu_seq is None:
+            return RetPfRetry()
         if write and memslot.readonly:
             trace.add(
                 KvmStep(
@@ -332,6 +537,8 @@ class TdpMmu(KvmMmu):
             )
             return EmulateMmio(gpa, True)
         page = self._hva_to_pfn(hva, write, trace)
+        if self._page_fault_stale(mmu_seq, gfn, trace):
+            return RetPfRetry()
         writable = page[1] and not memslot.readonly
         level = self._mapping_level(memslot, gfn, hva, page[2], trace)
         size = self.fmt.page_size(level)
@@ -341,11 +548,12 @@ class TdpMmu(KvmMmu):
             memslot.mark_dirty(gfn)
         return Fixed()
 
-    def _mapping_level(
-        self, memslot: Memslot, gfn: int, hva: int, host_size: int, trace: Trace
-    ) -> int:
-        """`kvm_mmu_hugepage_adjust`: the largest level allowed by EPT, the host mapping,
-        the slot's bounds and GFN/HVA alignment, and dirty logging."""
+    def _max_mapping_level(
+        self, memslot: Memslot, gfn: int, hva: int, host_size: int
+    ) -> tuple[int, list[str]]:
+        """mmu.c `kvm_mmu_max_mapping_level`: the largest level allowed by EPT, the host
+        mapping, the slot's bounds and GFN/HVA alignment, and dirty logging; with the
+        reasons each larger level was refused."""
         reasons = []
         level = max(self.fmt.leaf_levels)
         while level > 1:
@@ -362,6 +570,13 @@ class TdpMmu(KvmMmu):
             else:
                 break
             level -= 1
+        return level, reasons
+
+    def _mapping_level(
+        self, memslot: Memslot, gfn: int, hva: int, host_size: int, trace: Trace
+    ) -> int:
+        """`kvm_mmu_hugepage_adjust`: the level the fault maps at."""
+        level, reasons = self._max_mapping_level(memslot, gfn, hva, host_size)
         trace.add(
             KvmStep(
                 "kvm_mmu_hugepage_adjust",
@@ -375,8 +590,9 @@ class TdpMmu(KvmMmu):
         return level
 
     def _make_spte(self, hpa: int, level: int, writable: bool) -> int:
-        """spte.c `make_spte` for EPT: RX, W if writable, WB memory type with IPAT
-        (`vmx_get_mt_mask`), A (and D when writable) with EPT A/D, KVM's software bits."""
+        """spte.c `make_spte` for EPT: SPTE_MMU_PRESENT and suppress-#VE
+        (`shadow_present_mask`), RX, W if writable, WB memory type with IPAT
+        (`vmx_get_mt_mask`), A (and D when writable) with EPT A/D, host- and MMU-writable."""
         fields = {
             "r": 1,
             "x": 1,
@@ -386,11 +602,18 @@ class TdpMmu(KvmMmu):
             "sw": 1,
             "hw": int(writable),
             "mw": int(writable),
+            "sve": 1,
             "address": hpa,
         }
         if self.fmt.ad:
             fields.update(a=1, d=int(writable))
         return self.fmt.encode(level, True, **fields)
+
+    def _make_nonleaf_spte(self, level: int, child: int) -> int:
+        """spte.c `make_nonleaf_spte`: SPTE_MMU_PRESENT, RWX, A, and suppress-#VE from
+        `shadow_present_mask` (bit 63 is ignored in a non-leaf EPT entry)."""
+        link = self.fmt.encode(level, False, address=child, r=1, w=1, x=1, sw=1, a=int(self.fmt.ad))
+        return link | VMX_EPT_SUPPRESS_VE_BIT
 
     def _map(self, gfn: int, level: int, spte: int, trace: Trace) -> None:
         """tdp_mmu.c `kvm_tdp_mmu_map`: link missing tables down to `level`, replacing a huge
@@ -400,11 +623,8 @@ class TdpMmu(KvmMmu):
         for lv in range(self.fmt.levels, level, -1):
             slot = table + ENTRY_SIZE * self.fmt.index(gpa, lv)
             value = self.host.memory.read_u64(slot)
-            if not self.fmt.is_present(value) or self.fmt.is_leaf(value, lv) or is_mmio_spte(value):
-                child = self.host.frames.alloc()
-                link = self.fmt.encode(
-                    lv, False, address=child, r=1, w=1, x=1, sw=1, a=int(self.fmt.ad)
-                )
+            if not is_shadow_present_pte(value) or self.fmt.is_leaf(value, lv):
+                link = self._make_nonleaf_spte(lv, self._alloc_table())
                 self._set_spte(slot, lv, link, trace)
                 value = link
             table = self.fmt.output_address(value, lv)
@@ -415,20 +635,21 @@ class TdpMmu(KvmMmu):
         a vCPU may have cached (`mmu_spte_update` returning "flush")."""
         old = self.host.memory.read_u64(address)
         self.host.memory.write_u64(address, new)
-        if self.fmt.is_present(old) and not is_mmio_spte(old):
+        if is_shadow_present_pte(old):
             moved = self.fmt.output_address(old, level) != self.fmt.output_address(new, level)
             if moved or (old & 7) & ~(new & 7):
                 self.flush_remote_tlbs()
-        leaf = new == 0 or is_mmio_spte(new) or self.fmt.is_leaf(new, level)
+        leaf = not is_shadow_present_pte(new) or self.fmt.is_leaf(new, level)
         event = SpteWrite("ept", level, address, old, new, leaf)
         if trace is not None:
             trace.add(event)
 
-    # --- zaps: MMU notifiers, memslot changes, dirty logging ----------------------------------
+    # --- zaps: MMU notifiers, memslot changes -----------------------------------------------
 
-    def zap_gfn_range(self, start: int, end: int) -> int:
-        """`kvm_tdp_mmu_zap_leafs`: clear every leaf mapping a GFN in [start, end); a huge
-        leaf that overlaps the range goes whole. Returns how many entries were cleared."""
+    def unmap_gfn_range(self, start: int, end: int) -> int:
+        """`kvm_tdp_mmu_unmap_gfn_range` -> `kvm_tdp_mmu_zap_leafs`: set every leaf mapping a
+        GFN in [start, end) to SHADOW_NONPRESENT_VALUE; a huge leaf that overlaps the range
+        goes whole. Returns how many entries were cleared."""
         zapped = 0
         gfn = start
         while gfn < end:
@@ -436,7 +657,7 @@ class TdpMmu(KvmMmu):
             pages = 1
             if found is not None:
                 pages = 1 << (self.fmt.shift(found[1]) - PAGE_SHIFT)
-                self.host.memory.write_u64(found[0], 0)
+                self.host.memory.write_u64(found[0], SHADOW_NONPRESENT_VALUE)
                 zapped += 1
             gfn = (gfn & ~(pages - 1)) + pages
         if zapped:
@@ -446,32 +667,63 @@ class TdpMmu(KvmMmu):
     def zap_all(self) -> int:
         zapped = 0
         for entry in list(self.tables.entries()):
-            if entry.leaf and self.host.memory.read_u64(entry.entry_address):
-                self.host.memory.write_u64(entry.entry_address, 0)
+            if entry.leaf:
+                self.host.memory.write_u64(entry.entry_address, SHADOW_NONPRESENT_VALUE)
                 zapped += 1
         self.flush_remote_tlbs()
         return zapped
 
-    def write_protect(self, memslot: Memslot, gfns: range | None = None) -> int:
-        """Dirty logging: split huge leaves of the slot into 4 KiB leaves (eager page split,
-        `kvm_mmu_slot_try_split_huge_pages`) and clear W in the 4 KiB leaves, keeping KVM's
-        MMU-writable bit so a write can be fixed fast (`kvm_mmu_slot_remove_write_access`)."""
-        gfns = gfns or range(memslot.base_gfn, memslot.base_gfn + memslot.npages)
+    # --- dirty logging ----------------------------------------------------------------------
+
+    def _leaves(self, gfns: Collection[int], levels: range) -> list[TreeEntry]:
+        """The shadow-present leaves of `levels` that map a GFN in `gfns`."""
+        return [
+            entry
+            for entry in self.tables.entries()
+            if entry.leaf
+            and entry.level in levels
+            and is_shadow_present_pte(entry.value)
+            and _overlaps(
+                entry.virtual >> PAGE_SHIFT,
+                1 << (self.fmt.shift(entry.level) - PAGE_SHIFT),
+                gfns,
+            )
+        ]
+
+    def _clear_bit(self, gfns: Collection[int], levels: range, bit: int) -> int:
+        """Clear one bit in the leaves that have it; one TLB flush if any changed."""
         count = 0
-        for gfn in gfns:
-            found = self.tables.find_leaf(gfn << PAGE_SHIFT)
-            if found is None or is_mmio_spte(self.host.memory.read_u64(found[0])):
-                continue
-            if found[1] > 1:
-                self._split(*found)
-                found = self.tables.find_leaf(gfn << PAGE_SHIFT)
-                assert found is not None
-            spte = self.host.memory.read_u64(found[0])
-            if spte & 2:
-                self.host.memory.write_u64(found[0], spte & ~2 & ~(1 << 9))
+        for entry in self._leaves(gfns, levels):
+            if entry.value & bit:
+                self.host.memory.write_u64(entry.entry_address, entry.value & ~bit)
                 count += 1
         if count:
             self.flush_remote_tlbs()
+        return count
+
+    def write_protect(self, gfns: Collection[int], levels: range) -> int:
+        """`kvm_mmu_slot_remove_write_access` (a whole slot, from a minimum level) and
+        `kvm_mmu_write_protect_pt_masked` (chosen 4 KiB pages): clear W only; the EPT D bit
+        is the CPU's and stays."""
+        return self._clear_bit(gfns, levels, PT_WRITABLE_MASK)
+
+    def clear_dirty(self, gfns: Collection[int], levels: range) -> int:
+        """PML: `kvm_mmu_slot_leaf_clear_dirty` (`kvm_tdp_mmu_clear_dirty_slot`, every leaf
+        of a slot) and `kvm_mmu_clear_dirty_pt_masked` (chosen 4 KiB pages): clear the EPT D
+        bit, so the CPU's next write sets it again and logs the page."""
+        return self._clear_bit(gfns, levels, VMX_EPT_DIRTY_BIT)
+
+    def split_huge_pages(self, gfns: range) -> int:
+        """tdp_mmu.c `kvm_tdp_mmu_try_split_huge_pages` to 4 KiB: each huge leaf becomes a
+        table of 512 leaves one level down with the same rights (`make_huge_page_split_spte`),
+        until only 4 KiB leaves map the range."""
+        count = 0
+        huge = self._leaves(gfns, HUGE_LEVELS)
+        while huge:
+            for entry in huge:
+                self._split(entry.entry_address, entry.level)
+            count += len(huge)
+            huge = self._leaves(gfns, HUGE_LEVELS)
         return count
 
     def _split(self, slot_address: int, level: int) -> None:
@@ -480,31 +732,98 @@ class TdpMmu(KvmMmu):
         base = self.fmt.output_address(spte, level)
         flags = spte & ~self.fmt.address_mask(level, True)
         if level - 1 == 1:
-            flags &= ~(1 << 7)
+            flags &= ~PT_PAGE_SIZE_MASK
         child = self.host.frames.alloc()
         small = self.fmt.page_size(level - 1)
         for i in range(512):
             self.host.memory.write_u64(child + 8 * i, flags | (base + i * small))
-        link = self.fmt.encode(level, False, address=child, r=1, w=1, x=1, sw=1, a=int(self.fmt.ad))
-        self.host.memory.write_u64(slot_address, link)
+        self.host.memory.write_u64(slot_address, self._make_nonleaf_spte(level, child))
+
+    def recover_huge_pages(self, memslot: Memslot) -> int:
+        """tdp_mmu.c `kvm_tdp_mmu_recover_huge_pages` (Linux 6.13+; before, the zap of
+        `kvm_tdp_mmu_zap_collapsible_sptes`): a table entry of the slot that could map huge
+        (`kvm_mmu_max_mapping_level`) is replaced in place by a huge leaf made from a present
+        leaf below it (`make_huge_spte`), so no fault is needed. Returns how many."""
+        first, end = memslot.base_gfn, memslot.base_gfn + memslot.npages
+        done: list[range] = []
+        for entry in list(self.tables.entries()):
+            gfn = entry.virtual >> PAGE_SHIFT
+            if (
+                entry.leaf
+                or entry.level not in self.fmt.leaf_levels
+                or not first <= gfn < end
+                or any(gfn in span for span in done)
+            ):
+                continue
+            huge = self._make_huge_spte(memslot, entry)
+            if huge is not None:
+                self.host.memory.write_u64(entry.entry_address, huge)
+                done.append(range(gfn, gfn + (1 << (self.fmt.shift(entry.level) - PAGE_SHIFT))))
+        if done:
+            self.flush_remote_tlbs()
+            self.log.append(
+                KvmStep(
+                    "kvm_mmu_recover_huge_pages",
+                    f"memslot {memslot.id}: {len(done)} huge mappings recovered in place",
+                    gfn=memslot.base_gfn,
+                )
+            )
+        return len(done)
+
+    def _make_huge_spte(self, memslot: Memslot, table: TreeEntry) -> int | None:
+        """`tdp_mmu_make_huge_spte`: if the host and the slot allow a `table.level` mapping
+        here, the huge leaf made from the first present leaf below (`make_huge_spte`: set PS,
+        drop the address bits below the huge page); else None."""
+        gfn = table.virtual >> PAGE_SHIFT
+        hva = memslot.gfn_to_hva(gfn)
+        host = self.host.get_user_page(self.vmm, hva, False, fault_in=False)
+        if host is None:
+            return None
+        if self._max_mapping_level(memslot, gfn, hva, host.page_size)[0] < table.level:
+            return None
+        pages = range(gfn, gfn + (1 << (self.fmt.shift(table.level) - PAGE_SHIFT)))
+        below = next((e for e in self._leaves(pages, ALL_LEVELS) if e.level < table.level), None)
+        if below is None:
+            return None
+        low = (1 << self.fmt.shift(table.level)) - 1
+        return (below.value | PT_PAGE_SIZE_MASK) & ~(low & ~(PAGE_SIZE - 1))
+
+
+class PmlLogging:
+    """The CPU's EPT walk with PML on (SDM 29.3.6): an A/D update that sets an EPT leaf's D
+    bit also logs the walk's GPA (`TdpMmu.pml_log`)."""
+
+    def __init__(self, tables: TableMemory, mmu: TdpMmu, gpa: int) -> None:
+        self.tables = tables
+        self.mmu = mmu
+        self.gpa = gpa
+
+    def read_entry(self, address: int, access: Access) -> tuple[int, TableRead | None]:
+        return self.tables.read_entry(address, access)
+
+    def write_entry(self, address: int, read: TableRead | None, value: int) -> WalkRecord | None:
+        old = self.mmu.host.memory.read_u64(address if read is None else read.physical)
+        refused = self.tables.write_entry(address, read, value)
+        if refused is None and value & VMX_EPT_DIRTY_BIT and not old & VMX_EPT_DIRTY_BIT:
+            self.mmu.pml_log(self.gpa)
+        return refused
 
 
 def make_mmio_spte(gpa: int, generation: int) -> int:
     """spte.c `make_mmio_spte` for EPT: W+X without R (a deliberate misconfiguration), the
     GPA, and the memslot generation in bits 10:3 and 62:52."""
-    low_bits = MMIO_GEN_LOW[1] - MMIO_GEN_LOW[0] + 1
-    gen = (generation & ((1 << low_bits) - 1)) << MMIO_GEN_LOW[0]
-    gen |= (generation >> low_bits) << MMIO_GEN_HIGH[0]
-    return MMIO_SPTE_VALUE | gen | (gpa & ~0xFFF & ((1 << 52) - 1))
+    return MMIO_SPTE_VALUE | mmio_generation_bits(generation) | (gpa & ~0xFFF & ((1 << 52) - 1))
 
 
 def is_mmio_spte(spte: int) -> bool:
-    """`is_mmio_spte`: the MMIO value in bits 2:0 (R=0, so no real mapping looks like it)."""
-    return spte & 7 == MMIO_SPTE_VALUE
+    """spte.h `is_mmio_spte` for EPT: `shadow_mmio_mask` (RWX and suppress-#VE) gives the
+    MMIO value, W+X without R and bit 63 clear (no real mapping, nor the non-present value,
+    looks like it)."""
+    return spte & EPT_MMIO_MASK == MMIO_SPTE_VALUE
 
 
 def mmio_spte_generation(spte: int) -> int:
-    """`get_mmio_spte_generation`."""
+    """spte.h `get_mmio_spte_generation`."""
     low_bits = MMIO_GEN_LOW[1] - MMIO_GEN_LOW[0] + 1
     low = spte >> MMIO_GEN_LOW[0] & ((1 << low_bits) - 1)
     high = spte >> MMIO_GEN_HIGH[0] & ((1 << (MMIO_GEN_HIGH[1] - MMIO_GEN_HIGH[0] + 1)) - 1)

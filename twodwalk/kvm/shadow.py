@@ -11,12 +11,16 @@ entry written (`kvm_mmu_track_write` -> `kvm_mmu_pte_write`). A clean guest PTE 
 shadowed read-only so the first write traps and KVM can set the guest's D bit
 (`FNAME(protect_clean_gpte)`).
 
+Shadow SPTEs carry KVM's software bits (spte.h): SPTE_MMU_PRESENT (bit 11), host-writable
+(bit 9) and MMU-writable (bit 10); a zapped or never-filled SPTE is SHADOW_NONPRESENT_VALUE.
+
 Simplifications, said once: shadow leaves are always 4 KiB; there are no unsync pages (every
 guest page-table write traps); KVM keeps PKU off without EPT, so CR4.PKE is rejected here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from twodwalk.cpumodel import PAGE_SHIFT, CpuModel
@@ -24,7 +28,17 @@ from twodwalk.errors import TwodwalkError
 from twodwalk.formats import ENTRY_SIZE, EntryFormat, Ia32eFormat, Rights, bits, ia32e_format
 from twodwalk.host import HostKernel, Process
 from twodwalk.kvm.memslots import Memslot, Memslots
-from twodwalk.kvm.mmu import EmulateMmio, Fixed, KvmMmu
+from twodwalk.kvm.mmu import (
+    PT_WRITABLE_MASK,
+    SHADOW_NONPRESENT_VALUE,
+    EmulateMmio,
+    Fixed,
+    KvmMmu,
+    RetPfRetry,
+    is_shadow_present_pte,
+    mmio_generation_bits,
+    mmio_spte_generation,
+)
 from twodwalk.paging import (
     GeneralProtection,
     PageFault,
@@ -50,7 +64,10 @@ class EmulateWrite:
     gpa: int
 
 
-ShadowResolution = Fixed | EmulateMmio | InjectFault | EmulateWrite
+ShadowResolution = Fixed | EmulateMmio | InjectFault | EmulateWrite | RetPfRetry
+# spte.h: SPTE_MMU_PRESENT (bit 11), DEFAULT_SPTE_MMU_WRITABLE (10), DEFAULT_SPTE_HOST_WRITABLE
+# (9), as values of the IA-32e AVL field (bits 11:9)
+_AVL_MMU_PRESENT, _AVL_MMU_WRITABLE, _AVL_HOST_WRITABLE = 0b100, 0b010, 0b001
 
 
 class GuestTablesViaMemslots:
@@ -86,7 +103,9 @@ class ShadowMmu(KvmMmu):
         self.shadowed: dict[int, dict[int, int]] = {}  # guest table gfn -> {shadow: level}
         self.rmap: dict[int, set[int]] = {}
         self.spte_gfn: dict[int, int] = {}
-        self.mmio_mask = bits(51, cpu.maxphyaddr) | 1
+        # spte.c `kvm_mmu_reset_all_pte_masks`: MMIO SPTEs set reserved bit 51 and P, so the
+        # CPU faults with RSVD; with MAXPHYADDR 52 no bit is reserved and MMIO is not cached
+        self.mmio_value = (1 << 51 | 1) if cpu.maxphyaddr < 52 else 0
 
     def root_for(self, guest_root: int, fmt: Ia32eFormat, cr0_wp: bool = True) -> int:
         """`kvm_mmu_new_pgd`: the shadow root for a guest CR3, one per root, depth and guest
@@ -94,7 +113,7 @@ class ShadowMmu(KvmMmu):
         emulate WP=0 must not serve WP=1)."""
         key = (guest_root, fmt.levels, cr0_wp)
         if key not in self.roots:
-            self.roots[key] = self.host.frames.alloc()
+            self.roots[key] = self._alloc_table()
             self.shadowed.setdefault(guest_root >> PAGE_SHIFT, {})[self.roots[key]] = fmt.levels
         return self.roots[key]
 
@@ -158,7 +177,7 @@ class ShadowMmu(KvmMmu):
                 KvmStep("kvm_faultin_pfn", "no RAM behind this GPA: emulate as MMIO", gfn=gfn)
             )
             if memslot is None:
-                self._install_mmio(hardware, gpa, trace)
+                self._install_mmio(hardware, gpa, guest.translation.rights, trace)
             return EmulateMmio(gpa, access.is_write)
         if access.is_write and gfn in self.shadowed:
             trace.add(
@@ -170,22 +189,28 @@ class ShadowMmu(KvmMmu):
                 )
             )
             return EmulateWrite(gpa)
+        mmu_seq = self._faultin_seq(gfn, trace)
+        if mmu_seq is None:
+            return RetPfRetry()
         hpa = self.gpa_to_hpa(gpa, access.is_write, trace)
         if hpa is None:
             return EmulateMmio(gpa, access.is_write)
+        if self._page_fault_stale(mmu_seq, gfn, trace):
+            return RetPfRetry()
         rights = _emulated_wp(guest.translation.rights, access, controls)
         self._fetch(guest, rights, hardware.root, hpa & ~0xFFF, access, trace)
         return Fixed()
 
     def _mmio_fast_path(self, hardware: WalkRecord, trace: Trace) -> EmulateMmio | None:
-        """`handle_mmio_page_fault`: a #PF with RSVD on a cached MMIO entry."""
+        """`handle_mmio_page_fault`: a #PF with RSVD on a cached MMIO entry; one of an old
+        memslot generation (`check_mmio_spte`) is zapped and the fault takes the slow path."""
         if not hardware.steps:
             return None
         spte = hardware.steps[-1].value
         if not self.is_mmio_spte(spte):
             return None
         last = hardware.steps[-1]
-        if (spte >> 52 & 0x7FF) == self._mmio_gen() & 0x7FF:
+        if mmio_spte_generation(spte) == self._mmio_gen():
             gpa = (spte & bits(self.cpu.maxphyaddr - 1, 12)) | (hardware.address & 0xFFF)
             trace.add(
                 KvmStep(
@@ -195,24 +220,30 @@ class ShadowMmu(KvmMmu):
                 )
             )
             return EmulateMmio(gpa, hardware.access.is_write)
-        self._write(last.entry_address, 1, 0, trace)
+        self._write(last.entry_address, 1, SHADOW_NONPRESENT_VALUE, trace)
         return None
 
     def is_mmio_spte(self, spte: int) -> bool:
-        """An MMIO entry sets P and every reserved bit above MAXPHYADDR (`make_mmio_spte`
-        with shadow paging), so the hardware faults with RSVD."""
-        return self.mmio_mask != 1 and spte & self.mmio_mask == self.mmio_mask
+        """spte.h `is_mmio_spte`: `shadow_mmio_mask` equals `shadow_mmio_value` (bit 51 and
+        P) here; false for everything when MMIO caching is off (MAXPHYADDR 52)."""
+        return bool(self.mmio_value) and spte & self.mmio_value == self.mmio_value
 
-    def _install_mmio(self, hardware: WalkRecord, gpa: int, trace: Trace) -> None:
+    def make_mmio_spte(self, gpa: int, rights: Rights) -> int:
+        """spte.c `make_mmio_spte` with shadow paging: the MMIO value, the guest's W and U
+        rights (`shadow_mmio_access_mask` = ACC_WRITE_MASK | ACC_USER_MASK, in the W and U/S
+        bit positions), the GPA, and the memslot generation in bits 10:3 and 62:52. (No
+        L1TF mitigation bits: `shadow_nonpresent_or_rsvd_mask` is 0 on an unaffected CPU.)"""
+        access = (PT_WRITABLE_MASK if Rights.W in rights else 0) | (
+            0b100 if Rights.U in rights else 0
+        )
+        gen = mmio_generation_bits(self._mmio_gen())
+        return self.mmio_value | access | gen | (gpa & ~0xFFF & bits(self.cpu.maxphyaddr - 1, 12))
+
+    def _install_mmio(self, hardware: WalkRecord, gpa: int, rights: Rights, trace: Trace) -> None:
+        """`mmu_set_spte` -> `mark_mmio_spte` for a GFN in no memslot, when MMIO caching is on."""
         slot = self._leaf_slot(hardware.format, hardware.root, hardware.address, trace)
-        if self.mmio_mask != 1:
-            gen = (self._mmio_gen() & 0x7FF) << 52
-            self._write(
-                slot,
-                1,
-                self.mmio_mask | gen | (gpa & ~0xFFF & bits(self.cpu.maxphyaddr - 1, 12)),
-                trace,
-            )
+        if self.mmio_value:
+            self._write(slot, 1, self.make_mmio_spte(gpa, rights), trace)
 
     def _fetch(
         self,
@@ -241,7 +272,8 @@ class ShadowMmu(KvmMmu):
         for level in range(leaf.level - 1, 0, -1):
             table = self._child(fmt, table, guest.address, level + 1, trace)
         gfn = guest.translation.address >> PAGE_SHIFT
-        writable = self._leaf_writable(guest, rights, gfn, access)
+        host_writable = self._host_writable(gfn)
+        writable = host_writable and self._leaf_writable(guest, rights, gfn, access)
         spte = fmt.encode(
             1,
             True,
@@ -252,6 +284,9 @@ class ShadowMmu(KvmMmu):
             xd=int(Rights.X not in rights),
             a=1,
             d=int(writable and access.is_write),
+            avl=_AVL_MMU_PRESENT
+            | (_AVL_MMU_WRITABLE if writable else 0)
+            | (_AVL_HOST_WRITABLE if host_writable else 0),
         )
         slot = table + ENTRY_SIZE * fmt.index(guest.address, 1)
         self._write(slot, 1, spte, trace)
@@ -271,19 +306,25 @@ class ShadowMmu(KvmMmu):
             )
         )
 
-    def _leaf_writable(self, guest: WalkRecord, rights: Rights, gfn: int, access: Access) -> bool:
-        """W in the shadow leaf only if the guest allows writes, the guest PTE is already
-        dirty (`FNAME(protect_clean_gpte)`), the page holds no shadowed guest table, the host
-        page is writable, and dirty logging does not want to see the first write."""
-        value = guest.leaf
+    def _host_writable(self, gfn: int) -> bool:
+        """Whether the host maps the page behind the GFN writable (`hva_to_pfn`'s answer,
+        kept in the SPTE as host-writable)."""
         memslot = self.memslots.gfn_to_memslot(gfn)
-        if memslot is None or Rights.W not in rights or not value >> 6 & 1:
+        if memslot is None or memslot.readonly:
             return False
         host = self.host.get_user_page(self.vmm, memslot.gfn_to_hva(gfn), False, fault_in=False)
+        return host is not None and host.writable
+
+    def _leaf_writable(self, guest: WalkRecord, rights: Rights, gfn: int, access: Access) -> bool:
+        """W in the shadow leaf (of a host-writable page) only if the guest allows writes,
+        the guest PTE is already dirty (`FNAME(protect_clean_gpte)`), the page holds no
+        shadowed guest table, and dirty logging does not want to see the first write."""
+        memslot = self.memslots.gfn_to_memslot(gfn)
         return (
-            gfn not in self.shadowed
-            and host is not None
-            and host.writable
+            memslot is not None
+            and Rights.W in rights
+            and bool(guest.leaf >> 6 & 1)
+            and gfn not in self.shadowed
             and not (memslot.dirty_logging and not access.is_write)
         )
 
@@ -295,8 +336,8 @@ class ShadowMmu(KvmMmu):
         protected = False
         for slot in self.rmap.get(gfn, set()):
             spte = self.host.memory.read_u64(slot)
-            if spte & 2:
-                self._write(slot, 1, spte & ~2, trace)
+            if spte & PT_WRITABLE_MASK:
+                self._write(slot, 1, spte & ~PT_WRITABLE_MASK, trace)
                 protected = True
         if protected:
             self.flush_remote_tlbs()
@@ -305,12 +346,11 @@ class ShadowMmu(KvmMmu):
         """The shadow table below `table` for `gva`, allocated and linked if missing."""
         slot = table + ENTRY_SIZE * fmt.index(gva, level)
         value = self.host.memory.read_u64(slot)
-        if value & 1 and not self.is_mmio_spte(value):
+        if is_shadow_present_pte(value):
             return fmt.output_address(value, level)
-        child = self.host.frames.alloc()
-        self._write(
-            slot, level, fmt.encode(level, False, address=child, p=1, rw=1, us=1, a=1), trace
-        )
+        child = self._alloc_table()
+        link = fmt.encode(level, False, address=child, p=1, rw=1, us=1, a=1, avl=_AVL_MMU_PRESENT)
+        self._write(slot, level, link, trace)
         return child
 
     def _leaf_slot(self, fmt: EntryFormat, root: int, gva: int, trace: Trace) -> int:
@@ -351,8 +391,9 @@ class ShadowMmu(KvmMmu):
         zapped = 0
         for shadow, level in self.shadowed.get(gpa >> PAGE_SHIFT, {}).items():
             slot = shadow + (gpa & 0xFF8)
-            if self.host.memory.read_u64(slot):
-                self._write(slot, level, 0, trace)
+            spte = self.host.memory.read_u64(slot)
+            if is_shadow_present_pte(spte) or self.is_mmio_spte(spte):  # `mmu_page_zap_pte`
+                self._write(slot, level, SHADOW_NONPRESENT_VALUE, trace)
                 zapped += 1
         step = KvmStep(
             "kvm_mmu_pte_write",
@@ -360,10 +401,7 @@ class ShadowMmu(KvmMmu):
             f" zapped {zapped} shadow entries derived from it",
             gfn=gpa >> PAGE_SHIFT,
         )
-        if trace is None:
-            self.log.append(step)
-        else:
-            trace.add(step)
+        self._step(trace, step)
         if zapped:
             self.flush_remote_tlbs()
         return zapped
@@ -378,33 +416,46 @@ class ShadowMmu(KvmMmu):
         self.flush_remote_tlbs()
         return zapped
 
-    def zap_gfn_range(self, start: int, end: int) -> int:
-        """Zap the shadow leaves that map a GFN in [start, end) (the rmap walk of
-        `kvm_unmap_gfn_range`)."""
+    def unmap_gfn_range(self, start: int, end: int) -> int:
+        """`kvm_unmap_gfn_range` -> `kvm_rmap_unmap_gfn_range`: zap the shadow leaves that
+        map a GFN in [start, end), found through the rmap."""
         zapped = 0
         for gfn in [g for g in self.rmap if start <= g < end]:
             for slot in self.rmap.pop(gfn):
-                if self.host.memory.read_u64(slot) & 1:
-                    self.host.memory.write_u64(slot, 0)
+                if is_shadow_present_pte(self.host.memory.read_u64(slot)):
+                    self.host.memory.write_u64(slot, SHADOW_NONPRESENT_VALUE)
                     zapped += 1
         if zapped:
             self.flush_remote_tlbs()
         return zapped
 
-    def write_protect(self, memslot: Memslot, gfns: range | None = None) -> int:
-        """Dirty logging: clear W in every shadow leaf of the slot's GFNs (the rmap walk of
-        `kvm_mmu_slot_remove_write_access`), so the next write faults and is logged."""
-        gfns = gfns or range(memslot.base_gfn, memslot.base_gfn + memslot.npages)
+    def write_protect(self, gfns: Collection[int], levels: range) -> int:
+        """Dirty logging: clear W (only W) in the shadow leaves of the GFNs, found through
+        the rmap (`kvm_mmu_slot_remove_write_access`, `kvm_mmu_write_protect_pt_masked` ->
+        `rmap_write_protect`), so the next write faults and is logged. Shadow leaves are
+        4 KiB, so only level 1 applies."""
+        if 1 not in levels:
+            return 0
         count = 0
         for gfn in [g for g in self.rmap if g in gfns]:
             for slot in self.rmap[gfn]:
                 spte = self.host.memory.read_u64(slot)
-                if spte & 2:
-                    self.host.memory.write_u64(slot, spte & ~2)
+                if spte & PT_WRITABLE_MASK:
+                    self.host.memory.write_u64(slot, spte & ~PT_WRITABLE_MASK)
                     count += 1
         if count:
             self.flush_remote_tlbs()
         return count
+
+    def split_huge_pages(self, gfns: range) -> int:
+        """Nothing to split: shadow leaves are 4 KiB here (`kvm_shadow_mmu_try_split_huge_pages`
+        splits only huge direct mappings)."""
+        return 0
+
+    def recover_huge_pages(self, memslot: Memslot) -> int:
+        """`kvm_rmap_zap_collapsible_sptes` zaps 4 KiB leaves of direct shadow pages that
+        could map huge; shadow leaves are always 4 KiB here, so there is none to recover."""
+        return 0
 
 
 def _emulated_wp(rights: Rights, access: Access, controls: PagingControls) -> Rights:

@@ -1,20 +1,47 @@
 """The VM: memslots and the MMU of one KVM virtual machine, bound to its VMM process.
 
-`set_user_memory_region` and `get_dirty_log` are the two VM ioctls twodwalk models
-(KVM_SET_USER_MEMORY_REGION, KVM_GET_DIRTY_LOG). After the memslot rules accept a change, the
-MMU is told, as `kvm_set_memslot` does: DELETE and MOVE zap the slot's EPT entries first, and
-turning dirty logging on write-protects and splits the slot (`kvm_mmu_slot_apply_flags`).
+The VM ioctls twodwalk models are KVM_SET_USER_MEMORY_REGION, KVM_GET_DIRTY_LOG and
+KVM_CLEAR_DIRTY_LOG. After the memslot rules accept a change, the MMU is told, as
+`kvm_set_memslot` does: DELETE and MOVE zap first, and turning dirty logging on or off
+protects or recovers the slot's mappings (x86.c `kvm_mmu_slot_apply_flags`).
+
+Dirty logging works in one of three modes (`Vm.set_dirty_log_mode`, `DIRTY_LOG_MODES`): KVM
+write-protects pages so each first write exits; or, with Intel PML, clears EPT D bits and lets
+the CPU log the pages it dirties; or, with KVM_DIRTY_LOG_INITIALLY_SET, protects nothing until
+userspace clears bits with KVM_CLEAR_DIRTY_LOG.
 """
 
 from __future__ import annotations
+
+import errno
 
 from twodwalk.cpumodel import PAGE_SHIFT, CpuModel
 from twodwalk.errors import TwodwalkError
 from twodwalk.formats import ept_format
 from twodwalk.host import HostKernel, Process
-from twodwalk.kvm.memslots import Change, MemslotChange, Memslots
-from twodwalk.kvm.mmu import TdpMmu
+from twodwalk.kvm.memslots import (
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
+    Change,
+    KvmError,
+    Memslot,
+    MemslotChange,
+    Memslots,
+    check_slot_number,
+    check_uapi_int,
+)
+from twodwalk.kvm.mmu import ALL_LEVELS, HUGE_LEVELS, PG_LEVEL_4K, TdpMmu
 from twodwalk.kvm.shadow import ShadowMmu
+
+DIRTY_LOG_MODES = {
+    "write-protect": "KVM write-protects the logged pages: the first write to each after"
+    " KVM_GET_DIRTY_LOG exits (EPT violation or #PF) and KVM logs it",
+    "pml": "Intel PML: KVM clears the EPT D bits; the CPU logs each page whose D bit it sets"
+    " in a 512-entry buffer, without an exit per page",
+    "initially-set": "KVM_DIRTY_LOG_INITIALLY_SET: nothing is protected when logging starts and"
+    " every bit starts set; KVM_CLEAR_DIRTY_LOG protects the pages userspace clears",
+}
+_BITS_PER_LONG = 64
 
 
 class Vm:
@@ -46,6 +73,7 @@ class Vm:
             self.mmu = TdpMmu(host, vmm, self.memslots, ept_format(ept_levels, cpu, ept_ad))
         else:
             self.mmu = ShadowMmu(host, vmm, self.memslots, cpu)
+        self.dirty_log_mode = "write-protect"
 
     @property
     def ept(self) -> TdpMmu:
@@ -53,6 +81,67 @@ class Vm:
         if not isinstance(self.mmu, TdpMmu):
             raise TwodwalkError("this VM runs with EPT off (tdp=False): its shadow MMU is vm.mmu")
         return self.mmu
+
+    @property
+    def pml(self) -> bool:
+        """Whether KVM tracks dirty pages with PML (kvm_intel.enable_pml) rather than
+        write protection."""
+        return isinstance(self.mmu, TdpMmu) and self.mmu.pml
+
+    @property
+    def manual_dirty_log_protect(self) -> bool:
+        """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with KVM_DIRTY_LOG_INITIALLY_SET enabled."""
+        return self.memslots.dirty_log_initially_set
+
+    @property
+    def mmu_invalidate_seq(self) -> int:
+        """`kvm->mmu_invalidate_seq`: MMU-notifier invalidations completed so far."""
+        return self.mmu.mmu_invalidate_seq
+
+    @property
+    def mmu_invalidate_in_progress(self) -> int:
+        """`kvm->mmu_invalidate_in_progress`: invalidations started and not yet ended."""
+        return self.mmu.mmu_invalidate_in_progress
+
+    def set_dirty_log_mode(self, mode: str, *, pml: bool | None = None) -> None:
+        """Choose how dirty logging works (see `DIRTY_LOG_MODES`): "write-protect", "pml"
+        (needs EPT with A/D bits: vmx.c turns enable_pml off without them), or
+        "initially-set" (KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+        KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET), as QEMU does
+        where it can), tracking pages by PML when `pml` is true (default: when the VM can).
+        Only while no memslot logs dirty pages."""
+        if mode not in DIRTY_LOG_MODES:
+            raise TwodwalkError(
+                f"mode={mode!r} is not a dirty-logging mode: valid are {', '.join(DIRTY_LOG_MODES)}"
+            )
+        mmu = self.mmu
+        can_pml = isinstance(mmu, TdpMmu) and mmu.fmt.ad
+        use_pml = mode == "pml" or (mode == "initially-set" and (can_pml if pml is None else pml))
+        if pml is not None and mode != "initially-set" and pml != (mode == "pml"):
+            raise TwodwalkError(
+                f"pml={pml!r} contradicts mode={mode!r}: pml chooses the tracking only for"
+                " mode='initially-set'"
+            )
+        if use_pml and not can_pml:
+            raise TwodwalkError(
+                f"mode={mode!r} with PML needs EPT with A/D bits (tdp=True, ept_ad=True):"
+                " KVM turns PML off without them (vmx.c hardware_setup)"
+            )
+        if any(slot.dirty_logging for slot in self.memslots.slots.values()):
+            raise TwodwalkError(
+                f"mode={mode!r}: a memslot logs dirty pages; turn KVM_MEM_LOG_DIRTY_PAGES off first"
+            )
+        self.dirty_log_mode = mode
+        self.memslots.dirty_log_initially_set = mode == "initially-set"
+        if isinstance(mmu, TdpMmu):
+            mmu.pml = use_pml
+
+    def describe_dirty_log_mode(self) -> str:
+        """The mode and what it means, for views."""
+        mode = self.dirty_log_mode
+        if mode == "initially-set" and self.pml:
+            mode += " with PML"
+        return f"{mode}: {DIRTY_LOG_MODES[self.dirty_log_mode]}"
 
     def set_user_memory_region(
         self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
@@ -63,22 +152,123 @@ class Vm:
         )
         if result.change in (Change.DELETE, Change.MOVE) and result.old is not None:
             self.mmu.zap_memslot(result.old)
-        new, old = result.new, result.old
-        if new is not None and new.dirty_logging and not (old is not None and old.dirty_logging):
-            self.mmu.write_protect(new)
+        self._slot_apply_flags(result)
         return result
 
+    def _slot_apply_flags(self, result: MemslotChange) -> None:
+        """x86.c `kvm_mmu_slot_apply_flags` (and `kvm_mmu_update_cpu_dirty_logging` when
+        logging toggles): logging off recovers huge pages; logging on (a FLAGS_ONLY change of
+        a writable slot) splits huge pages eagerly and then write-protects every leaf, or
+        with PML clears every D bit and write-protects only huge leaves; with
+        KVM_DIRTY_LOG_INITIALLY_SET it does nothing, every page being taken as dirty."""
+        old_flags = result.old.flags if result.old is not None else 0
+        new_flags = result.new.flags if result.new is not None else 0
+        if (old_flags ^ new_flags) & KVM_MEM_LOG_DIRTY_PAGES and isinstance(self.mmu, TdpMmu):
+            self.mmu.cpu_dirty_logging_count += 1 if new_flags & KVM_MEM_LOG_DIRTY_PAGES else -1
+        new = result.new
+        if result.change is not Change.FLAGS_ONLY or new is None or new_flags & KVM_MEM_READONLY:
+            return
+        if not new.dirty_logging:
+            self.mmu.recover_huge_pages(new)
+            return
+        if self.manual_dirty_log_protect:
+            return
+        gfns = range(new.base_gfn, new.base_gfn + new.npages)
+        self.mmu.split_huge_pages(gfns)
+        if self.pml:
+            self.ept.clear_dirty(gfns, ALL_LEVELS)
+            self.mmu.write_protect(gfns, HUGE_LEVELS)
+        else:
+            self.mmu.write_protect(gfns, ALL_LEVELS)
+
+    def _sync_dirty_log(self) -> None:
+        """x86.c `kvm_arch_sync_dirty_log`: kick the vCPUs out of the guest, whose exits
+        flush their PML buffers into the dirty bitmaps."""
+        if self.pml:
+            self.ept.flush_pml_buffer()
+
     def get_dirty_log(self, slot: int) -> bytes:
-        """KVM_GET_DIRTY_LOG: the bitmap since the last call, then clear it and write-protect
-        the pages that were dirty, so their next write is seen (`kvm_get_dirty_log_protect`)."""
-        bitmap = self.memslots.get_dirty_log(slot)
-        memslot = self.memslots.slots[(slot >> 16, slot & 0xFFFF)]
-        for index, byte in enumerate(bitmap):
-            for bit in range(8):
-                if byte >> bit & 1:
-                    gfn = memslot.base_gfn + index * 8 + bit
-                    self.mmu.write_protect(memslot, range(gfn, gfn + 1))
+        """KVM_GET_DIRTY_LOG (`kvm_get_dirty_log_protect`): the bitmap. Without manual
+        protection KVM also clears it, long by long, and re-protects the pages that were
+        dirty, so their next write is seen; with KVM_DIRTY_LOG_INITIALLY_SET it only copies
+        it (KVM_CLEAR_DIRTY_LOG does the rest)."""
+        memslot = self.memslots.dirty_log_slot(slot)
+        assert memslot.dirty_bitmap is not None
+        self._sync_dirty_log()
+        bitmap = bytes(memslot.dirty_bitmap)
+        if self.manual_dirty_log_protect:
+            return bitmap
+        memslot.dirty_bitmap[:] = bytes(len(bitmap))
+        for index, mask in enumerate(_longs(bitmap)):
+            if mask:
+                self._enable_log_dirty_pt_masked(memslot, index * _BITS_PER_LONG, mask)
         return bitmap
+
+    def clear_dirty_log(
+        self, slot: int, first_page: int, num_pages: int, dirty_bitmap: bytes
+    ) -> None:
+        """KVM_CLEAR_DIRTY_LOG (`kvm_clear_dirty_log_protect`, Documentation/virt/kvm/api.rst):
+        bit i of `dirty_bitmap` is page first_page + i of the slot; each set bit that is set in
+        KVM's bitmap is cleared there and the page is protected again. first_page must be a
+        multiple of 64, and num_pages too unless the range ends at the end of the slot."""
+        check_uapi_int("first_page", first_page, 64, "kvm_clear_dirty_log")
+        check_uapi_int("num_pages", num_pages, 32, "kvm_clear_dirty_log")
+        if not isinstance(dirty_bitmap, bytes | bytearray):
+            raise TwodwalkError(f"dirty_bitmap={dirty_bitmap!r} is not valid: give bytes")
+        memslot = self._clear_dirty_log_slot(slot, first_page, num_pages)
+        assert memslot.dirty_bitmap is not None
+        size = (num_pages + _BITS_PER_LONG - 1) // _BITS_PER_LONG * 8
+        self._sync_dirty_log()
+        if len(dirty_bitmap) < size:
+            raise KvmError(
+                errno.EFAULT,
+                f"dirty_bitmap has {len(dirty_bitmap)} bytes; num_pages={num_pages} needs {size}",
+            )
+        kvm_longs = _longs(bytes(memslot.dirty_bitmap))
+        for i, mask in enumerate(_longs(bytes(dirty_bitmap[:size]))):
+            index = first_page // _BITS_PER_LONG + i
+            mask &= kvm_longs[index]
+            if mask:
+                kept = kvm_longs[index] & ~mask
+                memslot.dirty_bitmap[index * 8 : index * 8 + 8] = kept.to_bytes(8, "little")
+                self._enable_log_dirty_pt_masked(memslot, index * _BITS_PER_LONG, mask)
+
+    def _clear_dirty_log_slot(self, slot: int, first_page: int, num_pages: int) -> Memslot:
+        """The checks of `kvm_clear_dirty_log_protect`, in the kernel's order."""
+        check_slot_number(slot, self.memslots.address_spaces)
+        if first_page & 63:
+            raise KvmError(errno.EINVAL, f"first_page={first_page} is not a multiple of 64")
+        memslot = self.memslots.dirty_log_slot(slot)
+        npages = memslot.npages
+        if (
+            first_page > npages
+            or num_pages > npages - first_page
+            or (num_pages < npages - first_page and num_pages & 63)
+        ):
+            raise KvmError(
+                errno.EINVAL,
+                f"first_page={first_page}, num_pages={num_pages} do not fit slot"
+                f" {memslot.id} of {npages} pages: the range must lie in the slot, and"
+                " num_pages be a multiple of 64 unless it reaches the slot's end",
+            )
+        return memslot
+
+    def _enable_log_dirty_pt_masked(self, memslot: Memslot, offset: int, mask: int) -> None:
+        """x86 `kvm_arch_mmu_enable_log_dirty_pt_masked`: re-protect the pages of one long of
+        the bitmap (`offset` is the slot-relative page of bit 0). With
+        KVM_DIRTY_LOG_INITIALLY_SET huge pages may still map them: split those eagerly and
+        write-protect what stays huge at the first and last page. Then the 4 KiB leaves:
+        clear D with PML (`kvm_mmu_clear_dirty_pt_masked`), else clear W
+        (`kvm_mmu_write_protect_pt_masked`)."""
+        gfns = {memslot.base_gfn + offset + bit for bit in range(_BITS_PER_LONG) if mask >> bit & 1}
+        if self.manual_dirty_log_protect:
+            start, end = min(gfns), max(gfns)
+            self.mmu.split_huge_pages(range(start, end + 1))
+            self.mmu.write_protect({start, end}, HUGE_LEVELS)
+        if self.pml:
+            self.ept.clear_dirty(gfns, PG_LEVEL_4K)
+        else:
+            self.mmu.write_protect(gfns, PG_LEVEL_4K)
 
     def gpa_to_hva(self, gpa: int) -> int | None:
         """The memslot route GPA -> HVA (`gfn_to_hva`), or None for a hole."""
@@ -86,3 +276,8 @@ class Vm:
         if memslot is None:
             return None
         return memslot.gfn_to_hva(gpa >> PAGE_SHIFT) + (gpa & 0xFFF)
+
+
+def _longs(bitmap: bytes) -> list[int]:
+    """A dirty bitmap as KVM's unsigned longs (little-endian, 64 pages each)."""
+    return [int.from_bytes(bitmap[i : i + 8], "little") for i in range(0, len(bitmap), 8)]

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from twodwalk.cpumodel import PAGE_SIZE, CpuModel
 from twodwalk.errors import TwodwalkError, check_choice, check_int
 from twodwalk.formats import EntryFormat, ept_format, ia32e_format
+from twodwalk.kvm.mmu import SHADOW_NONPRESENT_VALUE
 from twodwalk.trace import (
     PAGE_WALK_CACHE,
     CacheHit,
@@ -315,7 +316,8 @@ def event_label(event: Event) -> str:
     if isinstance(event, KvmStep):
         return event.function
     if isinstance(event, SpteWrite):
-        what = "zap" if event.new == 0 else "leaf" if event.leaf else "link"
+        zap = event.new == SHADOW_NONPRESENT_VALUE  # what KVM writes to zap an entry
+        what = "zap" if zap else "leaf" if event.leaf else "link"
         return f"{event.table} L{event.level} {what}"
     if isinstance(event, CacheHit):
         return event.cache

@@ -220,8 +220,9 @@ def dirty_pages(bitmap: bytes) -> list[int]:
     return [page for page in range(8 * len(bitmap)) if bitmap[page // 8] >> page % 8 & 1]
 
 
-def info_memslots(slots: Iterable[Memslot]) -> str:
-    """Memslots as a table, in the spirit of QEMU's `info mtree` / KVM's memslot dump."""
+def info_memslots(slots: Iterable[Memslot], dirty_log_mode: str | None = None) -> str:
+    """Memslots as a table, in the spirit of QEMU's `info mtree` / KVM's memslot dump; with
+    `dirty_log_mode` (`Vm.describe_dirty_log_mode()`) a last line says how KVM logs."""
     lines = ["slot as  GPA range                               HVA              pages  flags"]
     for m in sorted(slots, key=lambda m: (m.as_id, m.base_gfn)):
         flags = ",".join(n for bit, n in ((1, "LOG_DIRTY"), (2, "READONLY")) if m.flags & bit)
@@ -230,6 +231,8 @@ def info_memslots(slots: Iterable[Memslot]) -> str:
             f"{m.id:4d} {m.as_id:2d}  {m.guest_phys_addr:#018x}-{end:#018x}"
             f"  {m.userspace_addr:#014x} {m.npages:6d}  {flags or '-'}"
         )
+    if dirty_log_mode is not None:
+        lines.append(f"dirty logging: {dirty_log_mode}")
     return "\n".join(lines)
 
 

@@ -1,10 +1,9 @@
 """The what-if lab's model: change something under a running guest, make the same access
 again, and compare what the engine recorded before and after.
 
-Each what-if is one call a real system makes: the host kernel reclaiming, migrating, merging
-or (un)splitting the page behind guest RAM (mm/vmscan.c, mm/migrate.c, mm/ksm.c,
-mm/huge_memory.c, mm/khugepaged.c), the VMM changing a memslot (KVM_SET_USER_MEMORY_REGION),
-or the guest editing its own page table with or without INVLPG. The lab never says what
+The what-ifs come from the shared registry (twodwalk.whatifs): one call a real system makes,
+by the host kernel, the VMM or the guest. The lab adds two of its own (switching between EPT
+and shadow paging, and a guest PTE edit that a second click undoes). The lab never says what
 *should* happen: the before/after table is read from the two traces.
 """
 
@@ -14,16 +13,14 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import TwodwalkError, check_choice
-from twodwalk.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslot
 from twodwalk.processor import AccessResult
 from twodwalk.scenarios import GuestAccess, Scenario
 from twodwalk.trace import HostPageFault, KvmStep, SpteWrite, TlbHit
 from twodwalk.views.text import format_exits, format_outcome, format_trace, size_text
+from twodwalk.whatifs import WHAT_IFS as WHAT_IF_REGISTRY
+from twodwalk.whatifs import Page, page_of
 from twodwalk.widgets.common import Source, default_access, resolve
-
-MOVED_SLOT_ALIGN = 1 << 30  # a moved memslot starts on a GiB boundary above every other slot
 
 
 @dataclass(frozen=True)
@@ -67,7 +64,7 @@ def _hex(value: int | None) -> str:
 
 class WhatIfModel:
     """A machine, one guest access, and the last two results of that access. `apply(key)`
-    makes the what-if `WHAT_IFS[key]` and then the access again."""
+    presses the lab's button `WHAT_IFS[key]` and then makes the access again."""
 
     def __init__(
         self,
@@ -88,7 +85,6 @@ class WhatIfModel:
         self.message = ""
         self.error = ""
         self._edited_pte: tuple[int, int] | None = None  # (entry GPA, value before the edit)
-        self._twin: int | None = None  # the VMM's page that KSM merges with guest RAM
         self.result = self._settle()
 
     def _settle(self) -> AccessResult:
@@ -139,7 +135,7 @@ class WhatIfModel:
     def _rebuild(self, tdp: bool) -> None:
         scenario = self._scenario()
         self.machine = replace(scenario, tdp=tdp).build()
-        self._edited_pte = self._twin = None
+        self._edited_pte = None
 
     def _scenario(self) -> Scenario:
         if self.scenario is None:
@@ -159,96 +155,11 @@ class WhatIfModel:
     def trace_text(self) -> str:
         return format_trace(self.result.trace)
 
-    # --- what the what-ifs change -----------------------------------------------------------
+    # --- what the lab's own buttons do ------------------------------------------------------
 
-    def _page(self) -> tuple[int, int]:
-        """(GPA, HVA) of the 4 KiB page the access reached, through the memslot."""
-        gpa = self.result.gpa
-        if gpa is None:
-            raise TwodwalkError(
-                "the access reached no guest-physical page (it faulted or exited): Reset, or"
-                " pick a GVA the guest maps"
-            )
-        hva = self.machine.vm.gpa_to_hva(gpa)
-        if hva is None:
-            raise TwodwalkError(f"GPA {gpa:#x} is in no memslot: no VMM page is behind it")
-        return gpa & ~(PAGE_SIZE - 1), hva & ~(PAGE_SIZE - 1)
-
-    def _memslot(self) -> Memslot:
-        gpa, _ = self._page()
-        memslot = self.machine.vm.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
-        assert memslot is not None  # _page found its HVA through this slot
-        return memslot
-
-    def _set_region(self, memslot: Memslot, flags: int, gpa: int, size: int) -> None:
-        """KVM_SET_USER_MEMORY_REGION on the same slot number and userspace address."""
-        self.machine.vm.set_user_memory_region(
-            memslot.as_id << 16 | memslot.id, flags, gpa, size, memslot.userspace_addr
-        )
-
-    def swap_out(self) -> str:
-        _, hva = self._page()
-        offset = self.machine.host.swap_out(self.machine.vmm, hva)
-        return f"the host wrote HVA {hva:#x} to swap offset {offset:#x} and freed its frame"
-
-    def migrate(self) -> str:
-        _, hva = self._page()
-        new = self.machine.host.migrate(self.machine.vmm, hva)
-        return f"the host moved HVA {hva:#x} to a new frame at HPA {new:#x}"
-
-    def ksm_merge(self) -> str:
-        gpa, hva = self._page()
-        twin = self._twin_copy(gpa)
-        frame = self.machine.host.ksm_merge(self.machine.vmm, hva, twin)
-        return (
-            f"the VMM held a copy of the page at HVA {twin:#x}; KSM merged both into one"
-            f" read-only frame at HPA {frame:#x}, so a write breaks copy-on-write"
-        )
-
-    def _twin_copy(self, gpa: int) -> int:
-        """A private VMM page with the same bytes as guest page `gpa` (as a second guest
-        with the same page would have), written as the VMM writes its memory."""
-        machine = self.machine
-        if self._twin is None:
-            self._twin = machine.vmm.mmap(PAGE_SIZE, name="KSM twin")
-        page = machine.host.get_user_page(machine.vmm, self._twin, write=True)
-        assert page is not None  # the twin's VMA exists: the host faults it in
-        machine.memory.write(page.hpa, machine.read_gpa(gpa, PAGE_SIZE))
-        return self._twin
-
-    def split_thp(self) -> str:
-        _, hva = self._page()
-        self.machine.host.split_thp(self.machine.vmm, hva)
-        return f"the host split the 2 MiB THP holding HVA {hva:#x} into 512 4 KiB PTEs"
-
-    def collapse_thp(self) -> str:
-        _, hva = self._page()
-        new = self.machine.host.collapse_thp(self.machine.vmm, hva)
-        return f"khugepaged copied the 512 pages around HVA {hva:#x} into a THP at HPA {new:#x}"
-
-    def move_memslot(self) -> str:
-        memslot = self._memslot()
-        slots = self.machine.vm.memslots.slots.values()
-        top = max(s.guest_phys_addr + s.memory_size for s in slots)
-        new = -(-top // MOVED_SLOT_ALIGN) * MOVED_SLOT_ALIGN
-        self._set_region(memslot, memslot.flags, new, memslot.memory_size)
-        return (
-            f"the VMM moved memslot {memslot.id} from GPA {memslot.guest_phys_addr:#x} to"
-            f" {new:#x}; its old GPAs are now in no memslot"
-        )
-
-    def delete_memslot(self) -> str:
-        memslot = self._memslot()
-        self._set_region(memslot, memslot.flags, memslot.guest_phys_addr, 0)
-        return f"the VMM deleted memslot {memslot.id} (memory_size 0)"
-
-    def dirty_logging(self) -> str:
-        memslot = self._memslot()
-        if memslot.dirty_logging:
-            raise TwodwalkError(f"memslot {memslot.id} already logs dirty pages")
-        flags = memslot.flags | KVM_MEM_LOG_DIRTY_PAGES
-        self._set_region(memslot, flags, memslot.guest_phys_addr, memslot.memory_size)
-        return f"the VMM set KVM_MEM_LOG_DIRTY_PAGES on memslot {memslot.id}"
+    def page(self) -> Page:
+        """The page the access reached: what a registry what-if acts on."""
+        return page_of(self.machine, self.access.gva, self.result.gpa)
 
     def switch_paging(self) -> str:
         tdp = not self.machine.vm.tdp
@@ -295,7 +206,7 @@ class WhatIfModel:
 
 
 @dataclass(frozen=True)
-class WhatIf:
+class LabButton:
     """One button of the lab: its label, why it matters (with a source), what it does."""
 
     label: str
@@ -303,70 +214,41 @@ class WhatIf:
     apply: Callable[[WhatIfModel], str]
 
 
-WHAT_IFS: dict[str, WhatIf] = {
-    "swap_out": WhatIf(
-        "swap out the page",
-        "Reclaim writes the page to swap and unmaps it; KVM's MMU notifier zaps its entry"
-        " first (mm/vmscan.c shrink_folio_list, kvm_mmu_notifier_invalidate_range_start).",
-        WhatIfModel.swap_out,
-    ),
-    "migrate": WhatIf(
-        "migrate the page",
-        "Compaction or NUMA balancing copies the page to another frame (mm/migrate.c"
-        " migrate_pages); EPT must follow the new frame.",
-        WhatIfModel.migrate,
-    ),
-    "ksm_merge": WhatIf(
-        "KSM merge",
-        "KSM merges identical pages into one write-protected frame (mm/ksm.c"
-        " try_to_merge_one_page); a later write breaks copy-on-write.",
-        WhatIfModel.ksm_merge,
-    ),
-    "split_thp": WhatIf(
-        "split the THP",
-        "The host replaces a 2 MiB PMD by 512 PTEs (mm/huge_memory.c __split_huge_pmd);"
-        " KVM can then map only 4 KiB there (kvm_mmu_hugepage_adjust).",
-        WhatIfModel.split_thp,
-    ),
-    "collapse_thp": WhatIf(
-        "collapse into a THP",
-        "khugepaged copies 512 small pages into one 2 MiB page (mm/khugepaged.c"
-        " collapse_huge_page), so KVM may map it with one 2 MiB EPT entry.",
-        WhatIfModel.collapse_thp,
-    ),
-    "move_memslot": WhatIf(
-        "move the memslot",
-        "KVM_SET_USER_MEMORY_REGION with a new guest_phys_addr (KVM_MR_MOVE): KVM zaps the"
-        " slot's mappings (kvm_arch_flush_shadow_memslot); the old GPAs become MMIO.",
-        WhatIfModel.move_memslot,
-    ),
-    "delete_memslot": WhatIf(
-        "delete the memslot",
-        "KVM_SET_USER_MEMORY_REGION with memory_size 0 (KVM_MR_DELETE): the GPAs become MMIO.",
-        WhatIfModel.delete_memslot,
-    ),
-    "dirty_logging": WhatIf(
-        "dirty logging on",
-        "KVM_MEM_LOG_DIRTY_PAGES, as live migration sets it: KVM write-protects the slot and"
-        " maps it with 4 KiB entries (kvm_mmu_slot_apply_flags) to log each first write.",
-        WhatIfModel.dirty_logging,
-    ),
-    "switch_paging": WhatIf(
+def _registry_button(name: str) -> LabButton:
+    """A button for one what-if of the shared registry (twodwalk.whatifs)."""
+    what = WHAT_IF_REGISTRY[name]
+    return LabButton(
+        what.label, what.changes, lambda model: what.apply(model.machine, model.page())
+    )
+
+
+# The registry's what-ifs the lab offers, and the lab's own: rebuilding the scenario with the
+# other kind of paging, and a guest PTE edit that a second click undoes.
+WHAT_IFS: dict[str, LabButton] = {
+    **{
+        name: _registry_button(name)
+        for name in (
+            "swap-out",
+            "migrate",
+            "ksm-merge",
+            "thp-split",
+            "thp-collapse",
+            "memslot-move",
+            "memslot-delete",
+            "dirty-logging",
+        )
+    },
+    "switch-paging": LabButton(
         "switch EPT / shadow",
         "kvm_intel.ept=0: KVM builds shadow tables GVA -> HPA instead of EPT, and the guest's"
         " page faults exit to KVM (arch/x86/kvm/mmu/paging_tmpl.h).",
         WhatIfModel.switch_paging,
     ),
-    "edit_pte": WhatIf(
+    "edit-pte": LabButton(
         "guest PTE: toggle P, no INVLPG",
         "The TLB may keep using a translation after its entry changes until the guest"
         " invalidates it (SDM Vol 3A 4.10.4).",
         WhatIfModel.edit_pte,
     ),
-    "invlpg": WhatIf(
-        "guest: INVLPG",
-        "INVLPG drops the page's TLB entries and the paging-structure caches"
-        " (SDM Vol 3A 4.10.4.1).",
-        WhatIfModel.invlpg,
-    ),
+    "invlpg": _registry_button("invlpg"),
 }
