@@ -21,7 +21,7 @@ from twodwalk import widgets as widget_package
 from twodwalk.exercises import quiz
 from twodwalk.host import HUGE_PAGE_SIZE
 from twodwalk.scenarios import TOY_GVA, scenario
-from twodwalk.trace import TlbHit
+from twodwalk.trace import KvmStep, TlbHit, VmExit
 from twodwalk.views.plots import walk_grid
 from twodwalk.widgets import common, exercise, explorer, inspector, stepper, whatif
 from twodwalk.widgets.explorer import ExplorerModel, ExplorerRequest
@@ -517,3 +517,22 @@ def test_exercise_keeps_its_topic() -> None:
     assert x.model.question.topic == "memslot"
     with pytest.raises(tw.TwodwalkError, match="topic"):
         tww.Exercise(3, "nonsense")
+
+
+def test_lab_fault_that_races_the_host_retries() -> None:
+    """mmu.c `is_page_fault_stale`: the host migrates the page between `hva_to_pfn` and the
+    install, so the first fault installs nothing and the guest faults again; the second
+    installs the page's newest frame."""
+    lab = tww.WhatIfLab("toy", DATA_GVA, kind="read")
+    value = lab.model.result.value
+    lab.buttons["race-with-invalidation"].click()
+    result = lab.model.result
+    stale = [s for s in result.trace.of_type(KvmStep) if s.function == "is_page_fault_stale"]
+    assert len(stale) == 1 and "RET_PF_RETRY" in stale[0].detail
+    assert [e.name for e in result.trace.of_type(VmExit)] == ["EPT_VIOLATION", "EPT_VIOLATION"]
+    hva = lab.model.machine.vm.gpa_to_hva(result.gpa or 0)
+    assert hva is not None
+    found = lab.model.machine.vmm.tables.find_leaf(hva & ~0xFFF)
+    assert found is not None
+    frame = lab.model.machine.memory.read_u64(found.slot) & 0xF_FFFF_FFFF_F000
+    assert (result.value, result.hpa) == (value, frame | (result.hpa or 0) & 0xFFF)

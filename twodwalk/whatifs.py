@@ -153,6 +153,21 @@ def guest_remap(machine: Machine, page: Page) -> str:
     )
 
 
+def race_with_invalidation(machine: Machine, page: Page) -> str:
+    """The host migrates the page now (KVM's entry is zapped), and again while KVM handles
+    the guest's next fault on it, between `hva_to_pfn` and the install."""
+    migrate(machine, page)
+
+    def migrate_again() -> None:
+        machine.host.migrate(machine.vmm, page.hva)
+
+    machine.vm.mmu.race_after_hva_to_pfn = migrate_again
+    return (
+        f"the host migrated HVA {page.hva:#x}, and will migrate it again in the middle of"
+        " KVM's next fault on it"
+    )
+
+
 def invlpg(machine: Machine, page: Page) -> str:
     machine.vcpu.invlpg(page.gva)
     return f"the guest ran INVLPG {page.gva:#x}"
@@ -244,6 +259,15 @@ WHAT_IFS: Mapping[str, WhatIf] = MappingProxyType(
                 "The same reclaim with KVM's MMU notifiers switched off (a what-if: Linux"
                 " always has them), so nothing tells KVM its entry is stale.",
                 swap_out_without_notifiers,
+            ),
+            WhatIf(
+                "race-with-invalidation",
+                "a fault races the host",
+                "The host invalidates the page while KVM handles a fault on it, after"
+                " hva_to_pfn found its frame: mmu_invalidate_retry_gfn sees the sequence"
+                " move, KVM installs nothing (RET_PF_RETRY) and the guest faults again"
+                " (mmu.c is_page_fault_stale).",
+                race_with_invalidation,
             ),
             WhatIf(
                 "invlpg",

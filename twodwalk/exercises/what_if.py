@@ -19,10 +19,14 @@ from twodwalk.whatifs import Page, what_if
 
 # --- topic "what-if": which structure a change under a running guest touches (KVM mmu.c, mm/) -----
 
-# The registry's what-ifs that change one of the four structures, or could: INVLPG changes
-# none, so it makes no question.
+# The registry's what-ifs whose effect is one of the four structures: INVLPG changes none,
+# and a race is about when KVM installs an entry, not whether it changes.
 WHAT_IFS: Mapping[str, str] = MappingProxyType(
-    {name: w.changes for name, w in REGISTRY.items() if name != "invlpg"}
+    {
+        name: w.changes
+        for name, w in REGISTRY.items()
+        if name not in ("invlpg", "race-with-invalidation")
+    }
 )
 STRUCTURES = ("guest", "memslot", "host", "ept")  # along the chain GVA -> GPA -> HVA -> HPA
 _STRUCTURE_NAMES = {

@@ -236,6 +236,7 @@ WHAT_IFS: dict[str, LabButton] = {
             "memslot-move",
             "memslot-delete",
             "dirty-logging",
+            "race-with-invalidation",
         )
     },
     "switch-paging": LabButton(
