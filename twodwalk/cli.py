@@ -219,9 +219,7 @@ def _gpa_route(
     if memslot is None:
         return sc, gpa, None, None, None
     hva = memslot.gfn_to_hva(gpa >> PAGE_SHIFT) + (gpa & (PAGE_SIZE - 1))
-    page = machine.host.get_user_page(machine.vmm, hva, write=False, fault_in=False)
-    hpa = None if page is None else page.hpa + (hva & (page.page_size - 1))
-    return sc, gpa, memslot.id, hva, hpa
+    return sc, gpa, memslot.id, hva, machine.gpa_to_hpa(gpa)
 
 
 def _info(args: argparse.Namespace) -> Report:

@@ -257,6 +257,13 @@ class HostKernel:
         writable = bool(record.leaf & 2)
         return UserPage(record.outcome.address & ~(page - 1), page, writable, record)
 
+    def pagemap(self, process: Process, hva: int) -> int | None:
+        """The HPA the process's page tables map `hva` to now, read without faulting and
+        without touching A/D, as /proc/PID/pagemap reports it (fs/proc/task_mmu.c
+        `pagemap_read`); None when no present entry maps it."""
+        page = self.get_user_page(process, hva, False, fault_in=False)
+        return None if page is None else page.hpa + (hva & (page.page_size - 1))
+
     def walk(self, process: Process, hva: int, write: bool) -> WalkRecord:
         """A software walk of the process's page tables, as a user access would see them, by
         get_user_pages (mm/gup.c `follow_page_pte`): it reads entries and sets no A/D bit

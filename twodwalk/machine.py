@@ -86,6 +86,13 @@ class Machine:
             )
         return bytes(out)
 
+    def gpa_to_hpa(self, gpa: int) -> int | None:
+        """GPA -> memslot -> HVA -> HPA as the VMM's page tables have it now, faulting
+        nothing in (QEMU's `gpa2hpa` reads /proc/self/pagemap); None for a hole or a page
+        with no host frame."""
+        hva = self.vm.gpa_to_hva(gpa)
+        return None if hva is None else self.host.pagemap(self.vmm, hva)
+
     def guest_store(self, gpa: int, data: bytes) -> None:
         """Store bytes at a GPA as the guest kernel does (`KvmMmu.guest_store`): dirty logging
         and, under shadow paging, KVM's write tracking see it; the TLB is not flushed."""

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import TwodwalkError, check_int
-from twodwalk.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES
+from twodwalk.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES, dirty_pages, slot_ids
 
 if TYPE_CHECKING:
     from twodwalk.machine import Machine
@@ -61,7 +61,7 @@ def precopy(
     check_int("max_rounds", max_rounds, 1, 1000, valid="1..999")
     check_int("threshold_pages", threshold_pages, 0, 1 << 31, valid=">= 0")
     vm = machine.vm
-    memslot = vm.memslots.slots.get((slot >> 16, slot & 0xFFFF))
+    memslot = vm.memslots.slots.get(slot_ids(slot))
     if memslot is None:
         raise TwodwalkError(f"slot={slot} has no memslot to migrate")
     vm.set_user_memory_region(
@@ -100,10 +100,4 @@ def _collect_dirty(machine: Machine, slot: int) -> list[int]:
     memslot = vm.memslots.dirty_log_slot(slot)
     if vm.manual_dirty_log_protect:
         vm.clear_dirty_log(slot, 0, memslot.npages, bitmap)
-    return _dirty_gfns(bitmap, memslot.base_gfn)
-
-
-def _dirty_gfns(bitmap: bytes, base_gfn: int) -> list[int]:
-    return [
-        base_gfn + i * 8 + b for i, byte in enumerate(bitmap) for b in range(8) if byte >> b & 1
-    ]
+    return [memslot.base_gfn + page for page in dirty_pages(bitmap)]

@@ -176,8 +176,5 @@ def memslots_of_machine_question(memslots: Memslots, seed: int) -> Question:
             end + rng.randrange(PAGE_SIZE),  # just past the slot: a hole or the next slot
         )
     )
-    specs = [
-        (s.as_id << 16 | s.id, s.flags, s.guest_phys_addr, s.memory_size, s.userspace_addr)
-        for s in slots
-    ]
+    specs = [(s.slot, s.flags, s.guest_phys_addr, s.memory_size, s.userspace_addr) for s in slots]
     return memslot_question(specs, gpa)

@@ -161,13 +161,10 @@ def _structures(machine: Machine, gpa: int, hva: int, pte_hva: int) -> dict[str,
     """Each structure serving the page, as text: compare two snapshots to see what changed.
     Read without side effects (no walk sets an A bit, nothing is faulted in); the guest's PTE
     is read where it lies in the VMM's memory, so a memslot change cannot hide it."""
-    host_fmt = machine.host.format
-    found = machine.vmm.tables.find_leaf(pte_hva)
+    pte_hpa = machine.host.pagemap(machine.vmm, pte_hva)
     guest = "not in memory"
-    if found is not None:
-        frame = host_fmt.output_address(machine.memory.read_u64(found.slot), found.level)
-        offset = pte_hva & (host_fmt.page_size(found.level) - 1)
-        value = machine.memory.read_u64(frame + offset)
+    if pte_hpa is not None:
+        value = machine.memory.read_u64(pte_hpa)
         guest = f"PTE = {value:#018x}{entry_meaning(machine.guest.format, 1, value)}"
     slot = machine.vm.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
     memslot = (

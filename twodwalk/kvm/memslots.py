@@ -137,7 +137,7 @@ class Memslots:
             ("userspace_addr", userspace_addr),
         ):
             check_uapi_int(name, value, 32 if name in ("slot", "flags") else 64)
-        as_id, sid = slot >> 16, slot & 0xFFFF
+        as_id, sid = slot_ids(slot)
         _validate(
             flags, guest_phys_addr, memory_size, userspace_addr, as_id, sid, self.address_spaces
         )
@@ -227,11 +227,24 @@ class Memslots:
         return memslot
 
 
+def dirty_pages(bitmap: bytes) -> list[int]:
+    """The pages, numbered from the start of the memslot, whose bits a KVM_GET_DIRTY_LOG
+    bitmap sets: bit i is page i (longs in little-endian order, so byte i // 8, bit i % 8;
+    `kvm_get_dirty_log_protect`)."""
+    return [page for page in range(8 * len(bitmap)) if bitmap[page // 8] >> page % 8 & 1]
+
+
+def slot_ids(slot: int) -> tuple[int, int]:
+    """(address space, slot id) of an ioctl's `slot` field: bits 31:16 and 15:0 (the inverse
+    of `Memslot.slot`)."""
+    return slot >> 16, slot & 0xFFFF
+
+
 def check_slot_number(slot: int, address_spaces: int) -> tuple[int, int]:
     """(address space, slot id) of a dirty-log ioctl's `slot`: bits 31:16 and 15:0, each
     in range, or EINVAL (`kvm_get_dirty_log_protect`, `kvm_clear_dirty_log_protect`)."""
     check_uapi_int("slot", slot, 32, "kvm_dirty_log")
-    as_id, sid = slot >> 16, slot & 0xFFFF
+    as_id, sid = slot_ids(slot)
     if as_id >= address_spaces or sid >= KVM_USER_MEM_SLOTS:
         raise KvmError(errno_codes.EINVAL, f"slot {slot:#x} is not a valid slot number")
     return as_id, sid

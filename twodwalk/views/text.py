@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from twodwalk.cpumodel import size_text as size_text  # re-exported for views and widgets
 from twodwalk.formats import DecodedEntry, EntryFormat, EptFormat, Rights
+from twodwalk.kvm.memslots import dirty_pages as dirty_pages  # re-exported for notebooks
 from twodwalk.kvm.run import InternalError, MmioExit
 from twodwalk.paging import GeneralProtection, PageFault
 from twodwalk.tlb import ANY_PCID
@@ -211,13 +212,6 @@ def _event_text(event: Event) -> str:
             f" {event.frame:#x}; no walk"
         )
     return f"data {event.kind} at HPA {event.hpa:#x}: {event.value:#x}"
-
-
-def dirty_pages(bitmap: bytes) -> list[int]:
-    """The pages, numbered from the start of the memslot, whose bits a KVM_GET_DIRTY_LOG
-    bitmap sets: bit i is page i (longs in little-endian order, so byte i // 8, bit i % 8;
-    `kvm_get_dirty_log_protect`)."""
-    return [page for page in range(8 * len(bitmap)) if bitmap[page // 8] >> page % 8 & 1]
 
 
 def info_memslots(slots: Iterable[Memslot], dirty_log_mode: str | None = None) -> str:

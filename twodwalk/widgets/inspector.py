@@ -107,16 +107,13 @@ class InspectorModel:
         host, vmm = self.machine.host, self.machine.vmm
         if vmm.find_vma(hva) is None:
             raise TwodwalkError(f"HVA {hva:#x} is in no VMA of the VMM ({vmm.name})")
-        found = vmm.tables.find_leaf(hva)
-        if found is None:
+        hpa = host.pagemap(vmm, hva)
+        if hpa is None:
             raise TwodwalkError(
                 f"HVA {hva:#x} has no host frame (never touched, or swapped out):"
                 " the VMM's first touch would fault it in"
             )
-        entry, level = found.slot, found.level
-        size = host.format.page_size(level)
-        frame = host.format.output_address(self.machine.memory.read_u64(entry), level)
-        return frame + (hva & (size - 1))
+        return hpa
 
     def entries(self) -> list[int]:
         """The page's 512 entries, as 64-bit little-endian values."""
