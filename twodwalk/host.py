@@ -366,6 +366,11 @@ class HostKernel:
         self.refcount[frame] = 1
         return frame
 
+    def frame_in_use(self, frame: int) -> bool:
+        """Whether some mapping still holds the frame (its page count, `page_count`), or
+        the allocator may hand it out again."""
+        return frame in self.refcount or frame == self.zero_page
+
     def put_frame(self, frame: int) -> None:
         """Drop one mapping of a frame (a PTE, or a PMD of a THP); free the frame, or the
         whole THP, when no mapping is left. The zero page is never freed."""

@@ -32,6 +32,7 @@ from twodwalk.kvm.memslots import (
 )
 from twodwalk.kvm.mmu import ALL_LEVELS, HUGE_LEVELS, PG_LEVEL_4K, TdpMmu
 from twodwalk.kvm.shadow import ShadowMmu
+from twodwalk.trace import KvmStep
 
 DIRTY_LOG_MODES = {
     "write-protect": "KVM write-protects the logged pages: the first write to each after"
@@ -269,6 +270,12 @@ class Vm:
             self.ept.clear_dirty(gfns, PG_LEVEL_4K)
         else:
             self.mmu.write_protect(gfns, PG_LEVEL_4K)
+
+    @property
+    def log(self) -> tuple[KvmStep, ...]:
+        """What KVM did outside any access, oldest first: MMU-notifier zaps, memslot changes,
+        PML flushes (an access's own steps are in its trace)."""
+        return tuple(self.mmu.log)
 
     def gpa_to_hva(self, gpa: int) -> int | None:
         """The memslot route GPA -> HVA (`gfn_to_hva`), or None for a hole."""
