@@ -58,6 +58,18 @@ class PagingCase:
         return out
 
 
+def outcome_category(vector: int | None, error_code: int | None, mmio: object) -> str:
+    """How an access ended, in the words agreement counts are kept by: the #PF kind (its
+    error code's RSVD and P bits, SDM Vol 3A 4.7), another vector, an MMIO exit, or "ok"."""
+    if vector == 14:
+        assert error_code is not None
+        why = "reserved" if error_code & 8 else "protection" if error_code & 1 else "not present"
+        return f"#PF {why}"
+    if vector is not None:
+        return f"vector {vector}"
+    return "MMIO exit" if mmio else "ok"
+
+
 @dataclass(frozen=True)
 class Answer:
     """What one side observed, in the terms both sides share."""
@@ -71,17 +83,8 @@ class Answer:
     accessed_dirty: tuple[tuple[int, int], ...]
 
     def category(self, kind: str) -> str:
-        if self.vector == 14:
-            assert self.error_code is not None
-            why = (
-                "reserved"
-                if self.error_code & 8
-                else ("protection" if self.error_code & 1 else "not present")
-            )
-            return f"#PF {why}"
-        if self.vector is not None:
-            return f"vector {self.vector}"
-        return "MMIO exit" if self.mmio else f"{kind} ok"
+        outcome = outcome_category(self.vector, self.error_code, self.mmio)
+        return f"{kind} ok" if outcome == "ok" else outcome
 
 
 def random_case(rng: random.Random, number: int, cpu: CpuModel) -> PagingCase:

@@ -41,10 +41,11 @@ import twodwalk.machine as engine_machine
 from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE, CpuModel
 from twodwalk.errors import TwodwalkError
 from twodwalk.formats import Rights, ia32e_format
-from twodwalk.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES
+from twodwalk.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES, dirty_pages
 from twodwalk.kvm.run import MmioExit
 from twodwalk.memory import PhysicalMemory
 from twodwalk.paging import GeneralProtection, exception_for, translate
+from twodwalk.realkvm.paging import outcome_category
 from twodwalk.realkvm.runtime import RUNTIME_SIZE, Controls, Observed, RealRunner, Step
 
 RAM_SIZE = 32 << 20
@@ -92,17 +93,7 @@ class StepAnswer:
     def category(self, step: Step) -> str:
         if step.kind in ("cr0", "cr3", "invlpg"):
             return step.kind if step.kind != "cr0" else f"cr0 wp={step.value}"
-        if self.vector == 14:
-            assert self.error_code is not None
-            why = (
-                "reserved"
-                if self.error_code & 8
-                else ("protection" if self.error_code & 1 else "not present")
-            )
-            return f"{step.kind} #PF {why}"
-        if self.vector is not None:
-            return f"{step.kind} vector {self.vector}"
-        return f"{step.kind} MMIO exit" if self.mmio else f"{step.kind} ok"
+        return f"{step.kind} {outcome_category(self.vector, self.error_code, self.mmio)}"
 
 
 def _entry(rng: random.Random, address: int, leaf: bool, nxe_reserved: float) -> int:
@@ -275,10 +266,9 @@ def _random_steps(
 
 
 def _dirty_gfns(bitmap: bytes, limit: int) -> frozenset[int]:
-    """The GFNs whose bit is set, below `limit` (the runtime's area is left out)."""
-    return frozenset(
-        gfn for gfn in range(min(len(bitmap) * 8, limit)) if bitmap[gfn >> 3] >> (gfn & 7) & 1
-    )
+    """The GFNs whose bit is set (slot 0 starts at GPA 0), below `limit` (the runtime's
+    area is left out)."""
+    return frozenset(gfn for gfn in dirty_pages(bitmap) if gfn < limit)
 
 
 def real_answers(case: SequenceCase, runner: RealRunner) -> list[StepAnswer]:
