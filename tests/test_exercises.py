@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from twodwalk.cpumodel import CpuModel
 from twodwalk.errors import TwodwalkError
 from twodwalk.exercises import (
-    HUGE_PAGE,
     SEED_LIMIT,
     TOPICS,
     Feedback,
@@ -48,6 +47,7 @@ from twodwalk.machine import Machine
 from twodwalk.memory import PhysicalMemory
 from twodwalk.pagetables import PageTables
 from twodwalk.paging import PagingControls
+from twodwalk.units import HUGE_PAGE_SIZE
 
 SEEDS = range(6)
 ALL_TOPICS = sorted(TOPICS)
@@ -211,14 +211,14 @@ def test_indices_feedback() -> None:
 
 @pytest.mark.parametrize("guest_levels", [4, 5])
 @pytest.mark.parametrize("ept_levels", [4, 5])
-@pytest.mark.parametrize("guest_page", [4096, HUGE_PAGE])
-@pytest.mark.parametrize("ept_page", [4096, HUGE_PAGE])
+@pytest.mark.parametrize("guest_page", [4096, HUGE_PAGE_SIZE])
+@pytest.mark.parametrize("ept_page", [4096, HUGE_PAGE_SIZE])
 def test_reference_counts_follow_facts_f(
     guest_levels: int, ept_levels: int, guest_page: int, ept_page: int
 ) -> None:
     q = references_question(guest_levels, ept_levels, guest_page=guest_page, ept_page=ept_page)
-    n = guest_levels - (guest_page == HUGE_PAGE)
-    m = ept_levels - (ept_page == HUGE_PAGE)
+    n = guest_levels - (guest_page == HUGE_PAGE_SIZE)
+    m = ept_levels - (ept_page == HUGE_PAGE_SIZE)
     assert q.answer == str((n + 1) * (m + 1) - 1)
 
 
@@ -249,14 +249,14 @@ def test_references_typical_mistakes_4x4() -> None:
 
 
 def test_references_mistakes_with_large_pages() -> None:
-    both = references_question(4, 4, guest_page=HUGE_PAGE, ept_page=HUGE_PAGE)
+    both = references_question(4, 4, guest_page=HUGE_PAGE_SIZE, ept_page=HUGE_PAGE_SIZE)
     assert both.answer == "15"
     message = wrong(both, "24")
     assert "2 MiB guest pages end the guest walk" in message
     assert "2 MiB EPT pages end every EPT walk" in message
     assert "2 MiB guest pages" in wrong(both, "19")
     assert "add the 3 guest entries" in wrong(both, "9")
-    guest_only = references_question(4, 4, guest_page=HUGE_PAGE)
+    guest_only = references_question(4, 4, guest_page=HUGE_PAGE_SIZE)
     assert guest_only.answer == "19"
     assert "2 MiB guest pages end the guest walk" in wrong(guest_only, "24")
 
@@ -336,7 +336,7 @@ def test_error_code_feedback_names_the_wrong_bits() -> None:
 TOY = [
     (0x7F00_0000_0000, 0x30_0000, 4096),
     (0x7F00_0000_3000, 0x31_0000, 4096),
-    (0x7F00_0020_0000, 0x80_0000, HUGE_PAGE),
+    (0x7F00_0020_0000, 0x80_0000, HUGE_PAGE_SIZE),
 ]
 
 

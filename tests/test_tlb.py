@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import twodwalk as tw
-from twodwalk.tlb import KIB4, MIB2, Tlb, TwoLevelTlb
+from twodwalk.tlb import Tlb, TwoLevelTlb
 from twodwalk.trace import CacheHit, GuestWalk, NativeWalk, TlbHit, VmExit
+from twodwalk.units import HUGE_PAGE_SIZE, PAGE_SIZE
 
 GVA = 0x40_0000
 GPA = 0x10_0000
@@ -137,16 +138,16 @@ def test_switched_off_every_access_walks() -> None:
 
 def test_combined_entry_is_the_smaller_page() -> None:
     m = tw.Machine(guest_ram=16 << 20)
-    m.guest.map(0x60_0000, 0x40_0000, MIB2, page_size=MIB2, rw=1)
+    m.guest.map(0x60_0000, 0x40_0000, HUGE_PAGE_SIZE, page_size=HUGE_PAGE_SIZE, rw=1)
     m.vcpu.access(0x60_0000, "read")
     sizes = {e.page_size for e in m.vcpu.tlb.entries()}
-    assert sizes == {KIB4}, "a 2 MiB guest page over 4 KiB EPT pages caches 4 KiB"
+    assert sizes == {PAGE_SIZE}, "a 2 MiB guest page over 4 KiB EPT pages caches 4 KiB"
     assert not hit(m.vcpu.access(0x60_1000, "read"))
 
 
 def test_lru_replacement_in_a_set() -> None:
     m = machine(tdp=False)
-    m.vcpu.caches.tlb = Tlb({KIB4: (1, 2)})
+    m.vcpu.caches.tlb = Tlb({PAGE_SIZE: (1, 2)})
     for page in range(3):
         m.vcpu.access(GVA + page * 4096, "read")
     assert not hit(m.vcpu.access(GVA, "read")), "the oldest of three went from a 2-way set"
@@ -155,7 +156,7 @@ def test_lru_replacement_in_a_set() -> None:
 
 def test_stlb_serves_what_the_first_level_evicted_and_refills_it() -> None:
     m = machine()
-    tlb = TwoLevelTlb(Tlb({KIB4: (1, 2)}), Tlb({KIB4: (1, 8)}))
+    tlb = TwoLevelTlb(Tlb({PAGE_SIZE: (1, 2)}), Tlb({PAGE_SIZE: (1, 8)}))
     m.vcpu.caches.tlb = tlb
     for page in range(3):
         m.vcpu.access(GVA + page * 4096, "read")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 
 import twodwalk as tw
-from twodwalk.host import HUGE_PAGE_SIZE
 from twodwalk.kvm.mmu import TdpMmu
 from twodwalk.trace import DataAccess, HostPageFault, KvmStep, Reference, Retry, VmExit
+from twodwalk.units import HUGE_PAGE_SIZE
 
 MIB = 1 << 20
 TWO_MIB = 2 * MIB

@@ -12,7 +12,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from twodwalk.cpu import Vcpu
-from twodwalk.cpumodel import PAGE_SIZE, CpuModel
+from twodwalk.cpumodel import CpuModel
 from twodwalk.ept import Eptp, ept_violation_qualification
 from twodwalk.errors import AddressError, TwodwalkError
 from twodwalk.formats import (
@@ -40,6 +40,7 @@ from twodwalk.paging import (
 )
 from twodwalk.processor import AccessResult, Processor
 from twodwalk.tlb import Tlb, TranslationCaches, TwoLevelTlb
+from twodwalk.units import PAGE_SIZE
 from twodwalk.walker import (
     Access,
     AccessKind,

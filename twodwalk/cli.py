@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import NoReturn
 
 from twodwalk import exercises
-from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import TwodwalkError, check_int, parse_int
 from twodwalk.kvm.run import InternalError, MmioExit
 from twodwalk.machine import Machine
@@ -36,6 +35,7 @@ from twodwalk.processor import AccessResult
 from twodwalk.scenarios import KINDS, GuestAccess, Scenario, scenario
 from twodwalk.tlb import TlbEntry
 from twodwalk.trace import Reference, VmExit
+from twodwalk.units import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.views.text import (
     format_2d_walk,
     format_exits,

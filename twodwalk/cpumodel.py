@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 from twodwalk.errors import TwodwalkError
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
 MAX_MAXPHYADDR = 52
 
 
@@ -44,11 +42,3 @@ class CpuModel:
                 f"maxphyaddr={self.maxphyaddr} is not valid: x86-64 processors report"
                 f" 36..{MAX_MAXPHYADDR} in CPUID.80000008H:EAX[7:0]"
             )
-
-
-def size_text(size: int) -> str:
-    """A power-of-two size in the largest whole unit: 4 KiB, 2 MiB, 1 GiB, 512 GiB."""
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if size >= 1 << shift and size % (1 << shift) == 0:
-            return f"{size >> shift} {unit}"
-    return f"{size} B"

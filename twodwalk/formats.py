@@ -17,8 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
-from twodwalk.cpumodel import PAGE_SHIFT, CpuModel
+from twodwalk.cpumodel import CpuModel
 from twodwalk.errors import TwodwalkError, check_aligned, check_choice, check_int
+from twodwalk.units import PAGE_SHIFT
 
 ENTRY_SIZE = 8
 INDEX_BITS = 9

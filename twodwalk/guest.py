@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from twodwalk.cpumodel import PAGE_SIZE
 from twodwalk.formats import ia32e_format
 from twodwalk.pagetables import PageTables
+from twodwalk.units import PAGE_SIZE
 
 if TYPE_CHECKING:
     from twodwalk.machine import Machine

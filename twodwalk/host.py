@@ -21,17 +21,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
-from twodwalk.cpumodel import PAGE_SIZE, CpuModel
+from twodwalk.cpumodel import CpuModel
 from twodwalk.errors import TwodwalkError, check_aligned, check_int
 from twodwalk.formats import ia32e_format
 from twodwalk.memory import FrameAllocator, PhysicalMemory
 from twodwalk.pagetables import PageTables
 from twodwalk.paging import PagingControls, X86AccessRules
 from twodwalk.trace import HostPageFault, HostWalk, Trace
+from twodwalk.units import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE
 from twodwalk.walker import Access, AccessKind, PhysicalTables, Translation, WalkRecord, walk
 
-HUGE_PAGE_SIZE = 2 << 20
-GIGANTIC_PAGE_SIZE = 1 << 30
 HPAGE_PMD_NR = HUGE_PAGE_SIZE // PAGE_SIZE  # 512 PTEs under one PMD
 TASK_SIZE_MAX = (1 << 47) - PAGE_SIZE  # arch/x86/include/asm/page_64_types.h, 4-level host
 MMAP_BASE = 0x7F00_0000_0000

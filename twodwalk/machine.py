@@ -14,13 +14,14 @@ from __future__ import annotations
 import errno
 
 from twodwalk.cpu import Vcpu
-from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE, CpuModel
+from twodwalk.cpumodel import CpuModel
 from twodwalk.errors import TwodwalkError, check_aligned, check_choice, check_int
 from twodwalk.guest import GuestOS
-from twodwalk.host import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, HostKernel
+from twodwalk.host import HostKernel
 from twodwalk.kvm.memslots import KvmError
 from twodwalk.kvm.vm import Vm
 from twodwalk.memory import FrameAllocator, PhysicalMemory, page_pieces
+from twodwalk.units import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, PAGE_SHIFT, PAGE_SIZE
 
 SMALL_FRAMES = (16 << 20, 1 << 30)
 HUGE_FRAMES = (1 << 30, 4 << 30)

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar, Union, get_args, get_origin
 from typing import get_type_hints as _type_hints
 
-from twodwalk.cpumodel import PAGE_SIZE
 from twodwalk.errors import TwodwalkError, check_choice, check_int, parse_int
-from twodwalk.host import HUGE_PAGE_SIZE
 from twodwalk.machine import Machine, ram_aliases
+from twodwalk.units import HUGE_PAGE_SIZE, KIB, MIB, PAGE_SIZE, PAGE_SIZES
 from twodwalk.views.text import size_text
 
 if TYPE_CHECKING:
@@ -37,7 +36,6 @@ if TYPE_CHECKING:
 HEX = "hex"  # a field marked Annotated[..., HEX] is written in hex in JSON and TOML files
 Hex = Annotated[int, HEX]
 KINDS = ("read", "write", "fetch")
-PAGE_SIZES = (PAGE_SIZE, HUGE_PAGE_SIZE, 1 << 30)
 SUFFIXES = (".json", ".toml")
 T = TypeVar("T", bound="DataclassInstance")
 
@@ -356,7 +354,6 @@ def _shown(value: object) -> str:
 
 # --- named scenarios ---------------------------------------------------------------------------
 
-KIB, MIB = 1 << 10, 1 << 20
 PAGE_OFFSET = 0xFFFF_8880_0000_0000  # Linux's direct map (Documentation/arch/x86/x86_64/mm.rst)
 KERNEL_TEXT = 0xFFFF_FFFF_8100_0000  # __START_KERNEL_map + 16 MiB
 VMALLOC_START = 0xFFFF_C900_0000_0000  # vmalloc/ioremap space

@@ -22,15 +22,23 @@ from typing import NamedTuple
 
 from twodwalk.errors import TwodwalkError, check_choice, check_int
 from twodwalk.formats import RIGHTS_BY_MASK, Rights
+from twodwalk.units import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE
 from twodwalk.walker import Access, TableMemory, TableRead, WalkRecord
 
-KIB4, MIB2, GIB1 = 1 << 12, 1 << 21, 1 << 30
 # Sizes of a Skylake-class core (Intel Optimization Reference Manual, "TLB parameters"): the
 # first-level data TLB has 64 4-KiB, 32 2-MiB and 4 1-GiB entries, 4-way; the second-level
 # STLB 1536 4-KiB/2-MiB entries, 12-way, and 16 1-GiB entries, 4-way. The STLB's 4-KiB and
 # 2-MiB entries share one array in hardware; here each size has its own.
-DEFAULT_GEOMETRY: Mapping[int, tuple[int, int]] = {KIB4: (16, 4), MIB2: (8, 4), GIB1: (1, 4)}
-STLB_GEOMETRY: Mapping[int, tuple[int, int]] = {KIB4: (128, 12), MIB2: (128, 12), GIB1: (4, 4)}
+DEFAULT_GEOMETRY: Mapping[int, tuple[int, int]] = {
+    PAGE_SIZE: (16, 4),
+    HUGE_PAGE_SIZE: (8, 4),
+    GIGANTIC_PAGE_SIZE: (1, 4),
+}
+STLB_GEOMETRY: Mapping[int, tuple[int, int]] = {
+    PAGE_SIZE: (128, 12),
+    HUGE_PAGE_SIZE: (128, 12),
+    GIGANTIC_PAGE_SIZE: (4, 4),
+}
 
 
 class Tag(NamedTuple):
@@ -81,7 +89,7 @@ class Tlb:
 
     def __post_init__(self) -> None:
         for size, (sets, ways) in self.geometry.items():
-            if size < KIB4 or size & (size - 1) or sets < 1 or ways < 1:
+            if size < PAGE_SIZE or size & (size - 1) or sets < 1 or ways < 1:
                 raise TwodwalkError(
                     f"cache geometry {size:#x}: ({sets}, {ways}) is not valid: a power-of-two"
                     " size of at least 4 KiB, with >= 1 set and >= 1 way"

@@ -17,13 +17,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from twodwalk.cpumodel import PAGE_SIZE
 from twodwalk.errors import check_int
 from twodwalk.machine import Machine
 from twodwalk.native import NativeMachine
 from twodwalk.processor import Processor
 from twodwalk.tlb import Tlb
 from twodwalk.trace import Counts
+from twodwalk.units import HUGE_PAGE_SIZE, PAGE_SIZE
 
 Stream = Iterable[tuple[int, str]]
 
@@ -211,8 +211,8 @@ CONFIGURATIONS = (
     Configuration("EPT 4x4"),
     Configuration("EPT 4x5", ept_levels=5),
     Configuration("EPT 5x5", guest_levels=5, ept_levels=5),
-    Configuration("EPT 4x4, 2 MiB guest pages", guest_page_size=2 << 20),
-    Configuration("EPT 4x4, 2 MiB guest and EPT pages", guest_page_size=2 << 20, thp=True),
+    Configuration("EPT 4x4, 2 MiB guest pages", guest_page_size=HUGE_PAGE_SIZE),
+    Configuration("EPT 4x4, 2 MiB guest and EPT pages", guest_page_size=HUGE_PAGE_SIZE, thp=True),
     Configuration("shadow paging", tdp=False),
     Configuration("EPT 4x4, AMD-style page-walk cache", cache_model="amd"),
 )

@@ -21,9 +21,6 @@ from twodwalk.errors import check_choice
 from twodwalk.exercises.ept_qualification import _seeded_qualification, ept_qualification_question
 from twodwalk.exercises.error_code import _seeded_error_code, error_code_question
 from twodwalk.exercises.grading import (
-    HUGE_PAGE,
-    MIB,
-    PAGE_SIZES,
     SEED_LIMIT,
     Bases,
     Bit,
@@ -51,9 +48,6 @@ from twodwalk.exercises.translate import _seeded_translate, translate_question
 from twodwalk.exercises.what_if import STRUCTURES, WHAT_IFS, _seeded_what_if, what_if_question
 
 __all__ = [
-    "HUGE_PAGE",
-    "MIB",
-    "PAGE_SIZES",
     "ROOT_WALKS",
     "SEED_LIMIT",
     "SHADOW_ACTIONS",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.ept import (
     EPT_VIOLATION_ACC_INSTR,
     EPT_VIOLATION_ACC_READ,
@@ -16,7 +15,6 @@ from twodwalk.ept import (
 )
 from twodwalk.errors import TwodwalkError, check_aligned, check_choice, check_int
 from twodwalk.exercises.grading import (
-    MIB,
     Bit,
     Grader,
     Question,
@@ -29,6 +27,7 @@ from twodwalk.exercises.grading import (
 from twodwalk.exercises.setups import _DATA_GPA, _GUEST_RAM, _random_page
 from twodwalk.machine import Machine
 from twodwalk.trace import VmExit
+from twodwalk.units import MIB, PAGE_SHIFT, PAGE_SIZE
 
 # --- topic "ept-qualification": an EPT violation's exit qualification (SDM Vol 3C 28-7) -----------
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from twodwalk.cpumodel import PAGE_SIZE
 from twodwalk.errors import TwodwalkError
 from twodwalk.exercises.grading import (
     Bit,
@@ -30,6 +29,7 @@ from twodwalk.paging import (
     PagingControls,
     exception_for,
 )
+from twodwalk.units import PAGE_SIZE
 from twodwalk.views.text import format_walk, rights_text
 from twodwalk.walker import WalkFault, WalkRecord
 

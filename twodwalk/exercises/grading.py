@@ -10,13 +10,9 @@ from dataclasses import dataclass, field
 from functools import reduce
 from operator import or_
 
-from twodwalk.cpumodel import PAGE_SIZE
 from twodwalk.errors import check_int
 
 SEED_LIMIT = 1 << 63
-MIB = 1 << 20
-HUGE_PAGE = 2 * MIB
-PAGE_SIZES = {PAGE_SIZE: "4 KiB", HUGE_PAGE: "2 MiB"}
 # --- answers and how they are read ---------------------------------------------------------------
 
 Value = int | str | tuple[int, ...]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from twodwalk.cpumodel import PAGE_SIZE
 from twodwalk.errors import TwodwalkError
 from twodwalk.exercises.grading import (
     Grader,
@@ -22,6 +21,7 @@ from twodwalk.exercises.setups import (
     _toy_tables,
     _toy_walk,
 )
+from twodwalk.units import PAGE_SIZE
 from twodwalk.views.text import format_walk
 from twodwalk.walker import Translation, WalkRecord
 

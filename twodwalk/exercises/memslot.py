@@ -5,11 +5,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 
-from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import TwodwalkError, check_int
 from twodwalk.exercises.grading import (
-    HUGE_PAGE,
-    MIB,
     Grader,
     Question,
     Value,
@@ -19,6 +16,7 @@ from twodwalk.exercises.grading import (
     seeded_rng,
 )
 from twodwalk.kvm.memslots import KVM_MEM_READONLY, Memslots
+from twodwalk.units import HUGE_PAGE_SIZE, MIB, PAGE_SHIFT, PAGE_SIZE
 from twodwalk.views.text import info_memslots
 
 # --- topic "memslot": GPA -> HVA (KVM `__gfn_to_hva_memslot`, api.rst) ----------------------------
@@ -133,7 +131,7 @@ def _memslot_explainer(memslots: Memslots, gpa: int) -> Callable[[Value], str]:
 def _random_hva(rng: random.Random) -> int:
     """A 2 MiB-aligned mmap address where x86-64 Linux puts them, with 7 GiB to spare below
     the end of user space (0x7ffffffff000)."""
-    return (0x7F00 + rng.randrange(0xF0)) << 32 | rng.randrange(0x800) * HUGE_PAGE
+    return (0x7F00 + rng.randrange(0xF0)) << 32 | rng.randrange(0x800) * HUGE_PAGE_SIZE
 
 
 def _seeded_memslot(seed: int) -> Question:

@@ -5,20 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from twodwalk.cpumodel import PAGE_SIZE
-from twodwalk.exercises.grading import (
-    HUGE_PAGE,
-    PAGE_SIZES,
-    Grader,
-    Question,
-    Value,
-    ValueReader,
-    _mistakes,
-    seeded_rng,
-)
+from twodwalk.exercises.grading import Grader, Question, Value, ValueReader, _mistakes, seeded_rng
 from twodwalk.exercises.setups import _DATA_GPA, _GUEST_RAM, _check_page_size, _random_page
 from twodwalk.machine import Machine
 from twodwalk.trace import Reference
+from twodwalk.units import HUGE_PAGE_SIZE, PAGE_SIZE, size_text
 from twodwalk.views.text import format_2d_walk
 
 # --- topic "references": the cost of a 2D walk (SDM Vol 3C 29.3.2; Bhargava et al.) ---------------
@@ -42,7 +33,7 @@ def references_question(
         ept_levels=ept_levels,
         maxphyaddr=48 if ept_levels == 4 else 52,  # KVM uses 5-level EPT only when needed
         gbpages=False,
-        thp=ept_page == HUGE_PAGE,
+        thp=ept_page == HUGE_PAGE_SIZE,
     )
     machine.guest.map(
         gva & ~(guest_page - 1), _DATA_GPA, guest_page, page_size=guest_page, rw=1, us=1
@@ -56,9 +47,9 @@ def references_question(
     answer = str(total)
     prompt = (
         f"A {guest_levels}-level guest runs under {ept_levels}-level EPT. The guest maps GVA"
-        f" {gva:#x} with a {PAGE_SIZES[guest_page]} page; KVM maps guest RAM into EPT with"
-        f" {PAGE_SIZES[ept_page]} pages"
-        + (" (the VMM backs it with transparent huge pages)" if ept_page == HUGE_PAGE else "")
+        f" {gva:#x} with a {size_text(guest_page)} page; KVM maps guest RAM into EPT with"
+        f" {size_text(ept_page)} pages"
+        + (" (the VMM backs it with transparent huge pages)" if ept_page == HUGE_PAGE_SIZE else "")
         + ".\nThe EPT entries are all in place, but the TLB and every paging-structure cache"
         " are empty. How many memory references does the hardware walk make to translate the"
         " GVA into a host-physical address? (Count the walk's reads, not the data access.)"
@@ -199,8 +190,8 @@ def _seeded_references(seed: int) -> Question:
     rng = seeded_rng("references", seed)
     guest_levels, ept_levels = rng.choice((4, 5)), rng.choice((4, 5))
     large = rng.choice(("none", "none", "guest", "ept", "both"))
-    guest_page = HUGE_PAGE if large in ("guest", "both") else PAGE_SIZE
-    ept_page = HUGE_PAGE if large in ("ept", "both") else PAGE_SIZE
+    guest_page = HUGE_PAGE_SIZE if large in ("guest", "both") else PAGE_SIZE
+    ept_page = HUGE_PAGE_SIZE if large in ("ept", "both") else PAGE_SIZE
     gva = _random_page(rng, guest_levels, guest_page) + rng.randrange(0, guest_page, 8)
     return references_question(
         guest_levels, ept_levels, guest_page=guest_page, ept_page=ept_page, gva=gva

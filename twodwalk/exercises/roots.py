@@ -5,20 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import check_aligned, check_choice, check_int
-from twodwalk.exercises.grading import (
-    MIB,
-    Grader,
-    Question,
-    ValueReader,
-    _hex,
-    _mistakes,
-    seeded_rng,
-)
+from twodwalk.exercises.grading import Grader, Question, ValueReader, _hex, _mistakes, seeded_rng
 from twodwalk.exercises.setups import _DATA_GPA, _GUEST_RAM, _random_page
 from twodwalk.machine import Machine
 from twodwalk.trace import EptWalk, GuestWalk, HostWalk, NativeWalk, Trace
+from twodwalk.units import MIB, PAGE_SHIFT, PAGE_SIZE
 from twodwalk.views.text import format_walk
 from twodwalk.walker import WalkRecord
 

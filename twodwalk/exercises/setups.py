@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import random
 
-from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE, CpuModel
+from twodwalk.cpumodel import CpuModel
 from twodwalk.errors import TwodwalkError
-from twodwalk.exercises.grading import HUGE_PAGE, MIB, PAGE_SIZES
 from twodwalk.formats import EntryFormat, ia32e_format
 from twodwalk.memory import FrameAllocator, PhysicalMemory
 from twodwalk.pagetables import PageTables
 from twodwalk.paging import PagingControls, translate
+from twodwalk.units import HUGE_PAGE_SIZE, MIB, PAGE_SHIFT, PAGE_SIZE
 from twodwalk.walker import WalkRecord
 
 # --- shared engine set-ups -----------------------------------------------------------------------
@@ -55,9 +55,9 @@ def _bit_range(fmt: EntryFormat, level: int) -> str:
 
 
 def _check_page_size(name: str, value: int) -> None:
-    if value not in PAGE_SIZES:
+    if value not in (PAGE_SIZE, HUGE_PAGE_SIZE):
         raise TwodwalkError(
-            f"{name}={value!r} is not valid: choose {PAGE_SIZE} (4 KiB) or {HUGE_PAGE} (2 MiB)"
+            f"{name}={value!r} is not valid: choose {PAGE_SIZE} (4 KiB) or {HUGE_PAGE_SIZE} (2 MiB)"
         )
 
 

@@ -5,21 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
-from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import check_aligned, check_choice, check_int
-from twodwalk.exercises.grading import (
-    HUGE_PAGE,
-    MIB,
-    Grader,
-    Question,
-    Value,
-    _mistakes,
-    seeded_rng,
-)
+from twodwalk.exercises.grading import Grader, Question, Value, _mistakes, seeded_rng
 from twodwalk.exercises.setups import _DATA_GPA, _GUEST_RAM, _random_page
 from twodwalk.exercises.tlb import _count_reader
 from twodwalk.machine import Machine
 from twodwalk.trace import KvmStep, Trace, VmExit
+from twodwalk.units import HUGE_PAGE_SIZE, MIB, PAGE_SHIFT, PAGE_SIZE
 
 # --- topic "shadow": what exits with EPT off, and with EPT on (KVM paging_tmpl.h, mmu.c) ----------
 
@@ -176,6 +168,6 @@ def _seeded_shadow(seed: int) -> Question:
     return shadow_question(
         rng.choices(tuple(SHADOW_ACTIONS), k=rng.randint(2, 4)),
         paging=rng.choice(("shadow", "shadow", "ept")),
-        gva=_random_page(rng, 4, HUGE_PAGE) + rng.randrange(0, 256) * PAGE_SIZE,
+        gva=_random_page(rng, 4, HUGE_PAGE_SIZE) + rng.randrange(0, 256) * PAGE_SIZE,
         gpa=rng.randrange(0x100, 0x600) << PAGE_SHIFT,
     )

@@ -6,7 +6,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import TwodwalkError, check_choice
 from twodwalk.exercises.grading import (
     Grader,
@@ -22,6 +21,7 @@ from twodwalk.formats import EntryFormat
 from twodwalk.machine import Machine
 from twodwalk.tlb import Tlb, TwoLevelTlb
 from twodwalk.trace import GuestWalk, Reference, Trace, VmExit
+from twodwalk.units import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.views.text import PSC_NAMES, format_2d_walk, size_text
 
 # --- topic "tlb": what the translation caches save (SDM Vol 3C 29.4; Vol 3A 4.10) -----------------

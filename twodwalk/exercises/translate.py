@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from twodwalk.cpumodel import PAGE_SIZE
 from twodwalk.errors import check_int
 from twodwalk.exercises.error_code import _fault
 from twodwalk.exercises.grading import (
-    HUGE_PAGE,
-    PAGE_SIZES,
     Grader,
     Question,
     Value,
@@ -28,6 +25,7 @@ from twodwalk.exercises.setups import (
     _toy_walk,
 )
 from twodwalk.paging import PageFault, PagingControls, exception_for
+from twodwalk.units import HUGE_PAGE_SIZE, PAGE_SIZE, size_text
 from twodwalk.views.text import dump_tables, format_walk
 from twodwalk.walker import WalkRecord
 
@@ -155,7 +153,7 @@ def _translate_explainer(record: WalkRecord) -> Callable[[Value], str]:
             return (
                 f"The walk does not fault: the {record.format.level_name(leaf.level)} at"
                 f" {leaf.entry_address:#x} is present and maps a"
-                f" {PAGE_SIZES[translation.page_size]} page."
+                f" {size_text(translation.page_size)} page."
             )
         return (
             f"Not {given:#x}: follow the GVA's indices down to the leaf, then add the offset"
@@ -172,13 +170,13 @@ def _seeded_translate(seed: int) -> Question:
     slots = rng.sample(range(512), 4)  # three mapped pages, and one left as a hole
     frames = rng.sample(range(0x100, 0x800), 3)
     mappings = [(region | s << 12, f << 12, PAGE_SIZE) for s, f in zip(slots, frames, strict=False)]
-    large = region + HUGE_PAGE
-    mappings.append((large, rng.randrange(4, 32) * HUGE_PAGE, HUGE_PAGE))
+    large = region + HUGE_PAGE_SIZE
+    mappings.append((large, rng.randrange(4, 32) * HUGE_PAGE_SIZE, HUGE_PAGE_SIZE))
     target = rng.choice(("small", "small", "large", "hole", "no-table"))
     gva = {
         "small": region | rng.choice(slots[:3]) << 12 | rng.randrange(PAGE_SIZE),
-        "large": large + rng.randrange(HUGE_PAGE),
+        "large": large + rng.randrange(HUGE_PAGE_SIZE),
         "hole": region | slots[3] << 12 | rng.randrange(PAGE_SIZE),
-        "no-table": region + 2 * HUGE_PAGE + rng.randrange(HUGE_PAGE),
+        "no-table": region + 2 * HUGE_PAGE_SIZE + rng.randrange(HUGE_PAGE_SIZE),
     }[target]
     return translate_question(mappings, gva)

@@ -22,7 +22,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE, size_text
 from twodwalk.ept import (
     EPT_VIOLATION_ACC_INSTR,
     EPT_VIOLATION_ACC_READ,
@@ -42,6 +41,7 @@ from twodwalk.kvm.memslots import KvmError, Memslot, Memslots
 from twodwalk.pagetables import PageTables, TreeEntry
 from twodwalk.paging import PFERR_FETCH, PFERR_PRESENT, PFERR_USER, PFERR_WRITE
 from twodwalk.trace import KvmStep, SpteWrite, Trace
+from twodwalk.units import PAGE_SHIFT, PAGE_SIZE, size_text
 from twodwalk.walker import Access, TableMemory, TableRead, WalkRecord, WalkStart, walk
 
 _EPT_RULES = EptAccessRules()

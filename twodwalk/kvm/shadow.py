@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from twodwalk.cpumodel import PAGE_SHIFT, CpuModel
+from twodwalk.cpumodel import CpuModel
 from twodwalk.errors import TwodwalkError
 from twodwalk.formats import ENTRY_SIZE, EntryFormat, Ia32eFormat, Rights, bits, ia32e_format
 from twodwalk.host import HostKernel, Process
@@ -46,6 +46,7 @@ from twodwalk.paging import (
     exception_for,
 )
 from twodwalk.trace import KvmStep, KvmWalk, SpteWrite, Trace
+from twodwalk.units import PAGE_SHIFT
 from twodwalk.walker import Access, TableMemory, TableRead, WalkRecord, WalkStart, walk
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import errno
 
-from twodwalk.cpumodel import PAGE_SHIFT, CpuModel
+from twodwalk.cpumodel import CpuModel
 from twodwalk.errors import TwodwalkError
 from twodwalk.formats import ept_format
 from twodwalk.host import HostKernel, Process
@@ -33,6 +33,7 @@ from twodwalk.kvm.memslots import (
 from twodwalk.kvm.mmu import ALL_LEVELS, HUGE_LEVELS, PG_LEVEL_4K, TdpMmu
 from twodwalk.kvm.shadow import ShadowMmu
 from twodwalk.trace import KvmStep
+from twodwalk.units import PAGE_SHIFT
 
 DIRTY_LOG_MODES = {
     "write-protect": "KVM write-protects the logged pages: the first write to each after"

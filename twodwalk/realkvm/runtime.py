@@ -18,7 +18,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from twodwalk.cpumodel import PAGE_SIZE, CpuModel
+from twodwalk.cpumodel import CpuModel
 from twodwalk.errors import AddressError, TwodwalkError, check_aligned, check_choice, check_int
 from twodwalk.paging import PagingControls
 from twodwalk.realkvm.device import (
@@ -35,6 +35,7 @@ from twodwalk.realkvm.device import (
     Segment,
     Sregs,
 )
+from twodwalk.units import PAGE_SIZE
 
 RUNTIME_PML4_SLOT = 511
 RUNTIME_GPA = 0x1F0_0000  # where the runtime sits with the default 32 MiB of RAM (the top MiB)

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import twodwalk.machine as engine_machine
-from twodwalk.cpumodel import PAGE_SHIFT, PAGE_SIZE, CpuModel
+from twodwalk.cpumodel import CpuModel
 from twodwalk.errors import TwodwalkError
 from twodwalk.formats import Rights, ia32e_format
 from twodwalk.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES, dirty_pages
@@ -47,6 +47,7 @@ from twodwalk.memory import PhysicalMemory
 from twodwalk.paging import GeneralProtection, exception_for, translate
 from twodwalk.realkvm.paging import outcome_category
 from twodwalk.realkvm.runtime import RUNTIME_SIZE, Controls, Observed, RealRunner, Step
+from twodwalk.units import PAGE_SHIFT, PAGE_SIZE
 
 RAM_SIZE = 32 << 20
 PML4 = 0x1000

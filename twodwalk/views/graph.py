@@ -24,7 +24,6 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from twodwalk.cpumodel import PAGE_SIZE
 from twodwalk.errors import check_int
 from twodwalk.formats import EntryFormat
 from twodwalk.trace import (
@@ -37,6 +36,7 @@ from twodwalk.trace import (
     NativeWalk,
     TlbHit,
 )
+from twodwalk.units import PAGE_SIZE
 from twodwalk.views.plots import figure_and_axes
 from twodwalk.views.readouts import access_gva, all_references, table_name
 from twodwalk.views.style import (

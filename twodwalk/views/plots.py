@@ -19,15 +19,14 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrowPatch, Patch, Rectangle
 from matplotlib.path import Path
 
-from twodwalk.cpumodel import PAGE_SIZE, size_text
 from twodwalk.errors import check_int
 from twodwalk.trace import Trace
+from twodwalk.units import PAGE_SIZE, size_text
 from twodwalk.views.readouts import (
     EPT_ROUTES,
     EVENT_KINDS,
     LANES,
     MAX_REGIONS,
-    PAGE_SIZES,
     SHADOW_ROUTES,
     SOFTWARE_ROUTES,
     SPACES,
@@ -104,7 +103,6 @@ __all__ = [
     "MAX_REGIONS",
     "OKABE_ITO",
     "ORANGE",
-    "PAGE_SIZES",
     "PLAIN_STYLE",
     "PSC",
     "PURPLE",

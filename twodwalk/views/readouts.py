@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from twodwalk.cpumodel import PAGE_SIZE, CpuModel
+from twodwalk.cpumodel import CpuModel
 from twodwalk.errors import TwodwalkError, check_choice, check_int
 from twodwalk.formats import EntryFormat, ept_format, ia32e_format
 from twodwalk.kvm.mmu import SHADOW_NONPRESENT_VALUE
@@ -32,6 +32,7 @@ from twodwalk.trace import (
     Trace,
     VmExit,
 )
+from twodwalk.units import PAGE_SIZE, PAGE_SIZES
 from twodwalk.views.style import (
     GUEST_PHYSICAL,
     LEVEL_STYLES,
@@ -68,7 +69,6 @@ def references(count: int) -> str:
 
 # --- the fields of an address ------------------------------------------------------------------
 
-PAGE_SIZES = {PAGE_SIZE: 1, 2 << 20: 2, 1 << 30: 3}  # page size -> level of its leaf entry
 SPACES = ("GVA", "GPA", "HVA", "HPA")
 
 
@@ -101,7 +101,7 @@ def address_fields(
     check_int("page_size", page_size, 1, 1 << 64, valid="4096, 2 MiB or 1 GiB")
     check_choice("page_size", str(page_size), tuple(str(size) for size in PAGE_SIZES))
     names = level_names(space, levels)
-    leaf = PAGE_SIZES[page_size]
+    leaf = PAGE_SIZES.index(page_size) + 1  # the level of the leaf that maps such a page
     top = EntryFormat.shift(levels) + 9
     # Bits above the walk: a GVA or HVA repeats bit top-1 (canonical form, SDM 3.3.7.1);
     # a GPA beyond what EPT translates cannot be used at all (SDM 29.3.2).

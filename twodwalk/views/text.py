@@ -11,7 +11,6 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from twodwalk.cpumodel import size_text as size_text  # re-exported for views and widgets
 from twodwalk.formats import DecodedEntry, EntryFormat, EptFormat, Rights
 from twodwalk.kvm.memslots import dirty_pages as dirty_pages  # re-exported for notebooks
 from twodwalk.kvm.run import InternalError, MmioExit
@@ -33,6 +32,7 @@ from twodwalk.trace import (
     Trace,
     VmExit,
 )
+from twodwalk.units import size_text as size_text  # re-exported for views and widgets
 from twodwalk.walker import Translation, WalkFault, WalkRecord
 
 if TYPE_CHECKING:

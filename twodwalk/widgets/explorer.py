@@ -15,11 +15,11 @@ from dataclasses import dataclass, replace
 
 from matplotlib.figure import Figure
 
-from twodwalk.cpumodel import PAGE_SIZE
 from twodwalk.errors import TwodwalkError, parse_int
 from twodwalk.machine import Machine
 from twodwalk.processor import AccessResult
 from twodwalk.trace import GuestWalk, NativeWalk
+from twodwalk.units import PAGE_SIZE
 from twodwalk.views.plots import plot_walk_grid, walk_grid
 from twodwalk.views.text import format_2d_walk, format_exits, format_outcome, monitor
 from twodwalk.walker import FaultKind
