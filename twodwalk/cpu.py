@@ -63,7 +63,7 @@ from twodwalk.walker import (
 )
 
 if TYPE_CHECKING:
-    from twodwalk.machine import Machine
+    from twodwalk.kvm.vm import Vm
 
 _WRITE = Access.of(AccessKind.WRITE)
 EXIT_REASON_EXCEPTION_NMI = 0
@@ -84,7 +84,7 @@ class GpaTranslation:
     record: WalkRecord | None
 
 
-class GuestPhysical:
+class GpaTranslator:
     """GPA -> HPA as the processor does it under EPT: a guest-physical mapping from the cache
     if one allows the access, else an EPT walk, started below the root when a guest-physical
     paging-structure cache knows a table on the way; what it finds is cached (SDM Vol 3C
@@ -172,7 +172,7 @@ class EptTables:
 
     def __init__(
         self,
-        gpa: GuestPhysical,
+        gpa: GpaTranslator,
         memory: PhysicalMemory,
         known: dict[int, tuple[int, Rights | None]],
     ) -> None:
@@ -219,15 +219,17 @@ class EptTables:
 
 
 class Vcpu(Processor):
-    """One virtual CPU of a `Machine`: the two-dimensional walk (or KVM's shadow tables),
+    """One virtual CPU of a VM: the two-dimensional walk (or KVM's shadow tables),
     VM exits to KVM, and the caches tagged by VPID and EPTP."""
 
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, vm: Vm) -> None:
+        """A vCPU of `vm` (KVM_CREATE_VCPU): it holds its VM and the host's physical memory,
+        as KVM's `vcpu->kvm` does."""
         # KVM gives each vCPU a VPID when the CPU has them (vmx.c allocate_vpid).
-        super().__init__(machine.memory, machine.cpu_model, vpid=1)
-        self.machine = machine
-        self._gpa_path: GuestPhysical | None = None
-        mmu = machine.vm.mmu
+        super().__init__(vm.host.memory, vm.cpu, vpid=1)
+        self.vm = vm
+        self._gpa_path: GpaTranslator | None = None
+        mmu = vm.mmu
         self._ep4ta = mmu.eptp.ep4ta if isinstance(mmu, TdpMmu) else 0  # fixed per VM
         self._shadow = isinstance(mmu, ShadowMmu)  # a VM's MMU kind never changes
         self._prev_roots: list[int] = []  # CR3 roots, current first (`mmu->prev_roots`)
@@ -238,7 +240,7 @@ class Vcpu(Processor):
         paging-structure caches and guest-physical mappings (INVVPID single-context plus,
         with EPT, INVEPT single-context), so that the next access walks from scratch."""
         self.invvpid("single")
-        if isinstance(self.machine.vm.mmu, TdpMmu):
+        if isinstance(self.vm.mmu, TdpMmu):
             self.invept("single")
 
     def invept(self, kind: str, eptp: int | None = None) -> None:
@@ -248,19 +250,19 @@ class Vcpu(Processor):
         if kind == "global":
             self.caches.flush_eptp(None)
         else:
-            value = self.machine.vm.ept.eptp.value if eptp is None else eptp
+            value = self.vm.ept.eptp.value if eptp is None else eptp
             self.caches.flush_eptp(ep4ta_of(check_int("eptp", value, 0, 1 << 64)))
 
     def _kvm_flush(self) -> None:
         """`kvm_flush_remote_tlbs` after KVM zaps or write-protects entries: INVEPT of the
         VM's EPTP with EPT (`ept_sync_context`), INVVPID of the vCPU's VPID without."""
-        if isinstance(self.machine.vm.mmu, TdpMmu):
+        if isinstance(self.vm.mmu, TdpMmu):
             self.invept("single")
         else:
             self.invvpid("single")
 
     def _hva_of(self, gpa: int) -> int | None:
-        return self.machine.vm.gpa_to_hva(gpa)
+        return self.vm.gpa_to_hva(gpa)
 
     def _intercepted_cr3_load(self) -> Trace:
         """Without EPT, KVM sets CR3-load exiting: MOV to CR3 exits (reason 28, qualification
@@ -322,7 +324,7 @@ class Vcpu(Processor):
         trace.add(event)
         if self.vpid == 0:
             self.caches.flush_vpid(0)
-        mmu = self.machine.vm.mmu
+        mmu = self.vm.mmu
         if isinstance(mmu, TdpMmu) and mmu.pml_enabled:
             mmu.flush_pml_buffer(trace)
 
@@ -331,17 +333,17 @@ class Vcpu(Processor):
     ) -> AccessResult | None:
         """One try of the access after a TLB miss, up to a result or a fixed exit
         (None: retry)."""
-        mmu = self.machine.vm.mmu
+        mmu = self.vm.mmu
         if isinstance(mmu, ShadowMmu):
             return self._attempt_shadow(mmu, gva, access, value, trace)
         return self._attempt_tdp(mmu, gva, access, value, trace)
 
-    def _guest_physical(self, mmu: TdpMmu) -> GuestPhysical:
+    def _guest_physical(self, mmu: TdpMmu) -> GpaTranslator:
         """The GPA -> HPA path through this vCPU's guest-physical mappings (made again only
         when someone replaced a cache or switched the cache model)."""
         path = self._gpa_path
         if path is None or not path.current(mmu):
-            path = self._gpa_path = GuestPhysical(mmu, self.caches)
+            path = self._gpa_path = GpaTranslator(mmu, self.caches)
         return path
 
     def _attempt_tdp(
@@ -349,13 +351,12 @@ class Vcpu(Processor):
     ) -> AccessResult | None:
         """With EPT: the two-dimensional hardware walk (SDM 29.3.2), helped by the
         paging-structure caches and the guest-physical mappings."""
-        machine = self.machine
         controls = self.controls()
         fmt = self.guest_format(controls)
         root = self.cr3_root
         start, known = self._psc_start(fmt, gva, trace)
         gpa_path = self._guest_physical(mmu)
-        tables = EptTables(gpa_path, machine.memory, known)
+        tables = EptTables(gpa_path, self.memory, known)
         guest = walk(fmt, root, gva, access, tables, controls.rules, start)
         trace.add(GuestWalk(guest))
         final = None
@@ -383,13 +384,13 @@ class Vcpu(Processor):
         page_size = min(guest.translation.page_size, final.page_size)
         self._fill_tlb(gva, page_size, hpa, gpa, guest, final.rights)
         data = self._data_access(hpa, access, value, trace)
-        return self._result(trace, value=data, gpa=gpa, hva=machine.vm.gpa_to_hva(gpa), hpa=hpa)
+        return self._result(trace, value=data, gpa=gpa, hva=self.vm.gpa_to_hva(gpa), hpa=hpa)
 
     def _ept_exit(
         self, guest: WalkRecord, record: WalkRecord, *, final: bool, value: int | None, trace: Trace
     ) -> AccessResult | None:
         """A VM exit for a failed EPT walk; None means KVM fixed it and the guest retries."""
-        mmu = self.machine.vm.ept
+        mmu = self.vm.ept
         gpa = record.address
         if is_misconfiguration(record):
             self._vm_exit(
@@ -428,14 +429,13 @@ class Vcpu(Processor):
     ) -> AccessResult | None:
         """With EPT off: the hardware walks KVM's shadow tables; a #PF exits to KVM
         (exit reason 0, exception #PF), which decides what the guest sees."""
-        machine = self.machine
         controls = self.controls()
         if controls.cr4_pke:
             raise TwodwalkError("cr4_pke=True needs EPT: KVM exposes PKU only with tdp=True")
         fmt = self.guest_format(controls)
         guest_root = self.cr3_root
         start, _ = self._psc_start(fmt, gva, trace)
-        shadow_tables = self.walk_tables(machine.host.physical_tables)
+        shadow_tables = self.walk_tables(self.vm.host.physical_tables)
         hardware_controls = self.hardware_controls()
         hardware = mmu.walk(
             mmu.root_for(guest_root, fmt, controls.cr0_wp),
@@ -452,7 +452,7 @@ class Vcpu(Processor):
             gpa = (mmu.spte_gfn[hardware.steps[-1].entry_address] << 12) | (gva & 0xFFF)
             self._fill_tlb(gva, hardware.translation.page_size, hpa, gpa, hardware, None)
             data = self._data_access(hpa, access, value, trace)
-            return self._result(trace, value=data, gpa=gpa, hva=machine.vm.gpa_to_hva(gpa), hpa=hpa)
+            return self._result(trace, value=data, gpa=gpa, hva=self.vm.gpa_to_hva(gpa), hpa=hpa)
         exception = exception_for(hardware, hardware_controls)
         if isinstance(exception, GeneralProtection):
             return self._result(trace, fault=exception)
@@ -469,9 +469,7 @@ class Vcpu(Processor):
             hpa = mmu.emulate_write(resolution.gpa, value.to_bytes(ACCESS_SIZE, "little"), trace)
             trace.add(DataAccess(hpa, access.kind.value, value))
             gpa = resolution.gpa
-            return self._result(
-                trace, value=value, gpa=gpa, hva=machine.vm.gpa_to_hva(gpa), hpa=hpa
-            )
+            return self._result(trace, value=value, gpa=gpa, hva=self.vm.gpa_to_hva(gpa), hpa=hpa)
         return None
 
     def _table_in_no_memslot(self, guest: WalkRecord, trace: Trace) -> AccessResult:

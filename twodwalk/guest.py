@@ -18,35 +18,36 @@ from twodwalk.pagetables import PageTables
 from twodwalk.units import PAGE_SIZE
 
 if TYPE_CHECKING:
-    from twodwalk.machine import Machine
+    from twodwalk.kvm.vm import Vm
 
 
-class GuestPhysical:
-    """Guest RAM as seen by address: 8-byte entries at GPAs (a `PhysicalSpace`)."""
+class GuestRam:
+    """Guest RAM as the guest kernel sees it: 8-byte entries at GPAs (a `PhysicalSpace`),
+    read as the VMM would read them and written with guest stores (`Vm.guest_store`)."""
 
-    def __init__(self, machine: Machine) -> None:
-        self.machine = machine
+    def __init__(self, vm: Vm) -> None:
+        self.vm = vm
 
     def read_u64(self, address: int) -> int:
-        return int.from_bytes(self.machine.read_gpa(address, 8), "little")
+        return int.from_bytes(self.vm.read_gpa(address, 8), "little")
 
     def write_u64(self, address: int, value: int) -> None:
-        self.machine.guest_store(address, value.to_bytes(8, "little"))
+        self.vm.guest_store(address, value.to_bytes(8, "little"))
 
 
 class GuestOS:
     """The guest kernel's page-table code (arch/x86/mm in a Linux guest, say)."""
 
-    def __init__(self, machine: Machine, levels: int, ram_top: int) -> None:
-        self.machine = machine
-        self.format = ia32e_format(levels, machine.cpu_model, nxe=True)
+    def __init__(self, vm: Vm, levels: int, ram_top: int) -> None:
+        self.vm = vm
+        self.format = ia32e_format(levels, vm.cpu, nxe=True)
         self._next_table = ram_top
-        self.page_tables = PageTables(self.format, GuestPhysical(machine), self.alloc_table)
+        self.page_tables = PageTables(self.format, GuestRam(vm), self.alloc_table)
 
     def alloc_table(self) -> int:
         """A zeroed page for a new page table, from the top of guest RAM down."""
         self._next_table -= PAGE_SIZE
-        self.machine.guest_store(self._next_table, bytes(PAGE_SIZE))
+        self.vm.guest_store(self._next_table, bytes(PAGE_SIZE))
         return self._next_table
 
     def map(

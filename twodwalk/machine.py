@@ -11,17 +11,14 @@ to 8 GiB (hugetlbfs).
 
 from __future__ import annotations
 
-import errno
-
 from twodwalk.cpu import Vcpu
 from twodwalk.cpumodel import CpuModel
 from twodwalk.errors import TwodwalkError, check_aligned, check_choice, check_int
 from twodwalk.guest import GuestOS
 from twodwalk.host import HostKernel
-from twodwalk.kvm.memslots import KvmError
 from twodwalk.kvm.vm import Vm
-from twodwalk.memory import FrameAllocator, PhysicalMemory, page_pieces
-from twodwalk.units import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, PAGE_SHIFT, PAGE_SIZE
+from twodwalk.memory import FrameAllocator, PhysicalMemory
+from twodwalk.units import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE
 
 SMALL_FRAMES = (16 << 20, 1 << 30)
 HUGE_FRAMES = (1 << 30, 4 << 30)
@@ -71,57 +68,26 @@ class Machine:
         for slot, (gpa, offset, size) in enumerate(aliases):
             self.vm.set_user_memory_region(slot, 0, gpa, size, self.ram_hva + offset)
         gpa, _, size = aliases[-1]
-        self.guest = GuestOS(self, guest_levels, ram_top=gpa + size)
-        self.vcpu = Vcpu(self)
+        self.guest = GuestOS(self.vm, guest_levels, ram_top=gpa + size)
+        self.vcpu = Vcpu(self.vm)
         self.vcpu.cr4_la57 = guest_levels == 5
         self.vcpu.cr3 = self.guest.page_tables.root
 
     def read_gpa(self, gpa: int, size: int) -> bytes:
-        """Read guest memory as the VMM does: memslot -> HVA -> host page tables -> frame."""
-        check_int("gpa", gpa, 0, 1 << 64)
-        check_int("size", size, 0, 1 << 32)
-        out = bytearray()
-        for gfn, start, end in page_pieces(gpa, size):
-            out += self.memory.read(
-                self._hpa_for_vmm(gfn << PAGE_SHIFT, write=False) + start, end - start
-            )
-        return bytes(out)
-
-    def gpa_to_hpa(self, gpa: int) -> int | None:
-        """GPA -> memslot -> HVA -> HPA as the VMM's page tables have it now, faulting
-        nothing in (QEMU's `gpa2hpa` reads /proc/self/pagemap); None for a hole or a page
-        with no host frame."""
-        hva = self.vm.gpa_to_hva(gpa)
-        return None if hva is None else self.host.pagemap(self.vmm, hva)
-
-    def guest_store(self, gpa: int, data: bytes) -> None:
-        """Store bytes at a GPA as the guest kernel does (`KvmMmu.guest_store`): dirty logging
-        and, under shadow paging, KVM's write tracking see it; the TLB is not flushed."""
-        check_int("gpa", gpa, 0, 1 << 64)
-        done = 0
-        for gfn, start, end in page_pieces(gpa, len(data)):
-            self.vm.mmu.guest_store((gfn << PAGE_SHIFT) + start, data[done : done + end - start])
-            done += end - start
+        """Read guest memory as the VMM does (`Vm.read_gpa`)."""
+        return self.vm.read_gpa(gpa, size)
 
     def write_gpa(self, gpa: int, data: bytes) -> None:
-        """Write guest memory as the VMM does, through its own mapping: host pages are faulted
-        in, but KVM sees nothing (no dirty-log bit, no shadow write tracking), as when QEMU
-        writes guest RAM behind the guest's back. For the guest's own stores: `guest_store`."""
-        check_int("gpa", gpa, 0, 1 << 64)
-        done = 0
-        for gfn, start, end in page_pieces(gpa, len(data)):
-            hpa = self._hpa_for_vmm(gfn << PAGE_SHIFT, write=True)
-            self.memory.write(hpa + start, data[done : done + end - start])
-            done += end - start
+        """Write guest memory as the VMM does, behind KVM's back (`Vm.write_gpa`)."""
+        self.vm.write_gpa(gpa, data)
 
-    def _hpa_for_vmm(self, page_gpa: int, write: bool) -> int:
-        hva = self.vm.gpa_to_hva(page_gpa)
-        if hva is None:
-            raise TwodwalkError(f"gpa={page_gpa:#x} is in no memslot: the VMM has no memory there")
-        page = self.host.get_user_page(self.vmm, hva, write)
-        if page is None:
-            raise KvmError(errno.EFAULT, f"HVA {hva:#x} of GPA {page_gpa:#x} is not mapped")
-        return page.hpa + (hva & (page.page_size - 1))
+    def guest_store(self, gpa: int, data: bytes) -> None:
+        """Store bytes at a GPA as the guest kernel does (`Vm.guest_store`)."""
+        self.vm.guest_store(gpa, data)
+
+    def gpa_to_hpa(self, gpa: int) -> int | None:
+        """GPA -> memslot -> HVA -> HPA without faulting anything in (`Vm.gpa_to_hpa`)."""
+        return self.vm.gpa_to_hpa(gpa)
 
 
 def ram_aliases(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 
 from twodwalk.cpumodel import CpuModel
-from twodwalk.errors import TwodwalkError
+from twodwalk.errors import TwodwalkError, check_int
 from twodwalk.formats import ept_format
 from twodwalk.host import HostKernel, Process
 from twodwalk.kvm.memslots import (
@@ -32,6 +32,7 @@ from twodwalk.kvm.memslots import (
 )
 from twodwalk.kvm.mmu import ALL_LEVELS, HUGE_LEVELS, PG_LEVEL_4K, TdpMmu
 from twodwalk.kvm.shadow import ShadowMmu
+from twodwalk.memory import page_pieces
 from twodwalk.trace import KvmStep
 from twodwalk.units import PAGE_SHIFT
 
@@ -284,6 +285,53 @@ class Vm:
         if memslot is None:
             return None
         return memslot.gfn_to_hva(gpa >> PAGE_SHIFT) + (gpa & 0xFFF)
+
+    def read_gpa(self, gpa: int, size: int) -> bytes:
+        """Read guest memory as the VMM does: memslot -> HVA -> host page tables -> frame."""
+        check_int("gpa", gpa, 0, 1 << 64)
+        check_int("size", size, 0, 1 << 32)
+        out = bytearray()
+        for gfn, start, end in page_pieces(gpa, size):
+            out += self.host.memory.read(
+                self._hpa_for_vmm(gfn << PAGE_SHIFT, write=False) + start, end - start
+            )
+        return bytes(out)
+
+    def gpa_to_hpa(self, gpa: int) -> int | None:
+        """GPA -> memslot -> HVA -> HPA as the VMM's page tables have it now, faulting
+        nothing in (QEMU's `gpa2hpa` reads /proc/self/pagemap); None for a hole or a page
+        with no host frame."""
+        hva = self.gpa_to_hva(gpa)
+        return None if hva is None else self.host.pagemap(self.vmm, hva)
+
+    def guest_store(self, gpa: int, data: bytes) -> None:
+        """Store bytes at a GPA as the guest kernel does (`KvmMmu.guest_store`): dirty logging
+        and, under shadow paging, KVM's write tracking see it; the TLB is not flushed."""
+        check_int("gpa", gpa, 0, 1 << 64)
+        done = 0
+        for gfn, start, end in page_pieces(gpa, len(data)):
+            self.mmu.guest_store((gfn << PAGE_SHIFT) + start, data[done : done + end - start])
+            done += end - start
+
+    def write_gpa(self, gpa: int, data: bytes) -> None:
+        """Write guest memory as the VMM does, through its own mapping: host pages are faulted
+        in, but KVM sees nothing (no dirty-log bit, no shadow write tracking), as when QEMU
+        writes guest RAM behind the guest's back. For the guest's own stores: `guest_store`."""
+        check_int("gpa", gpa, 0, 1 << 64)
+        done = 0
+        for gfn, start, end in page_pieces(gpa, len(data)):
+            hpa = self._hpa_for_vmm(gfn << PAGE_SHIFT, write=True)
+            self.host.memory.write(hpa + start, data[done : done + end - start])
+            done += end - start
+
+    def _hpa_for_vmm(self, page_gpa: int, write: bool) -> int:
+        hva = self.gpa_to_hva(page_gpa)
+        if hva is None:
+            raise TwodwalkError(f"gpa={page_gpa:#x} is in no memslot: the VMM has no memory there")
+        page = self.host.get_user_page(self.vmm, hva, write)
+        if page is None:
+            raise KvmError(errno.EFAULT, f"HVA {hva:#x} of GPA {page_gpa:#x} is not mapped")
+        return page.hpa + (hva & (page.page_size - 1))
 
 
 def _longs(bitmap: bytes) -> list[int]:

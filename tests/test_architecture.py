@@ -1,0 +1,60 @@
+"""The house rules a reader relies on: no import circles in the package (each module's
+imports, TYPE_CHECKING ones included, form a tree of actors), and the pure core loads
+without the drawing and widget libraries."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "twodwalk"
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports (a package stands for its __init__)."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in modules:
+                graph[name].add(node.module)
+                graph[name] |= {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
+    return graph
+
+
+def cycle_through(graph: dict[str, set[str]], start: str) -> list[str] | None:
+    """A path start -> ... -> start, if there is one (depth-first, each module once)."""
+    stack, seen = [(start, [start])], set()
+    while stack:
+        node, path = stack.pop()
+        for target in graph[node]:
+            if target == start:
+                return [*path, start]
+            if target not in seen:
+                seen.add(target)
+                stack.append((target, [*path, target]))
+    return None
+
+
+def test_no_import_circles() -> None:
+    graph = import_graph()
+    # A package's __init__ may re-export its own submodules: that is not a circle.
+    for name, targets in graph.items():
+        graph[name] = {t for t in targets if t != name and not t.startswith(name + ".")}
+    circles = [c for name in graph if (c := cycle_through(graph, name)) is not None]
+    assert circles == [], f"import circles: {circles[:3]}"
+
+
+def test_core_loads_without_matplotlib_networkx_or_ipywidgets() -> None:
+    code = (
+        "import sys, twodwalk, twodwalk.scenarios, twodwalk.whatifs, twodwalk.exercises;"
+        " print(sorted(m for m in ('matplotlib', 'networkx', 'ipywidgets') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
