@@ -9,7 +9,8 @@ import twodwalk as tw
 from twodwalk.ept import EptAccessRules, ept_violation_qualification, is_misconfiguration
 from twodwalk.memory import PhysicalMemory
 from twodwalk.pagetables import PageTables
-from twodwalk.walker import Access, AccessKind, FaultKind, PhysicalTables, walk
+from twodwalk.tables import PhysicalTables
+from twodwalk.walker import Access, AccessKind, FaultKind, walk
 
 CPU = tw.CpuModel(maxphyaddr=46)
 FMT = tw.ept_format(4, CPU)

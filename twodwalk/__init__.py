@@ -39,13 +39,13 @@ from twodwalk.paging import (
     translate,
 )
 from twodwalk.processor import AccessResult, Processor
+from twodwalk.tables import PhysicalTables
 from twodwalk.tlb import Tlb, TranslationCaches, TwoLevelTlb
 from twodwalk.units import PAGE_SIZE
 from twodwalk.walker import (
     Access,
     AccessKind,
     FaultKind,
-    PhysicalTables,
     Translation,
     WalkFault,
     WalkRecord,

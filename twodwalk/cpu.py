@@ -10,7 +10,7 @@ A fault the guest itself must see (#PF, #GP) is delivered to the guest, never to
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from twodwalk.ept import (
@@ -26,15 +26,14 @@ from twodwalk.formats import Rights, leaf_bit
 from twodwalk.kvm.mmu import EmulateMmio, TdpMmu
 from twodwalk.kvm.run import InternalError, MmioExit
 from twodwalk.kvm.shadow import EmulateWrite, InjectFault, ShadowMmu
-from twodwalk.memory import PhysicalMemory
 from twodwalk.paging import (
     GeneralProtection,
     PagingControls,
     exception_for,
 )
 from twodwalk.processor import ACCESS_SIZE, AccessResult, Processor
+from twodwalk.tables import EptTables, GpaTranslation, PageWalkCacheTables
 from twodwalk.tlb import (
-    PageWalkCacheTables,
     Tag,
     TlbEntry,
     TranslationCaches,
@@ -55,7 +54,6 @@ from twodwalk.walker import (
     Access,
     AccessKind,
     FaultKind,
-    TableRead,
     WalkFault,
     WalkRecord,
     WalkStart,
@@ -71,17 +69,6 @@ EXIT_REASON_INVLPG = 14
 EXIT_REASON_CR_ACCESS = 28
 CR_ACCESS_MOV_TO_CR3 = 3  # bits 3:0 the CR number, 5:4 access type 0 (MOV to CR), 11:8 RAX
 PREV_ROOTS = 3  # KVM_MMU_NUM_PREV_ROOTS
-
-
-@dataclass(slots=True)
-class GpaTranslation:
-    """A GPA's translation: the HPA, the EPT page size and rights, and the EPT walk that
-    found it (None when a guest-physical mapping answered); hpa None: the walk failed."""
-
-    hpa: int | None
-    page_size: int
-    rights: Rights
-    record: WalkRecord | None
 
 
 class GpaTranslator:
@@ -164,60 +151,6 @@ class GpaTranslator:
         return GpaTranslation(t.address, t.page_size, t.rights, record)
 
 
-class EptTables:
-    """Guest tables read through EPT: each table GPA is translated first, by a
-    paging-structure cache that already knows the table, by a guest-physical mapping, or by
-    an EPT walk. With EPT A/D on, these accesses count as writes (SDM 29.3.5); the A/D
-    updates the walk makes are writes in any case (`write_entry`)."""
-
-    def __init__(
-        self,
-        gpa: GpaTranslator,
-        memory: PhysicalMemory,
-        known: dict[int, tuple[int, Rights | None]],
-    ) -> None:
-        self.gpa = gpa
-        self.memory = memory
-        self.known = known
-        self.pwc = gpa.pwc
-        self.access = Access.of(AccessKind.WRITE if gpa.mmu.fmt.ad else AccessKind.READ)
-
-    def read_entry(self, address: int, access: Access) -> tuple[int, TableRead]:
-        page = address & ~0xFFF
-        if page in self.known:
-            frame, rights = self.known[page]
-            hpa = frame | (address & 0xFFF)
-            value = self.memory.read_u64(hpa)
-            return value, TableRead(value, hpa, cached="paging-structure cache", ept_rights=rights)
-        found = self.gpa.translate(address, self.access)
-        if found.hpa is None:
-            assert found.record is not None
-            return 0, TableRead(0, 0, failed=found.record)
-        cached = None if self.pwc is None else self.pwc.lookup(found.hpa)
-        value = self.memory.read_u64(found.hpa) if cached is None else cached
-        nested = () if found.record is None else (found.record,)
-        how = "guest-physical" if found.record is None else None
-        return value, TableRead(
-            value, found.hpa, nested, None, how, cached is not None, found.rights
-        )
-
-    def write_entry(self, address: int, read: TableRead | None, value: int) -> WalkRecord | None:
-        """The processor's A/D update of a guest paging-structure entry is a data write for
-        EPT (SDM Vol 3C 29.3.3.2; exit qualification bit 8 = 0): it needs W in the EPT
-        rights of the table's page. Without it, the EPT walk of the write is the violation
-        (a page KVM maps read-only: dirty logging, the zero page, a KSM-merged frame)."""
-        assert read is not None
-        if read.ept_rights is not None and Rights.W in read.ept_rights:
-            self.memory.write_u64(read.physical, value)
-            return None
-        write = self.gpa.translate(address, _WRITE)
-        if write.hpa is None:
-            assert write.record is not None
-            return write.record
-        self.memory.write_u64(write.hpa, value)
-        return None
-
-
 class Vcpu(Processor):
     """One virtual CPU of a VM: the two-dimensional walk (or KVM's shadow tables),
     VM exits to KVM, and the caches tagged by VPID and EPTP."""
@@ -232,6 +165,9 @@ class Vcpu(Processor):
         mmu = vm.mmu
         self._ep4ta = mmu.eptp.ep4ta if isinstance(mmu, TdpMmu) else 0  # fixed per VM
         self._shadow = isinstance(mmu, ShadowMmu)  # a VM's MMU kind never changes
+        # How EPT sees the CPU's reads of guest tables: writes with EPT A/D on (SDM 29.3.5).
+        ad = isinstance(mmu, TdpMmu) and mmu.fmt.ad
+        self._table_access = Access.of(AccessKind.WRITE if ad else AccessKind.READ)
         self._prev_roots: list[int] = []  # CR3 roots, current first (`mmu->prev_roots`)
         mmu.tlb_flushers.append(self._kvm_flush)
 
@@ -356,7 +292,7 @@ class Vcpu(Processor):
         root = self.cr3_root
         start, known = self._psc_start(fmt, gva, trace)
         gpa_path = self._guest_physical(mmu)
-        tables = EptTables(gpa_path, self.memory, known)
+        tables = EptTables(gpa_path, self.memory, known, self._table_access)
         guest = walk(fmt, root, gva, access, tables, controls.rules, start)
         trace.add(GuestWalk(guest))
         final = None

@@ -27,9 +27,10 @@ from twodwalk.formats import ia32e_format
 from twodwalk.memory import FrameAllocator, PhysicalMemory
 from twodwalk.pagetables import PageTables
 from twodwalk.paging import PagingControls, X86AccessRules
+from twodwalk.tables import PhysicalTables
 from twodwalk.trace import HostPageFault, HostWalk, Trace
 from twodwalk.units import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE
-from twodwalk.walker import Access, AccessKind, PhysicalTables, Translation, WalkRecord, walk
+from twodwalk.walker import Access, AccessKind, Translation, WalkRecord, walk
 
 HPAGE_PMD_NR = HUGE_PAGE_SIZE // PAGE_SIZE  # 512 PTEs under one PMD
 TASK_SIZE_MAX = (1 << 47) - PAGE_SIZE  # arch/x86/include/asm/page_64_types.h, 4-level host

@@ -17,16 +17,8 @@ from twodwalk.cpumodel import CpuModel
 from twodwalk.errors import TwodwalkError, check_int
 from twodwalk.formats import Ia32eFormat, Rights, ia32e_format
 from twodwalk.memory import PhysicalMemory
-from twodwalk.walker import (
-    Access,
-    AccessKind,
-    FaultKind,
-    PhysicalTables,
-    TableMemory,
-    Violation,
-    WalkRecord,
-    walk,
-)
+from twodwalk.tables import PhysicalTables
+from twodwalk.walker import Access, AccessKind, FaultKind, TableMemory, Violation, WalkRecord, walk
 
 # #PF error-code bits (SDM 4.7; KVM's PFERR_*_MASK).
 PFERR_PRESENT = 1 << 0

@@ -23,9 +23,9 @@ from twodwalk.paging import (
     PagingControls,
     decode_cr3,
 )
+from twodwalk.tables import PageWalkCacheTables
 from twodwalk.tlb import (
     ANY_PCID,
-    PageWalkCacheTables,
     Tag,
     Tlb,
     TlbEntry,

@@ -23,7 +23,7 @@ from typing import NamedTuple
 from twodwalk.errors import TwodwalkError, check_choice, check_int
 from twodwalk.formats import RIGHTS_BY_MASK, Rights
 from twodwalk.units import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE
-from twodwalk.walker import Access, TableMemory, TableRead, WalkRecord
+from twodwalk.walker import WalkRecord
 
 # Sizes of a Skylake-class core (Intel Optimization Reference Manual, "TLB parameters"): the
 # first-level data TLB has 64 4-KiB, 32 2-MiB and 4 1-GiB entries, 4-way; the second-level
@@ -259,24 +259,6 @@ class PageWalkCache:
     def entries(self) -> list[tuple[int, int]]:
         """(host-physical address, entry) of each line, least recently used first."""
         return list(self._lines.items())
-
-
-class PageWalkCacheTables:
-    """Tables in physical memory read through a page-walk cache: a hit answers without a
-    memory reference (`TableRead.pwc`)."""
-
-    def __init__(self, tables: TableMemory, pwc: PageWalkCache) -> None:
-        self.tables = tables
-        self.pwc = pwc
-
-    def read_entry(self, address: int, access: Access) -> tuple[int, TableRead | None]:
-        value = self.pwc.lookup(address)
-        if value is not None:
-            return value, TableRead(value, address, pwc=True)
-        return self.tables.read_entry(address, access)
-
-    def write_entry(self, address: int, read: TableRead | None, value: int) -> WalkRecord | None:
-        return self.tables.write_entry(address, read, value)
 
 
 MODELS = ("intel", "amd")

@@ -24,7 +24,7 @@ from typing import NamedTuple, Protocol
 
 from twodwalk.errors import check_aligned, check_choice, check_int
 from twodwalk.formats import ENTRY_SIZE, RIGHTS_BY_MASK, DecodedEntry, EntryFormat, Rights
-from twodwalk.memory import U64_LIMIT, PhysicalMemory
+from twodwalk.memory import U64_LIMIT
 
 
 class AccessKind(enum.Enum):
@@ -123,10 +123,17 @@ class TableRead:
     value: int
     physical: int
     nested: tuple[WalkRecord, ...] = ()
-    failed: WalkRecord | None = None
     cached: str | None = None
     pwc: bool = False  # the entry itself came from a page-walk cache: no memory reference
     ept_rights: Rights | None = None  # EPT rights of the table's page: may the CPU write A/D?
+
+
+@dataclass(frozen=True, slots=True)
+class NestedFault:
+    """A table whose address did not translate in the other dimension (an EPT violation or
+    misconfiguration on a guest table's GPA): the failed walk, in place of a read."""
+
+    record: WalkRecord
 
 
 @dataclass(frozen=True)
@@ -140,34 +147,22 @@ class WalkStart:
 
 
 class TableMemory(Protocol):
-    """Where the walker reads and writes entries (host memory directly, or through EPT).
+    """Where the walker reads and writes entries: the readers are side by side in tables.py.
 
     `read_entry` gives the value and, when the entry was not simply read at `address` in
-    physical memory, how it was read (a `TableRead`). `write_entry` writes an A/D update back
-    to the entry at `address` (in the walk's own space) that was read as `read`: a write the
-    processor or KVM makes on the guest's behalf, so it passes the second dimension's write
-    check; a refused write comes back as the failed nested walk (an EPT violation)."""
+    physical memory, how it was read (a `TableRead`), or a `NestedFault` when the table's
+    address did not translate. `write_entry` writes an A/D update back to the entry at
+    `address` (in the walk's own space) that was read as `read`: a write the processor or
+    KVM makes on the guest's behalf, so it passes the second dimension's write check; a
+    refused write comes back as the failed nested walk (an EPT violation)."""
 
-    def read_entry(self, address: int, access: Access) -> tuple[int, TableRead | None]: ...
+    def read_entry(
+        self, address: int, access: Access
+    ) -> tuple[int, TableRead | NestedFault | None]: ...
 
     def write_entry(
         self, address: int, read: TableRead | None, value: int
     ) -> WalkRecord | None: ...
-
-
-class PhysicalTables:
-    """Tables that sit in physical memory at their own addresses (native or host paging)."""
-
-    def __init__(self, memory: PhysicalMemory) -> None:
-        self.memory = memory
-        self._read_u64 = memory.entry_reader()
-
-    def read_entry(self, address: int, access: Access) -> tuple[int, TableRead | None]:
-        return self._read_u64(address), None
-
-    def write_entry(self, address: int, read: TableRead | None, value: int) -> WalkRecord | None:
-        self.memory.write_u64(address if read is None else read.physical, value)
-        return None
 
 
 @dataclass(frozen=True)
@@ -303,9 +298,9 @@ def walk(
         shape = shapes[level]
         index = (address >> shape.shift) & 0x1FF
         value, read = read_entry(table + ENTRY_SIZE * index, access)
-        if read is not None and read.failed is not None:
+        if isinstance(read, NestedFault):
             return _fault(
-                fmt, root, address, access, start, rows, FaultKind.NESTED, level, read.failed
+                fmt, root, address, access, start, rows, FaultKind.NESTED, level, read.record
             )
         present = value & present_bits
         if present:

@@ -40,9 +40,10 @@ from twodwalk.host import HostKernel, Process
 from twodwalk.kvm.memslots import KvmError, Memslot, Memslots
 from twodwalk.pagetables import PageTables, TreeEntry
 from twodwalk.paging import PFERR_FETCH, PFERR_PRESENT, PFERR_USER, PFERR_WRITE
+from twodwalk.tables import PmlLogging
 from twodwalk.trace import KvmStep, SpteWrite, Trace
 from twodwalk.units import PAGE_SHIFT, PAGE_SIZE, size_text
-from twodwalk.walker import Access, TableMemory, TableRead, WalkRecord, WalkStart, walk
+from twodwalk.walker import Access, TableMemory, WalkRecord, WalkStart, walk
 
 _EPT_RULES = EptAccessRules()
 PFERR_GUEST_FINAL = 1 << 32
@@ -401,7 +402,9 @@ class TdpMmu(KvmMmu):
         the walk logs the GPA when it sets an EPT D bit (SDM 29.3.6)."""
         tables = tables or self._tables
         if self.pml_enabled:
-            tables = PmlLogging(tables, self, gpa)
+            tables = PmlLogging(
+                tables, self.host.memory, VMX_EPT_DIRTY_BIT, lambda: self.pml_log(gpa)
+            )
         return walk(self.fmt, self.eptp.root, gpa, access, tables, _EPT_RULES, start)
 
     def pml_log(self, gpa: int) -> None:
@@ -787,26 +790,6 @@ class TdpMmu(KvmMmu):
             return None
         low = (1 << self.fmt.shift(table.level)) - 1
         return (below.value | PT_PAGE_SIZE_MASK) & ~(low & ~(PAGE_SIZE - 1))
-
-
-class PmlLogging:
-    """The CPU's EPT walk with PML on (SDM 29.3.6): an A/D update that sets an EPT leaf's D
-    bit also logs the walk's GPA (`TdpMmu.pml_log`)."""
-
-    def __init__(self, tables: TableMemory, mmu: TdpMmu, gpa: int) -> None:
-        self.tables = tables
-        self.mmu = mmu
-        self.gpa = gpa
-
-    def read_entry(self, address: int, access: Access) -> tuple[int, TableRead | None]:
-        return self.tables.read_entry(address, access)
-
-    def write_entry(self, address: int, read: TableRead | None, value: int) -> WalkRecord | None:
-        old = self.mmu.host.memory.read_u64(address if read is None else read.physical)
-        refused = self.tables.write_entry(address, read, value)
-        if refused is None and value & VMX_EPT_DIRTY_BIT and not old & VMX_EPT_DIRTY_BIT:
-            self.mmu.pml_log(self.gpa)
-        return refused
 
 
 def make_mmio_spte(gpa: int, generation: int) -> int:

@@ -45,9 +45,10 @@ from twodwalk.paging import (
     PagingControls,
     exception_for,
 )
+from twodwalk.tables import MemslotTables
 from twodwalk.trace import KvmStep, KvmWalk, SpteWrite, Trace
 from twodwalk.units import PAGE_SHIFT
-from twodwalk.walker import Access, TableMemory, TableRead, WalkRecord, WalkStart, walk
+from twodwalk.walker import Access, TableMemory, WalkRecord, WalkStart, walk
 
 
 @dataclass(frozen=True)
@@ -69,29 +70,6 @@ ShadowResolution = Fixed | EmulateMmio | InjectFault | EmulateWrite | RetPfRetry
 # spte.h: SPTE_MMU_PRESENT (bit 11), DEFAULT_SPTE_MMU_WRITABLE (10), DEFAULT_SPTE_HOST_WRITABLE
 # (9), as values of the IA-32e AVL field (bits 11:9)
 _AVL_MMU_PRESENT, _AVL_MMU_WRITABLE, _AVL_HOST_WRITABLE = 0b100, 0b010, 0b001
-
-
-class GuestTablesViaMemslots:
-    """How KVM's software walker reads guest tables: GPA -> memslot -> HVA -> host page.
-    A table in no memslot reads as a not-present entry (`walk_addr_generic` error path)."""
-
-    def __init__(self, mmu: ShadowMmu, trace: Trace | None = None) -> None:
-        self.mmu = mmu
-        self.trace = trace
-
-    def read_entry(self, address: int, access: Access) -> tuple[int, TableRead]:
-        hpa = self.mmu.gpa_to_hpa(address, write=False)
-        if hpa is None:
-            return 0, TableRead(0, address)
-        value = self.mmu.host.memory.read_u64(hpa)
-        return value, TableRead(value, hpa)
-
-    def write_entry(self, address: int, read: TableRead | None, value: int) -> WalkRecord | None:
-        """`FNAME(update_accessed_dirty_bits)`: the A/D bits go through the HVA
-        (`__try_cmpxchg_user`, a user write that breaks copy-on-write), then the table's GFN
-        is marked dirty (`kvm_vcpu_mark_page_dirty`); in a read-only slot they stay unset."""
-        self.mmu.write_guest(address, value.to_bytes(8, "little"), self.trace)
-        return None
 
 
 class ShadowMmu(KvmMmu):
@@ -156,7 +134,12 @@ class ShadowMmu(KvmMmu):
             return mmio
         fmt = controls.format(self.cpu)
         guest = walk(
-            fmt, guest_root, gva, access, GuestTablesViaMemslots(self, trace), controls.rules
+            fmt,
+            guest_root,
+            gva,
+            access,
+            MemslotTables(self, self.host.memory, trace),
+            controls.rules,
         )
         trace.add(KvmWalk(guest))
         exception = exception_for(guest, controls)

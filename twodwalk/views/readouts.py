@@ -244,7 +244,7 @@ def _cached_cells(record: WalkRecord, events: list[Event], n: int, m: int) -> li
     for step in record.steps:
         if step.read.cached is not None:
             cells += [GridCell(n - step.level, col, step.read.cached) for col in range(m)]
-        for nested in (*step.read.nested, *filter(None, [step.read.failed])):
+        for nested in step.read.nested:
             cells += _ept_cache_cells(nested, n - step.level, m)
     if any(isinstance(e, CacheHit) and e.cache == GUEST_PHYSICAL for e in events):
         cells += [GridCell(n, col, GUEST_PHYSICAL) for col in range(m)]
