@@ -28,7 +28,6 @@ from twodwalk.kvm.run import InternalError, MmioExit
 from twodwalk.kvm.shadow import EmulateWrite, InjectFault, ShadowMmu
 from twodwalk.paging import (
     GeneralProtection,
-    PagingControls,
     exception_for,
 )
 from twodwalk.processor import ACCESS_SIZE, AccessResult, Processor
@@ -94,9 +93,10 @@ class GpaTranslator:
         """Cache the upper EPT entries of the walks that completed, once the two-dimensional
         walk is over: one walk does not feed itself, so a cold 4x4 walk still makes its 24
         references (when entries are cached is left to the processor, SDM Vol 3C 29.4.3)."""
-        for record in self.walked:
-            fill_paging_structure_caches(self.psc, self.tag, record)
-        self.walked.clear()
+        if self.walked:
+            for record in self.walked:
+                fill_paging_structure_caches(self.psc, self.tag, record)
+            self.walked.clear()
 
     def current(self, mmu: TdpMmu) -> bool:
         """Whether this path still uses the VM's MMU and the vCPU's caches as they are."""
@@ -118,8 +118,13 @@ class GpaTranslator:
                 return GpaTranslation(hit.frame + offset, hit.page_size, hit.rights, None)
             self.cache.invalidate(lambda e: e is not hit)
         start = None
-        if self.pwc is None:
-            found = deepest_table(self.psc, self.tag, gpa, self.mmu.fmt.levels)
+        psc = self.psc
+        # Written out, not any(...): this runs for every EPT walk of a 2D walk.
+        psc_on = self.pwc is None and (
+            psc[2].enabled or psc[3].enabled or psc[4].enabled or psc[5].enabled
+        )
+        if psc_on:
+            found = deepest_table(psc, self.tag, gpa, self.mmu.fmt.levels)
             if found is not None:
                 start = WalkStart(found[0] - 1, found[1].frame, found[1].rights)
         record = self.mmu.walk(gpa, access, self.tables, start)
@@ -128,7 +133,7 @@ class GpaTranslator:
             return GpaTranslation(None, 0, Rights.NONE, record)
         if self.pwc is not None:
             self.pwc.fill(record)
-        else:
+        elif psc_on:
             self.walked.append(record)
         if not self.cache.enabled:
             return GpaTranslation(t.address, t.page_size, t.rights, record)
@@ -165,6 +170,12 @@ class Vcpu(Processor):
         mmu = vm.mmu
         self._ep4ta = mmu.eptp.ep4ta if isinstance(mmu, TdpMmu) else 0  # fixed per VM
         self._shadow = isinstance(mmu, ShadowMmu)  # a VM's MMU kind never changes
+        # Without EPT, KVM runs the guest with hardware CR0.WP=1 whatever the guest set
+        # (vmx.c `vmx_set_cr0`, svm.c `svm_set_cr0`), so that a supervisor write through a
+        # read-only shadow entry always exits and `ShadowMmu.page_fault` can emulate guest
+        # WP=0; and with EFER.NX=1 (vmx.c `update_transition_efer`, svm.c `svm_set_efer`:
+        # "shadow paging assumes NX"), so that the XD bit it sets in shadow entries is legal.
+        self.forces_wp_nx = self._shadow
         # How EPT sees the CPU's reads of guest tables: writes with EPT A/D on (SDM 29.3.5).
         ad = isinstance(mmu, TdpMmu) and mmu.fmt.ad
         self._table_access = Access.of(AccessKind.WRITE if ad else AccessKind.READ)
@@ -241,16 +252,6 @@ class Vcpu(Processor):
         (`ShadowMmu.root_for`) and its TLB is flushed, so no entry made for WP=0 survives."""
         if self._shadow:
             self.flush_tlb()
-
-    def hardware_controls(self) -> PagingControls:
-        """Without EPT, KVM runs the guest with hardware CR0.WP=1 whatever the guest set
-        (vmx.c `vmx_set_cr0`, svm.c `svm_set_cr0`), so that a supervisor write through a
-        read-only shadow entry always exits, and `ShadowMmu.page_fault` emulates guest WP=0;
-        and with EFER.NX=1 (vmx.c `update_transition_efer`, svm.c `svm_set_efer`: "shadow
-        paging assumes NX"), so that the XD bit it sets in shadow entries is not reserved."""
-        if self._shadow:
-            return self._controls(True, True)
-        return self.controls()
 
     def _vm_exit(self, trace: Trace, event: VmExit) -> None:
         """A VM exit; without a VPID (vpid=0) every exit and entry flushes the linear and

@@ -93,6 +93,7 @@ class Processor(ABC):
         self.vpid = vpid
         self.caches = TranslationCaches()
         self._ep4ta = 0  # the EP4TA that tags cached translations; a vCPU with EPT sets it
+        self.forces_wp_nx = False  # hardware CR0.WP and EFER.NX are 1 whatever the OS set
 
     @property
     def cr0_wp(self) -> bool:
@@ -231,8 +232,11 @@ class Processor(ABC):
 
     def hardware_controls(self) -> PagingControls:
         """The controls the processor's own walks and TLB checks obey: the guest's, except
-        where the hypervisor overrides a bit in hardware (`Vcpu.hardware_controls`)."""
-        return self.controls()
+        where the hypervisor forces CR0.WP and EFER.NX to 1 in hardware (`forces_wp_nx`: a
+        vCPU under shadow paging, see `Vcpu`)."""
+        if self.forces_wp_nx:
+            return self._controls(True, True)
+        return self._controls(self._cr0_wp, self.efer_nxe)
 
     def _controls(self, cr0_wp: bool, efer_nxe: bool) -> PagingControls:
         key = (

@@ -23,7 +23,15 @@ from typing import NamedTuple
 from twodwalk.errors import TwodwalkError, check_choice, check_int
 from twodwalk.formats import RIGHTS_BY_MASK, Rights
 from twodwalk.units import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE
-from twodwalk.walker import WalkRecord
+from twodwalk.walker import (
+    ROW_INDEX,
+    ROW_LEVEL,
+    ROW_READ,
+    ROW_RIGHTS,
+    ROW_TABLE,
+    ROW_VALUE,
+    WalkRecord,
+)
 
 # Sizes of a Skylake-class core (Intel Optimization Reference Manual, "TLB parameters"): the
 # first-level data TLB has 64 4-KiB, 32 2-MiB and 4 1-GiB entries, 4-way; the second-level
@@ -243,9 +251,9 @@ class PageWalkCache:
             return
         written = record.written or (None,) * len(record.rows)
         for row, wrote in zip(record.rows[:-1], written, strict=False):
-            read = row.read
-            hpa = row.table + 8 * row.table_index if read is None else read.physical
-            self._lines[hpa] = row.value if wrote is None else wrote
+            read = row[ROW_READ]
+            hpa = row[ROW_TABLE] + 8 * row[ROW_INDEX] if read is None else read.physical
+            self._lines[hpa] = row[ROW_VALUE] if wrote is None else wrote
             self._lines.move_to_end(hpa)
             if len(self._lines) > self.size:
                 self._lines.popitem(last=False)
@@ -271,9 +279,11 @@ def deepest_table(
     can begin (SDM Vol 3A 4.10.3.2: the PDE cache first, then the PDPTE and PML4E caches;
     Vol 3C 29.4.3 likewise for the EPT's caches of guest-physical addresses)."""
     for level in range(2, levels + 1):
-        entry = psc[level].lookup(tag, address)
-        if entry is not None and entry.gpa_page is not None:
-            return level, entry
+        cache = psc[level]
+        if cache.enabled:  # a switched-off cache costs no look-up
+            entry = cache.lookup(tag, address)
+            if entry is not None and entry.gpa_page is not None:
+                return level, entry
     return None
 
 
@@ -282,18 +292,18 @@ def fill_paging_structure_caches(psc: Mapping[int, Tlb], tag: Tag, record: WalkR
     walk's own space, its HPA, the EPT rights of its page) and the rights so far, keyed by
     the address bits that chose them."""
     for entry, below in pairwise(record.rows):
-        cache = psc[entry.level]
+        cache = psc[entry[ROW_LEVEL]]
         if not cache.enabled:
             continue
-        cover = record.format.page_size(entry.level)
-        read = below.read
-        frame = below.table if read is None else read.physical & ~0xFFF
+        cover = record.format.page_size(entry[ROW_LEVEL])
+        read, table = below[ROW_READ], below[ROW_TABLE]
+        frame = table if read is None else read.physical & ~0xFFF
         ept_rights = None if read is None else read.ept_rights
-        rights = RIGHTS_BY_MASK[entry.rights]
+        rights = RIGHTS_BY_MASK[entry[ROW_RIGHTS]]
         page = record.address & ~(cover - 1)
         cache.insert(
             TlbEntry(
-                tag, page, cover, frame, below.table, rights, ept_rights, entry.value, True, False
+                tag, page, cover, frame, table, rights, ept_rights, entry[ROW_VALUE], True, False
             )
         )
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from twodwalk.walker import WalkRecord, WalkStep
+from twodwalk.walker import ROW_LEVEL, ROW_READ, WalkRecord, WalkStep
 
 
 @dataclass(frozen=True)
@@ -271,7 +271,7 @@ def _walk_counts(event: GuestWalk | EptWalk | NativeWalk) -> Iterator[tuple[str,
 
 def _split(record: WalkRecord) -> tuple[int, int]:
     """(entries read from memory, entries a page-walk cache gave) of one walk."""
-    cached = sum(1 for row in record.rows if row.read is not None and row.read.pwc)
+    cached = sum(1 for row in record.rows if row[ROW_READ] is not None and row[ROW_READ].pwc)
     return len(record.rows) - cached, cached
 
 
@@ -296,12 +296,13 @@ def _walk_references(
     record: WalkRecord, dimension: str, guest_level: int | None, memory: bool
 ) -> Iterator[Ref]:
     for i, row in enumerate(record.rows):
-        if (row.read is not None and row.read.pwc) == memory:
+        read = row[ROW_READ]
+        if (read is not None and read.pwc) == memory:
             continue
         if dimension == "ept":
-            yield "ept", guest_level, row.level, record, i
+            yield "ept", guest_level, row[ROW_LEVEL], record, i
         else:
-            yield dimension, row.level, None, record, i
+            yield dimension, row[ROW_LEVEL], None, record, i
 
 
 def _guest_walk_references(record: WalkRecord, memory: bool) -> Iterator[Ref]:
@@ -309,10 +310,11 @@ def _guest_walk_references(record: WalkRecord, memory: bool) -> Iterator[Ref]:
     pending = next(nested, None)
     for i, row in enumerate(record.rows):
         while pending is not None and pending[0] == i:
-            yield from _walk_references(pending[1], "ept", row.level, memory)
+            yield from _walk_references(pending[1], "ept", row[ROW_LEVEL], memory)
             pending = next(nested, None)
-        if (row.read is not None and row.read.pwc) != memory:
-            yield "guest", row.level, None, record, i
+        read = row[ROW_READ]
+        if (read is not None and read.pwc) != memory:
+            yield "guest", row[ROW_LEVEL], None, record, i
     fault = record.fault
     if pending is not None and fault is not None:
         yield from _walk_references(pending[1], "ept", fault.level, memory)
@@ -322,7 +324,8 @@ def _nested_walks(record: WalkRecord) -> Iterator[tuple[int, WalkRecord]]:
     """The EPT walks a guest walk made, in order, each with the index of the row it
     translated the table address for (len(rows): the walk that faulted before a row)."""
     for i, row in enumerate(record.rows):
-        for nested in () if row.read is None else row.read.nested:
+        read = row[ROW_READ]
+        for nested in () if read is None else read.nested:
             yield i, nested
     fault = record.fault
     if fault is not None and fault.nested is not None:

@@ -401,7 +401,7 @@ class TdpMmu(KvmMmu):
         guest-physical paging-structure cache named a table below the root. With PML on,
         the walk logs the GPA when it sets an EPT D bit (SDM 29.3.6)."""
         tables = tables or self._tables
-        if self.pml_enabled:
+        if self.pml and self.cpu_dirty_logging_count:  # `pml_enabled`, inline: a hot path
             tables = PmlLogging(
                 tables, self.host.memory, VMX_EPT_DIRTY_BIT, lambda: self.pml_log(gpa)
             )

@@ -243,7 +243,7 @@ class ShadowMmu(KvmMmu):
         large page KVM links direct shadow tables down to level 1, so the shadow leaf is
         always 4 KiB here (KVM maps huge only when the host page is huge too). Shadow
         entries are in the format the hardware walks them in: EFER.NX is 1 under shadow
-        paging whatever the guest set (`Vcpu.hardware_controls`)."""
+        paging whatever the guest set (`Processor.forces_wp_nx`)."""
         fmt = ia32e_format(guest.format.levels, self.cpu, nxe=True)
         assert guest.translation is not None
         table = root
