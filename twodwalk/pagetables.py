@@ -45,6 +45,36 @@ class Leaf(NamedTuple):
     level: int
 
 
+def table_slot(
+    space: PhysicalSpace,
+    fmt: EntryFormat,
+    root: int,
+    address: int,
+    level: int,
+    needs_table: Callable[[int, int], bool],
+    link: Callable[[int, int], int] | None,
+    top: int | None = None,
+) -> int | None:
+    """Where the level-`level` entry for `address` lives in the tree at `root` (a table of
+    level `top`, the root level by default): walk down, and where an entry `needs_table`
+    (value, level), call `link(slot, level)` to make the table below and write the entry
+    that links it. The one way every builder here reaches an entry: a guest OS or the host
+    kernel (Linux `pud_alloc`, `pmd_alloc`, `pte_alloc`), KVM's EPT (`kvm_tdp_mmu_map`) and
+    shadow tables (`FNAME(fetch)` -> `kvm_mmu_get_child_sp`, `link_shadow_page`). Without
+    `link`, a missing table gives None."""
+    table = root
+    for lv in range(fmt.levels if top is None else top, level, -1):
+        slot = table + ENTRY_SIZE * fmt.index(address, lv)
+        value = space.read_u64(slot)
+        if needs_table(value, lv):
+            if link is None:
+                return None
+            table = link(slot, lv)
+        else:
+            table = fmt.output_address(value, lv)
+    return table + ENTRY_SIZE * fmt.index(address, level)
+
+
 class PageTables:
     """A radix tree of paging structures in `space`, rooted at `root` (allocated if None)."""
 
@@ -155,22 +185,27 @@ class PageTables:
 
     def _slot(self, virtual: int, level: int, *, create: bool) -> int | None:
         """Address of the level-`level` entry for `virtual`, allocating tables on the way."""
-        table = self.root
-        for lv in range(self.fmt.levels, level, -1):
-            slot = table + ENTRY_SIZE * self.fmt.index(virtual, lv)
-            value = self.space.read_u64(slot)
+
+        def needs_table(value: int, lv: int) -> bool:
             if not self.fmt.is_present(value):
-                if not create:
-                    return None
-                value = self.fmt.encode(lv, False, address=self.alloc_table(), **self.table_fields)
-                self.space.write_u64(slot, value)
-            elif self.fmt.is_leaf(value, lv):
+                return True
+            if self.fmt.is_leaf(value, lv):
                 raise TwodwalkError(
                     f"virtual={virtual:#x} lies in a {self.fmt.page_size(lv):#x}-byte page mapped"
                     f" at level {lv}: unmap it before mapping smaller pages there"
                 )
-            table = self.fmt.output_address(value, lv)
-        return table + ENTRY_SIZE * self.fmt.index(virtual, level)
+            return False
+
+        def link(slot: int, lv: int) -> int:
+            table = self.alloc_table()
+            self.space.write_u64(
+                slot, self.fmt.encode(lv, False, address=table, **self.table_fields)
+            )
+            return table
+
+        return table_slot(
+            self.space, self.fmt, self.root, virtual, level, needs_table, link if create else None
+        )
 
     def _leaves_in(self, virtual: int, size: int) -> Iterator[tuple[int, int]]:
         """(entry address, level) of each present leaf in the range, checked to fit in it."""

@@ -35,10 +35,10 @@ from twodwalk.ept import (
     Eptp,
 )
 from twodwalk.errors import TwodwalkError
-from twodwalk.formats import ENTRY_SIZE, EPT_MEMTYPE_WB, EptFormat
+from twodwalk.formats import EPT_MEMTYPE_WB, EptFormat
 from twodwalk.host import HostKernel, Process
 from twodwalk.kvm.memslots import KvmError, Memslot, Memslots
-from twodwalk.pagetables import PageTables, TreeEntry
+from twodwalk.pagetables import PageTables, TreeEntry, table_slot
 from twodwalk.paging import PFERR_FETCH, PFERR_PRESENT, PFERR_USER, PFERR_WRITE
 from twodwalk.tables import PmlLogging
 from twodwalk.trace import KvmStep, SpteWrite, Trace
@@ -621,31 +621,39 @@ class TdpMmu(KvmMmu):
     def _map(self, gfn: int, level: int, spte: int, trace: Trace) -> None:
         """tdp_mmu.c `kvm_tdp_mmu_map`: link missing tables down to `level`, replacing a huge
         entry in the way, then write the leaf."""
-        gpa = gfn << PAGE_SHIFT
-        table = self.eptp.root
-        for lv in range(self.fmt.levels, level, -1):
-            slot = table + ENTRY_SIZE * self.fmt.index(gpa, lv)
-            value = self.host.memory.read_u64(slot)
-            if not is_shadow_present_pte(value) or self.fmt.is_leaf(value, lv):
-                link = self._make_nonleaf_spte(lv, self._alloc_table())
-                self._set_spte(slot, lv, link, trace)
-                value = link
-            table = self.fmt.output_address(value, lv)
-        self._set_spte(table + ENTRY_SIZE * self.fmt.index(gpa, level), level, spte, trace)
 
-    def _set_spte(self, address: int, level: int, new: int, trace: Trace | None) -> None:
-        """Write an EPT entry; flush TLBs when it took away a translation or a right that
-        a vCPU may have cached (`mmu_spte_update` returning "flush")."""
+        def needs_table(value: int, lv: int) -> bool:
+            return not is_shadow_present_pte(value) or self.fmt.is_leaf(value, lv)
+
+        def link(slot: int, lv: int) -> int:
+            child = self._alloc_table()
+            self._set_spte(slot, lv, self._make_nonleaf_spte(lv, child), trace)
+            return child
+
+        memory, gpa = self.host.memory, gfn << PAGE_SHIFT
+        slot = table_slot(memory, self.fmt, self.eptp.root, gpa, level, needs_table, link)
+        assert slot is not None  # `link` makes every missing table
+        self._set_spte(slot, level, spte, trace)
+
+    def _set_spte(
+        self, address: int, level: int, new: int, trace: Trace | None, flush: bool = True
+    ) -> bool:
+        """Write an EPT entry, the one way every change to one is made: record it in the
+        trace when there is one, and say whether it took away a translation or a right that a
+        vCPU may have cached (`mmu_spte_update` returning "flush"); flush then, unless the
+        caller batches the flush (`flush=False`: zaps and write-protection flush once)."""
         old = self.host.memory.read_u64(address)
         self.host.memory.write_u64(address, new)
+        stale = False
         if is_shadow_present_pte(old):
             moved = self.fmt.output_address(old, level) != self.fmt.output_address(new, level)
-            if moved or (old & 7) & ~(new & 7):
+            stale = moved or bool((old & 7) & ~(new & 7)) or not is_shadow_present_pte(new)
+            if stale and flush:
                 self.flush_remote_tlbs()
         leaf = not is_shadow_present_pte(new) or self.fmt.is_leaf(new, level)
-        event = SpteWrite("ept", level, address, old, new, leaf)
         if trace is not None:
-            trace.add(event)
+            trace.add(SpteWrite("ept", level, address, old, new, leaf))
+        return stale
 
     # --- zaps: MMU notifiers, memslot changes -----------------------------------------------
 
@@ -659,8 +667,8 @@ class TdpMmu(KvmMmu):
             found = self.tables.find_leaf(gfn << PAGE_SHIFT)
             pages = 1
             if found is not None:
-                pages = 1 << (self.fmt.shift(found[1]) - PAGE_SHIFT)
-                self.host.memory.write_u64(found[0], SHADOW_NONPRESENT_VALUE)
+                pages = 1 << (self.fmt.shift(found.level) - PAGE_SHIFT)
+                self._set_spte(found.slot, found.level, SHADOW_NONPRESENT_VALUE, None, False)
                 zapped += 1
             gfn = (gfn & ~(pages - 1)) + pages
         if zapped:
@@ -671,7 +679,9 @@ class TdpMmu(KvmMmu):
         zapped = 0
         for entry in list(self.tables.entries()):
             if entry.leaf:
-                self.host.memory.write_u64(entry.entry_address, SHADOW_NONPRESENT_VALUE)
+                self._set_spte(
+                    entry.entry_address, entry.level, SHADOW_NONPRESENT_VALUE, None, False
+                )
                 zapped += 1
         self.flush_remote_tlbs()
         return zapped
@@ -698,7 +708,7 @@ class TdpMmu(KvmMmu):
         count = 0
         for entry in self._leaves(gfns, levels):
             if entry.value & bit:
-                self.host.memory.write_u64(entry.entry_address, entry.value & ~bit)
+                self._set_spte(entry.entry_address, entry.level, entry.value & ~bit, None, False)
                 count += 1
         if count:
             self.flush_remote_tlbs()
@@ -738,9 +748,9 @@ class TdpMmu(KvmMmu):
             flags &= ~PT_PAGE_SIZE_MASK
         child = self.host.frames.alloc()
         small = self.fmt.page_size(level - 1)
-        for i in range(512):
+        for i in range(512):  # filling the new table before it is linked: no SPTE changes yet
             self.host.memory.write_u64(child + 8 * i, flags | (base + i * small))
-        self.host.memory.write_u64(slot_address, self._make_nonleaf_spte(level, child))
+        self._set_spte(slot_address, level, self._make_nonleaf_spte(level, child), None, False)
 
     def recover_huge_pages(self, memslot: Memslot) -> int:
         """tdp_mmu.c `kvm_tdp_mmu_recover_huge_pages` (Linux 6.13+; before, the zap of
@@ -760,7 +770,7 @@ class TdpMmu(KvmMmu):
                 continue
             huge = self._make_huge_spte(memslot, entry)
             if huge is not None:
-                self.host.memory.write_u64(entry.entry_address, huge)
+                self._set_spte(entry.entry_address, entry.level, huge, None, False)
                 done.append(range(gfn, gfn + (1 << (self.fmt.shift(entry.level) - PAGE_SHIFT))))
         if done:
             self.flush_remote_tlbs()

@@ -39,6 +39,7 @@ from twodwalk.kvm.mmu import (
     mmio_generation_bits,
     mmio_spte_generation,
 )
+from twodwalk.pagetables import table_slot
 from twodwalk.paging import (
     GeneralProtection,
     PageFault,
@@ -327,23 +328,36 @@ class ShadowMmu(KvmMmu):
             self.flush_remote_tlbs()
 
     def _child(self, fmt: EntryFormat, table: int, gva: int, level: int, trace: Trace) -> int:
-        """The shadow table below `table` for `gva`, allocated and linked if missing."""
-        slot = table + ENTRY_SIZE * fmt.index(gva, level)
-        value = self.host.memory.read_u64(slot)
-        if is_shadow_present_pte(value):
-            return fmt.output_address(value, level)
-        child = self._alloc_table()
-        link = fmt.encode(level, False, address=child, p=1, rw=1, us=1, a=1, avl=_AVL_MMU_PRESENT)
-        self._write(slot, level, link, trace)
-        return child
+        """The shadow table below `table` (a level-`level` table) for `gva`, allocated and
+        linked if missing."""
+        return self._slot_below(fmt, table, gva, level, level - 1, trace) & ~0xFFF
 
     def _leaf_slot(self, fmt: EntryFormat, root: int, gva: int, trace: Trace) -> int:
-        table = root
-        for level in range(fmt.levels, 1, -1):
-            table = self._child(fmt, table, gva, level, trace)
-        return table + ENTRY_SIZE * fmt.index(gva, 1)
+        return self._slot_below(fmt, root, gva, fmt.levels, 1, trace)
+
+    def _slot_below(
+        self, fmt: EntryFormat, table: int, gva: int, top: int, level: int, trace: Trace
+    ) -> int:
+        """The level-`level` shadow entry for `gva` below `table`, linking shadow pages on
+        the way (`kvm_mmu_get_child_sp`, `link_shadow_page`)."""
+
+        def needs_table(value: int, lv: int) -> bool:
+            return not is_shadow_present_pte(value)
+
+        def link(slot: int, lv: int) -> int:
+            child = self._alloc_table()
+            spte = fmt.encode(lv, False, address=child, p=1, rw=1, us=1, a=1, avl=_AVL_MMU_PRESENT)
+            self._write(slot, lv, spte, trace)
+            return child
+
+        memory = self.host.memory
+        slot = table_slot(memory, fmt, table, gva, level, needs_table, link, top)
+        assert slot is not None  # `link` makes every missing table
+        return slot
 
     def _write(self, address: int, level: int, new: int, trace: Trace | None) -> None:
+        """Write a shadow entry, the one way every change to one is made, recording it in the
+        trace when there is one (callers flush TLBs, once per batch)."""
         old = self.host.memory.read_u64(address)
         self.host.memory.write_u64(address, new)
         if trace is not None:
@@ -407,7 +421,7 @@ class ShadowMmu(KvmMmu):
         for gfn in [g for g in self.rmap if start <= g < end]:
             for slot in self.rmap.pop(gfn):
                 if is_shadow_present_pte(self.host.memory.read_u64(slot)):
-                    self.host.memory.write_u64(slot, SHADOW_NONPRESENT_VALUE)
+                    self._write(slot, 1, SHADOW_NONPRESENT_VALUE, None)
                     zapped += 1
         if zapped:
             self.flush_remote_tlbs()
@@ -425,7 +439,7 @@ class ShadowMmu(KvmMmu):
             for slot in self.rmap[gfn]:
                 spte = self.host.memory.read_u64(slot)
                 if spte & PT_WRITABLE_MASK:
-                    self.host.memory.write_u64(slot, spte & ~PT_WRITABLE_MASK)
+                    self._write(slot, 1, spte & ~PT_WRITABLE_MASK, None)
                     count += 1
         if count:
             self.flush_remote_tlbs()
