@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twodwalk.cpumodel import CpuModel
+from twodwalk.cpuid import CpuModel
 from twodwalk.errors import TwodwalkError
 from twodwalk.exercises import (
     SEED_LIMIT,

@@ -11,8 +11,7 @@ import importlib
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from twodwalk.cpu import Vcpu
-from twodwalk.cpumodel import CpuModel
+from twodwalk.cpuid import CpuModel
 from twodwalk.ept import Eptp, ept_violation_qualification
 from twodwalk.errors import AddressError, TwodwalkError
 from twodwalk.formats import (
@@ -42,6 +41,7 @@ from twodwalk.processor import AccessResult, Processor
 from twodwalk.tables import PhysicalTables
 from twodwalk.tlb import Tlb, TranslationCaches, TwoLevelTlb
 from twodwalk.units import PAGE_SIZE
+from twodwalk.vcpu import Vcpu
 from twodwalk.walker import (
     Access,
     AccessKind,

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
-from twodwalk.cpumodel import CpuModel
+from twodwalk.cpuid import CpuModel
 from twodwalk.errors import TwodwalkError, check_aligned, check_choice, check_int
 from twodwalk.units import PAGE_SHIFT
 

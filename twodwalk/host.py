@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
-from twodwalk.cpumodel import CpuModel
+from twodwalk.cpuid import CpuModel
 from twodwalk.errors import TwodwalkError, check_aligned, check_int
 from twodwalk.formats import ia32e_format
 from twodwalk.memory import FrameAllocator, PhysicalMemory

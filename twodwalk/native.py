@@ -5,7 +5,7 @@ two-dimensional walk is measured against: n references for an n-level walk, no V
 
 from __future__ import annotations
 
-from twodwalk.cpumodel import CpuModel
+from twodwalk.cpuid import CpuModel
 from twodwalk.machine import new_host
 from twodwalk.paging import GeneralProtection, exception_for
 from twodwalk.processor import AccessResult, Processor

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from twodwalk.cpumodel import CpuModel
+from twodwalk.cpuid import CpuModel
 from twodwalk.errors import TwodwalkError, check_int
 from twodwalk.formats import Ia32eFormat, Rights, ia32e_format
 from twodwalk.memory import PhysicalMemory

@@ -2,7 +2,7 @@
 translation caches and their invalidation, and one access from the TLB or a walk.
 
 What happens on a TLB miss differs: a vCPU walks two dimensions or KVM's shadow tables and
-exits to KVM (cpu.py); a bare-metal CPU walks one process's page tables and takes page
+exits to KVM (vcpu.py); a bare-metal CPU walks one process's page tables and takes page
 faults into the kernel (native.py). Both subclass `Processor` and supply `_attempt`.
 """
 
@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from twodwalk.cpumodel import CpuModel
+from twodwalk.cpuid import CpuModel
 from twodwalk.ept import EptAccessRules
 from twodwalk.errors import TwodwalkError, check_choice, check_int
 from twodwalk.formats import EntryFormat, Ia32eFormat, Rights, ia32e_format, leaf_bit

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from twodwalk.cpumodel import CpuModel
+from twodwalk.cpuid import CpuModel
 from twodwalk.errors import TwodwalkError
 from twodwalk.formats import EntryFormat, ia32e_format
 from twodwalk.memory import FrameAllocator, PhysicalMemory

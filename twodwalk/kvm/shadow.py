@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from twodwalk.cpumodel import CpuModel
+from twodwalk.cpuid import CpuModel
 from twodwalk.errors import TwodwalkError
 from twodwalk.formats import ENTRY_SIZE, EntryFormat, Ia32eFormat, Rights, bits, ia32e_format
 from twodwalk.host import HostKernel, Process

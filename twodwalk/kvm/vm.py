@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import errno
 
-from twodwalk.cpumodel import CpuModel
+from twodwalk.cpuid import CpuModel
 from twodwalk.errors import TwodwalkError, check_int
 from twodwalk.formats import ept_format
 from twodwalk.host import HostKernel, Process

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from twodwalk.cpumodel import CpuModel
+from twodwalk.cpuid import CpuModel
 from twodwalk.formats import bits, ia32e_format
 from twodwalk.memory import PhysicalMemory
 from twodwalk.paging import GeneralProtection, exception_for, translate

@@ -18,7 +18,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from twodwalk.cpumodel import CpuModel
+from twodwalk.cpuid import CpuModel
 from twodwalk.errors import AddressError, TwodwalkError, check_aligned, check_choice, check_int
 from twodwalk.paging import PagingControls
 from twodwalk.realkvm.device import (

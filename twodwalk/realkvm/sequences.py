@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import twodwalk.machine as engine_machine
-from twodwalk.cpumodel import CpuModel
+from twodwalk.cpuid import CpuModel
 from twodwalk.errors import TwodwalkError
 from twodwalk.formats import Rights, ia32e_format
 from twodwalk.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES, dirty_pages

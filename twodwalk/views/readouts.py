@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from twodwalk.cpumodel import CpuModel
+from twodwalk.cpuid import CpuModel
 from twodwalk.errors import TwodwalkError, check_choice, check_int
 from twodwalk.formats import EntryFormat, ept_format, ia32e_format
 from twodwalk.kvm.mmu import SHADOW_NONPRESENT_VALUE
