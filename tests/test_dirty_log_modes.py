@@ -10,7 +10,7 @@ import errno
 import pytest
 
 import twodwalk as tw
-from twodwalk.kvm.mmu import PML_LOG_NR_ENTRIES, TdpMmu
+from twodwalk.kvm.mmu import PML_LOG_NR_ENTRIES
 from twodwalk.kvm.vm import DIRTY_LOG_MODES
 from twodwalk.migration import precopy
 from twodwalk.trace import KvmStep, VmExit
@@ -31,12 +31,8 @@ def machine(mode: str = "write-protect", *, thp: bool = False, tdp: bool = True)
     return m
 
 
-def ept(m: tw.Machine) -> TdpMmu:
-    return m.vm.ept
-
-
 def leaf(m: tw.Machine, gpa: int) -> tuple[int, int]:
-    found = ept(m).tables.find_leaf(gpa)
+    found = m.vm.ept.tables.find_leaf(gpa)
     assert found is not None
     return m.memory.read_u64(found[0]), found[1]
 
@@ -86,10 +82,10 @@ def test_pml_clears_dirty_bits_and_the_cpu_logs_writes_without_exits() -> None:
     assert leaf(m, GPA + 0x3000)[0] == before & ~D, "D cleared; W stays"
     r = write(m, 3, 7)
     assert exits(r) == 0, "no write protection: the CPU sets D and logs the GPA"
-    assert GPA + 0x3000 in ept(m).pml_buffer
+    assert GPA + 0x3000 in m.vm.ept.pml_buffer
     assert leaf(m, GPA + 0x3000)[0] == before
     bitmap = m.vm.get_dirty_log(0)  # kvm_arch_sync_dirty_log flushes the buffer first
-    assert ept(m).pml_buffer == []
+    assert m.vm.ept.pml_buffer == []
     assert pages(bitmap) == {3}
     assert leaf(m, GPA + 0x3000)[0] == before & ~D, "KVM_GET_DIRTY_LOG clears D again"
     assert exits(write(m, 3, 8)) == 0
@@ -111,7 +107,7 @@ def test_pml_buffer_full_is_flushed_into_the_bitmap() -> None:
     m = machine("pml")
     log_on(m)
     m.vm.get_dirty_log(0)
-    mmu = ept(m)
+    mmu = m.vm.ept
     for gfn in range(PML_LOG_NR_ENTRIES + 1):  # one more than fits
         mmu.pml_log((gfn << 12) | 0x123)
     assert [s.function for s in mmu.log].count("handle_pml_full") == 1

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import twodwalk as tw
 from twodwalk.host import swp_offset
-from twodwalk.kvm.mmu import TdpMmu, is_mmio_spte
+from twodwalk.kvm.mmu import is_mmio_spte
 from twodwalk.trace import HostPageFault, KvmStep, VmExit
 from twodwalk.units import HUGE_PAGE_SIZE
 
@@ -21,13 +21,6 @@ GVA = 0x40_0000
 DATA_GPA = 0x20_0000
 EPT_W = 2
 PAYLOAD = b"twodwalk" * 512  # one full 4 KiB page
-
-
-def ept(m: tw.Machine) -> TdpMmu:
-    """The VM's TDP (EPT) MMU; these tests run with tdp=True."""
-    mmu = m.vm.mmu
-    assert isinstance(mmu, TdpMmu)
-    return mmu
 
 
 def machine(thp: bool = False) -> tw.Machine:
@@ -45,7 +38,7 @@ def word(data: bytes, offset: int = 0) -> int:
 
 def ept_leaf(m: tw.Machine, gpa: int) -> tuple[int, int] | None:
     """(entry value, level) of the present EPT leaf for `gpa`, or None."""
-    found = ept(m).tables.find_leaf(gpa)
+    found = m.vm.ept.tables.find_leaf(gpa)
     if found is None:
         return None
     value = m.memory.read_u64(found[0])
@@ -224,7 +217,7 @@ ALT_GPA = 0x80_0000  # a second GPA for each page, which the guest may remap the
 
 def check_ept_matches_host(m: tw.Machine) -> int:
     checked = 0
-    for entry in ept(m).tables.entries():
+    for entry in m.vm.ept.tables.entries():
         if not entry.leaf or is_mmio_spte(entry.value):
             continue
         gpa = entry.virtual
@@ -287,7 +280,7 @@ def test_a_guest_read_sets_no_bit_in_the_vmms_host_pte() -> None:
     assert hva is not None
     m.host.swap_out(m.vmm, hva)
     assert first_access(m).value == word(PAYLOAD)
-    ept(m).zap_all()  # the next read faults again: now `hva_to_pfn_fast` finds the page
+    m.vm.ept.zap_all()  # the next read faults again: now `hva_to_pfn_fast` finds the page
     again = m.vcpu.access(GVA, "read")
     fast = [s for s in again.trace.of_type(KvmStep) if s.function == "hva_to_pfn_fast"]
     assert [s.hva for s in fast].count(hva) == 1

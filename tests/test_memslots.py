@@ -12,8 +12,6 @@ import pytest
 
 import twodwalk as tw
 from twodwalk.kvm.memslots import Change
-from twodwalk.kvm.mmu import TdpMmu
-from twodwalk.pagetables import PageTables
 
 RAM = 32 << 20
 SLOT_SIZE = 64 << 10
@@ -30,12 +28,6 @@ def machine() -> tw.Machine:
     return tw.Machine(
         guest_ram=RAM, tdp=True, guest_levels=4, ept_levels=4, maxphyaddr=MAXPHYADDR, gbpages=False
     )
-
-
-def ept(m: tw.Machine) -> PageTables:
-    """The VM's EPT tables (the machines here all run with TDP)."""
-    assert isinstance(m.vm.mmu, TdpMmu)
-    return m.vm.mmu.tables
 
 
 def generation(m: tw.Machine) -> int:
@@ -451,10 +443,10 @@ def test_move_old_gpa_becomes_mmio_new_gpa_sees_same_data() -> None:
 def test_move_zaps_the_slots_ept_entries() -> None:
     m = machine_with_slot_1()
     hva = m.vm.memslots.slots[(0, 1)].userspace_addr
-    found = ept(m).find_leaf(NEW_GPA + 0x2000)
+    found = m.vm.ept.tables.find_leaf(NEW_GPA + 0x2000)
     assert found is not None and m.memory.read_u64(found[0]) & 7 == 0b111
     m.vm.set_user_memory_region(1, 0, MOVED_GPA, SLOT_SIZE, hva)
-    assert ept(m).find_leaf(NEW_GPA + 0x2000) is None
+    assert m.vm.ept.tables.find_leaf(NEW_GPA + 0x2000) is None
 
 
 def test_delete_makes_accesses_mmio_and_recreate_restores_them() -> None:

@@ -9,8 +9,7 @@ import pytest
 
 import twodwalk as tw
 from twodwalk.kvm.memslots import Change
-from twodwalk.kvm.mmu import TdpMmu, mmio_spte_generation
-from twodwalk.pagetables import PageTables
+from twodwalk.kvm.mmu import mmio_spte_generation
 from twodwalk.trace import KvmStep, Retry, VmExit
 
 RAM = 32 << 20
@@ -40,12 +39,6 @@ def machine(thp: bool = False) -> tw.Machine:
     )
 
 
-def ept(m: tw.Machine) -> PageTables:
-    """The VM's EPT tables (the machines here all run with TDP)."""
-    assert isinstance(m.vm.mmu, TdpMmu)
-    return m.vm.mmu.tables
-
-
 def mmio_machine() -> tw.Machine:
     m = machine()
     m.guest.map(MMIO_GVA, MMIO_GPA, 0x1000, rw=1, us=1)
@@ -73,7 +66,7 @@ def leaf_writes(r: tw.AccessResult) -> list[int]:
 
 def ept_leaf(m: tw.Machine, gpa: int) -> tuple[int, int]:
     """(EPT entry value, level) of the leaf mapping `gpa`."""
-    found = ept(m).find_leaf(gpa)
+    found = m.vm.ept.tables.find_leaf(gpa)
     assert found is not None, f"no EPT leaf for {gpa:#x}"
     return m.memory.read_u64(found[0]), found[1]
 
@@ -109,7 +102,7 @@ def test_write_to_a_hole_carries_the_data_little_endian() -> None:
 
 def test_first_mmio_access_installs_a_misconfigured_ept_entry() -> None:
     m = mmio_machine()
-    assert ept(m).find_leaf(MMIO_GPA) is None
+    assert m.vm.ept.tables.find_leaf(MMIO_GPA) is None
     r = m.vcpu.access(MMIO_GVA, "read")
     # The last attempt's exit is an EPT violation (48) for the MMIO GPA.
     last = r.trace.attempts()[-1]
@@ -145,7 +138,7 @@ def test_deleting_a_slot_zaps_everything_mmio_entries_too() -> None:
     m.vm.set_user_memory_region(1, 0, SLOT1_GPA, SLOT1_SIZE, hva)
     m.vcpu.access(MMIO_GVA, "read")
     m.vm.set_user_memory_region(1, 0, 0, 0, 0)
-    found = ept(m).find_leaf(MMIO_GPA)
+    found = m.vm.ept.tables.find_leaf(MMIO_GPA)
     assert found is None or m.memory.read_u64(found[0]) == 0
     r = m.vcpu.access(MMIO_GVA, "read")
     assert EPT_MISCONFIG not in exit_reasons(r)
@@ -433,7 +426,7 @@ def test_logging_splits_huge_leaves_and_maps_4k_over_thp() -> None:
         spte, level = ept_leaf(m, gpa)
         assert level == 1 and not spte & 2
         assert spte & 0b101 == 0b101
-    assert ept(m).find_leaf(2 << 20) is None  # the next 2 MiB was never mapped
+    assert m.vm.ept.tables.find_leaf(2 << 20) is None  # the next 2 MiB was never mapped
     write(m, 1)
     assert ept_leaf(m, DATA_GPA + 0x1000)[1] == 1
     # A 2 MiB region never touched before is faulted in at 4 KiB too.

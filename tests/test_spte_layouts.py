@@ -6,7 +6,7 @@ zapped entries, MMIO SPTEs (`make_mmio_spte`), and memslot generations
 from __future__ import annotations
 
 import twodwalk as tw
-from twodwalk.kvm.mmu import SHADOW_NONPRESENT_VALUE, TdpMmu, is_mmio_spte, make_mmio_spte
+from twodwalk.kvm.mmu import SHADOW_NONPRESENT_VALUE, is_mmio_spte, make_mmio_spte
 from twodwalk.trace import KvmStep, SpteWrite
 
 GVA = 0x40_0000
@@ -23,20 +23,16 @@ def machine(tdp: bool = True, maxphyaddr: int = 48) -> tw.Machine:
     return m
 
 
-def ept(m: tw.Machine) -> TdpMmu:
-    return m.vm.ept
-
-
 def test_ept_leaf_and_table_entries() -> None:
     m = machine()
     r = m.vcpu.access(GVA, "write", 1)
     assert r.hpa is not None
-    slot = ept(m).tables.entry_address(GPA, 1)
+    slot = m.vm.ept.tables.entry_address(GPA, 1)
     assert slot is not None
     # R W X (0x7) | MT=WB (6 << 3 = 0x30) | IPAT 0x40 | A 0x100 | D 0x200 | MMU-present 0x800
     # | host-writable 1<<57 | MMU-writable 1<<58 | suppress-#VE 1<<63
     assert m.memory.read_u64(slot) == 0x8600_0000_0000_0B77 | (r.hpa & ~0xFFF)
-    root = ept(m).eptp.root
+    root = m.vm.ept.eptp.root
     pml4e = m.memory.read_u64(root)  # GPA 0x200000: PML4 index 0
     # R W X 0x7 | A 0x100 | MMU-present 0x800 | suppress-#VE 1<<63, and the table's address
     assert pml4e & ~0x000F_FFFF_FFFF_F000 == 0x8000_0000_0000_0907
@@ -49,7 +45,7 @@ def test_zapped_ept_leaf_holds_the_nonpresent_value() -> None:
     r = m.vcpu.access(GVA, "write", 1)
     assert r.hva is not None
     m.host.swap_out(m.vmm, r.hva & ~0xFFF)
-    slot = ept(m).tables.entry_address(GPA, 1)
+    slot = m.vm.ept.tables.entry_address(GPA, 1)
     assert slot is not None and m.memory.read_u64(slot) == 0x8000_0000_0000_0000
 
 
@@ -57,7 +53,7 @@ def test_ept_mmio_spte() -> None:
     m = machine()
     assert m.vm.memslots.generation == 2  # slot 0 created: one swap, 2 address spaces
     m.vcpu.access(MMIO_GVA, "read")
-    found = ept(m).tables.find_leaf(MMIO_GPA)
+    found = m.vm.ept.tables.find_leaf(MMIO_GPA)
     assert found is not None
     # W+X 0b110 | generation 2 in bits 10:3 (2 << 3 = 0x10) | the GPA; no bit 11, no bit 63
     assert m.memory.read_u64(found[0]) == 0x8000_0016

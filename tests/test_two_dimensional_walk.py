@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 
 import twodwalk as tw
-from twodwalk.kvm.mmu import TdpMmu
 from twodwalk.trace import DataAccess, HostPageFault, KvmStep, Reference, Retry, VmExit
 from twodwalk.units import HUGE_PAGE_SIZE
 
@@ -24,13 +23,6 @@ QUAL_GVA_VALID, QUAL_FINAL = 1 << 7, 1 << 8
 
 # (dimension, guest_level, ept_level, address), the fields a Reference is compared on.
 Expected = tuple[str, int | None, int | None, int]
-
-
-def ept(m: tw.Machine) -> TdpMmu:
-    """The VM's TDP (EPT) MMU; these tests run with tdp=True."""
-    mmu = m.vm.mmu
-    assert isinstance(mmu, TdpMmu)
-    return mmu
 
 
 def index(address: int, level: int) -> int:
@@ -48,9 +40,9 @@ def is_large(value: int, level: int) -> bool:
 def raw_ept(m: tw.Machine, gpa: int, guest_level: int | None) -> tuple[list[Expected], int]:
     """Walk the raw EPT entries for `gpa`: the expected references and the HPA."""
     mask = addr_mask(m.cpu_model.maxphyaddr)
-    table = ept(m).eptp.root
+    table = m.vm.ept.eptp.root
     refs: list[Expected] = []
-    for level in range(ept(m).fmt.levels, 0, -1):
+    for level in range(m.vm.ept.fmt.levels, 0, -1):
         entry_address = table + 8 * index(gpa, level)
         value = m.memory.read_u64(entry_address)
         refs.append(("ept", guest_level, level, entry_address))
@@ -201,7 +193,7 @@ def test_ept_2mib_leaves_shorten_the_ept_dimension() -> None:
     cold = m.vcpu.access(GVA, "read")
     assert mapping_levels(cold)[DATA_GPA >> 12] == 2
     assert set(mapping_levels(cold).values()) == {2}
-    found = ept(m).tables.find_leaf(DATA_GPA)
+    found = m.vm.ept.tables.find_leaf(DATA_GPA)
     assert found is not None and found[1] == 2
     r = warm(m)
     refs = r.trace.memory_references()
@@ -293,7 +285,7 @@ def test_zero_page_read_then_copy_on_write() -> None:
     r = m.vcpu.access(GVA, "read")
     assert r.value == 0
     assert r.hpa == m.host.zero_page + (GVA & 0xFFF)
-    found = ept(m).tables.find_leaf(DATA_GPA)
+    found = m.vm.ept.tables.find_leaf(DATA_GPA)
     assert found is not None and found[1] == 1
     leaf = m.memory.read_u64(found[0])
     assert leaf & EPT_R and not leaf & EPT_W
@@ -320,7 +312,7 @@ def test_zero_page_read_then_copy_on_write() -> None:
     assert "copy-on-write" in faults[0].resolution
     new_frame = faults[0].hpa
     assert new_frame != m.host.zero_page
-    found = ept(m).tables.find_leaf(DATA_GPA)
+    found = m.vm.ept.tables.find_leaf(DATA_GPA)
     assert found is not None
     leaf = m.memory.read_u64(found[0])
     assert leaf & EPT_W and leaf & addr_mask(48) == new_frame
@@ -380,7 +372,7 @@ def test_mapping_level_depends_on_gfn_hva_alignment() -> None:
     m.guest.map(GVA & ~0xFFF, DATA_GPA, 0x1000, rw=1, us=1)
     r = m.vcpu.access(GVA, "read")
     assert mapping_levels(r)[DATA_GPA >> 12] == 2
-    found = ept(m).tables.find_leaf(DATA_GPA)
+    found = m.vm.ept.tables.find_leaf(DATA_GPA)
     assert found is not None and found[1] == 2
 
     # Slot 1: THP-backed but userspace_addr is 4 KiB off a 2 MiB boundary -> 4 KiB leaf.
@@ -403,7 +395,7 @@ def test_mapping_level_depends_on_gfn_hva_alignment() -> None:
     )
     assert step.level == 1
     assert "misaligned" in step.detail
-    found = ept(m).tables.find_leaf(target)
+    found = m.vm.ept.tables.find_leaf(target)
     assert found is not None and found[1] == 1
     assert r2.hpa == host_leaf_hpa(m, region + 0x1000 + TWO_MIB)
 
