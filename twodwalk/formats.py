@@ -612,3 +612,11 @@ def leaf_bit(fmt: EntryFormat, key: str) -> int:
     if field.high != field.low:
         raise TwodwalkError(f"{key} is bits {field.bit_range} of a leaf, not one bit")
     return field.mask
+
+
+# The one-bit fields of an IA-32e leaf (the same in 4- and 5-level paging and in every leaf
+# size), named once from the SDM's tables for code that tests them on hot paths.
+_IA32E_LEAF = ia32e_format(4, CpuModel(), nxe=True)
+PTE_WRITABLE, PTE_ACCESSED, PTE_DIRTY, PTE_GLOBAL = (
+    leaf_bit(_IA32E_LEAF, key) for key in ("rw", "a", "d", "g")
+)

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from twodwalk.cpuid import CpuModel
 from twodwalk.errors import TwodwalkError, check_aligned, check_int
-from twodwalk.formats import ia32e_format
+from twodwalk.formats import PTE_ACCESSED, PTE_DIRTY, PTE_WRITABLE, ia32e_format
 from twodwalk.memory import FrameAllocator, PhysicalMemory
 from twodwalk.pagetables import PageTables
 from twodwalk.paging import PagingControls, X86AccessRules
@@ -447,7 +447,9 @@ class HostKernel:
             table = self.frames.alloc()
             for i in range(HPAGE_PMD_NR):
                 pte = self._pte(
-                    frame + i * PAGE_SIZE, writable=bool(pmd & 2), dirty=bool(pmd >> 6 & 1)
+                    frame + i * PAGE_SIZE,
+                    writable=bool(pmd & PTE_WRITABLE),
+                    dirty=bool(pmd & PTE_DIRTY),
                 )
                 self.memory.write_u64(table + 8 * i, pte)
             self.refcount[frame] = HPAGE_PMD_NR
@@ -500,7 +502,7 @@ class HostKernel:
         referenced = sum(
             1
             for pte in present
-            if pte >> 5 & 1 and self.format.output_address(pte, 1) != self.zero_page
+            if pte & PTE_ACCESSED and self.format.output_address(pte, 1) != self.zero_page
         )
         where = f"khugepaged gives up on [{base:#x}, {base + HUGE_PAGE_SIZE:#x}):"
         knobs = "/sys/kernel/mm/transparent_hugepage/khugepaged"

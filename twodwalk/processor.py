@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from twodwalk.cpuid import CpuModel
 from twodwalk.ept import EptAccessRules
 from twodwalk.errors import TwodwalkError, check_choice, check_int
-from twodwalk.formats import EntryFormat, Ia32eFormat, Rights, ia32e_format, leaf_bit
+from twodwalk.formats import PTE_DIRTY, PTE_GLOBAL, EntryFormat, Ia32eFormat, Rights
 from twodwalk.memory import PhysicalMemory
 from twodwalk.paging import (
     GeneralProtection,
@@ -41,8 +41,6 @@ if TYPE_CHECKING:
     from twodwalk.kvm.run import InternalError, MmioExit
 
 MAX_ATTEMPTS = 16
-_X86_LEAF = ia32e_format(4, CpuModel(), nxe=True)
-_DIRTY, _GLOBAL = leaf_bit(_X86_LEAF, "d"), leaf_bit(_X86_LEAF, "g")  # bits 6 and 8
 ACCESS_SIZE = 8
 _CONTROLS: dict[tuple[bool, bool, bool, bool, bool, bool, bool, int], PagingControls] = {}
 # Whether cached rights allow an access under some controls: the answer depends on nothing else.
@@ -415,7 +413,7 @@ class Processor(ABC):
         assert walk_leaf.translation is not None
         leaf = walk_leaf.leaf
         mask = page_size - 1
-        global_page = bool(leaf & _GLOBAL) and self._cr4_pge
+        global_page = bool(leaf & PTE_GLOBAL) and self._cr4_pge
         tag = self._tag()
         self.tlb.insert(
             TlbEntry(
@@ -427,7 +425,7 @@ class Processor(ABC):
                 walk_leaf.translation.rights,
                 ept_rights,
                 leaf,
-                bool(leaf & _DIRTY),
+                bool(leaf & PTE_DIRTY),
                 global_page,
             )
         )

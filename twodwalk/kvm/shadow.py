@@ -25,7 +25,15 @@ from dataclasses import dataclass
 
 from twodwalk.cpuid import CpuModel
 from twodwalk.errors import TwodwalkError
-from twodwalk.formats import ENTRY_SIZE, EntryFormat, Ia32eFormat, Rights, bits, ia32e_format
+from twodwalk.formats import (
+    ENTRY_SIZE,
+    PTE_DIRTY,
+    EntryFormat,
+    Ia32eFormat,
+    Rights,
+    bits,
+    ia32e_format,
+)
 from twodwalk.host import HostKernel, Process
 from twodwalk.kvm.memslots import Memslot, Memslots
 from twodwalk.kvm.mmu import (
@@ -308,7 +316,7 @@ class ShadowMmu(KvmMmu):
         return (
             memslot is not None
             and Rights.W in rights
-            and bool(guest.leaf >> 6 & 1)
+            and bool(guest.leaf & PTE_DIRTY)
             and gfn not in self.shadowed
             and not (memslot.dirty_logging and not access.is_write)
         )
