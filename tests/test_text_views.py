@@ -1,11 +1,10 @@
-"""Pre-copy live migration on the dirty log, 1 GiB EPT pages, and the text views."""
+"""The text views: the story of an access, walks Bochs-style, the QEMU-monitor commands."""
 
 from __future__ import annotations
 
 import pytest
 
 import twodwalk as tw
-from twodwalk.migration import precopy
 from twodwalk.trace import GuestWalk
 from twodwalk.views.text import format_2d_walk, format_trace, info_memslots, monitor
 
@@ -17,58 +16,6 @@ def small_machine() -> tw.Machine:
     m = tw.Machine(guest_ram=4 << 20)
     m.guest.map(GVA, GPA, 64 * 4096, rw=1)
     return m
-
-
-def test_precopy_converges_when_the_guest_slows_down_and_copies_everything() -> None:
-    m = small_machine()
-
-    def shrinking(round_number: int) -> None:
-        for i in range(32 >> round_number):
-            m.vcpu.access(GVA + i * 4096, "write", round_number * 1000 + i)
-
-    result = precopy(m, shrinking, threshold_pages=4)
-    assert result.converged
-    assert result.rounds[0].pages_sent == 1024, "round 0 sends all of guest RAM"
-    data_dirty = [r.dirtied for r in result.rounds]
-    assert data_dirty[0] >= 32 and data_dirty == sorted(data_dirty, reverse=True)
-    assert all(result.destination[gfn] == m.read_gpa(gfn << 12, 4096) for gfn in range(1024))
-    assert result.pages_sent == sum(r.pages_sent for r in result.rounds)
-
-
-def test_precopy_does_not_converge_when_the_guest_keeps_dirtying() -> None:
-    m = small_machine()
-
-    def busy(round_number: int) -> None:
-        for i in range(40):
-            m.vcpu.access(GVA + i * 4096, "write", round_number)
-
-    result = precopy(m, busy, max_rounds=3, threshold_pages=4)
-    assert not result.converged
-    assert len(result.rounds) == 3
-    assert result.stop_and_copy_pages >= 40
-    assert result.destination[(GPA >> 12) + 39] == m.read_gpa(GPA + 39 * 4096, 4096)
-
-
-def test_precopy_rejects_a_missing_slot() -> None:
-    with pytest.raises(tw.TwodwalkError, match="slot=5"):
-        precopy(small_machine(), lambda _: None, slot=5)
-
-
-def test_1gib_hugetlbfs_backing_gives_a_1gib_ept_leaf_and_14_references() -> None:
-    m = tw.Machine(guest_ram=1 << 30, hugetlb_1g=True)
-    m.guest.map(GVA, 0x3000_0000, 4096, rw=1)
-    m.vcpu.access(GVA, "write", 5)
-    found = m.vm.ept.tables.find_leaf(0x3000_0000)
-    assert found is not None and found[1] == 3
-    m.vcpu.caches.off()
-    warm = m.vcpu.access(GVA, "read")
-    assert warm.value == 5
-    assert len(warm.trace.memory_references()) == (4 + 1) * (2 + 1) - 1
-
-
-def test_1gib_ept_pages_need_gbpages() -> None:
-    with pytest.raises(tw.TwodwalkError, match="page_size=0x40000000 is not available"):
-        tw.Machine(guest_ram=1 << 30, hugetlb_1g=True, gbpages=False)
 
 
 def test_text_views_tell_the_story_of_a_cold_access() -> None:
@@ -98,14 +45,6 @@ def test_trace_text_of_a_shadow_paging_fault_names_the_gva() -> None:
     story = format_trace(m.vcpu.access(GVA + 8, "read").trace)
     assert f"VM exit 0 EXCEPTION_NMI (#PF): GVA {GVA + 8:#x}" in story
     assert "FNAME(fetch)" in story
-
-
-def test_cr3_assignment_rejects_bits_above_maxphyaddr() -> None:
-    m = small_machine()
-    with pytest.raises(tw.TwodwalkError, match="MAXPHYADDR"):
-        m.vcpu.cr3 = 1 << 50
-    m.vcpu.cr3 = m.vcpu.cr3 | 0x18
-    assert m.vcpu.access(GVA, "read").fault is None, "PWT/PCD are decoded, not rejected"
 
 
 def test_not_present_entries_read_as_ignored_bits_and_faults_name_the_walks_own_address() -> None:
