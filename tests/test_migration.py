@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from support import GPA, GVA, small_machine
 
 import twodwalk as tw
 from twodwalk.migration import precopy
-
-GVA = 0x40_0000
-GPA = 0x10_0000
-
-
-def small_machine() -> tw.Machine:
-    m = tw.Machine(guest_ram=4 << 20)
-    m.guest.map(GVA, GPA, 64 * 4096, rw=1)
-    return m
 
 
 def test_precopy_converges_when_the_guest_slows_down_and_copies_everything() -> None:

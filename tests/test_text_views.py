@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from support import GPA, GVA, small_machine
 
 import twodwalk as tw
 from twodwalk.trace import GuestWalk
 from twodwalk.views.text import format_2d_walk, format_trace, info_memslots, monitor
-
-GVA = 0x40_0000
-GPA = 0x10_0000
-
-
-def small_machine() -> tw.Machine:
-    m = tw.Machine(guest_ram=4 << 20)
-    m.guest.map(GVA, GPA, 64 * 4096, rw=1)
-    return m
 
 
 def test_text_views_tell_the_story_of_a_cold_access() -> None:

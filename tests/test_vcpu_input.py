@@ -3,17 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from support import GVA, small_machine
 
 import twodwalk as tw
-
-GVA = 0x40_0000
-GPA = 0x10_0000
-
-
-def small_machine() -> tw.Machine:
-    m = tw.Machine(guest_ram=4 << 20)
-    m.guest.map(GVA, GPA, 64 * 4096, rw=1)
-    return m
 
 
 def test_cr3_assignment_rejects_bits_above_maxphyaddr() -> None:
