@@ -55,7 +55,7 @@ def test_paging_cases_agree_with_the_kernel() -> None:
 
 @needs_kvm
 def test_readonly_slot_and_hole_exit_the_same_way() -> None:
-    from twodwalk.realkvm.slots import readonly_and_hole
+    from twodwalk.realkvm.mmio_and_dirty_log import readonly_and_hole
 
     runner = realkvm.RealRunner()
     try:
@@ -69,7 +69,7 @@ def test_readonly_slot_and_hole_exit_the_same_way() -> None:
 
 @needs_kvm
 def test_dirty_log_bitmaps_agree() -> None:
-    from twodwalk.realkvm.slots import dirty_log
+    from twodwalk.realkvm.mmio_and_dirty_log import dirty_log
 
     runner = realkvm.RealRunner()
     try:

@@ -25,10 +25,10 @@ def check(
     reason = unavailable_reason()
     if reason is not None:
         return CheckResult(f"skipped: {reason}", None)
+    from twodwalk.realkvm.mmio_and_dirty_log import dirty_log, readonly_and_hole
     from twodwalk.realkvm.paging import QUIRKS, paging_fuzz
     from twodwalk.realkvm.runtime import RealRunner
     from twodwalk.realkvm.sequences import ENGINE_DEFECTS, sequence_fuzz
-    from twodwalk.realkvm.slots import dirty_log, readonly_and_hole
 
     paging = paging_fuzz(cases, seed)
     sequences = sequence_fuzz(sequence_cases, seed)
