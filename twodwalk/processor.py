@@ -43,6 +43,13 @@ if TYPE_CHECKING:
 MAX_ATTEMPTS = 16
 ACCESS_SIZE = 8
 _CONTROLS: dict[tuple[bool, bool, bool, bool, bool, bool, bool, int], PagingControls] = {}
+
+# Interned values: there is one `Access` per (kind, CPL, implicit) (`Access.of`) and one
+# `PagingControls` per setting of the bits (`Processor._controls`), so an object's identity
+# stands for its value, and the hot path's memos key on `interned_key(value)` instead of
+# hashing a frozen dataclass field by field. It is `id` itself: the name says why it is safe.
+interned_key = id
+
 # Whether cached rights allow an access under some controls: the answer depends on nothing else.
 _ALLOWED: dict[tuple[Rights, Rights | None, int, int, int], bool] = {}
 
@@ -260,11 +267,10 @@ class Processor(ABC):
         return tables
 
     def guest_format(self, controls: PagingControls) -> Ia32eFormat:
-        """The entry format `controls` select on this CPU, looked up once per controls value
-        (controls are interned, so their id is a key)."""
-        fmt = self._formats.get(id(controls))
+        """The entry format `controls` select on this CPU, looked up once per controls value."""
+        fmt = self._formats.get(interned_key(controls))
         if fmt is None:
-            fmt = self._formats[id(controls)] = controls.format(self.cpu_model)
+            fmt = self._formats[interned_key(controls)] = controls.format(self.cpu_model)
         return fmt
 
     def access(
@@ -367,9 +373,13 @@ class Processor(ABC):
         if entry is None:
             return None
         controls = self.hardware_controls()
-        # Controls and accesses are interned (one object per setting: `controls`,
-        # `Access.of`), so their ids are keys.
-        key = (entry.rights, entry.ept_rights, entry.leaf >> 59, id(access), id(controls))
+        key = (
+            entry.rights,
+            entry.ept_rights,
+            entry.leaf >> 59,  # the protection key, which PKRU may refuse
+            interned_key(access),
+            interned_key(controls),
+        )
         allowed = _ALLOWED.get(key)
         if allowed is None:
             refused = controls.rules.violation(access, entry.rights, entry.leaf)
