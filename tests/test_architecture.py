@@ -58,3 +58,27 @@ def test_core_loads_without_matplotlib_networkx_or_ipywidgets() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_the_engine_imports_nothing_built_on_it() -> None:
+    """The layers of `ls twodwalk/`: the engine reads only itself and the shared input checks;
+    applications, views and widgets are built on it, never the other way round."""
+    graph = import_graph()
+    engine = {name for name in graph if name.startswith("twodwalk.engine")}
+    allowed = engine | {"twodwalk.errors"}
+    outward = {name: sorted(graph[name] - allowed) for name in engine if graph[name] - allowed}
+    assert outward == {}
+
+
+def test_flat_engine_paths_are_the_same_modules() -> None:
+    """Notebooks import `twodwalk.host`, `twodwalk.kvm.memslots`, `twodwalk.trace`...: the paths
+    from before the engine had its own folder name the very same module objects."""
+    import importlib
+
+    import twodwalk
+
+    for name in ("host", "kvm", "kvm.memslots", "native", "trace", "machine", "walker"):
+        assert importlib.import_module(f"twodwalk.{name}") is importlib.import_module(
+            f"twodwalk.engine.{name}"
+        )
+    assert twodwalk.host is twodwalk.engine.host

@@ -26,7 +26,7 @@ from twodwalk import (
     translate,
     walk,
 )
-from twodwalk.formats import Ia32eFormat
+from twodwalk.engine.formats import Ia32eFormat
 
 MIB2 = 1 << 21
 GIB = 1 << 30

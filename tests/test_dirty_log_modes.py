@@ -10,10 +10,10 @@ import errno
 import pytest
 
 import twodwalk as tw
-from twodwalk.kvm.mmu import PML_LOG_NR_ENTRIES
-from twodwalk.kvm.vm import DIRTY_LOG_MODES
+from twodwalk.engine.kvm.mmu import PML_LOG_NR_ENTRIES
+from twodwalk.engine.kvm.vm import DIRTY_LOG_MODES
+from twodwalk.engine.trace import KvmStep, VmExit
 from twodwalk.migration import precopy
-from twodwalk.trace import KvmStep, VmExit
 from twodwalk.views.text import info_memslots
 
 RAM = 32 << 20

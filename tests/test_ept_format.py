@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 
 import twodwalk as tw
-from twodwalk.ept import EptAccessRules, ept_violation_qualification, is_misconfiguration
-from twodwalk.memory import PhysicalMemory
-from twodwalk.pagetables import PageTables
-from twodwalk.tables import PhysicalTables
-from twodwalk.walker import Access, AccessKind, FaultKind, walk
+from twodwalk.engine.ept import EptAccessRules, ept_violation_qualification, is_misconfiguration
+from twodwalk.engine.memory import PhysicalMemory
+from twodwalk.engine.pagetables import PageTables
+from twodwalk.engine.tables import PhysicalTables
+from twodwalk.engine.walker import Access, AccessKind, FaultKind, walk
 
 CPU = tw.CpuModel(maxphyaddr=46)
 FMT = tw.ept_format(4, CPU)

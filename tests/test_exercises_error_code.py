@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from exercise_support import right, wrong
 
+from twodwalk.engine.paging import PagingControls
 from twodwalk.exercises import (
     error_code_question,
 )
-from twodwalk.paging import PagingControls
 
 # --- error codes ---------------------------------------------------------------------------------
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from exercise_support import BIOS_HVA, GIB, RAM_HVA, right, wrong
 
+from twodwalk.engine.kvm.memslots import KVM_MEM_READONLY
 from twodwalk.exercises import (
     memslot_question,
 )
-from twodwalk.kvm.memslots import KVM_MEM_READONLY
 
 # --- memslots ------------------------------------------------------------------------------------
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from exercise_support import right, wrong
 
+from twodwalk.engine.units import HUGE_PAGE_SIZE
 from twodwalk.exercises import (
     references_question,
 )
-from twodwalk.units import HUGE_PAGE_SIZE
 
 # --- references ----------------------------------------------------------------------------------
 

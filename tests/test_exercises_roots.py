@@ -18,12 +18,12 @@ from exercise_support import (
     wrong,
 )
 
+from twodwalk.engine.machine import Machine
 from twodwalk.exercises import (
     quiz,
     roots_question,
 )
 from twodwalk.exercises import roots as roots_topic
-from twodwalk.machine import Machine
 
 # --- roots (SDM Vol 3A 4.5: CR3; Vol 3C 29.3.2: the EPTP; KVM hva_to_pfn) ------------------------
 

@@ -16,16 +16,16 @@ from exercise_support import (
     wrong,
 )
 
-from twodwalk.cpuid import CpuModel
+from twodwalk.engine.cpuid import CpuModel
+from twodwalk.engine.memory import PhysicalMemory
+from twodwalk.engine.pagetables import PageTables
+from twodwalk.engine.units import HUGE_PAGE_SIZE
 from twodwalk.exercises import (
     quiz,
     setups,
     translate_question,
 )
 from twodwalk.exercises import translate as translate_topic
-from twodwalk.memory import PhysicalMemory
-from twodwalk.pagetables import PageTables
-from twodwalk.units import HUGE_PAGE_SIZE
 
 # --- translate -----------------------------------------------------------------------------------
 

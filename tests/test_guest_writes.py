@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 import twodwalk as tw
+from twodwalk.engine.trace import NativeWalk, VmExit
 from twodwalk.migration import precopy
-from twodwalk.trace import NativeWalk, VmExit
 
 RAM = 32 << 20
 GVA = 0x20_0000_0000  # 2**37: PDPT index 128 (bits 38:30); PML4, PD and PT index 0

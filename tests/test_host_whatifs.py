@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import twodwalk as tw
-from twodwalk.host import swp_offset
-from twodwalk.kvm.mmu import is_mmio_spte
-from twodwalk.trace import HostPageFault, KvmStep, VmExit
-from twodwalk.units import HUGE_PAGE_SIZE
+from twodwalk.engine.host import swp_offset
+from twodwalk.engine.kvm.mmu import is_mmio_spte
+from twodwalk.engine.trace import HostPageFault, KvmStep, VmExit
+from twodwalk.engine.units import HUGE_PAGE_SIZE
 
 MIB = 1 << 20
 GVA = 0x40_0000

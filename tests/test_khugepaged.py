@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 import twodwalk as tw
-from twodwalk.host import swp_entry_pte
-from twodwalk.units import HUGE_PAGE_SIZE
+from twodwalk.engine.host import swp_entry_pte
+from twodwalk.engine.units import HUGE_PAGE_SIZE
 
 GVA = 0x40_0000
 GPA = 0x20_0000  # the second 2 MiB page of guest RAM

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 
 import twodwalk as tw
-from twodwalk.kvm.memslots import Change
+from twodwalk.engine.kvm.memslots import Change
 
 RAM = 32 << 20
 SLOT_SIZE = 64 << 10

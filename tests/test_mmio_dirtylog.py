@@ -8,9 +8,9 @@ import errno
 import pytest
 
 import twodwalk as tw
-from twodwalk.kvm.memslots import Change
-from twodwalk.kvm.mmu import mmio_spte_generation
-from twodwalk.trace import KvmStep, Retry, VmExit
+from twodwalk.engine.kvm.memslots import Change
+from twodwalk.engine.kvm.mmu import mmio_spte_generation
+from twodwalk.engine.trace import KvmStep, Retry, VmExit
 
 RAM = 32 << 20
 MMIO_GPA = 0x8000_0000  # 2 GiB: beyond guest RAM, in no memslot

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 import twodwalk as tw
-from twodwalk.trace import KvmStep, VmExit
+from twodwalk.engine.kvm.mmu import SHADOW_NONPRESENT_VALUE
+from twodwalk.engine.trace import KvmStep, SpteWrite, VmExit
 
 GVA = 0x40_0000
 GPA = 0x20_0000
@@ -77,3 +78,27 @@ def test_notifier_names_kvm_unmap_gfn_range_and_ignores_memory_outside_memslots(
     m.host.handle_mm_fault(m.vmm, other, True)
     m.host.swap_out(m.vmm, other)
     assert m.vm.mmu_invalidate_seq == seq + 1, "only the swap-out inside a memslot counts"
+
+
+@pytest.mark.parametrize("tdp", [True, False], ids=["ept", "shadow"])
+def test_a_copy_on_write_break_in_hva_to_pfn_is_part_of_the_access_trace(tdp: bool) -> None:
+    """The guest reads a fresh page (the host maps its zero page), then writes it: KVM's
+    get_user_pages breaks copy-on-write, and the host's notifier zaps KVM's entry for the zero
+    page inside that fault. The zap and the notifier belong to the write's trace, not to the
+    log of what KVM did outside accesses, and the fault retries (`is_page_fault_stale`)."""
+    m = tw.Machine(guest_ram=32 << 20, tdp=tdp, maxphyaddr=48, gbpages=False)
+    m.guest.map(GVA, GPA, 0x1000, rw=1, us=1)
+    assert m.vcpu.access(GVA, "read").value == 0
+    logged = len(m.vm.mmu.log)
+    r = m.vcpu.access(GVA, "write", 5)
+    assert r.fault is None
+    steps = [s.function for s in r.trace.of_type(KvmStep)]
+    assert steps.count("kvm_mmu_notifier_invalidate_range_start") == 1
+    notifier = steps.index("kvm_mmu_notifier_invalidate_range_start")
+    assert steps.index("is_page_fault_stale") > notifier
+    zaps = [w for w in r.trace.of_type(SpteWrite) if w.new == SHADOW_NONPRESENT_VALUE]
+    assert len(zaps) == 1 and zaps[0].leaf and zaps[0].level == 1
+    hva = m.vm.gpa_to_hva(GPA)
+    assert hva is not None and r.hpa is not None
+    assert m.host.pagemap(m.vmm, hva) == r.hpa, "the new frame the host's PTE now names"
+    assert len(m.vm.mmu.log) == logged, "nothing went to the log of KVM's own steps"

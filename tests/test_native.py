@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import twodwalk as tw
-from twodwalk.native import NativeMachine
-from twodwalk.trace import HostPageFault, NativeWalk, TlbHit
+from twodwalk.engine.native import NativeMachine
+from twodwalk.engine.trace import HostPageFault, NativeWalk, TlbHit
 from twodwalk.workloads import CONFIGURATIONS, compare, pointer_chase
 
 VA = 0x5000_0000
@@ -70,7 +70,7 @@ def test_demand_fault_keeps_the_walk_caches_and_cow_flushes_the_page() -> None:
     """Linux flushes nothing after making a not-present PTE present (nothing cached P=0,
     SDM Vol 3A 4.10.2.3), so the retry walks from the PDE cache; breaking copy-on-write
     replaces a present PTE and flushes the page (`ptep_clear_flush`)."""
-    from twodwalk.trace import CacheHit
+    from twodwalk.engine.trace import CacheHit
 
     m = machine()
     m.vcpu.access(VA, "write", 1)  # tables built, the PDE cache warm

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 import twodwalk as tw
-from twodwalk.tlb import PageWalkCache
-from twodwalk.trace import PAGE_WALK_CACHE, Counts, EptWalk
+from twodwalk.engine.tlb import PageWalkCache
+from twodwalk.engine.trace import PAGE_WALK_CACHE, Counts, EptWalk
 from twodwalk.views.plots import walk_grid
 from twodwalk.workloads import CONFIGURATIONS, compare, pointer_chase
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pytest
 
 import twodwalk as tw
-from twodwalk.walker import FaultKind
+from twodwalk.engine.walker import FaultKind
 
 GIB = 1 << 30
 MIB2 = 2 << 20

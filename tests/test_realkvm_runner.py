@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from twodwalk import realkvm
+from twodwalk.engine.kvm.memslots import KvmError
 from twodwalk.errors import TwodwalkError
-from twodwalk.kvm.memslots import KvmError
 from twodwalk.realkvm import runtime
 from twodwalk.realkvm.device import KvmExitError
 from twodwalk.realkvm.runtime import Controls, Observed, RealRunner, Step

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import twodwalk as tw
+from twodwalk.engine.kvm.run import MmioExit
 from twodwalk.errors import parse_int
-from twodwalk.kvm.run import MmioExit
 from twodwalk.scenarios import (
     SCENARIOS,
     GuestAccess,

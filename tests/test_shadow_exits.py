@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 import twodwalk as tw
-from twodwalk.trace import KvmStep, Trace, VmExit
+from twodwalk.engine.trace import KvmStep, Trace, VmExit
 
 GVA = 0x40_0000
 EXIT_REASON_INVLPG = 14

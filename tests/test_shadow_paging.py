@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 
 import twodwalk as tw
-from twodwalk.kvm.mmu import SHADOW_NONPRESENT_VALUE
-from twodwalk.kvm.shadow import ShadowMmu
-from twodwalk.trace import KvmStep, KvmWalk, NativeWalk, SpteWrite, TlbHit, VmExit
+from twodwalk.engine.kvm.mmu import SHADOW_NONPRESENT_VALUE
+from twodwalk.engine.kvm.shadow import ShadowMmu
+from twodwalk.engine.trace import KvmStep, KvmWalk, NativeWalk, SpteWrite, TlbHit, VmExit
 
 DATA_GVA = 0x40_0000
 DATA_GPA = 0x10_0000

@@ -6,8 +6,8 @@ zapped entries, MMIO SPTEs (`make_mmio_spte`), and memslot generations
 from __future__ import annotations
 
 import twodwalk as tw
-from twodwalk.kvm.mmu import SHADOW_NONPRESENT_VALUE, is_mmio_spte, make_mmio_spte
-from twodwalk.trace import KvmStep, SpteWrite
+from twodwalk.engine.kvm.mmu import SHADOW_NONPRESENT_VALUE, is_mmio_spte, make_mmio_spte
+from twodwalk.engine.trace import KvmStep, SpteWrite
 
 GVA = 0x40_0000
 GPA = 0x20_0000

@@ -6,7 +6,7 @@ import pytest
 from support import GPA, GVA, small_machine
 
 import twodwalk as tw
-from twodwalk.trace import GuestWalk
+from twodwalk.engine.trace import GuestWalk
 from twodwalk.views.text import format_2d_walk, format_trace, info_memslots, monitor
 
 
@@ -40,9 +40,9 @@ def test_trace_text_of_a_shadow_paging_fault_names_the_gva() -> None:
 
 
 def test_not_present_entries_read_as_ignored_bits_and_faults_name_the_walks_own_address() -> None:
-    from twodwalk.host import swp_entry_pte
+    from twodwalk.engine.host import swp_entry_pte
+    from twodwalk.engine.walker import FaultKind
     from twodwalk.views.text import describe_entry
-    from twodwalk.walker import FaultKind
 
     fmt = tw.ia32e_format(4, tw.CpuModel(maxphyaddr=46), True)
     swap = describe_entry(fmt.decode(swp_entry_pte(0, 0x1234), 1))

@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import twodwalk as tw
-from twodwalk.tlb import Tlb, TwoLevelTlb
-from twodwalk.trace import CacheHit, GuestWalk, NativeWalk, TlbHit, VmExit
-from twodwalk.units import HUGE_PAGE_SIZE, PAGE_SIZE
+from twodwalk.engine.tlb import Tlb, TwoLevelTlb
+from twodwalk.engine.trace import CacheHit, GuestWalk, NativeWalk, TlbHit, VmExit
+from twodwalk.engine.units import HUGE_PAGE_SIZE, PAGE_SIZE
 
 GVA = 0x40_0000
 GPA = 0x10_0000

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 import twodwalk as tw
-from twodwalk.tlb import ANY_PCID
-from twodwalk.trace import TlbHit
+from twodwalk.engine.tlb import ANY_PCID
+from twodwalk.engine.trace import TlbHit
 
 GVA = 0x40_0000
 GPA = 0x10_0000

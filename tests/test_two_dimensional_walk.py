@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 import twodwalk as tw
-from twodwalk.trace import DataAccess, HostPageFault, KvmStep, Reference, Retry, VmExit
-from twodwalk.units import HUGE_PAGE_SIZE
+from twodwalk.engine.trace import DataAccess, HostPageFault, KvmStep, Reference, Retry, VmExit
+from twodwalk.engine.units import HUGE_PAGE_SIZE
 
 MIB = 1 << 20
 TWO_MIB = 2 * MIB

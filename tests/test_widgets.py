@@ -18,10 +18,10 @@ from matplotlib.patches import FancyArrowPatch, Rectangle
 import twodwalk as tw
 import twodwalk.widgets as tww
 from twodwalk import widgets as widget_package
+from twodwalk.engine.trace import KvmStep, TlbHit, VmExit
+from twodwalk.engine.units import HUGE_PAGE_SIZE
 from twodwalk.exercises import quiz
 from twodwalk.scenarios import TOY_GVA, scenario
-from twodwalk.trace import KvmStep, TlbHit, VmExit
-from twodwalk.units import HUGE_PAGE_SIZE
 from twodwalk.views.plots import walk_grid
 from twodwalk.widgets import common, exercise, explorer, inspector, stepper, whatif
 from twodwalk.widgets.explorer import ExplorerModel, ExplorerRequest

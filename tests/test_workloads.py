@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import twodwalk as tw
-from twodwalk.trace import Counts, VmExit
+from twodwalk.engine.trace import Counts, VmExit
 from twodwalk.views.progress import progress_bar
 from twodwalk.workloads import (
     CONFIGURATIONS,

@@ -8,13 +8,15 @@ and walks them with one generic walker; views and widgets only read what the eng
 """
 
 import importlib
+import pkgutil
+import sys
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from twodwalk.cpuid import CpuModel
-from twodwalk.ept import Eptp, ept_violation_qualification
-from twodwalk.errors import AddressError, TwodwalkError
-from twodwalk.formats import (
+from twodwalk import engine
+from twodwalk.engine.cpuid import CpuModel
+from twodwalk.engine.ept import Eptp, ept_violation_qualification
+from twodwalk.engine.formats import (
     DecodedEntry,
     EntryFormat,
     EptFormat,
@@ -23,12 +25,12 @@ from twodwalk.formats import (
     ept_format,
     ia32e_format,
 )
-from twodwalk.kvm.memslots import KvmError
-from twodwalk.kvm.run import InternalError, MmioExit
-from twodwalk.machine import Machine
-from twodwalk.memory import FrameAllocator, PhysicalMemory
-from twodwalk.pagetables import PageTables
-from twodwalk.paging import (
+from twodwalk.engine.kvm.memslots import KvmError
+from twodwalk.engine.kvm.run import InternalError, MmioExit
+from twodwalk.engine.machine import Machine
+from twodwalk.engine.memory import FrameAllocator, PhysicalMemory
+from twodwalk.engine.pagetables import PageTables
+from twodwalk.engine.paging import (
     GeneralProtection,
     PageFault,
     PagingControls,
@@ -37,12 +39,12 @@ from twodwalk.paging import (
     exception_for,
     translate,
 )
-from twodwalk.processor import AccessResult, Processor
-from twodwalk.tables import PhysicalTables
-from twodwalk.tlb import Tlb, TranslationCaches, TwoLevelTlb
-from twodwalk.units import PAGE_SIZE
-from twodwalk.vcpu import Vcpu
-from twodwalk.walker import (
+from twodwalk.engine.processor import AccessResult, Processor
+from twodwalk.engine.tables import PhysicalTables
+from twodwalk.engine.tlb import Tlb, TranslationCaches, TwoLevelTlb
+from twodwalk.engine.units import PAGE_SIZE
+from twodwalk.engine.vcpu import Vcpu
+from twodwalk.engine.walker import (
     Access,
     AccessKind,
     FaultKind,
@@ -53,6 +55,7 @@ from twodwalk.walker import (
     WalkStep,
     walk,
 )
+from twodwalk.errors import AddressError, TwodwalkError
 
 if TYPE_CHECKING:
     from twodwalk import widgets as widgets  # loaded on first use: see __getattr__
@@ -102,6 +105,23 @@ __all__ = [
     "translate",
     "walk",
 ]
+
+
+def _keep_flat_module_paths() -> None:
+    """`from twodwalk.host import swp_offset`, `from twodwalk.kvm.memslots import ...`: the
+    engine's modules stay importable where notebooks and users import them, from the flat
+    layout before the engine had its own folder. Each old path is the same module object as
+    the new one (`twodwalk.host is twodwalk.engine.host`), never a second copy."""
+    package = sys.modules[__name__]
+    for info in pkgutil.walk_packages(engine.__path__, f"{engine.__name__}."):
+        module = importlib.import_module(info.name)
+        flat = info.name.removeprefix(f"{engine.__name__}.")
+        sys.modules[f"{__name__}.{flat}"] = module
+        if "." not in flat:
+            setattr(package, flat, module)
+
+
+_keep_flat_module_paths()
 
 
 def __getattr__(name: str) -> ModuleType:

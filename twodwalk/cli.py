@@ -27,15 +27,15 @@ from pathlib import Path
 from typing import NoReturn
 
 from twodwalk import exercises
+from twodwalk.engine.kvm.run import InternalError, MmioExit
+from twodwalk.engine.machine import Machine
+from twodwalk.engine.paging import GeneralProtection, PageFault
+from twodwalk.engine.processor import AccessResult
+from twodwalk.engine.tlb import TlbEntry
+from twodwalk.engine.trace import Reference, VmExit
+from twodwalk.engine.units import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import TwodwalkError, check_int, parse_int
-from twodwalk.kvm.run import InternalError, MmioExit
-from twodwalk.machine import Machine
-from twodwalk.paging import GeneralProtection, PageFault
-from twodwalk.processor import AccessResult
 from twodwalk.scenarios import KINDS, GuestAccess, Scenario, scenario
-from twodwalk.tlb import TlbEntry
-from twodwalk.trace import Reference, VmExit
-from twodwalk.units import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.views.text import (
     format_2d_walk,
     format_exits,

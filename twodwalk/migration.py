@@ -18,12 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from twodwalk.engine.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES, dirty_pages, slot_ids
+from twodwalk.engine.units import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import TwodwalkError, check_int
-from twodwalk.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES, dirty_pages, slot_ids
-from twodwalk.units import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
-    from twodwalk.machine import Machine
+    from twodwalk.engine.machine import Machine
 
 
 @dataclass(frozen=True)

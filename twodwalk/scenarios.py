@@ -23,15 +23,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar, Union, get_args, get_origin
 from typing import get_type_hints as _type_hints
 
+from twodwalk.engine.machine import Machine, ram_aliases
+from twodwalk.engine.units import HUGE_PAGE_SIZE, KIB, MIB, PAGE_SIZE, PAGE_SIZES
 from twodwalk.errors import TwodwalkError, check_choice, check_int, parse_int
-from twodwalk.machine import Machine, ram_aliases
-from twodwalk.units import HUGE_PAGE_SIZE, KIB, MIB, PAGE_SIZE, PAGE_SIZES
 from twodwalk.views.text import size_text
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
-    from twodwalk.processor import AccessResult
+    from twodwalk.engine.processor import AccessResult
 
 HEX = "hex"  # a field marked Annotated[..., HEX] is written in hex in JSON and TOML files
 Hex = Annotated[int, HEX]

@@ -14,10 +14,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from twodwalk.engine.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslot
+from twodwalk.engine.machine import Machine
+from twodwalk.engine.units import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import TwodwalkError, check_choice
-from twodwalk.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslot
-from twodwalk.machine import Machine
-from twodwalk.units import PAGE_SHIFT, PAGE_SIZE
 
 MOVED_SLOT_ALIGN = 1 << 30  # a moved memslot starts on a GiB boundary above every other slot
 

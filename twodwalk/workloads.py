@@ -17,13 +17,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from twodwalk.engine.machine import Machine
+from twodwalk.engine.native import NativeMachine
+from twodwalk.engine.processor import Processor
+from twodwalk.engine.tlb import Tlb
+from twodwalk.engine.trace import Counts
+from twodwalk.engine.units import HUGE_PAGE_SIZE, PAGE_SIZE
 from twodwalk.errors import check_int
-from twodwalk.machine import Machine
-from twodwalk.native import NativeMachine
-from twodwalk.processor import Processor
-from twodwalk.tlb import Tlb
-from twodwalk.trace import Counts
-from twodwalk.units import HUGE_PAGE_SIZE, PAGE_SIZE
 
 Stream = Iterable[tuple[int, str]]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from twodwalk.ept import (
+from twodwalk.engine.ept import (
     EPT_VIOLATION_ACC_INSTR,
     EPT_VIOLATION_ACC_READ,
     EPT_VIOLATION_ACC_WRITE,
@@ -13,6 +13,9 @@ from twodwalk.ept import (
     EPT_VIOLATION_WRITABLE,
     EXIT_REASON_EPT_VIOLATION,
 )
+from twodwalk.engine.machine import Machine
+from twodwalk.engine.trace import VmExit
+from twodwalk.engine.units import MIB, PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import TwodwalkError, check_aligned, check_choice, check_int
 from twodwalk.exercises.grading import (
     Bit,
@@ -25,9 +28,6 @@ from twodwalk.exercises.grading import (
     seeded_rng,
 )
 from twodwalk.exercises.setups import _DATA_GPA, _GUEST_RAM, _random_page
-from twodwalk.machine import Machine
-from twodwalk.trace import VmExit
-from twodwalk.units import MIB, PAGE_SHIFT, PAGE_SIZE
 
 # --- topic "ept-qualification": an EPT violation's exit qualification (SDM Vol 3C 28-7) -----------
 

@@ -4,6 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from twodwalk.engine.paging import (
+    PFERR_FETCH,
+    PFERR_PK,
+    PFERR_PRESENT,
+    PFERR_RSVD,
+    PFERR_USER,
+    PFERR_WRITE,
+    PageFault,
+    PagingControls,
+    exception_for,
+)
+from twodwalk.engine.units import PAGE_SIZE
+from twodwalk.engine.walker import WalkFault, WalkRecord
 from twodwalk.errors import TwodwalkError
 from twodwalk.exercises.grading import (
     Bit,
@@ -18,20 +31,7 @@ from twodwalk.exercises.grading import (
 )
 from twodwalk.exercises.indices import _translation
 from twodwalk.exercises.setups import _DATA_GPA, _random_page, _toy_tables, _toy_walk
-from twodwalk.paging import (
-    PFERR_FETCH,
-    PFERR_PK,
-    PFERR_PRESENT,
-    PFERR_RSVD,
-    PFERR_USER,
-    PFERR_WRITE,
-    PageFault,
-    PagingControls,
-    exception_for,
-)
-from twodwalk.units import PAGE_SIZE
 from twodwalk.views.text import format_walk, rights_text
-from twodwalk.walker import WalkFault, WalkRecord
 
 # --- topic "error-code": the #PF error code (SDM Vol 3A 4.6, 4.7) ---------------------------------
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from twodwalk.engine.units import PAGE_SIZE
+from twodwalk.engine.walker import Translation, WalkRecord
 from twodwalk.errors import TwodwalkError
 from twodwalk.exercises.grading import (
     Grader,
@@ -21,9 +23,7 @@ from twodwalk.exercises.setups import (
     _toy_tables,
     _toy_walk,
 )
-from twodwalk.units import PAGE_SIZE
 from twodwalk.views.text import format_walk
-from twodwalk.walker import Translation, WalkRecord
 
 # --- topic "indices": split a GVA (SDM Vol 3A 4.5.4, figure 4-8) ----------------------------------
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 
+from twodwalk.engine.kvm.memslots import KVM_MEM_READONLY, Memslots
+from twodwalk.engine.units import HUGE_PAGE_SIZE, MIB, PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import TwodwalkError, check_int
 from twodwalk.exercises.grading import (
     Grader,
@@ -15,8 +17,6 @@ from twodwalk.exercises.grading import (
     _mistakes,
     seeded_rng,
 )
-from twodwalk.kvm.memslots import KVM_MEM_READONLY, Memslots
-from twodwalk.units import HUGE_PAGE_SIZE, MIB, PAGE_SHIFT, PAGE_SIZE
 from twodwalk.views.text import info_memslots
 
 # --- topic "memslot": GPA -> HVA (KVM `__gfn_to_hva_memslot`, api.rst) ----------------------------

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from twodwalk.engine.machine import Machine
+from twodwalk.engine.trace import Reference
+from twodwalk.engine.units import HUGE_PAGE_SIZE, PAGE_SIZE, size_text
 from twodwalk.exercises.grading import Grader, Question, Value, ValueReader, _mistakes, seeded_rng
 from twodwalk.exercises.setups import _DATA_GPA, _GUEST_RAM, _check_page_size, _random_page
-from twodwalk.machine import Machine
-from twodwalk.trace import Reference
-from twodwalk.units import HUGE_PAGE_SIZE, PAGE_SIZE, size_text
 from twodwalk.views.text import format_2d_walk
 
 # --- topic "references": the cost of a 2D walk (SDM Vol 3C 29.3.2; Bhargava et al.) ---------------

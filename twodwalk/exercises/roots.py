@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from twodwalk.engine.machine import Machine
+from twodwalk.engine.trace import EptWalk, GuestWalk, HostWalk, NativeWalk, Trace
+from twodwalk.engine.units import MIB, PAGE_SHIFT, PAGE_SIZE
+from twodwalk.engine.walker import WalkRecord
 from twodwalk.errors import check_aligned, check_choice, check_int
 from twodwalk.exercises.grading import Grader, Question, ValueReader, _hex, _mistakes, seeded_rng
 from twodwalk.exercises.setups import _DATA_GPA, _GUEST_RAM, _random_page
-from twodwalk.machine import Machine
-from twodwalk.trace import EptWalk, GuestWalk, HostWalk, NativeWalk, Trace
-from twodwalk.units import MIB, PAGE_SHIFT, PAGE_SIZE
 from twodwalk.views.text import format_walk
-from twodwalk.walker import WalkRecord
 
 # --- topic "roots": the same shape, different trees (SDM Vol 3A 4.5; Vol 3C 29.3.2) ---------------
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import random
 
-from twodwalk.cpuid import CpuModel
+from twodwalk.engine.cpuid import CpuModel
+from twodwalk.engine.formats import EntryFormat, ia32e_format
+from twodwalk.engine.memory import FrameAllocator, PhysicalMemory
+from twodwalk.engine.pagetables import PageTables
+from twodwalk.engine.paging import PagingControls, translate
+from twodwalk.engine.units import HUGE_PAGE_SIZE, MIB, PAGE_SHIFT, PAGE_SIZE
+from twodwalk.engine.walker import WalkRecord
 from twodwalk.errors import TwodwalkError
-from twodwalk.formats import EntryFormat, ia32e_format
-from twodwalk.memory import FrameAllocator, PhysicalMemory
-from twodwalk.pagetables import PageTables
-from twodwalk.paging import PagingControls, translate
-from twodwalk.units import HUGE_PAGE_SIZE, MIB, PAGE_SHIFT, PAGE_SIZE
-from twodwalk.walker import WalkRecord
 
 # --- shared engine set-ups -----------------------------------------------------------------------
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
+from twodwalk.engine.machine import Machine
+from twodwalk.engine.trace import KvmStep, Trace, VmExit
+from twodwalk.engine.units import HUGE_PAGE_SIZE, MIB, PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import check_aligned, check_choice, check_int
 from twodwalk.exercises.grading import Grader, Question, Value, _mistakes, seeded_rng
 from twodwalk.exercises.setups import _DATA_GPA, _GUEST_RAM, _random_page
 from twodwalk.exercises.tlb import _count_reader
-from twodwalk.machine import Machine
-from twodwalk.trace import KvmStep, Trace, VmExit
-from twodwalk.units import HUGE_PAGE_SIZE, MIB, PAGE_SHIFT, PAGE_SIZE
 
 # --- topic "shadow": what exits with EPT off, and with EPT on (KVM paging_tmpl.h, mmu.c) ----------
 

@@ -6,6 +6,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from twodwalk.engine.formats import EntryFormat
+from twodwalk.engine.machine import Machine
+from twodwalk.engine.tlb import Tlb, TwoLevelTlb
+from twodwalk.engine.trace import GuestWalk, Reference, Trace, VmExit
+from twodwalk.engine.units import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import TwodwalkError, check_choice
 from twodwalk.exercises.grading import (
     Grader,
@@ -17,11 +22,6 @@ from twodwalk.exercises.grading import (
     seeded_rng,
 )
 from twodwalk.exercises.setups import _DATA_GPA, _GUEST_RAM
-from twodwalk.formats import EntryFormat
-from twodwalk.machine import Machine
-from twodwalk.tlb import Tlb, TwoLevelTlb
-from twodwalk.trace import GuestWalk, Reference, Trace, VmExit
-from twodwalk.units import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.views.text import PSC_NAMES, format_2d_walk, size_text
 
 # --- topic "tlb": what the translation caches save (SDM Vol 3C 29.4; Vol 3A 4.10) -----------------

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from twodwalk.engine.paging import PageFault, PagingControls, exception_for
+from twodwalk.engine.units import HUGE_PAGE_SIZE, PAGE_SIZE, size_text
+from twodwalk.engine.walker import WalkRecord
 from twodwalk.errors import check_int
 from twodwalk.exercises.error_code import _fault
 from twodwalk.exercises.grading import (
@@ -24,10 +27,7 @@ from twodwalk.exercises.setups import (
     _toy_tables,
     _toy_walk,
 )
-from twodwalk.paging import PageFault, PagingControls, exception_for
-from twodwalk.units import HUGE_PAGE_SIZE, PAGE_SIZE, size_text
 from twodwalk.views.text import dump_tables, format_walk
-from twodwalk.walker import WalkRecord
 
 # --- topic "translate": walk a toy guest page table by hand (SDM Vol 3A 4.5.4) --------------------
 

@@ -6,13 +6,13 @@ import re
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
+from twodwalk.engine.machine import Machine
+from twodwalk.engine.memory import PhysicalMemory
+from twodwalk.engine.pagetables import Leaf, PageTables
+from twodwalk.engine.units import MIB, PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import check_aligned, check_choice, check_int
 from twodwalk.exercises.grading import Grader, Question, Value, _normal, seeded_rng
 from twodwalk.exercises.setups import _DATA_GPA, _GUEST_RAM, _random_page
-from twodwalk.machine import Machine
-from twodwalk.memory import PhysicalMemory
-from twodwalk.pagetables import Leaf, PageTables
-from twodwalk.units import MIB, PAGE_SHIFT, PAGE_SIZE
 from twodwalk.views.text import entry_meaning, size_text
 from twodwalk.whatifs import WHAT_IFS as REGISTRY
 from twodwalk.whatifs import Page, what_if

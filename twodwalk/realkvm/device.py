@@ -17,8 +17,8 @@ import sys
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
+from twodwalk.engine.kvm.memslots import KvmError
 from twodwalk.errors import TwodwalkError
-from twodwalk.kvm.memslots import KvmError
 
 KVMIO = 0xAE
 

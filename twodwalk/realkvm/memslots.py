@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from twodwalk.kvm.memslots import KVM_USER_MEM_SLOTS, KvmError, Memslots
+from twodwalk.engine.kvm.memslots import KVM_USER_MEM_SLOTS, KvmError, Memslots
+from twodwalk.engine.units import PAGE_SIZE
 from twodwalk.realkvm.device import HostBuffer, RealKvm
-from twodwalk.units import PAGE_SIZE
 
 # --- memslots: the same calls on both sides, errno by errno -----------------------------------
 

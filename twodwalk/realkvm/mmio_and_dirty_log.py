@@ -13,13 +13,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from twodwalk.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
-from twodwalk.kvm.run import MmioExit
-from twodwalk.machine import Machine
-from twodwalk.processor import AccessResult
+from twodwalk.engine.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
+from twodwalk.engine.kvm.run import MmioExit
+from twodwalk.engine.machine import Machine
+from twodwalk.engine.processor import AccessResult
+from twodwalk.engine.units import PAGE_SIZE
 from twodwalk.realkvm.device import RealKvm
 from twodwalk.realkvm.runtime import Controls, Observed, RealRunner
-from twodwalk.units import PAGE_SIZE
 
 SLOT = 1
 SLOT_GPA = 0x4000_0000

@@ -16,13 +16,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from twodwalk.cpuid import CpuModel
-from twodwalk.formats import bits, ia32e_format
-from twodwalk.memory import PhysicalMemory
-from twodwalk.paging import GeneralProtection, exception_for, translate
+from twodwalk.engine.cpuid import CpuModel
+from twodwalk.engine.formats import bits, ia32e_format
+from twodwalk.engine.memory import PhysicalMemory
+from twodwalk.engine.paging import GeneralProtection, exception_for, translate
+from twodwalk.engine.units import PAGE_SIZE
 from twodwalk.realkvm.device import RealKvm
 from twodwalk.realkvm.runtime import Controls, Observed, RealRunner
-from twodwalk.units import PAGE_SIZE
 
 RAM_SIZE = 32 << 20
 TABLES = {4: 0x1000, 3: 0x2000, 2: 0x3000, 1: 0x4000}

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from twodwalk.machine import Machine
-from twodwalk.processor import AccessResult
+from twodwalk.engine.machine import Machine
+from twodwalk.engine.processor import AccessResult
+from twodwalk.engine.trace import GuestWalk, KvmWalk
+from twodwalk.engine.units import PAGE_SIZE
 from twodwalk.realkvm.device import KvmUnavailableError
 from twodwalk.realkvm.runtime import RUNTIME_SIZE, Controls, Observed, RealRunner
-from twodwalk.trace import GuestWalk, KvmWalk
-from twodwalk.units import PAGE_SIZE
 
 
 @dataclass(frozen=True)

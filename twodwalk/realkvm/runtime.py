@@ -18,9 +18,10 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from twodwalk.cpuid import CpuModel
+from twodwalk.engine.cpuid import CpuModel
+from twodwalk.engine.paging import PagingControls
+from twodwalk.engine.units import PAGE_SIZE
 from twodwalk.errors import AddressError, TwodwalkError, check_aligned, check_choice, check_int
-from twodwalk.paging import PagingControls
 from twodwalk.realkvm.device import (
     EXIT_REASONS,
     KVM_EXIT_INTERNAL_ERROR,
@@ -35,7 +36,6 @@ from twodwalk.realkvm.device import (
     Segment,
     Sregs,
 )
-from twodwalk.units import PAGE_SIZE
 
 RUNTIME_PML4_SLOT = 511
 RUNTIME_GPA = 0x1F0_0000  # where the runtime sits with the default 32 MiB of RAM (the top MiB)

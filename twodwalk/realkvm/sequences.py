@@ -27,7 +27,7 @@ and a random list of steps:
 After each step the three answers are compared: the exception (vector, error code, CR2), the
 value read, an MMIO exit, every entry of both chains (A/D bits and all), the data pages' bytes
 and, with dirty logging, the dirty GFNs outside the runtime's area. The SDM's walk
-(`twodwalk.paging.translate` on a copy of guest RAM, no TLB) has no dirty log.
+(`twodwalk.engine.paging.translate` on a copy of guest RAM, no TLB) has no dirty log.
 """
 
 from __future__ import annotations
@@ -37,17 +37,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import twodwalk.machine as engine_machine
-from twodwalk.cpuid import CpuModel
+import twodwalk.engine.machine as engine_machine
+from twodwalk.engine.cpuid import CpuModel
+from twodwalk.engine.formats import Rights, ia32e_format
+from twodwalk.engine.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES, dirty_pages
+from twodwalk.engine.kvm.run import MmioExit
+from twodwalk.engine.memory import PhysicalMemory
+from twodwalk.engine.paging import GeneralProtection, exception_for, translate
+from twodwalk.engine.units import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import TwodwalkError
-from twodwalk.formats import Rights, ia32e_format
-from twodwalk.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES, dirty_pages
-from twodwalk.kvm.run import MmioExit
-from twodwalk.memory import PhysicalMemory
-from twodwalk.paging import GeneralProtection, exception_for, translate
 from twodwalk.realkvm.paging import outcome_category
 from twodwalk.realkvm.runtime import RUNTIME_SIZE, Controls, Observed, RealRunner, Step
-from twodwalk.units import PAGE_SHIFT, PAGE_SIZE
 
 RAM_SIZE = 32 << 20
 PML4 = 0x1000

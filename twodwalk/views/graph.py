@@ -24,9 +24,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from twodwalk.errors import check_int
-from twodwalk.formats import EntryFormat
-from twodwalk.trace import (
+from twodwalk.engine.formats import EntryFormat
+from twodwalk.engine.trace import (
     CacheHit,
     EptWalk,
     GuestWalk,
@@ -36,7 +35,9 @@ from twodwalk.trace import (
     NativeWalk,
     TlbHit,
 )
-from twodwalk.units import PAGE_SIZE
+from twodwalk.engine.units import PAGE_SIZE
+from twodwalk.engine.walker import TableRead, WalkRecord
+from twodwalk.errors import check_int
 from twodwalk.views.plots import figure_and_axes
 from twodwalk.views.readouts import access_gva, all_references, table_name
 from twodwalk.views.style import (
@@ -50,10 +51,9 @@ from twodwalk.views.style import (
     LEVEL_STYLES,
     STOP_MARKER,
 )
-from twodwalk.walker import TableRead, WalkRecord
 
 if TYPE_CHECKING:
-    from twodwalk.processor import AccessResult
+    from twodwalk.engine.processor import AccessResult
 
 Place = Callable[[int], tuple[float, float]]  # a table's level -> its position
 GVA_Y, GPA_Y, HVA_Y, TABLES_Y = 0.0, -1.0, -2.0, -3.0  # the layers, top to bottom

@@ -19,9 +19,9 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrowPatch, Patch, Rectangle
 from matplotlib.path import Path
 
+from twodwalk.engine.trace import Trace
+from twodwalk.engine.units import PAGE_SIZE, size_text
 from twodwalk.errors import check_int
-from twodwalk.trace import Trace
-from twodwalk.units import PAGE_SIZE, size_text
 from twodwalk.views.readouts import (
     EPT_ROUTES,
     EVENT_KINDS,
@@ -79,8 +79,8 @@ from twodwalk.views.style import (
 from twodwalk.workloads import WorkloadResult
 
 if TYPE_CHECKING:
-    from twodwalk.machine import Machine
-    from twodwalk.processor import AccessResult
+    from twodwalk.engine.machine import Machine
+    from twodwalk.engine.processor import AccessResult
 
 __all__ = [
     "BLACK",

@@ -9,11 +9,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from twodwalk.cpuid import CpuModel
-from twodwalk.errors import TwodwalkError, check_choice, check_int
-from twodwalk.formats import EntryFormat, ept_format, ia32e_format
-from twodwalk.kvm.mmu import SHADOW_NONPRESENT_VALUE
-from twodwalk.trace import (
+from twodwalk.engine.cpuid import CpuModel
+from twodwalk.engine.formats import EntryFormat, ept_format, ia32e_format
+from twodwalk.engine.kvm.mmu import SHADOW_NONPRESENT_VALUE
+from twodwalk.engine.trace import (
     PAGE_WALK_CACHE,
     CacheHit,
     DataAccess,
@@ -32,7 +31,9 @@ from twodwalk.trace import (
     Trace,
     VmExit,
 )
-from twodwalk.units import PAGE_SIZE, PAGE_SIZES
+from twodwalk.engine.units import PAGE_SIZE, PAGE_SIZES
+from twodwalk.engine.walker import WalkRecord
+from twodwalk.errors import TwodwalkError, check_choice, check_int
 from twodwalk.views.style import (
     GUEST_PHYSICAL,
     LEVEL_STYLES,
@@ -41,11 +42,10 @@ from twodwalk.views.style import (
     UNUSED_BITS_STYLE,
     Style,
 )
-from twodwalk.walker import WalkRecord
 
 if TYPE_CHECKING:
-    from twodwalk.machine import Machine
-    from twodwalk.processor import AccessResult
+    from twodwalk.engine.machine import Machine
+    from twodwalk.engine.processor import AccessResult
 
 _CPU = CpuModel()
 

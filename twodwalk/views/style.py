@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from twodwalk.trace import PAGE_WALK_CACHE
+from twodwalk.engine.trace import PAGE_WALK_CACHE
 
 # matplotlib's line styles: a name, or (offset, (on, off, ...)) in points
 LineStyle = Literal["solid", "dashed", "dashdot", "dotted"] | tuple[float, tuple[float, ...]]

@@ -11,12 +11,12 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from twodwalk.formats import DecodedEntry, EntryFormat, EptFormat, Rights
-from twodwalk.kvm.memslots import dirty_pages as dirty_pages  # re-exported for notebooks
-from twodwalk.kvm.run import InternalError, MmioExit
-from twodwalk.paging import GeneralProtection, PageFault
-from twodwalk.tlb import ANY_PCID
-from twodwalk.trace import (
+from twodwalk.engine.formats import DecodedEntry, EntryFormat, EptFormat, Rights
+from twodwalk.engine.kvm.memslots import dirty_pages as dirty_pages  # re-exported for notebooks
+from twodwalk.engine.kvm.run import InternalError, MmioExit
+from twodwalk.engine.paging import GeneralProtection, PageFault
+from twodwalk.engine.tlb import ANY_PCID
+from twodwalk.engine.trace import (
     CacheHit,
     EptWalk,
     Event,
@@ -32,14 +32,14 @@ from twodwalk.trace import (
     Trace,
     VmExit,
 )
-from twodwalk.units import size_text as size_text  # re-exported for views and widgets
-from twodwalk.walker import Translation, WalkFault, WalkRecord
+from twodwalk.engine.units import size_text as size_text  # re-exported for views and widgets
+from twodwalk.engine.walker import Translation, WalkFault, WalkRecord
 
 if TYPE_CHECKING:
-    from twodwalk.kvm.memslots import Memslot
-    from twodwalk.pagetables import PageTables, TreeEntry
-    from twodwalk.processor import AccessResult
-    from twodwalk.tlb import Tlb, TlbEntry, TranslationCaches, TwoLevelTlb
+    from twodwalk.engine.kvm.memslots import Memslot
+    from twodwalk.engine.pagetables import PageTables, TreeEntry
+    from twodwalk.engine.processor import AccessResult
+    from twodwalk.engine.tlb import Tlb, TlbEntry, TranslationCaches, TwoLevelTlb
 
 
 def describe_entry(entry: DecodedEntry) -> str:

@@ -8,8 +8,8 @@ tutorial's model/view split.
 
 from __future__ import annotations
 
+from twodwalk.engine.machine import Machine
 from twodwalk.errors import TwodwalkError
-from twodwalk.machine import Machine
 from twodwalk.scenarios import GuestAccess, Scenario, scenario
 from twodwalk.views.readouts import Region, guest_mappings
 

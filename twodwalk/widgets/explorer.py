@@ -15,14 +15,14 @@ from dataclasses import dataclass, replace
 
 from matplotlib.figure import Figure
 
+from twodwalk.engine.machine import Machine
+from twodwalk.engine.processor import AccessResult
+from twodwalk.engine.trace import GuestWalk, NativeWalk
+from twodwalk.engine.units import PAGE_SIZE
+from twodwalk.engine.walker import FaultKind
 from twodwalk.errors import TwodwalkError, parse_int
-from twodwalk.machine import Machine
-from twodwalk.processor import AccessResult
-from twodwalk.trace import GuestWalk, NativeWalk
-from twodwalk.units import PAGE_SIZE
 from twodwalk.views.plots import plot_walk_grid, walk_grid
 from twodwalk.views.text import format_2d_walk, format_exits, format_outcome, monitor
-from twodwalk.walker import FaultKind
 from twodwalk.widgets.common import Source, default_access, mapped_regions, resolve
 
 KINDS = ("read", "write", "fetch")

@@ -9,10 +9,10 @@ in, as QEMU's `gpa2hpa` reads /proc/self/pagemap without touching the page.
 
 from __future__ import annotations
 
+from twodwalk.engine.formats import ENTRIES_PER_TABLE, ENTRY_SIZE, EntryFormat
+from twodwalk.engine.machine import Machine
+from twodwalk.engine.units import PAGE_SIZE
 from twodwalk.errors import TwodwalkError, check_choice, check_int, parse_int
-from twodwalk.formats import ENTRIES_PER_TABLE, ENTRY_SIZE, EntryFormat
-from twodwalk.machine import Machine
-from twodwalk.units import PAGE_SIZE
 from twodwalk.views.text import describe_entry, entry_flags, entry_meaning, gpa2hva_text
 
 SPACES = ("hpa", "gpa", "hva")

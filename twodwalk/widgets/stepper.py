@@ -11,9 +11,9 @@ from collections.abc import Hashable
 
 from matplotlib.figure import Figure
 
-from twodwalk.machine import Machine
-from twodwalk.processor import AccessResult
-from twodwalk.trace import Reference
+from twodwalk.engine.machine import Machine
+from twodwalk.engine.processor import AccessResult
+from twodwalk.engine.trace import Reference
 from twodwalk.views.graph import plot_walk_graph
 from twodwalk.views.plots import plot_walk_grid, walk_grid
 from twodwalk.views.text import describe_entry

@@ -26,10 +26,10 @@ from typing import Any
 import ipywidgets as widgets
 from matplotlib.figure import Figure
 
+from twodwalk.engine.machine import Machine
+from twodwalk.engine.processor import AccessResult
+from twodwalk.engine.units import PAGE_SIZE
 from twodwalk.exercises import Question
-from twodwalk.machine import Machine
-from twodwalk.processor import AccessResult
-from twodwalk.units import PAGE_SIZE
 from twodwalk.views.style import BLUE, ORANGE, VERMILLION
 from twodwalk.views.text import size_text
 from twodwalk.widgets.common import Source

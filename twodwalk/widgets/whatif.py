@@ -13,10 +13,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from twodwalk.engine.processor import AccessResult
+from twodwalk.engine.trace import HostPageFault, KvmStep, SpteWrite, TlbHit
 from twodwalk.errors import TwodwalkError, check_choice
-from twodwalk.processor import AccessResult
 from twodwalk.scenarios import GuestAccess, Scenario
-from twodwalk.trace import HostPageFault, KvmStep, SpteWrite, TlbHit
 from twodwalk.views.text import format_exits, format_outcome, format_trace, size_text
 from twodwalk.whatifs import WHAT_IFS as WHAT_IF_REGISTRY
 from twodwalk.whatifs import Page, page_of

@@ -5,12 +5,12 @@ two-dimensional walk is measured against: n references for an n-level walk, no V
 
 from __future__ import annotations
 
-from twodwalk.cpuid import CpuModel
-from twodwalk.machine import new_host
-from twodwalk.paging import GeneralProtection, exception_for
-from twodwalk.processor import AccessResult, Processor
-from twodwalk.trace import NativeWalk, Trace
-from twodwalk.walker import Access, FaultKind, WalkRecord, walk
+from twodwalk.engine.cpuid import CpuModel
+from twodwalk.engine.machine import new_host
+from twodwalk.engine.paging import GeneralProtection, exception_for
+from twodwalk.engine.processor import AccessResult, Processor
+from twodwalk.engine.trace import NativeWalk, Trace
+from twodwalk.engine.walker import Access, FaultKind, WalkRecord, walk
 
 
 class NativeCpu(Processor):

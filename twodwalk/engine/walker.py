@@ -22,9 +22,9 @@ import enum
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
+from twodwalk.engine.formats import ENTRY_SIZE, RIGHTS_BY_MASK, DecodedEntry, EntryFormat, Rights
+from twodwalk.engine.memory import U64_LIMIT
 from twodwalk.errors import check_aligned, check_choice, check_int
-from twodwalk.formats import ENTRY_SIZE, RIGHTS_BY_MASK, DecodedEntry, EntryFormat, Rights
-from twodwalk.memory import U64_LIMIT
 
 
 class AccessKind(enum.Enum):

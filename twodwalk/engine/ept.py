@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from twodwalk.engine.formats import EPT_MEMTYPE_WB, EptFormat, Rights
+from twodwalk.engine.walker import Access, AccessKind, FaultKind, Violation, WalkRecord
 from twodwalk.errors import check_aligned, check_choice, check_int
-from twodwalk.formats import EPT_MEMTYPE_WB, EptFormat, Rights
-from twodwalk.walker import Access, AccessKind, FaultKind, Violation, WalkRecord
 
 EXIT_REASON_EPT_VIOLATION = 48
 EXIT_REASON_EPT_MISCONFIG = 49

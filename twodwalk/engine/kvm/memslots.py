@@ -14,8 +14,8 @@ import enum
 import errno as errno_codes
 from dataclasses import dataclass, field
 
+from twodwalk.engine.units import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import TwodwalkError
-from twodwalk.units import PAGE_SHIFT, PAGE_SIZE
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1

@@ -23,9 +23,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from twodwalk.cpuid import CpuModel
-from twodwalk.errors import TwodwalkError
-from twodwalk.formats import (
+from twodwalk.engine.cpuid import CpuModel
+from twodwalk.engine.formats import (
     ENTRY_SIZE,
     PTE_DIRTY,
     EntryFormat,
@@ -34,9 +33,9 @@ from twodwalk.formats import (
     bits,
     ia32e_format,
 )
-from twodwalk.host import HostKernel, Process
-from twodwalk.kvm.memslots import Memslot, Memslots
-from twodwalk.kvm.mmu import (
+from twodwalk.engine.host import HostKernel, Process
+from twodwalk.engine.kvm.memslots import Memslot, Memslots
+from twodwalk.engine.kvm.mmu import (
     PT_WRITABLE_MASK,
     SHADOW_NONPRESENT_VALUE,
     EmulateMmio,
@@ -47,17 +46,18 @@ from twodwalk.kvm.mmu import (
     mmio_generation_bits,
     mmio_spte_generation,
 )
-from twodwalk.pagetables import table_slot
-from twodwalk.paging import (
+from twodwalk.engine.pagetables import table_slot
+from twodwalk.engine.paging import (
     GeneralProtection,
     PageFault,
     PagingControls,
     exception_for,
 )
-from twodwalk.tables import MemslotTables
-from twodwalk.trace import KvmStep, KvmWalk, SpteWrite, Trace
-from twodwalk.units import PAGE_SHIFT
-from twodwalk.walker import Access, TableMemory, WalkRecord, WalkStart, walk
+from twodwalk.engine.tables import MemslotTables
+from twodwalk.engine.trace import KvmStep, KvmWalk, SpteWrite, Trace
+from twodwalk.engine.units import PAGE_SHIFT
+from twodwalk.engine.walker import Access, TableMemory, WalkRecord, WalkStart, walk
+from twodwalk.errors import TwodwalkError
 
 
 @dataclass(frozen=True)
@@ -422,14 +422,14 @@ class ShadowMmu(KvmMmu):
         self.flush_remote_tlbs()
         return zapped
 
-    def unmap_gfn_range(self, start: int, end: int) -> int:
+    def unmap_gfn_range(self, start: int, end: int, trace: Trace | None = None) -> int:
         """`kvm_unmap_gfn_range` -> `kvm_rmap_unmap_gfn_range`: zap the shadow leaves that
         map a GFN in [start, end), found through the rmap."""
         zapped = 0
         for gfn in [g for g in self.rmap if start <= g < end]:
             for slot in self.rmap.pop(gfn):
                 if is_shadow_present_pte(self.host.memory.read_u64(slot)):
-                    self._write(slot, 1, SHADOW_NONPRESENT_VALUE, None)
+                    self._write(slot, 1, SHADOW_NONPRESENT_VALUE, trace)
                     zapped += 1
         if zapped:
             self.flush_remote_tlbs()

@@ -21,16 +21,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
-from twodwalk.cpuid import CpuModel
+from twodwalk.engine.cpuid import CpuModel
+from twodwalk.engine.formats import PTE_ACCESSED, PTE_DIRTY, PTE_WRITABLE, ia32e_format
+from twodwalk.engine.memory import FrameAllocator, PhysicalMemory
+from twodwalk.engine.pagetables import PageTables
+from twodwalk.engine.paging import PagingControls, X86AccessRules
+from twodwalk.engine.tables import PhysicalTables
+from twodwalk.engine.trace import HostPageFault, HostWalk, Trace
+from twodwalk.engine.units import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE
+from twodwalk.engine.walker import Access, AccessKind, Translation, WalkRecord, walk
 from twodwalk.errors import TwodwalkError, check_aligned, check_int
-from twodwalk.formats import PTE_ACCESSED, PTE_DIRTY, PTE_WRITABLE, ia32e_format
-from twodwalk.memory import FrameAllocator, PhysicalMemory
-from twodwalk.pagetables import PageTables
-from twodwalk.paging import PagingControls, X86AccessRules
-from twodwalk.tables import PhysicalTables
-from twodwalk.trace import HostPageFault, HostWalk, Trace
-from twodwalk.units import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE
-from twodwalk.walker import Access, AccessKind, Translation, WalkRecord, walk
 
 HPAGE_PMD_NR = HUGE_PAGE_SIZE // PAGE_SIZE  # 512 PTEs under one PMD
 TASK_SIZE_MAX = (1 << 47) - PAGE_SIZE  # arch/x86/include/asm/page_64_types.h, 4-level host
@@ -72,10 +72,12 @@ class Vma:
 
 class MmuNotifier(Protocol):
     """A listener for changes to a process's mappings (include/linux/mmu_notifier.h): told
-    before the change (`invalidate_range_start`) and after it (`invalidate_range_end`)."""
+    before the change (`invalidate_range_start`) and after it (`invalidate_range_end`). The
+    notifier runs in the thread that changes the mapping: when that is a fault taken for an
+    access (a copy-on-write break inside KVM's `hva_to_pfn`), `trace` is that access's."""
 
     def invalidate_range_start(
-        self, process: Process, start: int, end: int, reason: str
+        self, process: Process, start: int, end: int, reason: str, trace: Trace | None
     ) -> None: ...
 
     def invalidate_range_end(self, process: Process, start: int, end: int) -> None: ...
@@ -217,14 +219,17 @@ class HostKernel:
         return process
 
     @contextmanager
-    def invalidation(self, process: Process, start: int, end: int, reason: str) -> Iterator[None]:
+    def invalidation(
+        self, process: Process, start: int, end: int, reason: str, trace: Trace | None = None
+    ) -> Iterator[None]:
         """The change made inside the `with` is bracketed by
         `mmu_notifier_invalidate_range_start` and `mmu_notifier_invalidate_range_end`, as
         mm/ does around every change to a mapping; the what-if switch
-        `mmu_notifiers_enabled=False` shows what goes wrong without them."""
+        `mmu_notifiers_enabled=False` shows what goes wrong without them. `trace` is the
+        access whose fault made the change, if one did."""
         listeners = list(self.notifiers) if self.mmu_notifiers_enabled else []
         for listener in listeners:
-            listener.invalidate_range_start(process, start, end, reason)
+            listener.invalidate_range_start(process, start, end, reason, trace)
         yield
         for listener in listeners:
             listener.invalidate_range_end(process, start, end)
@@ -289,7 +294,7 @@ class HostKernel:
         if vma.huge and self._huge_slot(process, vma, hva) is not None:
             resolution, hpa = self._huge_fault(process, vma, hva)
         else:
-            resolution, hpa = self._pte_fault(process, hva, write)
+            resolution, hpa = self._pte_fault(process, hva, write, trace)
         if trace is not None:
             trace.add(HostPageFault(hva, write, resolution, hpa))
 
@@ -313,7 +318,9 @@ class HostKernel:
         )
         return f"new zeroed {vma.page_size >> 20} MiB huge page", frame
 
-    def _pte_fault(self, process: Process, hva: int, write: bool) -> tuple[str, int]:
+    def _pte_fault(
+        self, process: Process, hva: int, write: bool, trace: Trace | None = None
+    ) -> tuple[str, int]:
         slot = process.tables.entry_address(hva, 1, create=True)
         assert slot is not None
         pte = self.memory.read_u64(slot)
@@ -332,7 +339,7 @@ class HostKernel:
             self.memory.write_u64(slot, self._pte(frame, writable=True, dirty=write))
             return f"swap-in from swap offset {offset:#x}", frame
         old = self.format.output_address(pte, 1)
-        with self.invalidation(process, page_va, page_va + PAGE_SIZE, "copy-on-write"):
+        with self.invalidation(process, page_va, page_va + PAGE_SIZE, "copy-on-write", trace):
             frame = self._new_frame()
             if old != self.zero_page:
                 self.memory.copy_frame(old, frame)

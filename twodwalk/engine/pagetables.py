@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
+from twodwalk.engine.formats import ENTRIES_PER_TABLE, ENTRY_SIZE, EntryFormat
+from twodwalk.engine.units import PAGE_SIZE
 from twodwalk.errors import AddressError, TwodwalkError, check_aligned, check_int
-from twodwalk.formats import ENTRIES_PER_TABLE, ENTRY_SIZE, EntryFormat
-from twodwalk.units import PAGE_SIZE
 
 
 class PhysicalSpace(Protocol):

@@ -13,12 +13,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from twodwalk.cpuid import CpuModel
+from twodwalk.engine.cpuid import CpuModel
+from twodwalk.engine.formats import Ia32eFormat, Rights, ia32e_format
+from twodwalk.engine.memory import PhysicalMemory
+from twodwalk.engine.tables import PhysicalTables
+from twodwalk.engine.walker import (
+    Access,
+    AccessKind,
+    FaultKind,
+    TableMemory,
+    Violation,
+    WalkRecord,
+    walk,
+)
 from twodwalk.errors import TwodwalkError, check_int
-from twodwalk.formats import Ia32eFormat, Rights, ia32e_format
-from twodwalk.memory import PhysicalMemory
-from twodwalk.tables import PhysicalTables
-from twodwalk.walker import Access, AccessKind, FaultKind, TableMemory, Violation, WalkRecord, walk
 
 # #PF error-code bits (SDM 4.7; KVM's PFERR_*_MASK).
 PFERR_PRESENT = 1 << 0

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from twodwalk.walker import ROW_LEVEL, ROW_READ, WalkRecord, WalkStep
+from twodwalk.engine.walker import ROW_LEVEL, ROW_READ, WalkRecord, WalkStep
 
 
 @dataclass(frozen=True)

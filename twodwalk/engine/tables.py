@@ -21,11 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from twodwalk.formats import Rights
-from twodwalk.memory import PhysicalMemory
-from twodwalk.tlb import PageWalkCache
-from twodwalk.trace import Trace
-from twodwalk.walker import Access, NestedFault, TableMemory, TableRead, WalkRecord
+from twodwalk.engine.formats import Rights
+from twodwalk.engine.memory import PhysicalMemory
+from twodwalk.engine.tlb import PageWalkCache
+from twodwalk.engine.trace import Trace
+from twodwalk.engine.walker import Access, NestedFault, TableMemory, TableRead, WalkRecord
 
 
 class PhysicalTables:

@@ -11,14 +11,14 @@ to 8 GiB (hugetlbfs).
 
 from __future__ import annotations
 
-from twodwalk.cpuid import CpuModel
+from twodwalk.engine.cpuid import CpuModel
+from twodwalk.engine.guest import GuestOS
+from twodwalk.engine.host import HostKernel
+from twodwalk.engine.kvm.vm import Vm
+from twodwalk.engine.memory import FrameAllocator, PhysicalMemory
+from twodwalk.engine.units import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE
+from twodwalk.engine.vcpu import Vcpu
 from twodwalk.errors import TwodwalkError, check_aligned, check_choice, check_int
-from twodwalk.guest import GuestOS
-from twodwalk.host import HostKernel
-from twodwalk.kvm.vm import Vm
-from twodwalk.memory import FrameAllocator, PhysicalMemory
-from twodwalk.units import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE
-from twodwalk.vcpu import Vcpu
 
 SMALL_FRAMES = (16 << 20, 1 << 30)
 HUGE_FRAMES = (1 << 30, 4 << 30)

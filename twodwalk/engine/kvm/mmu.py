@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from twodwalk.ept import (
+from twodwalk.engine.ept import (
     EPT_VIOLATION_ACC_INSTR,
     EPT_VIOLATION_ACC_READ,
     EPT_VIOLATION_ACC_WRITE,
@@ -34,16 +34,16 @@ from twodwalk.ept import (
     EptAccessRules,
     Eptp,
 )
+from twodwalk.engine.formats import EPT_MEMTYPE_WB, EptFormat
+from twodwalk.engine.host import HostKernel, Process
+from twodwalk.engine.kvm.memslots import KvmError, Memslot, Memslots
+from twodwalk.engine.pagetables import PageTables, TreeEntry, table_slot
+from twodwalk.engine.paging import PFERR_FETCH, PFERR_PRESENT, PFERR_USER, PFERR_WRITE
+from twodwalk.engine.tables import PmlLogging
+from twodwalk.engine.trace import KvmStep, SpteWrite, Trace
+from twodwalk.engine.units import PAGE_SHIFT, PAGE_SIZE, size_text
+from twodwalk.engine.walker import Access, TableMemory, WalkRecord, WalkStart, walk
 from twodwalk.errors import TwodwalkError
-from twodwalk.formats import EPT_MEMTYPE_WB, EptFormat
-from twodwalk.host import HostKernel, Process
-from twodwalk.kvm.memslots import KvmError, Memslot, Memslots
-from twodwalk.pagetables import PageTables, TreeEntry, table_slot
-from twodwalk.paging import PFERR_FETCH, PFERR_PRESENT, PFERR_USER, PFERR_WRITE
-from twodwalk.tables import PmlLogging
-from twodwalk.trace import KvmStep, SpteWrite, Trace
-from twodwalk.units import PAGE_SHIFT, PAGE_SIZE, size_text
-from twodwalk.walker import Access, TableMemory, WalkRecord, WalkStart, walk
 
 _EPT_RULES = EptAccessRules()
 PFERR_GUEST_FINAL = 1 << 32
@@ -165,9 +165,9 @@ class KvmMmu(ABC):
             trace.add(step)
 
     @abstractmethod
-    def unmap_gfn_range(self, start: int, end: int) -> int:
+    def unmap_gfn_range(self, start: int, end: int, trace: Trace | None = None) -> int:
         """`kvm_unmap_gfn_range`: clear every leaf mapping a GFN in [start, end); return how
-        many were cleared."""
+        many were cleared. The cleared entries go to `trace` when an access caused the zap."""
 
     @abstractmethod
     def zap_all(self) -> int:
@@ -203,27 +203,28 @@ class KvmMmu(ABC):
                 out.append((memslot.hva_to_gfn(lo), memslot.hva_to_gfn(hi - 1) + 1, lo))
         return out
 
-    def invalidate_range_start(self, process: Process, start: int, end: int, reason: str) -> None:
+    def invalidate_range_start(
+        self, process: Process, start: int, end: int, reason: str, trace: Trace | None = None
+    ) -> None:
         """`kvm_mmu_notifier_invalidate_range_start`: for the memslots behind [start, end),
         `kvm_mmu_invalidate_begin` (one more invalidation in progress), add their GFNs to the
         invalidated range, and `kvm_unmap_gfn_range`, so the next access faults and sees the
-        change."""
+        change. It is part of `trace` when an access's own fault changed the mapping."""
         ranges = self._slot_ranges(process, start, end)
         if ranges:
             self.mmu_invalidate_in_progress += 1
         for first, stop, hva in ranges:
             old = self.mmu_invalidate_range or (first, stop)
             self.mmu_invalidate_range = (min(old[0], first), max(old[1], stop))
-            zapped = self.unmap_gfn_range(first, stop)
-            self.log.append(
-                KvmStep(
-                    "kvm_mmu_notifier_invalidate_range_start",
-                    f"{reason}: HVA [{max(start, hva):#x}, ...) is GFN [{first:#x}, {stop:#x});"
-                    f" kvm_unmap_gfn_range zapped {zapped} entries",
-                    gfn=first,
-                    hva=hva,
-                )
+            zapped = self.unmap_gfn_range(first, stop, trace)
+            step = KvmStep(
+                "kvm_mmu_notifier_invalidate_range_start",
+                f"{reason}: HVA [{max(start, hva):#x}, ...) is GFN [{first:#x}, {stop:#x});"
+                f" kvm_unmap_gfn_range zapped {zapped} entries",
+                gfn=first,
+                hva=hva,
             )
+            self._step(trace, step)
 
     def invalidate_range_end(self, process: Process, start: int, end: int) -> None:
         """`kvm_mmu_notifier_invalidate_range_end` -> `kvm_mmu_invalidate_end`: bump
@@ -657,7 +658,7 @@ class TdpMmu(KvmMmu):
 
     # --- zaps: MMU notifiers, memslot changes -----------------------------------------------
 
-    def unmap_gfn_range(self, start: int, end: int) -> int:
+    def unmap_gfn_range(self, start: int, end: int, trace: Trace | None = None) -> int:
         """`kvm_tdp_mmu_unmap_gfn_range` -> `kvm_tdp_mmu_zap_leafs`: set every leaf mapping a
         GFN in [start, end) to SHADOW_NONPRESENT_VALUE; a huge leaf that overlaps the range
         goes whole. Returns how many entries were cleared."""
@@ -668,7 +669,7 @@ class TdpMmu(KvmMmu):
             pages = 1
             if found is not None:
                 pages = 1 << (self.fmt.shift(found.level) - PAGE_SHIFT)
-                self._set_spte(found.slot, found.level, SHADOW_NONPRESENT_VALUE, None, False)
+                self._set_spte(found.slot, found.level, SHADOW_NONPRESENT_VALUE, trace, False)
                 zapped += 1
             gfn = (gfn & ~(pages - 1)) + pages
         if zapped:

@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
-from twodwalk.cpuid import CpuModel
+from twodwalk.engine.cpuid import CpuModel
+from twodwalk.engine.units import PAGE_SHIFT
 from twodwalk.errors import TwodwalkError, check_aligned, check_choice, check_int
-from twodwalk.units import PAGE_SHIFT
 
 ENTRY_SIZE = 8
 INDEX_BITS = 9

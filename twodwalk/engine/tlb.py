@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import NamedTuple
 
-from twodwalk.errors import TwodwalkError, check_choice, check_int
-from twodwalk.formats import RIGHTS_BY_MASK, Rights
-from twodwalk.units import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE
-from twodwalk.walker import (
+from twodwalk.engine.formats import RIGHTS_BY_MASK, Rights
+from twodwalk.engine.units import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE
+from twodwalk.engine.walker import (
     ROW_INDEX,
     ROW_LEVEL,
     ROW_READ,
@@ -32,6 +31,7 @@ from twodwalk.walker import (
     ROW_VALUE,
     WalkRecord,
 )
+from twodwalk.errors import TwodwalkError, check_choice, check_int
 
 # Sizes of a Skylake-class core (Intel Optimization Reference Manual, "TLB parameters"): the
 # first-level data TLB has 64 4-KiB, 32 2-MiB and 4 1-GiB entries, 4-way; the second-level

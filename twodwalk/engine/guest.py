@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from twodwalk.formats import ia32e_format
-from twodwalk.pagetables import PageTables
-from twodwalk.units import PAGE_SIZE
+from twodwalk.engine.formats import ia32e_format
+from twodwalk.engine.pagetables import PageTables
+from twodwalk.engine.units import PAGE_SIZE
 
 if TYPE_CHECKING:
-    from twodwalk.kvm.vm import Vm
+    from twodwalk.engine.kvm.vm import Vm
 
 
 class GuestRam:

@@ -12,19 +12,18 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from twodwalk.cpuid import CpuModel
-from twodwalk.ept import EptAccessRules
-from twodwalk.errors import TwodwalkError, check_choice, check_int
-from twodwalk.formats import PTE_DIRTY, PTE_GLOBAL, EntryFormat, Ia32eFormat, Rights
-from twodwalk.memory import PhysicalMemory
-from twodwalk.paging import (
+from twodwalk.engine.cpuid import CpuModel
+from twodwalk.engine.ept import EptAccessRules
+from twodwalk.engine.formats import PTE_DIRTY, PTE_GLOBAL, EntryFormat, Ia32eFormat, Rights
+from twodwalk.engine.memory import PhysicalMemory
+from twodwalk.engine.paging import (
     GeneralProtection,
     PageFault,
     PagingControls,
     decode_cr3,
 )
-from twodwalk.tables import PageWalkCacheTables
-from twodwalk.tlb import (
+from twodwalk.engine.tables import PageWalkCacheTables
+from twodwalk.engine.tlb import (
     ANY_PCID,
     Tag,
     Tlb,
@@ -34,11 +33,12 @@ from twodwalk.tlb import (
     deepest_table,
     fill_paging_structure_caches,
 )
-from twodwalk.trace import CacheHit, DataAccess, Retry, TlbHit, Trace
-from twodwalk.walker import Access, AccessKind, TableMemory, WalkRecord, WalkStart
+from twodwalk.engine.trace import CacheHit, DataAccess, Retry, TlbHit, Trace
+from twodwalk.engine.walker import Access, AccessKind, TableMemory, WalkRecord, WalkStart
+from twodwalk.errors import TwodwalkError, check_choice, check_int
 
 if TYPE_CHECKING:
-    from twodwalk.kvm.run import InternalError, MmioExit
+    from twodwalk.engine.kvm.run import InternalError, MmioExit
 
 MAX_ATTEMPTS = 16
 ACCESS_SIZE = 8

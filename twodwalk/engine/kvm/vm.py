@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import errno
 
-from twodwalk.cpuid import CpuModel
-from twodwalk.errors import TwodwalkError, check_int
-from twodwalk.formats import ept_format
-from twodwalk.host import HostKernel, Process
-from twodwalk.kvm.memslots import (
+from twodwalk.engine.cpuid import CpuModel
+from twodwalk.engine.formats import ept_format
+from twodwalk.engine.host import HostKernel, Process
+from twodwalk.engine.kvm.memslots import (
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
     Change,
@@ -30,11 +29,12 @@ from twodwalk.kvm.memslots import (
     check_slot_number,
     check_uapi_int,
 )
-from twodwalk.kvm.mmu import ALL_LEVELS, HUGE_LEVELS, PG_LEVEL_4K, TdpMmu
-from twodwalk.kvm.shadow import ShadowMmu
-from twodwalk.memory import page_pieces
-from twodwalk.trace import KvmStep
-from twodwalk.units import PAGE_SHIFT
+from twodwalk.engine.kvm.mmu import ALL_LEVELS, HUGE_LEVELS, PG_LEVEL_4K, TdpMmu
+from twodwalk.engine.kvm.shadow import ShadowMmu
+from twodwalk.engine.memory import page_pieces
+from twodwalk.engine.trace import KvmStep
+from twodwalk.engine.units import PAGE_SHIFT
+from twodwalk.errors import TwodwalkError, check_int
 
 DIRTY_LOG_MODES = {
     "write-protect": "KVM write-protects the logged pages: the first write to each after"

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from twodwalk.ept import (
+from twodwalk.engine.ept import (
     EXIT_REASON_EPT_MISCONFIG,
     EXIT_REASON_EPT_VIOLATION,
     EptAccessRules,
@@ -21,25 +21,24 @@ from twodwalk.ept import (
     ept_violation_qualification,
     is_misconfiguration,
 )
-from twodwalk.errors import TwodwalkError, check_choice, check_int
-from twodwalk.formats import Rights, leaf_bit
-from twodwalk.kvm.mmu import EmulateMmio, TdpMmu
-from twodwalk.kvm.run import InternalError, MmioExit
-from twodwalk.kvm.shadow import EmulateWrite, InjectFault, ShadowMmu
-from twodwalk.paging import (
+from twodwalk.engine.formats import Rights, leaf_bit
+from twodwalk.engine.kvm.mmu import EmulateMmio, TdpMmu
+from twodwalk.engine.kvm.run import InternalError, MmioExit
+from twodwalk.engine.kvm.shadow import EmulateWrite, InjectFault, ShadowMmu
+from twodwalk.engine.paging import (
     GeneralProtection,
     exception_for,
 )
-from twodwalk.processor import ACCESS_SIZE, AccessResult, Processor
-from twodwalk.tables import EptTables, GpaTranslation, PageWalkCacheTables
-from twodwalk.tlb import (
+from twodwalk.engine.processor import ACCESS_SIZE, AccessResult, Processor
+from twodwalk.engine.tables import EptTables, GpaTranslation, PageWalkCacheTables
+from twodwalk.engine.tlb import (
     Tag,
     TlbEntry,
     TranslationCaches,
     deepest_table,
     fill_paging_structure_caches,
 )
-from twodwalk.trace import (
+from twodwalk.engine.trace import (
     CacheHit,
     DataAccess,
     EptWalk,
@@ -49,7 +48,7 @@ from twodwalk.trace import (
     Trace,
     VmExit,
 )
-from twodwalk.walker import (
+from twodwalk.engine.walker import (
     Access,
     AccessKind,
     FaultKind,
@@ -58,9 +57,10 @@ from twodwalk.walker import (
     WalkStart,
     walk,
 )
+from twodwalk.errors import TwodwalkError, check_choice, check_int
 
 if TYPE_CHECKING:
-    from twodwalk.kvm.vm import Vm
+    from twodwalk.engine.kvm.vm import Vm
 
 _WRITE = Access.of(AccessKind.WRITE)
 EXIT_REASON_EXCEPTION_NMI = 0

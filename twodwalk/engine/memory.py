@@ -14,8 +14,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterator
 
+from twodwalk.engine.units import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import AddressError, TwodwalkError, check_aligned, check_int
-from twodwalk.units import PAGE_SHIFT, PAGE_SIZE
 
 _U64 = struct.Struct("<Q")
 _ZERO_FRAME = bytes(PAGE_SIZE)
