@@ -129,7 +129,7 @@ def _workload(pages: int, quick: bool, target: float | None) -> Row:
     m = _machine(pages)
     count = 100_000 if quick else 1_000_000
     start = time.perf_counter()
-    result = run_workload(m, zipf(BASE, pages, count, seed=1))
+    result = run_workload(m.vcpu, zipf(BASE, pages, count, seed=1))
     seconds = (time.perf_counter() - start) * (1_000_000 / count)
     note = f"TLB hits {result.tlb_hit_rate:.1%}" + (
         ", 100,000 accesses scaled x10" if quick else ""

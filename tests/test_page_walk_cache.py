@@ -62,11 +62,11 @@ def test_a_warm_miss_reads_only_leaves_from_memory() -> None:
 def test_bare_metal_and_shadow_walks_use_it_too() -> None:
     shadow = warm_miss(machine("amd", tdp=False), 2)
     assert shadow.trace.reference_counts() == {"native": 1}, "PML4E, PDPTE, PDE cached"
-    native = tw.workloads.Configuration("n", native=True, cache_model="amd").machine(8, GVA)
+    native = tw.workloads.Configuration("n", native=True, cache_model="amd").processor(8, GVA)
     for page in (0x1000, 0):  # both pages faulted in; the last walk warms the cache
-        native.vcpu.access(GVA + page, "read")
-    native.vcpu.tlb.invalidate(lambda e: False)
-    assert native.vcpu.access(GVA + 0x1000, "read").trace.reference_counts() == {"native": 1}
+        native.access(GVA + page, "read")
+    native.tlb.invalidate(lambda e: False)
+    assert native.access(GVA + 0x1000, "read").trace.reference_counts() == {"native": 1}
 
 
 def test_every_invalidation_empties_it_and_off_switches_it_off() -> None:

@@ -51,7 +51,7 @@ def test_one_page_many_times_is_one_walk_then_tlb_hits() -> None:
     m = machine()
     for _ in range(2):  # warm EPT and host tables, then count from a cold TLB
         m.vcpu.flush_tlb()
-        result = run_workload(m, sequential(BASE, 1, 10, step=8))
+        result = run_workload(m.vcpu, sequential(BASE, 1, 10, step=8))
     assert result.tlb_hits == 9
     assert result.references == {"guest": 4, "ept": 20}
     assert result.exits == {}
@@ -61,23 +61,23 @@ def test_one_page_many_times_is_one_walk_then_tlb_hits() -> None:
 def test_caches_off_every_warm_access_costs_24() -> None:
     m = machine()
     m.vcpu.caches.off()
-    run_workload(m, strided(BASE, PAGES, PAGES))
-    result = run_workload(m, strided(BASE, PAGES, PAGES))
+    run_workload(m.vcpu, strided(BASE, PAGES, PAGES))
+    result = run_workload(m.vcpu, strided(BASE, PAGES, PAGES))
     assert result.references_per_access == 24
     assert result.tlb_hits == 0 and result.cache_hits == {}
 
 
 def test_shadow_paging_walks_one_dimension() -> None:
     m = machine(tdp=False)
-    run_workload(m, strided(BASE, PAGES, PAGES))
+    run_workload(m.vcpu, strided(BASE, PAGES, PAGES))
     m.vcpu.caches.off()
-    result = run_workload(m, strided(BASE, PAGES, PAGES))
+    result = run_workload(m.vcpu, strided(BASE, PAGES, PAGES))
     assert result.references == {"native": 4 * PAGES}
 
 
 def test_first_touch_counts_exits_and_host_faults() -> None:
     m = machine()
-    result = run_workload(m, uniform(BASE, PAGES, 50, seed=2, write_fraction=0.5))
+    result = run_workload(m.vcpu, uniform(BASE, PAGES, 50, seed=2, write_fraction=0.5))
     assert result.exits.get("EPT_VIOLATION", 0) > 0
     assert result.host_page_faults > 0
     assert "memory references / access" in result.table()
@@ -112,7 +112,7 @@ def test_shadow_paging_costs_one_dimension_in_steady_state() -> None:
 def test_text_progress_bar() -> None:
     out = io.StringIO()
     m = machine()
-    run_workload(m, sequential(BASE, 1, 2000, step=8), progress=progress_bar(2000, out))
+    run_workload(m.vcpu, sequential(BASE, 1, 2000, step=8), progress=progress_bar(2000, out))
     text = out.getvalue()
     assert "1,000/2,000" in text and text.endswith("[" + "#" * 40 + "] 2,000/2,000\n")
 
@@ -141,4 +141,4 @@ def test_a_configuration_can_ask_what_a_smaller_tlb_would_do() -> None:
     assert results[0].tlb_hit_rate == 1.0, "64 pages fit the default STLB"
     assert results[1].tlb_hit_rate < 0.9, "but not 8 entries"
     with pytest.raises(tw.TwodwalkError, match="cache geometry"):
-        tw.workloads.Configuration("bad", tlb_geometry=((4096, 0, 4),)).machine(4, BASE)
+        tw.workloads.Configuration("bad", tlb_geometry=((4096, 0, 4),)).processor(4, BASE)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from twodwalk.engine.machine import Machine
 from twodwalk.engine.native import NativeMachine
@@ -126,25 +125,18 @@ class WorkloadResult:
         return "\n".join([self.name] + [f"  {label:<{width}}  {v:>10}" for label, v in rows])
 
 
-class HasCpu(Protocol):
-    """A `Machine` (a vCPU) or a `NativeMachine` (bare metal): anything with a processor."""
-
-    @property
-    def vcpu(self) -> Processor: ...
-
-
 def run_workload(
-    machine: HasCpu,
+    cpu: Processor,
     stream: Stream,
     name: str = "workload",
     progress: Callable[[int], None] | None = None,
 ) -> WorkloadResult:
-    """Run every (gva, kind) of `stream` on the machine's vCPU and count what happened;
+    """Run every (gva, kind) of `stream` on a processor (a `Machine`'s `vcpu` or a
+    `NativeMachine`'s `cpu`) and count what happened;
     writes store the access number. Accesses the TLB serves take the counts-only fast path
     (`Processor.tlb_access`); the rest run the full access path into a `Counts` trace sink,
     which keeps the totals and no events. `progress(n)` is called every 1,000 accesses."""
-    result = WorkloadResult(name, machine.vcpu.caches.model)
-    cpu = machine.vcpu
+    result = WorkloadResult(name, cpu.caches.model)
     counts = Counts()
     for number, (gva, kind) in enumerate(stream):
         value = number if kind == "write" else None
@@ -179,15 +171,16 @@ class Configuration:
     cache_model: str = "intel"
     tlb_geometry: tuple[tuple[int, int, int], ...] | None = None
 
-    def machine(self, pages: int, base: int) -> HasCpu:
-        """A machine whose guest maps `pages` pages at `base` (rounded up to whole large
-        pages), backed by THP when `thp`; or, `native`, a process that mmaps them there."""
+    def processor(self, pages: int, base: int) -> Processor:
+        """The vCPU of a machine whose guest maps `pages` pages at `base` (rounded up to whole
+        large pages), backed by THP when `thp`; or, `native`, the CPU of a bare-metal host
+        whose process mmaps them there."""
         size = -(-pages * PAGE_SIZE // self.guest_page_size) * self.guest_page_size
         if self.native:
             native = NativeMachine(maxphyaddr=48)
             native.mmap(size, huge=self.guest_page_size > PAGE_SIZE, fixed=base)
-            self._set_caches(native.vcpu)
-            return native
+            self._set_caches(native.cpu)
+            return native.cpu
         m = Machine(
             guest_ram=max(32 << 20, 2 * size),
             tdp=self.tdp,
@@ -198,7 +191,7 @@ class Configuration:
         )
         m.guest.map(base, self.guest_page_size, size, page_size=self.guest_page_size, rw=1)
         self._set_caches(m.vcpu)
-        return m
+        return m.vcpu
 
     def _set_caches(self, cpu: Processor) -> None:
         cpu.caches.model = self.cache_model
@@ -229,10 +222,10 @@ def compare(
     a first pass faults everything in so the counted pass shows steady-state costs."""
     results = []
     for config in configurations:
-        m = config.machine(pages, base)
+        cpu = config.processor(pages, base)
         if warm:
-            run_workload(m, stream(base))
-        results.append(run_workload(m, stream(base), config.name))
+            run_workload(cpu, stream(base))
+        results.append(run_workload(cpu, stream(base), config.name))
     return results
 
 

@@ -70,14 +70,15 @@ class NativeCpu(Processor):
 
 
 class NativeMachine:
-    """A host running one process ("app") on bare metal: its CPU is `vcpu`, named like a
-    `Machine`'s so that the same workloads run on both."""
+    """A host running one process ("app") on bare metal, on one CPU (`cpu`): no VM, so no
+    vCPU; workloads run on `cpu` as they run on a `Machine`'s `vcpu` (both are a
+    `Processor`)."""
 
     def __init__(self, maxphyaddr: int = 46, gbpages: bool = True) -> None:
         self.cpu_model = CpuModel(maxphyaddr=maxphyaddr, gbpages=gbpages, la57=True)
         self.memory, self.host = new_host(self.cpu_model)
         self.process = self.host.spawn("app")
-        self.vcpu = NativeCpu(self)
+        self.cpu = NativeCpu(self)
 
     def mmap(self, size: int, huge: bool = False, fixed: int | None = None) -> int:
         """Map anonymous memory in the process; returns its address."""
