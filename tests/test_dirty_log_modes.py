@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 
 import pytest
+from support import ept_leaf, mapped_machine
 
 import twodwalk as tw
 from twodwalk.engine.kvm.mmu import PML_LOG_NR_ENTRIES
@@ -25,16 +26,11 @@ W, D, MMU_WRITABLE = 1 << 1, 1 << 9, 1 << 58
 
 
 def machine(mode: str = "write-protect", *, thp: bool = False, tdp: bool = True) -> tw.Machine:
-    m = tw.Machine(guest_ram=RAM, tdp=tdp, maxphyaddr=48, gbpages=False, thp=thp)
-    m.guest.map(GVA, GPA, 16 << 12, rw=1, us=1)
+    m = mapped_machine(
+        GVA, GPA, 16 << 12, guest_ram=RAM, tdp=tdp, maxphyaddr=48, gbpages=False, thp=thp
+    )
     m.vm.set_dirty_log_mode(mode)
     return m
-
-
-def leaf(m: tw.Machine, gpa: int) -> tuple[int, int]:
-    found = m.vm.ept.tables.find_leaf(gpa)
-    assert found is not None
-    return m.memory.read_u64(found[0]), found[1]
 
 
 def write(m: tw.Machine, page: int, value: int = 1) -> tw.AccessResult:
@@ -61,13 +57,15 @@ def exits(r: tw.AccessResult) -> int:
 def test_write_protect_clears_only_w_and_keeps_the_cpus_dirty_bit() -> None:
     m = machine()
     write(m, 3)
-    before, level = leaf(m, GPA + 0x3000)
+    before, level = ept_leaf(m, GPA + 0x3000)
     assert level == 1 and before & (W | D | MMU_WRITABLE) == W | D | MMU_WRITABLE
     log_on(m)
-    assert leaf(m, GPA + 0x3000)[0] == before & ~W, "W cleared; D and MMU-writable stay"
+    assert ept_leaf(m, GPA + 0x3000).value == before & ~W, "W cleared; D and MMU-writable stay"
     r = write(m, 3, 2)
     assert [s.function for s in r.trace.of_type(KvmStep)].count("fast_page_fault") >= 1
-    assert leaf(m, GPA + 0x3000)[0] == before, "fast_page_fault sets W back; D was never lost"
+    assert ept_leaf(m, GPA + 0x3000).value == before, (
+        "fast_page_fault sets W back; D was never lost"
+    )
     assert pages(m.vm.get_dirty_log(0)) == {3}
 
 
@@ -77,17 +75,17 @@ def test_write_protect_clears_only_w_and_keeps_the_cpus_dirty_bit() -> None:
 def test_pml_clears_dirty_bits_and_the_cpu_logs_writes_without_exits() -> None:
     m = machine("pml")
     write(m, 3)
-    before = leaf(m, GPA + 0x3000)[0]
+    before = ept_leaf(m, GPA + 0x3000).value
     log_on(m)
-    assert leaf(m, GPA + 0x3000)[0] == before & ~D, "D cleared; W stays"
+    assert ept_leaf(m, GPA + 0x3000).value == before & ~D, "D cleared; W stays"
     r = write(m, 3, 7)
     assert exits(r) == 0, "no write protection: the CPU sets D and logs the GPA"
     assert GPA + 0x3000 in m.vm.ept.pml_buffer
-    assert leaf(m, GPA + 0x3000)[0] == before
+    assert ept_leaf(m, GPA + 0x3000).value == before
     bitmap = m.vm.get_dirty_log(0)  # kvm_arch_sync_dirty_log flushes the buffer first
     assert m.vm.ept.pml_buffer == []
     assert pages(bitmap) == {3}
-    assert leaf(m, GPA + 0x3000)[0] == before & ~D, "KVM_GET_DIRTY_LOG clears D again"
+    assert ept_leaf(m, GPA + 0x3000).value == before & ~D, "KVM_GET_DIRTY_LOG clears D again"
     assert exits(write(m, 3, 8)) == 0
     assert pages(m.vm.get_dirty_log(0)) == {3}
     assert pages(m.vm.get_dirty_log(0)) == set()
@@ -96,10 +94,10 @@ def test_pml_clears_dirty_bits_and_the_cpu_logs_writes_without_exits() -> None:
 def test_pml_enable_splits_huge_pages_and_clears_d_without_write_protecting() -> None:
     m = machine("pml", thp=True)
     write(m, 0)
-    assert leaf(m, GPA)[1] == 2
+    assert ept_leaf(m, GPA).level == 2
     log_on(m)
     for gpa in (0, GPA, (2 << 20) - 0x1000):
-        value, level = leaf(m, gpa)
+        value, level = ept_leaf(m, gpa)
         assert level == 1 and value & W and not value & D
 
 
@@ -138,9 +136,9 @@ def test_mode_errors_name_the_value() -> None:
 def test_initially_set_protects_nothing_and_reports_every_page() -> None:
     m = machine("initially-set", thp=True)
     write(m, 0)
-    huge = leaf(m, GPA)
+    huge = ept_leaf(m, GPA)
     log_on(m)
-    assert leaf(m, GPA) == huge, "no split, no write protection at enable time"
+    assert ept_leaf(m, GPA) == huge, "no split, no write protection at enable time"
     for _ in range(2):  # KVM_GET_DIRTY_LOG does not clear
         assert m.vm.get_dirty_log(0) == b"\xff" * (NPAGES // 8)
 
@@ -156,10 +154,10 @@ def test_clear_dirty_log_splits_and_protects_only_the_cleared_pages(pml: bool) -
     m.vm.clear_dirty_log(0, 256, 64, b"\xff" * 8)
     bitmap = m.vm.get_dirty_log(0)
     assert bitmap[32:40] == bytes(8) and bitmap[:32] == b"\xff" * 32 and bitmap[40] == 0xFF
-    cleared, level = leaf(m, GPA)
+    cleared, level = ept_leaf(m, GPA)
     assert level == 1, "the 2 MiB leaf was split"
     assert (cleared & W, cleared & D) == ((W, 0) if pml else (0, D))
-    outside, _ = leaf(m, GPA + (64 << 12))  # GFN 0x140: still dirty, not protected
+    outside, _ = ept_leaf(m, GPA + (64 << 12))  # GFN 0x140: still dirty, not protected
     assert outside & (W | D) == W | D
     r = write(m, 0, 5)
     assert exits(r) == (0 if pml else 1)
@@ -204,13 +202,13 @@ def test_clear_dirty_log_to_the_slot_end_may_be_unaligned_and_needs_a_log() -> N
 def test_disabling_logging_recovers_the_huge_page_in_place() -> None:
     m = machine(thp=True)
     r = write(m, 0)
-    huge, level = leaf(m, GPA)
+    huge, level = ept_leaf(m, GPA)
     assert level == 2
     log_on(m)
     write(m, 1)
-    assert leaf(m, GPA)[1] == 1
+    assert ept_leaf(m, GPA).level == 1
     m.vm.set_user_memory_region(0, 0, 0, RAM, m.ram_hva)
-    value, level = leaf(m, GPA)
+    value, level = ept_leaf(m, GPA)
     assert level == 2 and value & ~(W | D) == huge & ~(W | D), "same 2 MiB frame, PS set"
     # The huge leaf inherits W from the 4 KiB leaf it was made from (write-protected for the
     # log): an access that needs W exits once to fast_page_fault, but no fault maps anything.

@@ -8,6 +8,7 @@ guest kernel's own stores to its page tables. Expected values are computed by ha
 from __future__ import annotations
 
 import pytest
+from support import mapped_machine
 
 import twodwalk as tw
 from twodwalk.engine.trace import NativeWalk, VmExit
@@ -30,9 +31,9 @@ MODES = [
 
 
 def machine(tdp: bool, ept_ad: bool = True) -> tw.Machine:
-    m = tw.Machine(guest_ram=RAM, tdp=tdp, ept_ad=ept_ad, maxphyaddr=48, gbpages=False)
-    m.guest.map(GVA, GPA, 0x4000, rw=1, us=1)
-    return m
+    return mapped_machine(
+        GVA, GPA, 0x4000, guest_ram=RAM, tdp=tdp, ept_ad=ept_ad, maxphyaddr=48, gbpages=False
+    )
 
 
 def table_gfns(m: tw.Machine) -> list[int]:

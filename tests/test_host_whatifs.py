@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import ept_leaf_if_present, mapped_machine
 
 import twodwalk as tw
 from twodwalk.engine.host import swp_offset
@@ -24,25 +25,15 @@ PAYLOAD = b"twodwalk" * 512  # one full 4 KiB page
 
 
 def machine(thp: bool = False) -> tw.Machine:
-    m = tw.Machine(
-        guest_ram=32 * MIB, guest_levels=4, ept_levels=4, maxphyaddr=48, gbpages=False, thp=thp
+    m = mapped_machine(
+        GVA, DATA_GPA, 0x1000, guest_ram=32 * MIB, maxphyaddr=48, gbpages=False, thp=thp
     )
-    m.guest.map(GVA, DATA_GPA, 0x1000, rw=1, us=1)
     m.write_gpa(DATA_GPA, PAYLOAD)
     return m
 
 
 def word(data: bytes, offset: int = 0) -> int:
     return int.from_bytes(data[offset : offset + 8], "little")
-
-
-def ept_leaf(m: tw.Machine, gpa: int) -> tuple[int, int] | None:
-    """(entry value, level) of the present EPT leaf for `gpa`, or None."""
-    found = m.vm.ept.tables.find_leaf(gpa)
-    if found is None:
-        return None
-    value = m.memory.read_u64(found[0])
-    return (value, found[1]) if value & 7 else None
 
 
 def ept_frame(value: int, level: int) -> int:
@@ -61,7 +52,7 @@ def first_access(m: tw.Machine) -> tw.AccessResult:
     r = m.vcpu.access(GVA, "read")
     assert r.fault is None and r.exit is None and r.value == word(PAYLOAD)
     assert r.hva is not None and r.hpa is not None
-    assert ept_leaf(m, DATA_GPA) is not None
+    assert ept_leaf_if_present(m, DATA_GPA) is not None
     return r
 
 
@@ -70,7 +61,7 @@ def test_swap_out_zaps_ept_and_swap_in_restores_data() -> None:
     r = first_access(m)
     hva = r.hva & ~0xFFF  # type: ignore[operator]
     offset = m.host.swap_out(m.vmm, hva)
-    assert ept_leaf(m, DATA_GPA) is None, "the notifier zapped the EPT leaf"
+    assert ept_leaf_if_present(m, DATA_GPA) is None, "the notifier zapped the EPT leaf"
     assert m.vmm.tables.find_leaf(hva) is None
     slot = m.vmm.tables.entry_address(hva, 1)
     assert slot is not None
@@ -85,7 +76,7 @@ def test_swap_out_zaps_ept_and_swap_in_restores_data() -> None:
     assert len(faults) == 1 and faults[0].resolution.startswith("swap-in")
     assert again.hpa is not None and again.hpa & ~0xFFF == faults[0].hpa
     assert m.memory.read(faults[0].hpa, 4096) == PAYLOAD
-    leaf = ept_leaf(m, DATA_GPA)
+    leaf = ept_leaf_if_present(m, DATA_GPA)
     assert leaf is not None and ept_frame(*leaf) == faults[0].hpa
 
 
@@ -95,7 +86,7 @@ def test_migrate_moves_the_frame_and_keeps_data() -> None:
     old = r.hpa & ~0xFFF  # type: ignore[operator]
     new = m.host.migrate(m.vmm, r.hva & ~0xFFF)  # type: ignore[operator]
     assert new != old
-    assert ept_leaf(m, DATA_GPA) is None
+    assert ept_leaf_if_present(m, DATA_GPA) is None
     again = m.vcpu.access(GVA, "read")
     assert again.trace.of_type(VmExit)
     assert again.value == word(PAYLOAD)
@@ -113,13 +104,13 @@ def test_ksm_merge_then_copy_on_write() -> None:
     assert a.hpa != b.hpa
     assert a.hva is not None and b.hva is not None
     frame = m.host.ksm_merge(m.vmm, a.hva & ~0xFFF, b.hva & ~0xFFF)
-    assert ept_leaf(m, DATA_GPA) is None and ept_leaf(m, gpa_b) is None
+    assert ept_leaf_if_present(m, DATA_GPA) is None and ept_leaf_if_present(m, gpa_b) is None
     a2 = m.vcpu.access(GVA, "read")
     b2 = m.vcpu.access(gva_b, "read")
     assert a2.hpa == b2.hpa == frame
     assert a2.value == b2.value == word(PAYLOAD)
-    leaf = ept_leaf(m, gpa_b)
-    assert leaf is not None and not leaf[0] & EPT_W, "merged page is read-only in EPT"
+    leaf = ept_leaf_if_present(m, gpa_b)
+    assert leaf is not None and not leaf.value & EPT_W, "merged page is read-only in EPT"
 
     w = m.vcpu.access(gva_b, "write", 0x1122_3344)
     faults = w.trace.of_type(HostPageFault)
@@ -136,27 +127,27 @@ def test_ksm_merge_then_copy_on_write() -> None:
 def test_thp_split_and_collapse() -> None:
     m = machine(thp=True)
     r = first_access(m)
-    leaf = ept_leaf(m, DATA_GPA)
-    assert leaf is not None and leaf[1] == 2
+    leaf = ept_leaf_if_present(m, DATA_GPA)
+    assert leaf is not None and leaf.level == 2
     hva = r.hva & ~0xFFF  # type: ignore[operator]
 
     m.host.split_thp(m.vmm, hva)
-    assert ept_leaf(m, DATA_GPA) is None
+    assert ept_leaf_if_present(m, DATA_GPA) is None
     split = m.vcpu.access(GVA, "read")
     assert split.value == word(PAYLOAD)
     levels = [s.level for s in split.trace.of_type(KvmStep) if s.function.endswith("adjust")]
     assert levels == [1]
-    leaf = ept_leaf(m, DATA_GPA)
-    assert leaf is not None and leaf[1] == 1
+    leaf = ept_leaf_if_present(m, DATA_GPA)
+    assert leaf is not None and leaf.level == 1
     assert split.hpa == r.hpa, "split keeps the frames"
 
     new = m.host.collapse_thp(m.vmm, hva)
     assert new % HUGE_PAGE_SIZE == 0
-    assert ept_leaf(m, DATA_GPA) is None
+    assert ept_leaf_if_present(m, DATA_GPA) is None
     collapsed = m.vcpu.access(GVA, "read")
     assert collapsed.value == word(PAYLOAD)
-    leaf = ept_leaf(m, DATA_GPA)
-    assert leaf is not None and leaf[1] == 2 and ept_frame(*leaf) == new
+    leaf = ept_leaf_if_present(m, DATA_GPA)
+    assert leaf is not None and leaf.level == 2 and ept_frame(*leaf) == new
     assert collapsed.hpa == new + (DATA_GPA % HUGE_PAGE_SIZE)
     assert m.read_gpa(DATA_GPA, 4096) == PAYLOAD
 
@@ -165,7 +156,7 @@ def test_munmap_of_guest_ram_makes_kvm_run_fail_with_efault() -> None:
     m = machine()
     r = first_access(m)
     m.vmm.munmap(r.hva & ~0xFFF, 0x1000)  # type: ignore[operator]
-    assert ept_leaf(m, DATA_GPA) is None
+    assert ept_leaf_if_present(m, DATA_GPA) is None
     with pytest.raises(tw.KvmError) as info:
         m.vcpu.access(GVA, "read")
     assert info.value.errno == errno.EFAULT
@@ -177,7 +168,7 @@ def test_without_notifiers_the_guest_reads_a_freed_frame() -> None:
     old_frame = r.hpa & ~0xFFF  # type: ignore[operator]
     m.host.mmu_notifiers_enabled = False
     m.host.swap_out(m.vmm, r.hva & ~0xFFF)  # type: ignore[operator]
-    leaf = ept_leaf(m, DATA_GPA)
+    leaf = ept_leaf_if_present(m, DATA_GPA)
     assert leaf is not None and ept_frame(*leaf) == old_frame, "stale EPT leaf"
     reused = m.host.frames.alloc()
     assert reused == old_frame, "LIFO reuse hands out the freed frame"
@@ -254,7 +245,7 @@ def test_ept_leaves_always_match_memslot_and_host_tables(ops: list[Op]) -> None:
             found = m.vmm.tables.find_leaf(hva)
             if found is None:
                 continue  # not resident: nothing to swap or migrate
-            pte = m.memory.read_u64(found[0])
+            pte = m.memory.read_u64(found.slot)
             if pte & 0xFFFF_FFFF_F000 == m.host.zero_page:
                 continue  # the shared zero page is never swapped or migrated
             if op.what == "swap":
@@ -286,6 +277,6 @@ def test_a_guest_read_sets_no_bit_in_the_vmms_host_pte() -> None:
     assert [s.hva for s in fast].count(hva) == 1
     found = m.vmm.tables.find_leaf(hva)
     assert found is not None
-    pte = m.memory.read_u64(found[0])
+    pte = m.memory.read_u64(found.slot)
     # P, R/W, U/S and A (x86 vm_page_prot has _PAGE_ACCESSED), D clear, XD set.
     assert pte & 0x7F == 0b010_0111 and pte >> 63 == 1

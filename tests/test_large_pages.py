@@ -16,7 +16,7 @@ def test_1gib_hugetlbfs_backing_gives_a_1gib_ept_leaf_and_14_references() -> Non
     m.guest.map(GVA, 0x3000_0000, 4096, rw=1)
     m.vcpu.access(GVA, "write", 5)
     found = m.vm.ept.tables.find_leaf(0x3000_0000)
-    assert found is not None and found[1] == 3
+    assert found is not None and found.level == 3
     m.vcpu.caches.off()
     warm = m.vcpu.access(GVA, "read")
     assert warm.value == 5

@@ -444,7 +444,7 @@ def test_move_zaps_the_slots_ept_entries() -> None:
     m = machine_with_slot_1()
     hva = m.vm.memslots.slots[(0, 1)].userspace_addr
     found = m.vm.ept.tables.find_leaf(NEW_GPA + 0x2000)
-    assert found is not None and m.memory.read_u64(found[0]) & 7 == 0b111
+    assert found is not None and m.memory.read_u64(found.slot) & 7 == 0b111
     m.vm.set_user_memory_region(1, 0, MOVED_GPA, SLOT_SIZE, hva)
     assert m.vm.ept.tables.find_leaf(NEW_GPA + 0x2000) is None
 

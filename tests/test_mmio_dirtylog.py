@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 
 import pytest
+from support import ept_leaf
 
 import twodwalk as tw
 from twodwalk.engine.kvm.memslots import Change
@@ -62,13 +63,6 @@ def leaf_writes(r: tw.AccessResult) -> list[int]:
         if isinstance(new, int) and leaf is True:
             out.append(new)
     return out
-
-
-def ept_leaf(m: tw.Machine, gpa: int) -> tuple[int, int]:
-    """(EPT entry value, level) of the leaf mapping `gpa`."""
-    found = m.vm.ept.tables.find_leaf(gpa)
-    assert found is not None, f"no EPT leaf for {gpa:#x}"
-    return m.memory.read_u64(found[0]), found[1]
 
 
 # --- MMIO exits --------------------------------------------------------------------------------
@@ -139,7 +133,7 @@ def test_deleting_a_slot_zaps_everything_mmio_entries_too() -> None:
     m.vcpu.access(MMIO_GVA, "read")
     m.vm.set_user_memory_region(1, 0, 0, 0, 0)
     found = m.vm.ept.tables.find_leaf(MMIO_GPA)
-    assert found is None or m.memory.read_u64(found[0]) == 0
+    assert found is None or m.memory.read_u64(found.slot) == 0
     r = m.vcpu.access(MMIO_GVA, "read")
     assert EPT_MISCONFIG not in exit_reasons(r)
     assert isinstance(r.exit, tw.MmioExit) and r.exit.phys_addr == MMIO_GPA
@@ -152,7 +146,7 @@ def test_memslot_change_makes_the_cached_mmio_entry_stale(change: str) -> None:
     if change == "delete":
         m.vm.set_user_memory_region(1, 0, SLOT1_GPA, SLOT1_SIZE, hva)
     m.vcpu.access(MMIO_GVA, "read")
-    old_gen = mmio_spte_generation(ept_leaf(m, MMIO_GPA)[0])
+    old_gen = mmio_spte_generation(ept_leaf(m, MMIO_GPA).value)
     if change == "create":
         m.vm.set_user_memory_region(1, 0, SLOT1_GPA, SLOT1_SIZE, hva)
     elif change == "flags-only":
@@ -170,7 +164,7 @@ def test_memslot_change_makes_the_cached_mmio_entry_stale(change: str) -> None:
     assert [s.gfn for s in steps(r, "kvm_faultin_pfn")] == [MMIO_GPA >> 12]
     assert isinstance(r.exit, tw.MmioExit) and r.exit.phys_addr == MMIO_GPA
     # The entry was rebuilt with the new generation: the next access takes the fast path.
-    spte = ept_leaf(m, MMIO_GPA)[0]
+    spte = ept_leaf(m, MMIO_GPA).value
     assert spte & 7 == 0b110
     assert mmio_spte_generation(spte) == m.vm.memslots.generation
     again = m.vcpu.access(MMIO_GVA, "read")
@@ -193,7 +187,7 @@ def test_a_new_slot_over_a_cached_mmio_gpa_turns_it_into_ram() -> None:
     m.write_gpa(MMIO_GPA, (0xABCD).to_bytes(8, "little"))
     r = m.vcpu.access(MMIO_GVA, "read")
     assert (r.fault, r.exit, r.value, r.hva) == (None, None, 0xABCD, hva)
-    assert ept_leaf(m, MMIO_GPA)[0] & 7 == 0b111
+    assert ept_leaf(m, MMIO_GPA).value & 7 == 0b111
 
 
 def test_fetch_from_mmio_is_an_internal_error() -> None:
@@ -238,7 +232,7 @@ def test_readonly_slot_write_is_an_mmio_write_and_memory_is_unchanged(read_first
     assert m.read_gpa(SLOT1_GPA + 0x3008, 8) == (0xFEED_FACE).to_bytes(8, "little")
     again = m.vcpu.access(SLOT1_GVA + 0x3008, "read")
     assert (again.exit, again.value) == (None, 0xFEED_FACE)
-    spte = ept_leaf(m, SLOT1_GPA + 0x3000)[0]
+    spte = ept_leaf(m, SLOT1_GPA + 0x3000).value
     assert not spte & 2
 
 
@@ -366,7 +360,7 @@ def test_get_dirty_log_clears_and_write_protects_again() -> None:
     assert (DATA_GPA >> 12) + 2 in fast
     assert [g for g in fast if g not in table_gfns(m)] == [(DATA_GPA >> 12) + 2]
     assert exit_reasons(r)[-1] == EPT_VIOLATION
-    assert ept_leaf(m, DATA_GPA + (2 << 12))[0] & 2
+    assert ept_leaf(m, DATA_GPA + (2 << 12)).value & 2
     # A second write before the next get_dirty_log takes no exit at all.
     assert exit_reasons(write(m, 2, value=8)) == []
     assert data_bits(m.vm.get_dirty_log(0)) == {2}
@@ -377,9 +371,9 @@ def test_enabling_logging_write_protects_pages_written_before() -> None:
     m = machine()
     m.guest.map(DATA_GVA, DATA_GPA, DATA_PAGES << 12, rw=1, us=1)
     write(m, 4)
-    assert ept_leaf(m, DATA_GPA + (4 << 12))[0] & 2
+    assert ept_leaf(m, DATA_GPA + (4 << 12)).value & 2
     m.vm.set_user_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, RAM, m.ram_hva)
-    assert not ept_leaf(m, DATA_GPA + (4 << 12))[0] & 2
+    assert not ept_leaf(m, DATA_GPA + (4 << 12)).value & 2
     assert data_bits(m.vm.get_dirty_log(0)) == set()  # the log starts clean
     r = write(m, 4)
     assert steps(r, "fast_page_fault")
@@ -410,7 +404,7 @@ def test_thp_backing_is_mapped_huge_without_logging() -> None:
     m = machine(thp=True)
     m.guest.map(DATA_GVA, DATA_GPA, DATA_PAGES << 12, rw=1, us=1)
     write(m, 0)
-    assert ept_leaf(m, DATA_GPA)[1] == 2  # 2 MiB: the baseline the next test departs from
+    assert ept_leaf(m, DATA_GPA).level == 2  # 2 MiB: the baseline the next test departs from
 
 
 def test_logging_splits_huge_leaves_and_maps_4k_over_thp() -> None:
@@ -418,7 +412,7 @@ def test_logging_splits_huge_leaves_and_maps_4k_over_thp() -> None:
     m.guest.map(DATA_GVA, DATA_GPA, DATA_PAGES << 12, rw=1, us=1)
     m.guest.map(DATA_GVA + (4 << 20), DATA_GPA + (4 << 20), 0x1000, rw=1, us=1)
     write(m, 0)
-    assert ept_leaf(m, DATA_GPA)[1] == 2
+    assert ept_leaf(m, DATA_GPA).level == 2
     m.vm.set_user_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, RAM, m.ram_hva)
     # The huge leaf was split: every page of it now has its own read-only 4 KiB leaf.
     # DATA_GPA is 1 MiB into the 2 MiB page [0, 2 MiB): GPA pages 0 .. 511 of it.
@@ -428,11 +422,11 @@ def test_logging_splits_huge_leaves_and_maps_4k_over_thp() -> None:
         assert spte & 0b101 == 0b101
     assert m.vm.ept.tables.find_leaf(2 << 20) is None  # the next 2 MiB was never mapped
     write(m, 1)
-    assert ept_leaf(m, DATA_GPA + 0x1000)[1] == 1
+    assert ept_leaf(m, DATA_GPA + 0x1000).level == 1
     # A 2 MiB region never touched before is faulted in at 4 KiB too.
     r = m.vcpu.access(DATA_GVA + (4 << 20), "write", 9)
     assert (r.fault, r.exit) == (None, None)
-    assert ept_leaf(m, DATA_GPA + (4 << 20))[1] == 1
+    assert ept_leaf(m, DATA_GPA + (4 << 20)).level == 1
     adjust = [
         s for s in steps(r, "kvm_mmu_hugepage_adjust") if s.gfn == (DATA_GPA + (4 << 20)) >> 12
     ]

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import pytest
+from support import mapped_machine
 
 import twodwalk as tw
 from twodwalk.engine.kvm.mmu import SHADOW_NONPRESENT_VALUE
@@ -18,8 +19,7 @@ PAYLOAD = b"raced!!!" * 512
 def machine(tdp: bool) -> tw.Machine:
     """The data page is in host memory (the VMM wrote it); its neighbour was read, so the
     guest's tables are mapped (in EPT, or shadowed) and only the data page will fault."""
-    m = tw.Machine(guest_ram=32 << 20, tdp=tdp, maxphyaddr=48, gbpages=False)
-    m.guest.map(GVA, GPA, 0x2000, rw=1, us=1)
+    m = mapped_machine(GVA, GPA, 0x2000, guest_ram=32 << 20, tdp=tdp, maxphyaddr=48, gbpages=False)
     m.write_gpa(GPA, PAYLOAD)
     assert m.vcpu.access(GVA + 0x1000, "read").fault is None
     return m
@@ -86,8 +86,7 @@ def test_a_copy_on_write_break_in_hva_to_pfn_is_part_of_the_access_trace(tdp: bo
     get_user_pages breaks copy-on-write, and the host's notifier zaps KVM's entry for the zero
     page inside that fault. The zap and the notifier belong to the write's trace, not to the
     log of what KVM did outside accesses, and the fault retries (`is_page_fault_stale`)."""
-    m = tw.Machine(guest_ram=32 << 20, tdp=tdp, maxphyaddr=48, gbpages=False)
-    m.guest.map(GVA, GPA, 0x1000, rw=1, us=1)
+    m = mapped_machine(GVA, GPA, 0x1000, guest_ram=32 << 20, tdp=tdp, maxphyaddr=48, gbpages=False)
     assert m.vcpu.access(GVA, "read").value == 0
     logged = len(m.vm.mmu.log)
     r = m.vcpu.access(GVA, "write", 5)

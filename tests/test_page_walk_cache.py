@@ -9,6 +9,7 @@ level (Bhargava et al., ASPLOS 2008). Counts here are worked by hand.
 from __future__ import annotations
 
 import pytest
+from support import mapped_machine
 
 import twodwalk as tw
 from twodwalk.engine.tlb import PageWalkCache
@@ -21,9 +22,8 @@ GPA = 0x10_0000
 
 
 def machine(model: str, tdp: bool = True) -> tw.Machine:
-    m = tw.Machine(guest_ram=8 << 20, tdp=tdp)
+    m = mapped_machine(GVA, GPA, 16 * 4096, guest_ram=8 << 20, user=False, tdp=tdp)
     m.vcpu.caches.model = model
-    m.guest.map(GVA, GPA, 16 * 4096, rw=1)
     for page in range(8):  # every EPT and shadow entry for the first 8 pages exists
         m.vcpu.access(GVA + page * 4096, "read")
     return m

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrowPatch, Rectangle
 from matplotlib.text import Text
+from support import mapped_machine
 
 import twodwalk as tw
 from twodwalk.views.plots import (
@@ -43,7 +44,10 @@ DATA_GPA = 0x20_0000
 
 def machine(guest_levels: int = 4, ept_levels: int = 4, *, thp: bool = False) -> tw.Machine:
     """A VM whose guest maps two 4 KiB pages at 0x400000 (as tests/test_two_dimensional_walk)."""
-    m = tw.Machine(
+    return mapped_machine(
+        GVA & ~0xFFF,
+        DATA_GPA,
+        0x2000,
         guest_ram=32 * MIB,
         guest_levels=guest_levels,
         ept_levels=ept_levels,
@@ -51,8 +55,6 @@ def machine(guest_levels: int = 4, ept_levels: int = 4, *, thp: bool = False) ->
         gbpages=False,
         thp=thp,
     )
-    m.guest.map(GVA & ~0xFFF, DATA_GPA, 0x2000, rw=1, us=1)
-    return m
 
 
 def full_walk(m: tw.Machine, gva: int = GVA) -> tw.AccessResult:

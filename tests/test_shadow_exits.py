@@ -5,6 +5,7 @@ in software (`kvm_mmu_invlpg`, `kvm_set_cr3` -> `kvm_mmu_new_pgd`)."""
 from __future__ import annotations
 
 import pytest
+from support import mapped_machine
 
 import twodwalk as tw
 from twodwalk.engine.trace import KvmStep, Trace, VmExit
@@ -15,9 +16,7 @@ EXIT_REASON_CR_ACCESS = 28
 
 
 def machine(tdp: bool) -> tw.Machine:
-    m = tw.Machine(guest_ram=16 << 20, tdp=tdp)
-    m.guest.map(GVA, 0x10_0000, 0x1000, rw=1)
-    return m
+    return mapped_machine(GVA, 0x10_0000, 0x1000, guest_ram=16 << 20, user=False, tdp=tdp)
 
 
 def exits(trace: Trace) -> list[tuple[int, int | None]]:

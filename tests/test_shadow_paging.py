@@ -8,6 +8,7 @@ trap, and maps clean guest PTEs read-only so the first write sets the guest's D 
 from __future__ import annotations
 
 import pytest
+from support import mapped_machine
 
 import twodwalk as tw
 from twodwalk.engine.kvm.mmu import SHADOW_NONPRESENT_VALUE
@@ -20,8 +21,7 @@ PT_WINDOW = 0x60_0000
 
 
 def machine(tdp: bool) -> tw.Machine:
-    m = tw.Machine(guest_ram=16 << 20, tdp=tdp, maxphyaddr=46)
-    m.guest.map(DATA_GVA, DATA_GPA, 2 * 4096, rw=1, us=1)
+    m = mapped_machine(DATA_GVA, DATA_GPA, 2 * 4096, guest_ram=16 << 20, tdp=tdp, maxphyaddr=46)
     m.write_gpa(DATA_GPA + 8, (0xABCD).to_bytes(8, "little"))
     m.write_gpa(DATA_GPA + 0x1008, (0x1234).to_bytes(8, "little"))
     return m

@@ -5,6 +5,8 @@ zapped entries, MMIO SPTEs (`make_mmio_spte`), and memslot generations
 
 from __future__ import annotations
 
+from support import mapped_machine
+
 import twodwalk as tw
 from twodwalk.engine.kvm.mmu import SHADOW_NONPRESENT_VALUE, is_mmio_spte, make_mmio_spte
 from twodwalk.engine.trace import KvmStep, SpteWrite
@@ -17,8 +19,9 @@ KVM_MEM_LOG_DIRTY_PAGES = 1
 
 
 def machine(tdp: bool = True, maxphyaddr: int = 48) -> tw.Machine:
-    m = tw.Machine(guest_ram=32 << 20, tdp=tdp, maxphyaddr=maxphyaddr, gbpages=False)
-    m.guest.map(GVA, GPA, 0x1000, rw=1, us=1)
+    m = mapped_machine(
+        GVA, GPA, 0x1000, guest_ram=32 << 20, tdp=tdp, maxphyaddr=maxphyaddr, gbpages=False
+    )
     m.guest.map(MMIO_GVA, MMIO_GPA, 0x1000, rw=1, us=1)
     return m
 
@@ -56,7 +59,7 @@ def test_ept_mmio_spte() -> None:
     found = m.vm.ept.tables.find_leaf(MMIO_GPA)
     assert found is not None
     # W+X 0b110 | generation 2 in bits 10:3 (2 << 3 = 0x10) | the GPA; no bit 11, no bit 63
-    assert m.memory.read_u64(found[0]) == 0x8000_0016
+    assert m.memory.read_u64(found.slot) == 0x8000_0016
     # generation 0x12345: low byte 0x45 << 3 = 0x228; 0x123 << 52 in bits 62:52
     assert make_mmio_spte(MMIO_GPA, 0x1_2345) == 0x1230_0000_8000_022E
     assert not is_mmio_spte(SHADOW_NONPRESENT_VALUE)

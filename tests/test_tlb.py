@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import mapped_machine
 
 import twodwalk as tw
 from twodwalk.engine.tlb import Tlb, TwoLevelTlb
@@ -17,8 +18,7 @@ KERNEL_GVA = 0xFFFF_8000_0040_0000
 
 
 def machine(tdp: bool = True) -> tw.Machine:
-    m = tw.Machine(guest_ram=16 << 20, tdp=tdp)
-    m.guest.map(GVA, GPA, 4 * 4096, rw=1, us=1)
+    m = mapped_machine(GVA, GPA, 4 * 4096, guest_ram=16 << 20, tdp=tdp)
     m.guest.map(KERNEL_GVA, GPA + 0x8000, 4096, rw=1, g=1)
     return m
 
@@ -369,8 +369,8 @@ def test_caches_on_and_off_give_the_same_answers(
                 hva = m.vm.gpa_to_hva(0x20_0000 + page * 4096)
                 assert hva is not None
                 found = m.vmm.tables.find_leaf(hva)
-                if found is not None and found[1] == 1:
-                    frame = m.memory.read_u64(found[0]) & 0xF_FFFF_FFFF_F000
+                if found is not None and found.level == 1:
+                    frame = m.memory.read_u64(found.slot) & 0xF_FFFF_FFFF_F000
                     if frame != m.host.zero_page:
                         m.host.swap_out(m.vmm, hva)
             else:

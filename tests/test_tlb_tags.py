@@ -5,6 +5,7 @@ a CR0.WP change under shadow paging (KVM's MMU role)."""
 from __future__ import annotations
 
 import pytest
+from support import mapped_machine
 
 import twodwalk as tw
 from twodwalk.engine.tlb import ANY_PCID
@@ -16,8 +17,7 @@ KERNEL_GVA = 0xFFFF_8000_0040_0000
 
 
 def machine(tdp: bool = True) -> tw.Machine:
-    m = tw.Machine(guest_ram=16 << 20, tdp=tdp)
-    m.guest.map(GVA, GPA, 2 * 4096, rw=1, us=1)
+    m = mapped_machine(GVA, GPA, 2 * 4096, guest_ram=16 << 20, tdp=tdp)
     m.guest.map(KERNEL_GVA, GPA + 0x8000, 4096, rw=1, g=1)
     return m
 

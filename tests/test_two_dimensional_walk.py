@@ -194,7 +194,7 @@ def test_ept_2mib_leaves_shorten_the_ept_dimension() -> None:
     assert mapping_levels(cold)[DATA_GPA >> 12] == 2
     assert set(mapping_levels(cold).values()) == {2}
     found = m.vm.ept.tables.find_leaf(DATA_GPA)
-    assert found is not None and found[1] == 2
+    assert found is not None and found.level == 2
     r = warm(m)
     refs = r.trace.memory_references()
     assert len(refs) == (4 + 1) * (3 + 1) - 1 == 19
@@ -286,13 +286,15 @@ def test_zero_page_read_then_copy_on_write() -> None:
     assert r.value == 0
     assert r.hpa == m.host.zero_page + (GVA & 0xFFF)
     found = m.vm.ept.tables.find_leaf(DATA_GPA)
-    assert found is not None and found[1] == 1
-    leaf = m.memory.read_u64(found[0])
+    assert found is not None and found.level == 1
+    leaf = m.memory.read_u64(found.slot)
     assert leaf & EPT_R and not leaf & EPT_W
     assert leaf & addr_mask(48) == m.host.zero_page
     hva = m.vm.gpa_to_hva(DATA_GPA)
     assert hva is not None
-    host_pte = m.memory.read_u64(m.vmm.tables.find_leaf(hva)[0])  # type: ignore[index]
+    host_leaf = m.vmm.tables.find_leaf(hva)
+    assert host_leaf is not None
+    host_pte = m.memory.read_u64(host_leaf.slot)
     assert host_pte & 1 and not host_pte & 2, "host maps the zero page read-only"
 
     w = m.vcpu.access(GVA, "write", 0xDEAD_BEEF)
@@ -314,7 +316,7 @@ def test_zero_page_read_then_copy_on_write() -> None:
     assert new_frame != m.host.zero_page
     found = m.vm.ept.tables.find_leaf(DATA_GPA)
     assert found is not None
-    leaf = m.memory.read_u64(found[0])
+    leaf = m.memory.read_u64(found.slot)
     assert leaf & EPT_W and leaf & addr_mask(48) == new_frame
     assert w.hpa == new_frame + (GVA & 0xFFF)
     assert m.vcpu.access(GVA, "read").value == 0xDEAD_BEEF
@@ -373,7 +375,7 @@ def test_mapping_level_depends_on_gfn_hva_alignment() -> None:
     r = m.vcpu.access(GVA, "read")
     assert mapping_levels(r)[DATA_GPA >> 12] == 2
     found = m.vm.ept.tables.find_leaf(DATA_GPA)
-    assert found is not None and found[1] == 2
+    assert found is not None and found.level == 2
 
     # Slot 1: THP-backed but userspace_addr is 4 KiB off a 2 MiB boundary -> 4 KiB leaf.
     region = m.vmm.mmap(8 * MIB, huge=True, name="second")
@@ -383,7 +385,7 @@ def test_mapping_level_depends_on_gfn_hva_alignment() -> None:
     target = slot_gpa + TWO_MIB  # a 2 MiB-aligned GPA well inside the slot
     m.write_gpa(target, (0xABCD).to_bytes(8, "little"))
     host_leaf = m.vmm.tables.find_leaf(region + 0x1000 + TWO_MIB)
-    assert host_leaf is not None and host_leaf[1] == 2, "host does map it with a THP"
+    assert host_leaf is not None and host_leaf.level == 2, "host does map it with a THP"
     gva2 = 0x80_0000
     m.guest.map(gva2, target, 0x1000, rw=1, us=1)
     r2 = m.vcpu.access(gva2, "read")
@@ -396,7 +398,7 @@ def test_mapping_level_depends_on_gfn_hva_alignment() -> None:
     assert step.level == 1
     assert "misaligned" in step.detail
     found = m.vm.ept.tables.find_leaf(target)
-    assert found is not None and found[1] == 1
+    assert found is not None and found.level == 1
     assert r2.hpa == host_leaf_hpa(m, region + 0x1000 + TWO_MIB)
 
 

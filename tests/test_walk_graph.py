@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from matplotlib.colors import to_hex
 from matplotlib.patches import FancyArrowPatch
+from support import mapped_machine
 
 import twodwalk as tw
 from twodwalk.views.graph import plot_walk_graph, walk_graph
@@ -20,9 +21,9 @@ SOFTWARE = {"memslot", "host", "kvm-walk"}
 
 
 def machine(**options: Any) -> tw.Machine:
-    m = tw.Machine(guest_ram=32 * MIB, maxphyaddr=48, gbpages=False, **options)
-    m.guest.map(GVA & ~0xFFF, 0x20_0000, 0x1000, rw=1, us=1)
-    return m
+    return mapped_machine(
+        GVA & ~0xFFF, 0x20_0000, 0x1000, guest_ram=32 * MIB, maxphyaddr=48, gbpages=False, **options
+    )
 
 
 def cold(m: tw.Machine) -> tw.AccessResult:

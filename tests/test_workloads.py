@@ -6,6 +6,7 @@ import io
 from collections.abc import Callable, Iterator
 
 import pytest
+from support import mapped_machine
 
 import twodwalk as tw
 from twodwalk.engine.trace import Counts, VmExit
@@ -27,9 +28,7 @@ PAGES = 64
 
 
 def machine(tdp: bool = True) -> tw.Machine:
-    m = tw.Machine(guest_ram=8 << 20, tdp=tdp)
-    m.guest.map(BASE, 0x10_0000, PAGES * 4096, rw=1)
-    return m
+    return mapped_machine(BASE, 0x10_0000, PAGES * 4096, guest_ram=8 << 20, user=False, tdp=tdp)
 
 
 @pytest.mark.parametrize("make", [uniform, zipf, pointer_chase])
