@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from twodwalk.realkvm.device import unavailable_reason
 from twodwalk.realkvm.memslots import memslot_fuzz
+from twodwalk.realkvm.report import headline
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,8 @@ def check(
         paging.table(),
         sequences.table(),
         memslots.table(),
-        f"MMIO accesses (READONLY slot, hole): {len(mmio)}, agree: {sum(o.agree for o in mmio)}",
-        f"dirty-log rounds: {len(logs)}, agree: {sum(o.agree for o in logs)}",
+        _headline("MMIO accesses (READONLY slot, hole)", [o.agree for o in mmio]),
+        _headline("dirty-log rounds", [o.agree for o in logs]),
         *bad,
         "known quirks of KVM flavours (not engine rules):",
         *(f"  {q.name} ({q.module}): {q.description}" for q in QUIRKS),
@@ -61,3 +62,7 @@ def check(
     total = len(paging.disagreements) + len(sequences.disagreements)
     total += len(memslots.disagreements) + len(bad)
     return CheckResult("\n".join(lines), total)
+
+
+def _headline(what: str, agreed: list[bool]) -> str:
+    return headline(what, len(agreed), sum(agreed), len(agreed) - sum(agreed))

@@ -12,6 +12,7 @@ from pathlib import Path
 from twodwalk.engine.kvm.memslots import KVM_USER_MEM_SLOTS, KvmError, Memslots
 from twodwalk.engine.units import PAGE_SIZE
 from twodwalk.realkvm.device import HostBuffer, RealKvm
+from twodwalk.realkvm.report import count_lines, headline
 
 # --- memslots: the same calls on both sides, errno by errno -----------------------------------
 
@@ -188,11 +189,9 @@ class MemslotReport:
         for o in self.outcomes:
             name = "success" if o.real == 0 else errno.errorcode[o.real]
             by_errno[name] = by_errno.get(name, 0) + 1
-        lines = [
-            f"memslot calls: {len(self.outcomes)}, agree:"
-            f" {len(self.outcomes) - len(self.disagreements)}"
-        ]
-        lines += [f"  real KVM {name:<8} {n:6d}" for name, n in sorted(by_errno.items())]
+        calls, disagree = len(self.outcomes), len(self.disagreements)
+        lines = [headline("memslot calls", calls, calls - disagree, disagree)]
+        lines += count_lines(by_errno, "real KVM ")
         for o in self.disagreements:
             lines.append(
                 f"  DISAGREE {o.call.describe()}: real {_name(o.real)}, engine {_name(o.engine)}"

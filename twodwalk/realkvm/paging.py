@@ -22,6 +22,7 @@ from twodwalk.engine.memory import PhysicalMemory
 from twodwalk.engine.paging import GeneralProtection, exception_for, translate
 from twodwalk.engine.units import PAGE_SIZE
 from twodwalk.realkvm.device import RealKvm
+from twodwalk.realkvm.report import count_lines, headline
 from twodwalk.realkvm.runtime import Controls, Observed, RealRunner
 
 RAM_SIZE = 32 << 20
@@ -267,12 +268,16 @@ class PagingReport:
 
     def table(self) -> str:
         lines = [
-            f"paging cases: {self.cases}, agree: {sum(self.agree.values())},"
-            f" disagree: {len(self.disagreements)},"
-            f" {self.cases / max(self.seconds, 1e-9):.0f} cases/s"
+            headline(
+                "paging cases",
+                self.cases,
+                sum(self.agree.values()),
+                len(self.disagreements),
+                self.seconds,
+            )
         ]
-        lines += [f"  {name:<22} {n:6d}" for name, n in sorted(self.agree.items())]
-        lines += [f"  known quirk: {name:<22} {n:6d}" for name, n in sorted(self.quirks.items())]
+        lines += count_lines(self.agree)
+        lines += count_lines(self.quirks, "known quirk: ")
         lines += self.disagreements
         return "\n".join(lines)
 

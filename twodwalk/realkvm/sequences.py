@@ -47,6 +47,7 @@ from twodwalk.engine.paging import GeneralProtection, exception_for, translate
 from twodwalk.engine.units import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import TwodwalkError
 from twodwalk.realkvm.paging import outcome_category
+from twodwalk.realkvm.report import count_lines, headline
 from twodwalk.realkvm.runtime import RUNTIME_SIZE, Controls, Observed, RealRunner, Step
 
 RAM_SIZE = 32 << 20
@@ -566,17 +567,12 @@ class SequenceReport:
         ]
 
     def table(self) -> str:
-        lines = [
-            f"sequence cases: {self.cases} (one guest run each, {self.steps} steps in all),"
-            f" disagree: {len(self.disagreements)},"
-            f" {self.cases / max(self.seconds, 1e-9):.0f} cases/s"
-        ]
-        lines += [f"  {name:<26} {n:6d}" for name, n in sorted(self.agree.items())]
-        lines += [f"  {name:<44} {n:6d}" for name, n in sorted(self.notes.items())]
-        lines += [
-            f"  known engine defect: {name:<40} {n:6d}"
-            for name, n in sorted(self.engine_defects.items())
-        ]
+        what = f"sequence cases (one guest run each, {self.steps} steps in all)"
+        disagree = len(self.disagreements)
+        lines = [headline(what, self.cases, self.cases - disagree, disagree, self.seconds)]
+        lines += count_lines(self.agree)
+        lines += count_lines(self.notes)
+        lines += count_lines(self.engine_defects, "known engine defect: ")
         lines += [d.text for d in self.disagreements]
         return "\n".join(lines)
 
