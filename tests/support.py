@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import twodwalk as tw
+from twodwalk.engine.kvm.memslots import dirty_pages
 
 GVA = 0x40_0000
 GPA = 0x10_0000
@@ -49,3 +50,9 @@ def ept_leaf(m: tw.Machine, gpa: int) -> EptLeaf:
     leaf = ept_leaf_if_present(m, gpa)
     assert leaf is not None, f"no EPT leaf for gpa={gpa:#x}"
     return leaf
+
+
+def dirty_among(bitmap: bytes, first: int, count: int) -> set[int]:
+    """Which of the `count` pages from page `first` of the memslot the dirty bitmap sets,
+    numbered from `first`."""
+    return {page - first for page in dirty_pages(bitmap) if first <= page < first + count}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 
 import pytest
-from support import ept_leaf, mapped_machine
+from support import dirty_among, ept_leaf, mapped_machine
 
 import twodwalk as tw
 from twodwalk.engine.kvm.mmu import PML_LOG_NR_ENTRIES
@@ -44,7 +44,7 @@ def log_on(m: tw.Machine, flags: int = LOG) -> None:
 
 
 def pages(bitmap: bytes, first: int = GPA >> 12, count: int = 16) -> set[int]:
-    return {k for k in range(count) if bitmap[(first + k) >> 3] >> ((first + k) & 7) & 1}
+    return dirty_among(bitmap, first, count)
 
 
 def exits(r: tw.AccessResult) -> int:

@@ -11,6 +11,7 @@ import pytest
 from support import mapped_machine
 
 import twodwalk as tw
+from twodwalk.engine.kvm.memslots import dirty_pages
 from twodwalk.engine.trace import NativeWalk, VmExit
 from twodwalk.migration import precopy
 
@@ -48,8 +49,7 @@ def table_gfns(m: tw.Machine) -> list[int]:
 
 
 def dirty_gfns(m: tw.Machine) -> set[int]:
-    bitmap = m.vm.get_dirty_log(0)
-    return {i for i in range(RAM >> 12) if bitmap[i >> 3] >> (i & 7) & 1}
+    return set(dirty_pages(m.vm.get_dirty_log(0)))
 
 
 def start_logging_after_a_read(m: tw.Machine) -> None:

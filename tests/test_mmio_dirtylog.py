@@ -6,10 +6,10 @@ from __future__ import annotations
 import errno
 
 import pytest
-from support import ept_leaf
+from support import dirty_among, ept_leaf
 
 import twodwalk as tw
-from twodwalk.engine.kvm.memslots import Change
+from twodwalk.engine.kvm.memslots import Change, dirty_pages
 from twodwalk.engine.kvm.mmu import mmio_spte_generation
 from twodwalk.engine.trace import KvmStep, Retry, VmExit
 
@@ -266,13 +266,9 @@ def test_guest_table_in_no_memslot_is_a_not_present_page_fault(
 # top of slot 0 are legitimately dirty too.
 
 
-def bit(bitmap: bytes, index: int) -> bool:
-    return bool(bitmap[index >> 3] >> (index & 7) & 1)
-
-
-def data_bits(bitmap: bytes, first: int = DATA_GPA >> 12, count: int = DATA_PAGES) -> set[int]:
+def data_bits(bitmap: bytes) -> set[int]:
     """The set bits among the data pages under test, as page numbers relative to the first."""
-    return {k for k in range(count) if bit(bitmap, first + k)}
+    return dirty_among(bitmap, DATA_GPA >> 12, DATA_PAGES)
 
 
 def logging_machine(thp: bool = False) -> tw.Machine:
@@ -332,7 +328,7 @@ def test_guest_writes_set_exactly_their_bits() -> None:
         slot = m.guest.page_tables.entry_address(DATA_GVA, level)
         assert slot is not None
         tables.add(slot >> 12)
-    dirty = {i for i in range(RAM >> 12) if bit(bitmap, i)}
+    dirty = set(dirty_pages(bitmap))
     assert dirty == {(DATA_GPA >> 12) + 3, (DATA_GPA >> 12) + 11} | tables
 
 
@@ -395,7 +391,7 @@ def test_new_slot_created_with_logging() -> None:
     # One bit per page, bit 0 = the slot's first page. (The kernel rounds the buffer up to a
     # whole number of longs; only the slot's 16 bits are asserted on, the rest must be clear.)
     assert len(bitmap) >= (SLOT1_SIZE >> 12) // 8
-    assert data_bits(bitmap, 0, SLOT1_SIZE >> 12) == {0, 15}
+    assert dirty_among(bitmap, 0, SLOT1_SIZE >> 12) == {0, 15}
     assert bitmap[:2] == bytes([0x01, 0x80]) and not any(bitmap[2:])
     assert not any(m.vm.get_dirty_log(1))
 
@@ -431,7 +427,7 @@ def test_logging_splits_huge_leaves_and_maps_4k_over_thp() -> None:
         s for s in steps(r, "kvm_mmu_hugepage_adjust") if s.gfn == (DATA_GPA + (4 << 20)) >> 12
     ]
     assert adjust and adjust[-1].level == 1 and "dirty logging" in adjust[-1].detail
-    bits = data_bits(m.vm.get_dirty_log(0), DATA_GPA >> 12, 1025)
+    bits = dirty_among(m.vm.get_dirty_log(0), DATA_GPA >> 12, 1025)
     assert bits == {1, 1024}
 
 
