@@ -31,7 +31,7 @@ from twodwalk.engine.kvm.run import InternalError, MmioExit
 from twodwalk.engine.machine import Machine
 from twodwalk.engine.paging import GeneralProtection, PageFault
 from twodwalk.engine.processor import AccessResult
-from twodwalk.engine.tlb import TlbEntry
+from twodwalk.engine.tlb import PscEntry, TlbEntry
 from twodwalk.engine.trace import Reference, VmExit
 from twodwalk.engine.units import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import TwodwalkError, check_int, parse_int
@@ -409,16 +409,22 @@ def _refs(refs: list[Reference]) -> list[Json]:
     ]
 
 
-def _entry_data(e: TlbEntry) -> Json:
-    return {
+def _entry_data(e: TlbEntry | PscEntry) -> Json:
+    """A TLB entry (a page's frame, dirty, global) or a paging-structure-cache entry (the
+    next table, in the walk's own space and in host memory)."""
+    data: Json = {
         "vpid": e.tag.vpid,
         "pcid": e.tag.pcid,
         "ep4ta": _hex(e.tag.ep4ta),
         "page": _hex(e.page),
         "page_size": _hex(e.page_size),
+        "rights": rights_text(e.rights),
+    }
+    if isinstance(e, PscEntry):
+        return data | {"table": _hex(e.table), "table_hpa": _hex(e.table_hpa)}
+    return data | {
         "frame": _hex(e.frame),
         "gpa_page": _hex(e.gpa_page),
-        "rights": rights_text(e.rights),
         "dirty": e.dirty,
         "global": e.global_page,
     }

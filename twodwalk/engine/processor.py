@@ -337,10 +337,9 @@ class Processor(ABC):
         if found is None:
             return None, {}
         level, entry = found
-        assert entry.gpa_page is not None
-        trace.add(CacheHit(f"paging-structure cache L{level}", entry.page, entry.frame))
-        start = WalkStart(level - 1, entry.gpa_page, entry.rights)
-        return start, {entry.gpa_page: (entry.frame, entry.ept_rights)}
+        trace.add(CacheHit(f"paging-structure cache L{level}", entry.page, entry.table_hpa))
+        start = WalkStart(level - 1, entry.table, entry.rights)
+        return start, {entry.table: (entry.table_hpa, entry.ept_rights)}
 
     def _fill_psc(self, record: WalkRecord) -> None:
         """Cache, for each table the walk went through, the address of the table below it

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import NamedTuple
+from typing import Generic, NamedTuple, Protocol, TypeVar
 
 from twodwalk.engine.formats import RIGHTS_BY_MASK, Rights
 from twodwalk.engine.units import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE
@@ -65,7 +65,9 @@ ANY_PCID = -1  # the PCID of a global TLB entry: it translates for every PCID
 
 @dataclass(frozen=True)
 class TlbEntry:
-    """One cached translation of a page."""
+    """One cached translation of a page: `page` (`page_size` bytes) -> `frame`, with its
+    GPA page where the translation went through one, the rights the walk accumulated, the
+    leaf entry, whether the leaf was already dirty, and whether it is global."""
 
     tag: Tag
     page: int
@@ -79,6 +81,41 @@ class TlbEntry:
     global_page: bool
 
 
+@dataclass(frozen=True)
+class PscEntry:
+    """One paging-structure-cache entry (SDM Vol 3A 4.10.3.1; Vol 3C 29.4.3 for the EPT's):
+    for the address prefix that chose an upper-level entry (the `page_size` bytes from `page`
+    it covers), the table below that entry, `table` in the walk's own space (a GPA when the
+    guest's tables are walked through EPT) and `table_hpa` where it is, the rights
+    accumulated down to it, the EPT rights of the table's page, and the entry itself. No
+    dirty bit and no global bit: those belong to pages, which only the TLB holds."""
+
+    tag: Tag
+    page: int
+    page_size: int
+    table: int
+    table_hpa: int
+    rights: Rights
+    ept_rights: Rights | None
+    entry: int
+
+
+class CachedEntry(Protocol):
+    """What a set-associative cache keys an entry by: its tag and the aligned region."""
+
+    @property
+    def tag(self) -> Tag: ...
+
+    @property
+    def page(self) -> int: ...
+
+    @property
+    def page_size(self) -> int: ...
+
+
+E = TypeVar("E", bound=CachedEntry)
+
+
 @dataclass
 class TlbStats:
     """Lookups that hit and missed since the TLB was made."""
@@ -88,8 +125,10 @@ class TlbStats:
 
 
 @dataclass
-class Tlb:
-    """A set-associative TLB, one array per page size (`geometry`: size -> (sets, ways))."""
+class SetAssociativeCache(Generic[E]):
+    """Entries kept by (tag, aligned region), one set-associative array per region size
+    (`geometry`: size -> (sets, ways)), least recently used way replaced: the shape of the
+    TLB and of the paging-structure caches alike."""
 
     geometry: Mapping[int, tuple[int, int]] = field(default_factory=lambda: DEFAULT_GEOMETRY)
     enabled: bool = True
@@ -102,11 +141,11 @@ class Tlb:
                     f"cache geometry {size:#x}: ({sets}, {ways}) is not valid: a power-of-two"
                     " size of at least 4 KiB, with >= 1 set and >= 1 way"
                 )
-        self._sets: dict[int, list[OrderedDict[tuple[Tag, int], TlbEntry]]] = {
+        self._sets: dict[int, list[OrderedDict[tuple[Tag, int], E]]] = {
             size: [OrderedDict() for _ in range(sets)] for size, (sets, _) in self.geometry.items()
         }
         self._held = dict.fromkeys(self._sets, 0)
-        self._in_use: list[tuple[int, int, list[OrderedDict[tuple[Tag, int], TlbEntry]], int]] = []
+        self._in_use: list[tuple[int, int, list[OrderedDict[tuple[Tag, int], E]], int]] = []
 
     def _note_sizes_in_use(self) -> None:
         """The arrays a look-up probes: only page sizes that hold an entry now."""
@@ -116,7 +155,7 @@ class Tlb:
             if self._held[s]
         ]
 
-    def lookup(self, tag: Tag, address: int) -> TlbEntry | None:
+    def lookup(self, tag: Tag, address: int) -> E | None:
         """The entry that translates `address` for `tag`, or None (counted as a miss)."""
         if not self.enabled:
             return None
@@ -134,7 +173,7 @@ class Tlb:
         self.stats.misses += 1
         return None
 
-    def insert(self, entry: TlbEntry) -> None:
+    def insert(self, entry: E) -> None:
         """Cache a translation; the least recently used way of its set makes room."""
         if not self.enabled or entry.page_size not in self._sets:
             return
@@ -152,7 +191,7 @@ class Tlb:
             ways.popitem(last=False)
             self._held[size] -= 1
 
-    def invalidate(self, keep: Callable[[TlbEntry], bool]) -> int:
+    def invalidate(self, keep: Callable[[E], bool]) -> int:
         """Drop every entry for which `keep` is false; return how many went."""
         dropped = 0
         for size, sets in self._sets.items():
@@ -165,8 +204,17 @@ class Tlb:
         self._note_sizes_in_use()
         return dropped
 
-    def entries(self) -> list[TlbEntry]:
+    def entries(self) -> list[E]:
         return [e for sets in self._sets.values() for ways in sets for e in ways.values()]
+
+
+class Tlb(SetAssociativeCache[TlbEntry]):
+    """A set-associative TLB: translations of pages, one array per page size."""
+
+
+class PagingStructureCache(SetAssociativeCache[PscEntry]):
+    """The cache of one level's upper-level entries, keyed by the address prefix that
+    selected them (its "page" is the region one entry of that level covers)."""
 
 
 @dataclass
@@ -273,8 +321,8 @@ MODELS = ("intel", "amd")
 
 
 def deepest_table(
-    psc: Mapping[int, Tlb], tag: Tag, address: int, levels: int
-) -> tuple[int, TlbEntry] | None:
+    psc: Mapping[int, PagingStructureCache], tag: Tag, address: int, levels: int
+) -> tuple[int, PscEntry] | None:
     """The deepest paging-structure-cache entry for `address` and its level: where a walk
     can begin (SDM Vol 3A 4.10.3.2: the PDE cache first, then the PDPTE and PML4E caches;
     Vol 3C 29.4.3 likewise for the EPT's caches of guest-physical addresses)."""
@@ -282,12 +330,14 @@ def deepest_table(
         cache = psc[level]
         if cache.enabled:  # a switched-off cache costs no look-up
             entry = cache.lookup(tag, address)
-            if entry is not None and entry.gpa_page is not None:
+            if entry is not None:
                 return level, entry
     return None
 
 
-def fill_paging_structure_caches(psc: Mapping[int, Tlb], tag: Tag, record: WalkRecord) -> None:
+def fill_paging_structure_caches(
+    psc: Mapping[int, PagingStructureCache], tag: Tag, record: WalkRecord
+) -> None:
     """Cache, for each table a walk went through, the table below it (its address in the
     walk's own space, its HPA, the EPT rights of its page) and the rights so far, keyed by
     the address bits that chose them."""
@@ -301,11 +351,10 @@ def fill_paging_structure_caches(psc: Mapping[int, Tlb], tag: Tag, record: WalkR
         ept_rights = None if read is None else read.ept_rights
         rights = RIGHTS_BY_MASK[entry[ROW_RIGHTS]]
         page = record.address & ~(cover - 1)
-        cache.insert(
-            TlbEntry(
-                tag, page, cover, frame, table, rights, ept_rights, entry[ROW_VALUE], True, False
-            )
-        )
+        cache.insert(PscEntry(tag, page, cover, table, frame, rights, ept_rights, entry[ROW_VALUE]))
+
+
+TranslationCache = Tlb | TwoLevelTlb | PagingStructureCache  # any of a processor's caches
 
 
 def _psc_geometry(level: int) -> Mapping[int, tuple[int, int]]:
@@ -334,12 +383,12 @@ class TranslationCaches:
     Each can be switched off (`enabled`); `off()` switches all of them off."""
 
     tlb: Tlb | TwoLevelTlb = field(default_factory=TwoLevelTlb)
-    psc: dict[int, Tlb] = field(
-        default_factory=lambda: {lv: Tlb(_psc_geometry(lv)) for lv in (5, 4, 3, 2)}
+    psc: dict[int, PagingStructureCache] = field(
+        default_factory=lambda: {lv: PagingStructureCache(_psc_geometry(lv)) for lv in (5, 4, 3, 2)}
     )
     guest_physical: Tlb = field(default_factory=Tlb)
-    ept_psc: dict[int, Tlb] = field(
-        default_factory=lambda: {lv: Tlb(_psc_geometry(lv)) for lv in (5, 4, 3, 2)}
+    ept_psc: dict[int, PagingStructureCache] = field(
+        default_factory=lambda: {lv: PagingStructureCache(_psc_geometry(lv)) for lv in (5, 4, 3, 2)}
     )
     model: str = "intel"
     pwc: PageWalkCache = field(default_factory=PageWalkCache)
@@ -355,7 +404,7 @@ class TranslationCaches:
         """Whether walks use the page-walk cache instead of the paging-structure caches."""
         return self.model == "amd"
 
-    def all(self) -> list[Tlb | TwoLevelTlb]:
+    def all(self) -> list[TranslationCache]:
         return [self.tlb, *self.psc.values(), self.guest_physical, *self.ept_psc.values()]
 
     def off(self) -> None:
@@ -421,7 +470,7 @@ class TranslationCaches:
         guest-physical mappings derived from that EPT (from any EPT)."""
         self.pwc.clear()
 
-        def keep(e: TlbEntry) -> bool:
+        def keep(e: CachedEntry) -> bool:
             return e.tag.ep4ta == 0 if ep4ta is None else e.tag.ep4ta != ep4ta
 
         for cache in self.all():

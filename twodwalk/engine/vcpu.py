@@ -126,7 +126,8 @@ class GpaTranslator:
         if psc_on:
             found = deepest_table(psc, self.tag, gpa, self.mmu.fmt.levels)
             if found is not None:
-                start = WalkStart(found[0] - 1, found[1].frame, found[1].rights)
+                level, entry = found
+                start = WalkStart(level - 1, entry.table_hpa, entry.rights)
         record = self.mmu.walk(gpa, access, self.tables, start)
         t = record.translation
         if t is None:

@@ -8,7 +8,7 @@ from types import MappingProxyType
 
 from twodwalk.engine.formats import EntryFormat
 from twodwalk.engine.machine import Machine
-from twodwalk.engine.tlb import Tlb, TwoLevelTlb
+from twodwalk.engine.tlb import TranslationCache
 from twodwalk.engine.trace import GuestWalk, Reference, Trace, VmExit
 from twodwalk.engine.units import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import TwodwalkError, check_choice
@@ -226,7 +226,7 @@ def _tlb_run(
     for gva in pages.values():
         vcpu.access(gva, "read")
     vcpu.flush_tlb()
-    choices: dict[str | None, list[Tlb | TwoLevelTlb]] = {
+    choices: dict[str | None, list[TranslationCache]] = {
         None: [],
         "tlb": [caches.tlb],
         "psc": list(caches.psc.values()),

@@ -15,7 +15,7 @@ from twodwalk.engine.formats import DecodedEntry, EntryFormat, EptFormat, Rights
 from twodwalk.engine.kvm.memslots import dirty_pages as dirty_pages  # re-exported for notebooks
 from twodwalk.engine.kvm.run import InternalError, MmioExit
 from twodwalk.engine.paging import GeneralProtection, PageFault
-from twodwalk.engine.tlb import ANY_PCID
+from twodwalk.engine.tlb import ANY_PCID, PscEntry
 from twodwalk.engine.trace import (
     CacheHit,
     EptWalk,
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from twodwalk.engine.kvm.memslots import Memslot
     from twodwalk.engine.pagetables import PageTables, TreeEntry
     from twodwalk.engine.processor import AccessResult
-    from twodwalk.engine.tlb import Tlb, TlbEntry, TranslationCaches, TwoLevelTlb
+    from twodwalk.engine.tlb import TlbEntry, TranslationCache, TranslationCaches
 
 
 def describe_entry(entry: DecodedEntry) -> str:
@@ -292,13 +292,14 @@ def info_tlb(caches: TranslationCaches) -> str:
     mapping, the GPA page and its host frame."""
     lines = []
     for name, cache in named_caches(caches):
-        entries = sorted(cache.entries(), key=lambda e: (e.tag, e.page))
+        entries: list[TlbEntry | PscEntry] = [*cache.entries()]
+        entries.sort(key=lambda e: (e.tag, e.page))
         if entries or cache is caches.tlb:
             stats = cache.stats
             lines.append(
                 f"{name}: {len(entries)} entries ({stats.hits} hits, {stats.misses} misses)"
             )
-            lines.extend(_tlb_entry_text(e) for e in entries)
+            lines.extend(_entry_text(e) for e in entries)
     if caches.amd:
         pwc = caches.pwc
         lines.append(
@@ -309,7 +310,7 @@ def info_tlb(caches: TranslationCaches) -> str:
     return "\n".join(lines)
 
 
-def named_caches(caches: TranslationCaches) -> list[tuple[str, Tlb | TwoLevelTlb]]:
+def named_caches(caches: TranslationCaches) -> list[tuple[str, TranslationCache]]:
     """Each cache with its SDM name: the TLB, the paging-structure caches from the top level
     down, the guest-physical mappings, the EPT's paging-structure caches."""
     return [
@@ -323,16 +324,21 @@ def named_caches(caches: TranslationCaches) -> list[tuple[str, Tlb | TwoLevelTlb
     ]
 
 
-def _tlb_entry_text(e: TlbEntry) -> str:
-    # A GPA only where one differs from the frame: a paging-structure-cache entry of a walk
-    # through host memory (EPT, shadow, bare metal) names its next table by its HPA alone.
+def _entry_text(e: TlbEntry | PscEntry) -> str:
+    """A TLB entry: the page -> its frame (and GPA page), rights, dirty and global flags. A
+    paging-structure-cache entry: the prefix -> the next table's HPA (and its GPA where the
+    walk's own space differs: a guest table walked through EPT), the rights above it."""
+    pcid = "any" if e.tag.pcid == ANY_PCID else f"{e.tag.pcid:#x}"
+    region = (
+        f"  vpid {e.tag.vpid} pcid {pcid} ep4ta {e.tag.ep4ta:#x}  {e.page:#018x}"
+        f" ({size_text(e.page_size)})"
+    )
+    if isinstance(e, PscEntry):
+        gpa = "" if e.table == e.table_hpa else f"  gpa {e.table:#x}"
+        return f"{region} -> table {e.table_hpa:#x}{gpa}  {rights_text(e.rights)}"
     gpa = "" if e.gpa_page in (None, e.frame) else f"  gpa {e.gpa_page:#x}"
     flags = ("D" if e.dirty else "-") + ("G" if e.global_page else "-")
-    pcid = "any" if e.tag.pcid == ANY_PCID else f"{e.tag.pcid:#x}"
-    return (
-        f"  vpid {e.tag.vpid} pcid {pcid} ep4ta {e.tag.ep4ta:#x}  {e.page:#018x}"
-        f" ({size_text(e.page_size)}) -> {e.frame:#x}{gpa}  {rights_text(e.rights)} {flags}"
-    )
+    return f"{region} -> {e.frame:#x}{gpa}  {rights_text(e.rights)} {flags}"
 
 
 def format_outcome(result: AccessResult) -> str:
