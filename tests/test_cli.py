@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -36,14 +37,23 @@ def run_json(capsys: pytest.CaptureFixture[str], *argv: str, status: int = 0) ->
     return data
 
 
+def untouched_toy(tmp_path: Path) -> str:
+    """The toy scenario without its accesses: every page's next access is a first touch."""
+    path = tmp_path / "untouched.json"
+    path.write_text(replace(SCENARIOS["toy"], accesses=()).to_json())
+    return str(path)
+
+
 def test_walk_dumps_the_24_references_of_a_cold_4x4_walk(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     status, out, _ = run(capsys, "walk", TOY_CODE, "--scenario", "toy", "--cpl", "3")
     assert status == 0
     lines = out.splitlines()
-    assert "first access: 5 VM exits (48 EPT_VIOLATION x5)" in lines[1]
-    assert "24 memory references" in lines[2]
+    assert lines[0].startswith("scenario toy (as built, after its own 2 accesses):")
+    assert "this access: no VM exit" in lines[1], "the scenario's own fetch touched the page"
+    assert "cold walk" in lines[2] and "24 memory references" in lines[2]
+    assert lines[2].endswith("with every translation cache switched off: 24")
     numbered = [line.split()[0] for line in lines[3:27]]
     assert numbered == [str(n) for n in range(1, 25)]
     assert "(final GPA)" in lines[26]
@@ -70,13 +80,60 @@ def test_walk_json_lists_the_references(capsys: pytest.CaptureFixture[str]) -> N
         "fetch",
         None,
     )
-    first = data["first_access"]
-    assert isinstance(first, dict) and len(first["vm_exits"]) == 5
+    this = data["this_access"]
+    assert isinstance(this, dict) and this["vm_exits"] == []
+    assert data["uncached_references"] == 24
 
 
-def test_walk_with_trace_tells_the_first_access_story(capsys: pytest.CaptureFixture[str]) -> None:
-    status, out, _ = run(capsys, "walk", TOY_CODE, "--scenario", "toy", "--trace")
+def test_a_first_touch_takes_the_exits_kvm_needs_to_fill_the_ept(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    untouched = untouched_toy(tmp_path)
+    status, out, _ = run(capsys, "walk", TOY_CODE, "--scenario", untouched, "--trace")
+    lines = out.splitlines()
+    assert lines[0].startswith("scenario toy (as built, after its own 0 accesses):")
+    assert lines[1].startswith("this access: first touch, 5 VM exits (48 EPT_VIOLATION x5)")
     assert status == 0 and "VM entry: the guest retries" in out and "kvm_mmu_hugepage_adjust" in out
+    data = run_json(capsys, "walk", TOY_CODE, "--scenario", untouched)
+    this = data["this_access"]
+    assert isinstance(this, dict) and len(this["vm_exits"]) == 5
+
+
+def test_walk_and_gpa2hpa_show_one_hpa_for_one_gpa(capsys: pytest.CaptureFixture[str]) -> None:
+    """Both ask the scenario after its own accesses: the host frames are the same ones."""
+    walked = run_json(capsys, "walk", "555555559008", "--kind", "write", "--cpl", "3")
+    route = walked["route"]
+    assert isinstance(route, dict) and route["gpa"] == "0x4100008" == walked["gpa"]
+    looked_up = run_json(capsys, "gpa2hpa", "0x4100008")
+    assert route["hpa"] == looked_up["hpa"] == walked["hpa"] and route["hpa"] is not None
+    out = run(capsys, "walk", "555555559008", "--kind", "write", "--cpl", "3")[1]
+    assert out.splitlines()[-1] == run(capsys, "gpa2hpa", "0x4100008")[1].strip()
+
+
+def test_a_refused_access_still_shows_its_gpa_and_the_gpa_s_route(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A user write to the toy's read-only code page: the guest walk reached GPA 0x5008."""
+    argv = ("walk", "8080604008", "--scenario", "toy", "--kind", "write", "--cpl", "3")
+    data = run_json(capsys, *argv)
+    assert (data["gpa"], data["hva"], data["hpa"]) == ("0x5008", None, None)
+    route = data["route"]
+    assert isinstance(route, dict) and route["memslot"] == 0 and route["hva"] is not None
+    out = run(capsys, *argv)[1]
+    assert "No memory is mapped" not in out
+    assert "gpa: 0x5008" in out and "Host virtual address for 0x5008 (memslot 0)" in out
+
+
+def test_the_cold_walk_counts_with_caches_on_and_off(capsys: pytest.CaptureFixture[str]) -> None:
+    """With 2 MiB EPT pages the walk's first nested walks fill the guest-physical mappings
+    that its later ones use; switched off, every reference goes to memory: 4 guest entries
+    and 5 EPT walks of 3 levels (2 MiB EPT leaves) = 19; with 2 MiB guest pages, 3 + 4 x 3 = 15."""
+    line = run(capsys, "walk", "555555559008", "--kind", "write", "--cpl", "3")[1].splitlines()[2]
+    assert line.endswith("10 memory references; with every translation cache switched off: 19")
+    out = run(capsys, "walk", "40000000", "--scenario", "large-pages")[1]
+    assert out.splitlines()[2].endswith(
+        "9 memory references; with every translation cache switched off: 15"
+    )
 
 
 def test_walk_into_the_pci_hole_exits_to_the_vmm(capsys: pytest.CaptureFixture[str]) -> None:

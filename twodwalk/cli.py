@@ -7,8 +7,9 @@
     twodwalk quiz --seed 7 --scenario qemu          ... about that scenario's own memslots
     twodwalk lab                                    the tutorials in JupyterLab
 
-Every command builds its scenario's machine afresh; `info tlb`, `gpa2hva` and `gpa2hpa` first
-run the scenario's accesses, so the caches and the host's pages are as the guest left them.
+Every command asks the same machine: the scenario as built, after the guest has made the
+scenario's own accesses (so the EPT, the caches and the host's pages are as the guest left
+them, and one GPA always shows one HPA).
 `--json` prints one JSON object with addresses as hex strings. User errors print one line,
 `twodwalk: error: ...`, and exit with 2 (bad usage) or 1 (input the model rejects).
 """
@@ -46,7 +47,6 @@ from twodwalk.views.text import (
     gva2gpa,
     info_memslots,
     info_tlb,
-    monitor,
     named_caches,
     rights_text,
 )
@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="twodwalk",
         description="x86-64 two-dimensional address translation under Linux KVM, bit for bit.",
-        epilog="Addresses are hex, with or without 0x (7f001000), or decimal with 0d (0d4096).",
+        epilog="Every command asks the same machine: the scenario as built, after the guest has"
+        " made the scenario's own accesses (`twodwalk info scenario` lists them). Addresses are"
+        " hex, with or without 0x (7f001000), or decimal with 0d (0d4096).",
     )
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     output = _Parser(add_help=False)
@@ -163,63 +165,107 @@ def _address(text: str) -> int:
 
 
 def _walk(args: argparse.Namespace) -> Report:
-    """The access once as the guest first makes it (VM exits while KVM fills the EPT), then
-    again after INVVPID/INVEPT, so the dump shows every reference of the walk."""
-    sc = scenario(args.scenario)
-    machine = sc.build()
+    """The access as the guest makes it now (a first touch takes VM exits while KVM fills the
+    EPT), then a cold walk: the same access after INVVPID and INVEPT, so the dump shows the
+    walk's references; and the count with every cache switched off, which no cache shortens."""
+    sc, machine = _ran(args)
     access = GuestAccess(args.gva, args.kind, args.cpl)
     first = access.perform(machine)
     machine.vcpu.flush_tlb()
     again = access.perform(machine)
     refs = again.trace.memory_references()
+    machine.vcpu.flush_tlb()
+    with machine.vcpu.caches.switched_off():
+        uncached = len(access.perform(machine).trace.memory_references())
     lines = [
-        f"scenario {sc.name}: {args.kind} of {args.gva:#x} at CPL {args.cpl}",
-        f"first access: {format_exits(first.trace)}; {format_outcome(first)}",
+        f"scenario {sc.name} ({_state(sc)}): {args.kind} of {args.gva:#x} at CPL {args.cpl}",
+        f"this access: {_touch(first)}; {format_outcome(first)}",
         *([format_trace(first.trace)] if args.trace else []),
-        f"again after flushing every translation cache: {len(refs)} memory references",
+        f"cold walk (EPT in place, every translation cache flushed): {len(refs)} memory"
+        f" references; with every translation cache switched off: {uncached}",
         format_2d_walk(again.trace),
         f"=> {format_outcome(again)}",
-        monitor(again),
+        *_route_lines(machine, again),
     ]
-    data = {**_access_data(sc, access, again), "first_access": _result_data(first)}
+    data = {
+        **_access_data(sc, access, again),
+        "route": _route_data(machine, again.gpa),
+        "this_access": _result_data(first),
+        "uncached_references": uncached,
+    }
     return Report("\n".join(line for line in lines if line), {**data, "references": _refs(refs)})
 
 
+def _state(sc: Scenario) -> str:
+    """Which machine every command asks (the module docstring says why one)."""
+    count = len(sc.accesses)
+    return f"as built, after its own {count} access{'' if count == 1 else 'es'}"
+
+
+def _touch(result: AccessResult) -> str:
+    """Whether the access was a first touch: the VM exits KVM took to fill its tables."""
+    exits = format_exits(result.trace)
+    return exits if exits == "no VM exit" else f"first touch, {exits}"
+
+
+def _route_lines(machine: Machine, result: AccessResult) -> list[str]:
+    """The GPA the guest's translation reached, and its route through the memslots and the
+    host's tables now, as `gpa2hva` and `gpa2hpa` show it, also for a refused access."""
+    if result.gpa is None:
+        return [gva2gpa(result)]
+    slot, hva, hpa = _gpa_route(machine, result.gpa)
+    region = f"memslot {slot}"
+    return [
+        gva2gpa(result),
+        gpa2hva_text(result.gpa, hva, region),
+        gpa2hpa_text(result.gpa, hva, hpa, region),
+    ]
+
+
 def _gva2gpa(args: argparse.Namespace) -> Report:
-    sc = scenario(args.scenario)
+    sc, machine = _ran(args)
     access = GuestAccess(args.gva, args.kind, args.cpl)
-    result = access.perform(sc.build())
+    result = access.perform(machine)
     return Report(gva2gpa(result), _access_data(sc, access, result))
 
 
 def _gpa2hva(args: argparse.Namespace) -> Report:
-    sc, gpa, slot, hva, _ = _gpa_route(args)
-    return Report(gpa2hva_text(gpa, hva, f"memslot {slot}"), _route_data(sc, gpa, slot, hva))
+    sc, machine, gpa = _gpa_argument(args)
+    slot, hva, _ = _gpa_route(machine, gpa)
+    data = {"scenario": sc.name, **_route_data(machine, gpa)}
+    return Report(gpa2hva_text(gpa, hva, f"memslot {slot}"), data)
 
 
 def _gpa2hpa(args: argparse.Namespace) -> Report:
-    sc, gpa, slot, hva, hpa = _gpa_route(args)
-    data = {**_route_data(sc, gpa, slot, hva), "hpa": _hex(hpa)}
+    sc, machine, gpa = _gpa_argument(args)
+    slot, hva, hpa = _gpa_route(machine, gpa)
+    data = {"scenario": sc.name, **_route_data(machine, gpa)}
     return Report(gpa2hpa_text(gpa, hva, hpa, f"memslot {slot}"), data)
 
 
-def _route_data(sc: Scenario, gpa: int, slot: int | None, hva: int | None) -> Json:
-    return {"scenario": sc.name, "gpa": _hex(gpa), "memslot": slot, "hva": _hex(hva)}
-
-
-def _gpa_route(
-    args: argparse.Namespace,
-) -> tuple[Scenario, int, int | None, int | None, int | None]:
-    """GPA -> memslot -> HVA (`__gfn_to_hva_memslot`) -> HPA as the host's page tables have
-    it now, without faulting anything in (QEMU's gpa2hpa reads /proc/self/pagemap)."""
+def _gpa_argument(args: argparse.Namespace) -> tuple[Scenario, Machine, int]:
     sc, machine = _ran(args)
     gpa: int = args.gpa
     check_int("gpa", gpa, 0, 1 << sc.maxphyaddr, valid=f"below 2**{sc.maxphyaddr} (MAXPHYADDR)")
+    return sc, machine, gpa
+
+
+def _route_data(machine: Machine, gpa: int | None) -> Json:
+    if gpa is None:
+        return {"gpa": None, "memslot": None, "hva": None, "hpa": None}
+    slot, hva, hpa = _gpa_route(machine, gpa)
+    return {"gpa": _hex(gpa), "memslot": slot, "hva": _hex(hva), "hpa": _hex(hpa)}
+
+
+def _gpa_route(machine: Machine, gpa: int) -> tuple[int | None, int | None, int | None]:
+    """GPA -> memslot -> HVA (`__gfn_to_hva_memslot`) -> HPA as the host's page tables have
+    it now, without faulting anything in (QEMU's gpa2hpa reads /proc/self/pagemap): the one
+    route every command shows."""
     memslot = machine.vm.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
     if memslot is None:
-        return sc, gpa, None, None, None
+        return None, None, None
     hva = memslot.gfn_to_hva(gpa >> PAGE_SHIFT) + (gpa & (PAGE_SIZE - 1))
-    return sc, gpa, memslot.id, hva, machine.gpa_to_hpa(gpa)
+    return memslot.id, hva, machine.gpa_to_hpa(gpa)
 
 
 def _info(args: argparse.Namespace) -> Report:

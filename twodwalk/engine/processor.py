@@ -64,7 +64,9 @@ def _address_for(gva: int | None) -> int:
 @dataclass(frozen=True)
 class AccessResult:
     """What one `access()` did: the guest-visible fault or exit, the value, the addresses
-    in all four spaces, and the trace of everything in order."""
+    in all four spaces, and the trace of everything in order. `gpa` is where the guest's
+    translation led, also when the guest's own rights refused the access; `hva` and `hpa`
+    are where the access went, None when it went nowhere (a fault) or to the VMM (MMIO)."""
 
     fault: PageFault | GeneralProtection | None
     exit: MmioExit | InternalError | None
@@ -461,4 +463,8 @@ class Processor(ABC):
         hva: int | None = None,
         hpa: int | None = None,
     ) -> AccessResult:
+        """A refused access still has the GPA its guest walk reached; it has no HVA or HPA,
+        since it went nowhere."""
+        if fault is not None and gpa is None:
+            gpa = trace.refused_gpa()
         return AccessResult(fault, exit, value, gpa, hva, hpa, trace)

@@ -15,7 +15,8 @@ configurable, and the whole TLB can be switched off to see every walk.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Generic, NamedTuple, Protocol, TypeVar
@@ -411,6 +412,19 @@ class TranslationCaches:
         for cache in self.all():
             cache.enabled = False
         self.pwc.enabled = False
+
+    @contextmanager
+    def switched_off(self) -> Iterator[None]:
+        """Every cache off inside the `with` (each walk then reads every entry from memory),
+        and each back as it was after it."""
+        was = [cache.enabled for cache in self.all()], self.pwc.enabled
+        self.off()
+        try:
+            yield
+        finally:
+            for cache, enabled in zip(self.all(), was[0], strict=True):
+                cache.enabled = enabled
+            self.pwc.enabled = was[1]
 
     def flush_vpid(self, vpid: int, keep_global: bool = False) -> None:
         """INVVPID single-context (or retaining globals): linear and combined mappings and

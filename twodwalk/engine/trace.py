@@ -183,6 +183,14 @@ class Trace:
     def of_type(self, kind: type[T]) -> list[T]:
         return [e for e in self.events if isinstance(e, kind)]
 
+    def refused_gpa(self) -> int | None:
+        """The GPA the guest's translation reached when its own rights refused the access
+        (a protection #PF: the leaf maps a page, SDM Vol 3A 4.7), from the last walk of the
+        guest's tables, the hardware's or KVM's; None when the walk found no page."""
+        walks = [e.record for e in self.events if isinstance(e, GuestWalk | KvmWalk)]
+        fault = walks[-1].fault if walks else None
+        return None if fault is None else fault.reached
+
     def attempts(self) -> list[list[Event]]:
         """The events split at each `Retry`: one list per attempt of the access."""
         out: list[list[Event]] = [[]]

@@ -234,22 +234,25 @@ def gva2gpa(result: AccessResult) -> str:
     """QEMU monitor `gva2gpa` for the address of one access. Like QEMU's
     `cpu_get_phys_page_debug` it ignores access rights: a page the access was not allowed
     to touch is still mapped, at the GPA the guest walk reached."""
-    gpa = result.gpa
-    if gpa is None:
-        walks = [e.record for e in result.trace if isinstance(e, GuestWalk | KvmWalk)]
-        fault = walks[-1].fault if walks else None
-        gpa = None if fault is None else fault.reached
-    return "Unmapped" if gpa is None else f"gpa: {gpa:#x}"
+    return "Unmapped" if result.gpa is None else f"gpa: {result.gpa:#x}"
 
 
 def gpa2hva(result: AccessResult) -> str:
-    """QEMU monitor `gpa2hva`: the memslot route."""
-    return gpa2hva_text(result.gpa, result.hva)
+    """QEMU monitor `gpa2hva`: the memslot route the access took."""
+    return _not_accessed(result) or gpa2hva_text(result.gpa, result.hva)
 
 
 def gpa2hpa(result: AccessResult) -> str:
     """QEMU monitor `gpa2hpa`: where the access landed in host memory."""
-    return gpa2hpa_text(result.gpa, result.hva, result.hpa)
+    return _not_accessed(result) or gpa2hpa_text(result.gpa, result.hva, result.hpa)
+
+
+def _not_accessed(result: AccessResult) -> str:
+    """A refused access has a GPA but took no route beyond it: say so rather than "no
+    memory" (`twodwalk gpa2hva GPA` shows the GPA's route all the same)."""
+    if result.fault is None or result.gpa is None:
+        return ""
+    return f"GPA {result.gpa:#x} not accessed: the guest's translation refused the access"
 
 
 def gpa2hva_text(gpa: int | None, hva: int | None, region: str = "guest RAM") -> str:
