@@ -91,14 +91,17 @@ def test_explorer_opens_on_the_default_scenario_first_write() -> None:
     assert f"gpa: {e.model.result.gpa:#x}" in shown and "hardware references" in shown
 
 
-def test_explorer_shows_the_full_2d_walk_of_a_warm_scenario() -> None:
-    e = tww.AddressExplorer("toy")  # the scenario's accesses have warmed EPT and the tables
+def test_explorer_of_a_scenario_opens_on_a_cold_walk() -> None:
+    """The scenario's accesses built the EPT entries and the explorer flushes every cache:
+    a cold walk, all 24 references and no VM exit (as notebooks 00 and 01 say)."""
+    e = tww.AddressExplorer("toy")
+    assert e.model.result is not None and e.model.result.trace.of_type(VmExit) == []
     assert references(e.model) == Counter(guest=4, ept=20)
     assert e.model.figure().axes[0].get_title().endswith("24 memory references")
     assert " 24 " in text_of(e.text_output)
 
 
-def test_explorer_of_a_cold_machine_shows_the_exits_first() -> None:
+def test_explorer_of_a_fresh_machine_shows_the_first_touch() -> None:
     e = tww.AddressExplorer(scenario("toy").build())
     assert "EPT_VIOLATION" in text_of(e.text_output)
     assert sum(references(e.model).values()) < 24, "the last attempt reuses cached GPAs"

@@ -91,8 +91,9 @@ class GpaTranslator:
 
     def fill_paging_structure_caches(self) -> None:
         """Cache the upper EPT entries of the walks that completed, once the two-dimensional
-        walk is over: one walk does not feed itself, so a cold 4x4 walk still makes its 24
-        references (when entries are cached is left to the processor, SDM Vol 3C 29.4.3)."""
+        walk is over: they do not shorten the walk that fills them (when entries are cached
+        is left to the processor, SDM Vol 3C 29.4.3). Guest-physical mappings are made as
+        each EPT walk ends, so a later nested walk of the same walk may use one."""
         if self.walked:
             for record in self.walked:
                 fill_paging_structure_caches(self.psc, self.tag, record)

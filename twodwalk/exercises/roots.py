@@ -41,14 +41,14 @@ def roots_question(
         guest_ram=_GUEST_RAM, guest_levels=guest_levels, gbpages=False, tdp=not shadow
     )
     machine.guest.map(gva & ~(PAGE_SIZE - 1), gpa, PAGE_SIZE, rw=1, us=1)
-    cold = machine.vcpu.access(gva, "read").trace  # KVM's software path runs here
+    first_touch = machine.vcpu.access(gva, "read").trace  # KVM's software path runs here
     machine.vcpu.flush_tlb()
-    warm = machine.vcpu.access(gva, "read").trace  # every hardware walk from its root
+    cold = machine.vcpu.access(gva, "read").trace  # a cold walk: every walk from its root
     hva = machine.vm.gpa_to_hva(gpa)
     assert hva is not None
     guest_root = machine.vcpu.cr3_root
     vmm_root = machine.vmm.tables.root
-    record = _walk_of(cold if walk == "hva" else warm, walk)
+    record = _walk_of(first_touch if walk == "hva" else cold, walk)
     expected = record.root
     registers = [
         f"  guest CR3, as the guest loaded it:        {machine.vcpu.cr3:#x}",
@@ -91,7 +91,7 @@ def roots_question(
                 " is bits M-1:12",
             ),
         ]
-        root_hpa = warm.of_type(GuestWalk)[0].record.steps[0].read.physical & ~0xFFF
+        root_hpa = cold.of_type(GuestWalk)[0].record.steps[0].read.physical & ~0xFFF
         mistakes.append(
             (
                 root_hpa,

@@ -2,10 +2,10 @@
 
 The explorer asks the vCPU for the access and shows the trace it returns: the walk grid, the
 QEMU-monitor lines and the Bochs-style reference dump. A scenario's machine first makes the
-scenario's own accesses, so that EPT and the guest's tables are warm and a walk after a TLB
-flush shows every reference rather than the first access's VM exits. Switching EPT off builds
-the scenario again with `tdp=False`; both machines are kept, so switching back finds the warm
-one.
+scenario's own accesses, so that the EPT entries are in place: the explorer's walk is a cold
+walk (every translation cache flushed first) that shows every reference, not a first touch's VM
+exits. Switching EPT off builds the scenario again with `tdp=False`; both machines are kept, so
+switching back finds the same one.
 """
 
 from __future__ import annotations

@@ -21,9 +21,10 @@ from twodwalk.widgets.common import default_access
 
 
 def full_walk(machine: Machine, gva: int | None = None) -> AccessResult:
-    """A read made, the TLB flushed, and the read made again, as the README's first VM
-    example does: the second walk finds EPT and the tables warm, so every reference of both
-    dimensions is there to step through, without the first read's VM exits. The default
+    """A read made, every translation cache flushed, and the read made again, as the README's
+    first VM example does: the second is a cold walk (the EPT entries in place, nothing
+    cached), so every reference of both dimensions is there to step through, without a first
+    touch's VM exits. The default
     GVA is the start of the guest's first mapping."""
     if gva is None:
         gva = default_access(machine, None).gva

@@ -188,7 +188,7 @@ class AddressExplorer(Panel):
         )
         self.flush_checkbox = widgets.Checkbox(
             value=request.flush_tlb,
-            description="flush the TLB and paging-structure caches first",
+            description="flush every translation cache first (a cold walk)",
             indent=False,
             layout=widgets.Layout(width="auto"),
         )
