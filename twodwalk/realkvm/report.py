@@ -8,9 +8,13 @@ from collections.abc import Mapping
 
 
 def headline(what: str, cases: int, agree: int, disagree: int, seconds: float | None = None) -> str:
-    """`what: cases, agree: .., disagree: ..[, rate cases/s]` (cases that neither agree nor
-    disagree matched a known quirk)."""
-    text = f"{what}: {cases}, agree: {agree}, disagree: {disagree}"
+    """`what: cases, agree: .., [known quirk: .., ]disagree: ..[, rate cases/s]`: every case
+    is counted in the line (a known quirk is a case where real KVM departs from the manual
+    in a way the report lists further down)."""
+    quirks = cases - agree - disagree
+    text = f"{what}: {cases}, agree: {agree}, "
+    text += f"known quirk: {quirks}, " if quirks else ""
+    text += f"disagree: {disagree}"
     if seconds is not None:
         text += f", {cases / max(seconds, 1e-9):.0f} cases/s"
     return text
