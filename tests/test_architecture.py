@@ -82,3 +82,21 @@ def test_flat_engine_paths_are_the_same_modules() -> None:
             f"twodwalk.engine.{name}"
         )
     assert twodwalk.host is twodwalk.engine.host
+
+
+def test_the_package_namespace_is_its_public_api() -> None:
+    import twodwalk
+
+    assert "importlib" not in dir(twodwalk) and "TYPE_CHECKING" not in dir(twodwalk)
+    assert set(dir(twodwalk)) == {*twodwalk.__all__, "widgets"}
+    assert all(hasattr(twodwalk, name) for name in twodwalk.__all__)
+
+
+def test_help_of_machine_names_its_actors() -> None:
+    import pydoc
+
+    import twodwalk
+
+    text = pydoc.render_doc(twodwalk.Machine)
+    for attribute in ("memory", "host", "vmm", "vm", "guest", "vcpu", "cpu_model", "ram_hva"):
+        assert f"`{attribute}`" in text, attribute

@@ -124,6 +124,12 @@ def _keep_flat_module_paths() -> None:
 _keep_flat_module_paths()
 
 
+def __dir__() -> list[str]:
+    """The public API only (`__all__`, and the lazily loaded `widgets`), not the names this
+    module uses to build itself."""
+    return sorted([*__all__, "widgets"])
+
+
 def __getattr__(name: str) -> ModuleType:
     """`tw.widgets` on first use: importing ipywidgets costs more than the whole engine, so
     `import twodwalk` does not (PEP 562 module __getattr__)."""

@@ -16,12 +16,13 @@ from types import MappingProxyType
 
 from twodwalk.engine.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslot
 from twodwalk.engine.machine import Machine
-from twodwalk.engine.units import PAGE_SHIFT, PAGE_SIZE
+from twodwalk.engine.units import PAGE_SHIFT, PAGE_SIZE, hex_repr
 from twodwalk.errors import TwodwalkError, check_choice
 
 MOVED_SLOT_ALIGN = 1 << 30  # a moved memslot starts on a GiB boundary above every other slot
 
 
+@hex_repr
 @dataclass(frozen=True)
 class Page:
     """The guest page a what-if acts on: the GVA the guest used, and the page's GPA and HVA

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from twodwalk.engine.formats import EPT_MEMTYPE_WB, EptFormat, Rights
+from twodwalk.engine.units import hex_repr
 from twodwalk.engine.walker import Access, AccessKind, FaultKind, Violation, WalkRecord
 from twodwalk.errors import check_aligned, check_choice, check_int
 
@@ -29,6 +30,7 @@ EPT_VIOLATION_GVA_IS_VALID = 1 << 7
 EPT_VIOLATION_GVA_TRANSLATED = 1 << 8
 
 
+@hex_repr
 @dataclass(frozen=True)
 class Eptp:
     """The EPT pointer: memory type of the tables, walk length, A/D enable, root address."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 from twodwalk.engine.cpuid import CpuModel
-from twodwalk.engine.units import PAGE_SHIFT
+from twodwalk.engine.units import PAGE_SHIFT, hex_repr
 from twodwalk.errors import TwodwalkError, check_aligned, check_choice, check_int
 
 ENTRY_SIZE = 8
@@ -104,6 +104,7 @@ class Layout:
         raise TwodwalkError(f"{self.name} has no field {key!r}: its fields are {names}")
 
 
+@hex_repr
 @dataclass(frozen=True)
 class FieldValue:
     """A field together with its value in one entry."""
@@ -112,6 +113,7 @@ class FieldValue:
     value: int
 
 
+@hex_repr
 @dataclass(frozen=True)
 class DecodedEntry:
     """An 8-byte entry read as the SDM tables read it: each field, its bits, its value."""

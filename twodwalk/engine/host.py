@@ -28,7 +28,7 @@ from twodwalk.engine.pagetables import PageTables
 from twodwalk.engine.paging import PagingControls, X86AccessRules
 from twodwalk.engine.tables import PhysicalTables
 from twodwalk.engine.trace import HostPageFault, HostWalk, Trace
-from twodwalk.engine.units import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE
+from twodwalk.engine.units import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE, hex_repr
 from twodwalk.engine.walker import Access, AccessKind, Translation, WalkRecord, walk
 from twodwalk.errors import TwodwalkError, check_aligned, check_int
 
@@ -56,6 +56,7 @@ def swp_offset(pte: int) -> int:
     return (~pte << SWP_TYPE_BITS & ((1 << 64) - 1)) >> shift
 
 
+@hex_repr
 @dataclass
 class Vma:
     """A virtual memory area: [start, end), anonymous, 4 KiB pages or THP-backed."""
@@ -83,6 +84,7 @@ class MmuNotifier(Protocol):
     def invalidate_range_end(self, process: Process, start: int, end: int) -> None: ...
 
 
+@hex_repr
 @dataclass(frozen=True)
 class UserPage:
     """What get_user_pages found: the host frame of an HVA, its mapping size and writability."""

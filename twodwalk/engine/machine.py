@@ -26,7 +26,20 @@ GIGANTIC_FRAMES = (4 << 30, 8 << 30)
 
 
 class Machine:
-    """A KVM guest on x86-64, from guest page tables down to host frames."""
+    """A KVM guest on x86-64, from guest page tables down to host frames.
+
+    The actors, each one object, as in a real KVM set-up:
+
+    - `memory`: host physical memory (`PhysicalMemory`), where every table and page lives;
+    - `host`: the host kernel (`HostKernel`): processes, their page tables, THP, swap, KSM;
+    - `vmm`: the VMM process ("qemu", a `Process` of the host) whose mmap backs guest RAM
+      from `ram_hva`, `guest_ram` bytes of it;
+    - `vm`: the KVM VM (`Vm`): memslots, the MMU that builds EPT (or shadow) tables, the
+      dirty log;
+    - `guest`: the guest OS (`GuestOS`), which writes its page tables into guest RAM;
+    - `vcpu`: the vCPU (`Vcpu`) that makes accesses: `machine.vcpu.access(gva, "read")`;
+    - `cpu_model`: what CPUID reports (`CpuModel`: MAXPHYADDR, 1 GiB pages, LA57).
+    """
 
     def __init__(
         self,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 from twodwalk.engine.formats import ENTRIES_PER_TABLE, ENTRY_SIZE, EntryFormat
-from twodwalk.engine.units import PAGE_SIZE
+from twodwalk.engine.units import PAGE_SIZE, hex_repr
 from twodwalk.errors import AddressError, TwodwalkError, check_aligned, check_int
 
 
@@ -26,6 +26,7 @@ class PhysicalSpace(Protocol):
     def write_u64(self, address: int, value: int) -> None: ...
 
 
+@hex_repr
 @dataclass(frozen=True)
 class TreeEntry:
     """A present entry found by walking the whole tree: where it is and what it covers."""
@@ -37,6 +38,7 @@ class TreeEntry:
     leaf: bool
 
 
+@hex_repr
 class Leaf(NamedTuple):
     """Where a present leaf entry is: the entry's address (in the tables' own space) and its
     level (1: a 4 KiB page; 2 or 3: a large page)."""

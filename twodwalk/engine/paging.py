@@ -17,6 +17,7 @@ from twodwalk.engine.cpuid import CpuModel
 from twodwalk.engine.formats import Ia32eFormat, Rights, ia32e_format
 from twodwalk.engine.memory import PhysicalMemory
 from twodwalk.engine.tables import PhysicalTables
+from twodwalk.engine.units import hex_repr
 from twodwalk.engine.walker import (
     Access,
     AccessKind,
@@ -127,6 +128,7 @@ def _pkey(leaf: int) -> int:
     return leaf >> 59 & 0xF
 
 
+@hex_repr
 @dataclass(frozen=True)
 class PageFault:
     """#PF as the guest sees it: vector 14, the error code, and CR2 (the linear address)."""
@@ -140,6 +142,7 @@ class PageFault:
         return self.address
 
 
+@hex_repr
 @dataclass(frozen=True)
 class GeneralProtection:
     """#GP with its error code (0 for a non-canonical memory reference, SDM 6.15)."""
@@ -177,6 +180,7 @@ def exception_for(
     return PageFault(code, record.address)
 
 
+@hex_repr
 @dataclass(frozen=True)
 class Cr3:
     """CR3 decoded as the processor reads it (SDM 4.5.2, table 4-13 / 4-14)."""

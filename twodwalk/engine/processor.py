@@ -34,6 +34,7 @@ from twodwalk.engine.tlb import (
     fill_paging_structure_caches,
 )
 from twodwalk.engine.trace import CacheHit, DataAccess, Retry, TlbHit, Trace
+from twodwalk.engine.units import hex_repr
 from twodwalk.engine.walker import Access, AccessKind, TableMemory, WalkRecord, WalkStart
 from twodwalk.errors import TwodwalkError, check_choice, check_int
 
@@ -61,6 +62,7 @@ def _address_for(gva: int | None) -> int:
     return check_int("gva", gva, 0, 1 << 64, valid="0 <= gva < 2**64")
 
 
+@hex_repr
 @dataclass(frozen=True)
 class AccessResult:
     """What one `access()` did: the guest-visible fault or exit, the value, the addresses

@@ -25,6 +25,7 @@ from twodwalk.engine.formats import Rights
 from twodwalk.engine.memory import PhysicalMemory
 from twodwalk.engine.tlb import PageWalkCache
 from twodwalk.engine.trace import Trace
+from twodwalk.engine.units import hex_repr
 from twodwalk.engine.walker import Access, NestedFault, TableMemory, TableRead, WalkRecord
 
 
@@ -63,6 +64,7 @@ class PageWalkCacheTables:
         return self.tables.write_entry(address, read, value)
 
 
+@hex_repr
 @dataclass(slots=True)
 class GpaTranslation:
     """A GPA's translation: the HPA, the EPT page size and rights, and the EPT walk that

@@ -22,7 +22,7 @@ from itertools import pairwise
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
 from twodwalk.engine.formats import RIGHTS_BY_MASK, Rights
-from twodwalk.engine.units import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE
+from twodwalk.engine.units import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE, hex_repr
 from twodwalk.engine.walker import (
     ROW_INDEX,
     ROW_LEVEL,
@@ -50,6 +50,7 @@ STLB_GEOMETRY: Mapping[int, tuple[int, int]] = {
 }
 
 
+@hex_repr
 class Tag(NamedTuple):
     """What an entry belongs to: the VPID, the PCID and the EP4TA, EPTP bits 51:12 (0 without
     EPT; SDM Vol 3C 29.4.1: entries are associated with the EP4TA, not the whole EPTP). A
@@ -64,6 +65,7 @@ class Tag(NamedTuple):
 ANY_PCID = -1  # the PCID of a global TLB entry: it translates for every PCID
 
 
+@hex_repr
 @dataclass(frozen=True)
 class TlbEntry:
     """One cached translation of a page: `page` (`page_size` bytes) -> `frame`, with its
@@ -82,6 +84,7 @@ class TlbEntry:
     global_page: bool
 
 
+@hex_repr
 @dataclass(frozen=True)
 class PscEntry:
     """One paging-structure-cache entry (SDM Vol 3A 4.10.3.1; Vol 3C 29.4.3 for the EPT's):

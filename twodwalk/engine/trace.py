@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from twodwalk.engine.units import hex_repr
 from twodwalk.engine.walker import ROW_LEVEL, ROW_READ, WalkRecord, WalkStep
 
 
@@ -36,6 +37,7 @@ class NativeWalk:
     record: WalkRecord
 
 
+@hex_repr
 @dataclass(frozen=True)
 class TlbHit:
     """The TLB held the translation: no walk, no memory reference for it."""
@@ -45,6 +47,7 @@ class TlbHit:
     frame: int
 
 
+@hex_repr
 @dataclass(frozen=True)
 class CacheHit:
     """A translation cache answered part of the walk: `cache` names it ("paging-structure
@@ -55,6 +58,7 @@ class CacheHit:
     result: int
 
 
+@hex_repr
 @dataclass(frozen=True)
 class VmExit:
     """A VM exit to KVM: reason number and name, qualification and guest-physical address."""
@@ -66,6 +70,7 @@ class VmExit:
     gva: int | None = None
 
 
+@hex_repr
 @dataclass(frozen=True)
 class KvmStep:
     """One software step of KVM or the host kernel, named after the function that does it."""
@@ -85,6 +90,7 @@ class HostWalk:
     record: WalkRecord
 
 
+@hex_repr
 @dataclass(frozen=True)
 class HostPageFault:
     """A host page fault taken on the VMM's behalf (mm/memory.c `handle_mm_fault`)."""
@@ -102,6 +108,7 @@ class KvmWalk:
     record: WalkRecord
 
 
+@hex_repr
 @dataclass(frozen=True)
 class SpteWrite:
     """KVM wrote an entry of its own tables: `table` is "ept" or "shadow" (KVM calls both
@@ -122,6 +129,7 @@ class Retry:
     attempt: int
 
 
+@hex_repr
 @dataclass(frozen=True)
 class DataAccess:
     """The access itself reached memory."""
@@ -151,6 +159,7 @@ Event = (
 T = TypeVar("T")
 
 
+@hex_repr
 @dataclass(frozen=True)
 class Reference:
     """One hardware memory reference of a walk: which dimension, which level, where, what.

@@ -24,6 +24,7 @@ from typing import Final, Protocol
 
 from twodwalk.engine.formats import ENTRY_SIZE, RIGHTS_BY_MASK, DecodedEntry, EntryFormat, Rights
 from twodwalk.engine.memory import U64_LIMIT
+from twodwalk.engine.units import hex_repr
 from twodwalk.errors import check_aligned, check_choice, check_int
 
 
@@ -91,6 +92,7 @@ class FaultKind(enum.Enum):
     NESTED = "a table address did not translate in the other dimension"
 
 
+@hex_repr
 @dataclass(slots=True)
 class WalkFault:
     """A fault as a value: what went wrong, at which level (None: before the walk)."""
@@ -104,6 +106,7 @@ class WalkFault:
     reached: int | None = None  # a PERMISSION fault: where the leaf led, had it been allowed
 
 
+@hex_repr
 @dataclass(slots=True)
 class Translation:
     """A successful walk: the physical address, the page it lies in and the rights."""
@@ -114,6 +117,7 @@ class Translation:
     rights: Rights
 
 
+@hex_repr
 @dataclass(slots=True)
 class TableRead:
     """How one entry was read: its value and the physical address it came from, with the
@@ -136,6 +140,7 @@ class NestedFault:
     record: WalkRecord
 
 
+@hex_repr
 @dataclass(frozen=True)
 class WalkStart:
     """Where a walk begins when a paging-structure cache supplied its upper levels (SDM Vol
@@ -180,6 +185,7 @@ class AccessRules(Protocol):
     def violation(self, access: Access, rights: Rights, leaf: int) -> Violation | None: ...
 
 
+@hex_repr
 @dataclass(frozen=True, slots=True)
 class WalkStep:
     """One entry read during a walk: a row of a hand calculation."""
@@ -211,6 +217,7 @@ ROW_RIGHTS: Final = 4  # the `Rights` mask accumulated down to this entry
 ROW_READ: Final = 5  # how it was read (None: at table + 8 * index in physical memory)
 
 
+@hex_repr
 @dataclass(slots=True)
 class WalkRecord:
     """Everything a walk did, in order, and how it ended.

@@ -14,7 +14,7 @@ import enum
 import errno as errno_codes
 from dataclasses import dataclass, field
 
-from twodwalk.engine.units import PAGE_SHIFT, PAGE_SIZE
+from twodwalk.engine.units import PAGE_SHIFT, PAGE_SIZE, hex_repr
 from twodwalk.errors import TwodwalkError
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
@@ -42,6 +42,7 @@ class Change(enum.Enum):
     NONE = "no change"
 
 
+@hex_repr
 @dataclass
 class Memslot:
     """One memslot: a guest-physical range backed by a range of the VMM's virtual memory."""

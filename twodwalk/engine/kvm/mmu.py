@@ -41,7 +41,7 @@ from twodwalk.engine.pagetables import PageTables, TreeEntry, table_slot
 from twodwalk.engine.paging import PFERR_FETCH, PFERR_PRESENT, PFERR_USER, PFERR_WRITE
 from twodwalk.engine.tables import PmlLogging
 from twodwalk.engine.trace import KvmStep, SpteWrite, Trace
-from twodwalk.engine.units import PAGE_SHIFT, PAGE_SIZE, size_text
+from twodwalk.engine.units import PAGE_SHIFT, PAGE_SIZE, hex_repr, size_text
 from twodwalk.engine.walker import Access, TableMemory, WalkRecord, WalkStart, walk
 from twodwalk.errors import TwodwalkError
 
@@ -85,6 +85,7 @@ class Fixed:
     """KVM fixed the EPT; re-entering the guest retries the access."""
 
 
+@hex_repr
 @dataclass(frozen=True)
 class EmulateMmio:
     """No RAM behind the GPA (a hole, or a write to a READONLY slot): KVM emulates the access,

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from twodwalk.engine.units import hex_repr
 
+
+@hex_repr
 @dataclass(frozen=True)
 class MmioExit:
     """KVM_EXIT_MMIO: the access went to userspace (struct kvm_run `mmio`)."""

@@ -55,7 +55,7 @@ from twodwalk.engine.paging import (
 )
 from twodwalk.engine.tables import MemslotTables
 from twodwalk.engine.trace import KvmStep, KvmWalk, SpteWrite, Trace
-from twodwalk.engine.units import PAGE_SHIFT
+from twodwalk.engine.units import PAGE_SHIFT, hex_repr
 from twodwalk.engine.walker import Access, TableMemory, WalkRecord, WalkStart, walk
 from twodwalk.errors import TwodwalkError
 
@@ -67,6 +67,7 @@ class InjectFault:
     exception: PageFault | GeneralProtection
 
 
+@hex_repr
 @dataclass(frozen=True)
 class EmulateWrite:
     """A guest write to one of its own (write-protected) page tables: KVM emulates it
