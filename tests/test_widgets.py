@@ -291,7 +291,7 @@ def test_stepper_of_a_tlb_hit_has_nothing_to_step() -> None:
 
 
 def changed(lab: Any) -> dict[str, tuple[str, str]]:
-    return {c.field: (c.before, c.after) for c in lab.model.changes() if c.changed}
+    return {c.field: (c.before, c.after) for c in lab.model.changes if c.changed}
 
 
 def test_lab_starts_from_the_steady_state() -> None:
@@ -539,3 +539,14 @@ def test_lab_fault_that_races_the_host_retries() -> None:
     assert found is not None
     frame = lab.model.machine.memory.read_u64(found.slot) & 0xF_FFFF_FFFF_F000
     assert (result.value, result.hpa) == (value, frame | (result.hpa or 0) & 0xFFF)
+
+
+def test_the_lab_model_reads_out_in_one_style() -> None:
+    """What the lab shows now is read as attributes, never called: `changes` is a property
+    like `trace_text`, and `message` and `result` are plain attributes."""
+    import inspect
+
+    for name in ("changes", "trace_text"):
+        assert isinstance(inspect.getattr_static(whatif.WhatIfModel, name), property), name
+    lab = tww.WhatIfLab("toy")
+    assert isinstance(lab.model.changes, list) and isinstance(lab.model.message, str)

@@ -402,7 +402,7 @@ class WhatIfLab(Panel):
         model = self.model
         show_error(self.error_line, model.error)
         self.message_line.value = f"<i>{html.escape(model.message)}</i>" if model.message else ""
-        self.table.value = changes_table(model.changes())
+        self.table.value = changes_table(model.changes)
         show_text(self.trace_output, model.trace_text)
 
 

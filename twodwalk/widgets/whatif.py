@@ -145,8 +145,10 @@ class WhatIfModel:
             )
         return self.scenario
 
+    @property
     def changes(self) -> list[Change]:
-        """The before/after table (before is empty until a what-if or re-run)."""
+        """The before/after table (before is empty until a what-if or re-run): read like
+        `message`, `result` and `trace_text`, as what the lab shows now."""
         after = summarise(self.result)
         before = summarise(self.before) if self.before is not None else dict.fromkeys(after, "")
         return [Change(field, before[field], after[field]) for field in after]
