@@ -100,3 +100,28 @@ def test_help_of_machine_names_its_actors() -> None:
     text = pydoc.render_doc(twodwalk.Machine)
     for attribute in ("memory", "host", "vmm", "vm", "guest", "vcpu", "cpu_model", "ram_hva"):
         assert f"`{attribute}`" in text, attribute
+
+
+def test_realkvm_imports_where_there_is_no_fcntl() -> None:
+    """Pyodide and Windows have no fcntl: `twodwalk.realkvm` still imports (as its docstring
+    promises), and says why real KVM cannot be used there."""
+    code = (
+        "import sys; sys.modules['fcntl'] = None\n"
+        "import twodwalk.realkvm as r\n"
+        "print(r.unavailable_reason()); print(r.check().text)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.count("this Python has no fcntl module") == 2, done.stdout
+
+
+def test_the_library_does_not_pull_a_jupyter_server() -> None:
+    """`pip install twodwalk` into a JupyterHub or a Pyodide kernel brings what the library
+    imports; JupyterLab comes with the `lab` extra, which the dev extra (make) includes."""
+    import tomllib
+
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
+    required = {d.split(">")[0].split("=")[0] for d in project["dependencies"]}
+    assert required == {"ipywidgets", "matplotlib", "networkx"}
+    extras = project["optional-dependencies"]
+    assert any(d.startswith("jupyterlab") for d in extras["lab"])
+    assert "twodwalk[lab]" in extras["dev"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import mmap
 import os
 import platform
@@ -19,6 +18,13 @@ from pathlib import Path
 
 from twodwalk.engine.kvm.memslots import KvmError
 from twodwalk.errors import TwodwalkError
+
+try:
+    import fcntl
+except ImportError:  # Windows, Pyodide (JupyterLite): no ioctl(2), so no real KVM either
+    HAVE_IOCTL = False
+else:
+    HAVE_IOCTL = True
 
 KVMIO = 0xAE
 
@@ -48,6 +54,8 @@ class KvmUnavailableError(TwodwalkError):
 
 def unavailable_reason() -> str | None:
     """Why /dev/kvm cannot be used on this machine, or None when it can."""
+    if not HAVE_IOCTL:
+        return "real KVM needs ioctl(2), and this Python has no fcntl module (Pyodide, Windows)"
     if sys.platform != "linux" or platform.machine() != "x86_64":
         return f"real KVM needs Linux on x86-64; this is {sys.platform} on {platform.machine()}"
     try:
