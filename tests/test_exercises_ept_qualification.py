@@ -44,6 +44,6 @@ def test_qualification_notations_and_feedback() -> None:
     message = wrong(q, "0x81")
     assert message.startswith("Not 0x81:\n  bit 1 (write) should be 1")
     assert "with EPT A/D flags on counts as a write too" in message
-    assert "bit 8 (final) should be 0" in wrong(q, "0x183")
+    assert "bit 8 (final GPA) should be 0" in wrong(q, "0x183")
     fetch = ept_qualification_question("fetch", which="table", ept_ad=False)
     assert "a data access even for a fetch: not a fetch" in wrong(fetch, "0x84")

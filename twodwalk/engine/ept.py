@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from twodwalk.engine.formats import EPT_MEMTYPE_WB, EptFormat, Rights
+from twodwalk.engine.paging import bit_names
 from twodwalk.engine.units import hex_repr
 from twodwalk.engine.walker import Access, AccessKind, FaultKind, Violation, WalkRecord
 from twodwalk.errors import check_aligned, check_choice, check_int
@@ -28,6 +29,40 @@ EPT_VIOLATION_WRITABLE = 1 << 4
 EPT_VIOLATION_EXECUTABLE = 1 << 5
 EPT_VIOLATION_GVA_IS_VALID = 1 << 7
 EPT_VIOLATION_GVA_TRANSLATED = 1 << 8
+EPT_VIOLATION_NMI_UNBLOCKING = 1 << 12
+
+# Each bit of an EPT violation's exit qualification that the model sets or that a reader
+# meets: (mask, a short name, what a set bit says), SDM Vol 3C table 28-7.
+EPT_VIOLATION_BITS: tuple[tuple[int, str, str], ...] = (
+    (EPT_VIOLATION_ACC_READ, "read", "the access was a data read"),
+    (EPT_VIOLATION_ACC_WRITE, "write", "the access was a data write"),
+    (EPT_VIOLATION_ACC_INSTR, "fetch", "the access was an instruction fetch"),
+    (EPT_VIOLATION_READABLE, "readable", "the EPT entries allowed reads (AND of their bit 0)"),
+    (EPT_VIOLATION_WRITABLE, "writable", "the EPT entries allowed writes (AND of their bit 1)"),
+    (
+        EPT_VIOLATION_EXECUTABLE,
+        "executable",
+        "the EPT entries allowed fetches (AND of their bit 2)",
+    ),
+    (EPT_VIOLATION_GVA_IS_VALID, "GVA valid", "the guest-linear-address field is valid"),
+    (
+        EPT_VIOLATION_GVA_TRANSLATED,
+        "final GPA",
+        "the access was to the translation of the GVA (clear, with bit 7: to a guest"
+        " paging-structure entry, during the walk or to set its A/D bits)",
+    ),
+    (EPT_VIOLATION_NMI_UNBLOCKING, "NMI unblocking", "NMI unblocking due to IRET"),
+)
+
+
+def qualification_names(qualification: int) -> list[str]:
+    """The set bits by name, and, where the GVA is valid but bit 8 is clear, what that says:
+    the access was to a guest paging-structure entry."""
+    names = bit_names(qualification, EPT_VIOLATION_BITS)
+    translated = qualification & EPT_VIOLATION_GVA_TRANSLATED
+    if qualification & EPT_VIOLATION_GVA_IS_VALID and not translated:
+        names.append("guest page-table entry")
+    return names
 
 
 @hex_repr

@@ -37,6 +37,31 @@ PFERR_RSVD = 1 << 3
 PFERR_FETCH = 1 << 4
 PFERR_PK = 1 << 5
 
+# Each bit of a #PF error code: (mask, the SDM's name, what a set bit says). SDM Vol 3A 4.7,
+# figure 4-12 "Page-Fault Error Code".
+PF_ERROR_CODE_BITS: tuple[tuple[int, str, str], ...] = (
+    (PFERR_PRESENT, "P", "a protection violation (clear: the page was not present)"),
+    (PFERR_WRITE, "W/R", "the access was a write (clear: a read)"),
+    (PFERR_USER, "U/S", "a user-mode access (clear: supervisor mode)"),
+    (PFERR_RSVD, "RSVD", "a reserved bit was set in some paging-structure entry"),
+    (PFERR_FETCH, "I/D", "an instruction fetch"),
+    (PFERR_PK, "PK", "a protection-key violation"),
+)
+
+
+def bit_names(value: int, bits: tuple[tuple[int, str, str], ...]) -> list[str]:
+    """The names of the set bits of `value` in the order of `bits`; a set bit the table does
+    not name is shown as "bit N", so nothing set is left unsaid."""
+    names = [name for mask, name, _ in bits if value & mask]
+    return names + [f"bit {n}" for n in unnamed_bits(value, bits)]
+
+
+def unnamed_bits(value: int, bits: tuple[tuple[int, str, str], ...]) -> list[int]:
+    """The numbers of the set bits of `value` that `bits` does not name."""
+    known = sum(mask for mask, _, _ in bits)
+    return [n for n in range(value.bit_length()) if value >> n & 1 and not known >> n & 1]
+
+
 PF_VECTOR = 14
 GP_VECTOR = 13
 

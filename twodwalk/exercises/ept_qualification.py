@@ -6,6 +6,7 @@ from twodwalk.engine.ept import (
     EPT_VIOLATION_ACC_INSTR,
     EPT_VIOLATION_ACC_READ,
     EPT_VIOLATION_ACC_WRITE,
+    EPT_VIOLATION_BITS,
     EPT_VIOLATION_EXECUTABLE,
     EPT_VIOLATION_GVA_IS_VALID,
     EPT_VIOLATION_GVA_TRANSLATED,
@@ -147,25 +148,23 @@ def _qualification_bits(
         else "no EPT entry maps this GPA yet (KVM builds them lazily), so bits 5:3 are 0"
     )
 
-    def bit(mask: int, name: str, if_set: str, if_clear: str) -> Bit:
-        return _explained(mask, name, qual, if_set, if_clear)
+    def bit(mask: int, if_set: str, if_clear: str) -> Bit:
+        return _explained(EPT_VIOLATION_BITS, mask, qual, if_set, if_clear)
 
     return [
-        bit(EPT_VIOLATION_ACC_READ, "read", doing, doing + ": not a read"),
-        bit(EPT_VIOLATION_ACC_WRITE, "write", doing, doing + ": not a write"),
-        bit(EPT_VIOLATION_ACC_INSTR, "fetch", doing, doing + ": not a fetch"),
-        bit(EPT_VIOLATION_READABLE, "readable", allowed, allowed),
-        bit(EPT_VIOLATION_WRITABLE, "writable", allowed, allowed),
-        bit(EPT_VIOLATION_EXECUTABLE, "executable", allowed, allowed),
+        bit(EPT_VIOLATION_ACC_READ, doing, doing + ": not a read"),
+        bit(EPT_VIOLATION_ACC_WRITE, doing, doing + ": not a write"),
+        bit(EPT_VIOLATION_ACC_INSTR, doing, doing + ": not a fetch"),
+        bit(EPT_VIOLATION_READABLE, allowed, allowed),
+        bit(EPT_VIOLATION_WRITABLE, allowed, allowed),
+        bit(EPT_VIOLATION_EXECUTABLE, allowed, allowed),
         bit(
             EPT_VIOLATION_GVA_IS_VALID,
-            "GVA valid",
             f"the CPU was translating GVA {gva:#x}",
             "no guest-linear address was being translated",
         ),
         bit(
             EPT_VIOLATION_GVA_TRANSLATED,
-            "final",
             "the access was to the final translation (the data page)",
             "the access was to a guest paging-structure entry, not the final translation",
         ),

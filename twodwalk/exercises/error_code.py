@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from twodwalk.engine.paging import (
+    PF_ERROR_CODE_BITS,
     PFERR_FETCH,
     PFERR_PK,
     PFERR_PRESENT,
@@ -134,32 +135,29 @@ def _pf_bits(record: WalkRecord, cpl: int, code: int) -> list[Bit]:
     """Why each bit of the engine's error code has its value (SDM 4.7, table 4-22)."""
     detail, kind = _fault(record).detail, record.access.kind.value
 
-    def bit(mask: int, name: str, if_set: str, if_clear: str) -> Bit:
-        return _explained(mask, name, code, if_set, if_clear)
+    def bit(mask: int, if_set: str, if_clear: str) -> Bit:
+        return _explained(PF_ERROR_CODE_BITS, mask, code, if_set, if_clear)
 
     return [
         bit(
             PFERR_PRESENT,
-            "P",
             f"the entry is present, so this is a protection fault: {detail}",
             f"a not-present entry: {detail}",
         ),
-        bit(PFERR_WRITE, "W/R", "the access is a write", f"a {kind} is not a write"),
+        bit(PFERR_WRITE, "the access is a write", f"a {kind} is not a write"),
         bit(
             PFERR_USER,
-            "U/S",
             "CPL 3: a user-mode access",
             f"CPL {cpl}: a supervisor-mode access (the bit tells who accessed, not the"
             " page's U/S bit)",
         ),
-        bit(PFERR_RSVD, "RSVD", "a reserved bit is set", "no entry has a reserved bit set"),
+        bit(PFERR_RSVD, "a reserved bit is set", "no entry has a reserved bit set"),
         bit(
             PFERR_FETCH,
-            "I/D",
             "an instruction fetch, reported because EFER.NXE=1 or CR4.SMEP=1",
             f"a {kind} is not reported as an instruction fetch",
         ),
-        bit(PFERR_PK, "PK", "PKRU blocks this access", "no protection-key violation"),
+        bit(PFERR_PK, "PKRU blocks this access", "no protection-key violation"),
     ]
 
 

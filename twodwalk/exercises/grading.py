@@ -182,8 +182,12 @@ class Bit:
         return self.mask.bit_length() - 1
 
 
-def _explained(mask: int, name: str, value: int, if_set: str, if_clear: str) -> Bit:
-    """A bit whose reason depends on the value the engine gave it."""
+def _explained(
+    names: tuple[tuple[int, str, str], ...], mask: int, value: int, if_set: str, if_clear: str
+) -> Bit:
+    """A bit, named as the engine's table of its bits names it (`PF_ERROR_CODE_BITS`,
+    `EPT_VIOLATION_BITS`), whose reason depends on the value the engine gave it."""
+    name = next(name for bit, name, _ in names if bit == mask)
     return Bit(mask, name, if_set if value & mask else if_clear)
 
 

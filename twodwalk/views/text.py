@@ -11,10 +11,18 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from twodwalk.engine.ept import EPT_VIOLATION_BITS, EXIT_REASON_EPT_VIOLATION, qualification_names
 from twodwalk.engine.formats import DecodedEntry, EntryFormat, EptFormat, Rights
 from twodwalk.engine.kvm.memslots import dirty_pages as dirty_pages  # re-exported for notebooks
+from twodwalk.engine.kvm.mmu import KVM_EPT_ERROR_CODE_BITS
 from twodwalk.engine.kvm.run import InternalError, MmioExit
-from twodwalk.engine.paging import GeneralProtection, PageFault
+from twodwalk.engine.paging import (
+    PF_ERROR_CODE_BITS,
+    GeneralProtection,
+    PageFault,
+    bit_names,
+    unnamed_bits,
+)
 from twodwalk.engine.tlb import ANY_PCID, PscEntry
 from twodwalk.engine.trace import (
     CacheHit,
@@ -191,6 +199,8 @@ def _event_text(event: Event) -> str:
         if event.gva is not None and event.gpa is None:
             where = f": GVA {event.gva:#x}"
         qual = "" if event.qualification is None else f" qualification {event.qualification:#x}"
+        if event.qualification is not None and event.reason == EXIT_REASON_EPT_VIOLATION:
+            qual += f" ({', '.join(qualification_names(event.qualification))})"
         return f"VM exit {event.reason} {event.name}{where}{qual}"
     if isinstance(event, KvmStep):
         return f"  KVM {event.function}: {event.detail}"
@@ -344,11 +354,43 @@ def _entry_text(e: TlbEntry | PscEntry) -> str:
     return f"{region} -> {e.frame:#x}{gpa}  {rights_text(e.rights)} {flags}"
 
 
+def describe_qualification(qualification: int) -> str:
+    """An EPT violation's exit qualification bit by bit, as SDM Vol 3C table 28-7 names the
+    bits: one line per bit the model uses, set or clear, and any other set bit."""
+    title = f"EPT-violation exit qualification {qualification:#x} (SDM Vol 3C table 28-7)"
+    return _bit_table(title, qualification, EPT_VIOLATION_BITS)
+
+
+def describe_error_code(code: int, *, kvm: bool = False) -> str:
+    """A #PF error code bit by bit (SDM Vol 3A 4.7, figure 4-12); with `kvm`, the page-fault
+    code KVM derives from an EPT violation (`__vmx_handle_ept_violation`), with the names of
+    its PFERR_*_MASK bits, bits 32 and 33 included."""
+    if kvm:
+        title = f"KVM page-fault code {code:#x} (arch/x86/include/asm/kvm_host.h PFERR_*)"
+        return _bit_table(title, code, KVM_EPT_ERROR_CODE_BITS)
+    return _bit_table(f"#PF error code {code:#x} (SDM Vol 3A 4.7)", code, PF_ERROR_CODE_BITS)
+
+
+def _bit_table(title: str, value: int, bits: tuple[tuple[int, str, str], ...]) -> str:
+    width = max(len(name) for _, name, _ in bits)
+    lines = [title]
+    for mask, name, meaning in bits:
+        number = mask.bit_length() - 1
+        lines.append(f"  bit {number:2d} {name:<{width}} {value >> number & 1}  {meaning}")
+    lines += [
+        f"  bit {n:2d} {'':<{width}} 1  not modelled: see the manual"
+        for n in unnamed_bits(value, bits)
+    ]
+    return "\n".join(lines)
+
+
 def format_outcome(result: AccessResult) -> str:
     """How one access ended, as the guest or the VMM sees it: a value, a guest exception
     (#PF with its error code and CR2, #GP), or an exit to userspace (KVM_EXIT_MMIO ...)."""
     if isinstance(result.fault, PageFault):
-        return f"#PF error code {result.fault.error_code:#x}, CR2 {result.fault.cr2:#x}"
+        code = result.fault.error_code
+        names = " ".join(bit_names(code, PF_ERROR_CODE_BITS)) or "none set"
+        return f"#PF error code {code:#x} ({names}), CR2 {result.fault.cr2:#x}"
     if isinstance(result.fault, GeneralProtection):
         return f"#GP({result.fault.error_code})"
     if isinstance(result.exit, MmioExit):

@@ -33,12 +33,13 @@ from twodwalk.engine.ept import (
     EPT_VIOLATION_WRITABLE,
     EptAccessRules,
     Eptp,
+    qualification_names,
 )
 from twodwalk.engine.formats import EPT_MEMTYPE_WB, EptFormat
 from twodwalk.engine.host import HostKernel, Process
 from twodwalk.engine.kvm.memslots import KvmError, Memslot, Memslots
 from twodwalk.engine.pagetables import PageTables, TreeEntry, table_slot
-from twodwalk.engine.paging import PFERR_FETCH, PFERR_PRESENT, PFERR_USER, PFERR_WRITE
+from twodwalk.engine.paging import PFERR_FETCH, PFERR_PRESENT, PFERR_USER, PFERR_WRITE, bit_names
 from twodwalk.engine.tables import PmlLogging
 from twodwalk.engine.trace import KvmStep, SpteWrite, Trace
 from twodwalk.engine.units import PAGE_SHIFT, PAGE_SIZE, hex_repr, size_text
@@ -48,6 +49,17 @@ from twodwalk.errors import TwodwalkError
 _EPT_RULES = EptAccessRules()
 PFERR_GUEST_FINAL = 1 << 32
 PFERR_GUEST_PAGE = 1 << 33
+
+# The bits of the page-fault code KVM derives from an EPT violation, by their names in
+# arch/x86/include/asm/kvm_host.h (PFERR_*_MASK), and what a set bit says there.
+KVM_EPT_ERROR_CODE_BITS: tuple[tuple[int, str, str], ...] = (
+    (PFERR_PRESENT, "PFERR_PRESENT_MASK", "the EPT entries allowed some of R, W, X"),
+    (PFERR_WRITE, "PFERR_WRITE_MASK", "the access was a write"),
+    (PFERR_USER, "PFERR_USER_MASK", "the access was a read (KVM marks EPT-violation reads so)"),
+    (PFERR_FETCH, "PFERR_FETCH_MASK", "the access was an instruction fetch"),
+    (PFERR_GUEST_FINAL, "PFERR_GUEST_FINAL_MASK", "to the final GPA (qualification bit 8)"),
+    (PFERR_GUEST_PAGE, "PFERR_GUEST_PAGE_MASK", "to a guest page-table entry (bit 7, not 8)"),
+)
 MMIO_SPTE_VALUE = 0b110  # VMX_EPT_MISCONFIG_WX_VALUE: write+execute without read
 MMIO_GEN_LOW = (3, 10)  # spte.h MMIO_SPTE_GEN_LOW_START/END
 MMIO_GEN_HIGH = (52, 62)  # spte.h MMIO_SPTE_GEN_HIGH_START/END
@@ -448,7 +460,9 @@ class TdpMmu(KvmMmu):
         trace.add(
             KvmStep(
                 "__vmx_handle_ept_violation",
-                f"error code {code:#x} from exit qualification {qualification:#x}",
+                f"error code {code:#x} ({' | '.join(bit_names(code, KVM_EPT_ERROR_CODE_BITS))})"
+                f" from exit qualification {qualification:#x}"
+                f" ({', '.join(qualification_names(qualification))})",
             )
         )
         if self._fast_page_fault(gpa, code, trace):
