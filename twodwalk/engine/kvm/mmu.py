@@ -310,14 +310,15 @@ class KvmMmu(ABC):
                 )
         else:
             trace.add(KvmStep("hva_to_pfn_fast", "host page present and writable", hva=hva))
+        own = page.hpa + (hva & (page.page_size - 1) & ~(PAGE_SIZE - 1))  # the pfn returned
+        within = "" if page.page_size == PAGE_SIZE else f" at HPA {page.hpa:#x}"
         trace.add(
             KvmStep(
                 "hva_to_pfn",
-                f"HVA {hva & ~0xFFF:#x} -> HPA {page.hpa:#x}"
-                f" ({size_text(page.page_size)} host page,"
-                f" {'writable' if page.writable else 'read-only'})",
+                f"HVA {hva & ~0xFFF:#x} -> HPA {own:#x}, in the {size_text(page.page_size)}"
+                f" host page{within} ({'writable' if page.writable else 'read-only'})",
                 hva=hva & ~0xFFF,
-                hpa=page.hpa,
+                hpa=own,
             )
         )
         return page.hpa, page.writable, page.page_size
