@@ -101,6 +101,33 @@ def test_pml_enable_splits_huge_pages_and_clears_d_without_write_protecting() ->
         assert level == 1 and value & W and not value & D
 
 
+@pytest.mark.parametrize("mode", ["write-protect", "pml", "initially-set"])
+def test_enabling_logging_is_recorded_and_says_why_huge_pages_are_split(mode: str) -> None:
+    """`kvm_mmu_slot_apply_flags` runs outside any access: its split and protection go to
+    the VM's log, with the reason (one dirty bit per 4 KiB page)."""
+    m = machine(mode, thp=True)
+    write(m, 0)
+    logged = len(m.vm.log)
+    log_on(m)
+    assert len(m.vm.log) == logged + 1
+    step = m.vm.log[-1]
+    assert (step.function, step.gfn) == ("kvm_mmu_slot_apply_flags", 0)
+    assert step.detail.startswith("dirty logging on for memslot 0: ")
+    if mode == "initially-set":
+        assert "nothing split or protected now" in step.detail
+        assert ept_leaf(m, GPA).level == 2
+        return
+    # Two 2 MiB leaves were mapped, the data's and the one holding the guest's tables (at the
+    # top of RAM): 2 splits, 1,024 small leaves.
+    assert "huge leaves made 4 KiB leaves: 2 (the bitmap has one bit per 4 KiB page" in step.detail
+    assert ept_leaf(m, GPA).level == 1
+    if mode == "pml":
+        assert "leaves whose D bit was cleared: 1024" in step.detail
+        assert step.detail.endswith("huge leaves left, write-protected: 0")
+    else:
+        assert "leaves write-protected: 1024 (each first write faults" in step.detail
+
+
 def test_pml_buffer_full_is_flushed_into_the_bitmap() -> None:
     m = machine("pml")
     log_on(m)

@@ -175,14 +175,39 @@ class Vm:
             self.mmu.recover_huge_pages(new)
             return
         if self.manual_dirty_log_protect:
+            self._log_enabled(
+                new,
+                "KVM_DIRTY_LOG_INITIALLY_SET: nothing split or protected now,"
+                " every page counts as dirty until KVM_CLEAR_DIRTY_LOG clears it",
+            )
             return
         gfns = range(new.base_gfn, new.base_gfn + new.npages)
-        self.mmu.split_huge_pages(gfns)
+        split = self.mmu.split_huge_pages(gfns)
+        why = (
+            f"eager page split, huge leaves made 4 KiB leaves: {split} (the bitmap has one"
+            " bit per 4 KiB page, and a write through a 2 MiB leaf could not say which of its"
+            " 512 pages it wrote)"
+        )
         if self.pml:
-            self.ept.clear_dirty(gfns, ALL_LEVELS)
-            self.mmu.write_protect(gfns, HUGE_LEVELS)
+            cleared = self.ept.clear_dirty(gfns, ALL_LEVELS)
+            protected = self.mmu.write_protect(gfns, HUGE_LEVELS)
+            what = (
+                f"leaves whose D bit was cleared: {cleared} (PML logs the GPA of each write"
+                f" that sets it again); huge leaves left, write-protected: {protected}"
+            )
         else:
-            self.mmu.write_protect(gfns, ALL_LEVELS)
+            protected = self.mmu.write_protect(gfns, ALL_LEVELS)
+            what = f"leaves write-protected: {protected} (each first write faults and is logged)"
+        self._log_enabled(new, f"{why}; {what}")
+
+    def _log_enabled(self, memslot: Memslot, detail: str) -> None:
+        """What turning dirty logging on did, in `log` (no access caused it)."""
+        step = KvmStep(
+            "kvm_mmu_slot_apply_flags",
+            f"dirty logging on for memslot {memslot.id}: {detail}",
+            gfn=memslot.base_gfn,
+        )
+        self.mmu.log.append(step)
 
     def _sync_dirty_log(self) -> None:
         """x86.c `kvm_arch_sync_dirty_log`: kick the vCPUs out of the guest, whose exits
