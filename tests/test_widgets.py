@@ -550,3 +550,12 @@ def test_the_lab_model_reads_out_in_one_style() -> None:
         assert isinstance(inspect.getattr_static(whatif.WhatIfModel, name), property), name
     lab = tww.WhatIfLab("toy")
     assert isinstance(lab.model.changes, list) and isinstance(lab.model.message, str)
+
+
+def test_the_explorer_says_why_an_access_ended_so() -> None:
+    model = ExplorerModel("toy")
+    model.run(ExplorerRequest(f"{TOY_GVA + 8:#x}", "write", 3, value="1"))
+    text = model.text
+    why = text.splitlines().index("why:")
+    assert text.splitlines()[why + 1] == "The guest's own page tables refused the access."
+    assert "R/W (bit 1) is 0 there." in text

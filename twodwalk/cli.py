@@ -38,6 +38,7 @@ from twodwalk.engine.units import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import TwodwalkError, check_int, parse_int
 from twodwalk.scenarios import KINDS, GuestAccess, Scenario, scenario
 from twodwalk.views.text import (
+    explain,
     format_2d_walk,
     format_exits,
     format_outcome,
@@ -186,11 +187,13 @@ def _walk(args: argparse.Namespace) -> Report:
         format_2d_walk(again.trace),
         f"=> {format_outcome(again)}",
         *_route_lines(machine, again),
+        "why this access ended so:",
+        *(f"  {line}" for line in explain(first).splitlines()),
     ]
     data = {
         **_access_data(sc, access, again),
         "route": _route_data(machine, again.gpa),
-        "this_access": _result_data(first),
+        "this_access": {**_result_data(first), "explanation": explain(first)},
         "uncached_references": uncached,
     }
     return Report("\n".join(line for line in lines if line), {**data, "references": _refs(refs)})

@@ -11,7 +11,13 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from twodwalk.engine.ept import EPT_VIOLATION_BITS, EXIT_REASON_EPT_VIOLATION, qualification_names
+from twodwalk.engine.ept import (
+    EPT_VIOLATION_BITS,
+    EPT_VIOLATION_GVA_TRANSLATED,
+    EXIT_REASON_EPT_MISCONFIG,
+    EXIT_REASON_EPT_VIOLATION,
+    qualification_names,
+)
 from twodwalk.engine.formats import DecodedEntry, EntryFormat, EptFormat, Rights
 from twodwalk.engine.kvm.memslots import dirty_pages as dirty_pages  # re-exported for notebooks
 from twodwalk.engine.kvm.mmu import KVM_EPT_ERROR_CODE_BITS
@@ -41,7 +47,15 @@ from twodwalk.engine.trace import (
     VmExit,
 )
 from twodwalk.engine.units import size_text as size_text  # re-exported for views and widgets
-from twodwalk.engine.walker import Translation, WalkFault, WalkRecord
+from twodwalk.engine.walker import (
+    Access,
+    AccessKind,
+    FaultKind,
+    Translation,
+    WalkFault,
+    WalkRecord,
+    WalkStep,
+)
 
 if TYPE_CHECKING:
     from twodwalk.engine.kvm.memslots import Memslot
@@ -409,3 +423,174 @@ def format_exits(trace: Trace) -> str:
     counts = Counter(f"{e.reason} {e.name}" for e in exits)
     reasons = ", ".join(f"{name} x{n}" for name, n in counts.items())
     return f"{len(exits)} VM exit{'s' if len(exits) > 1 else ''} ({reasons})"
+
+
+# --- why an access ended as it did ---------------------------------------------------------------
+
+# The entry field that grants each right, per format: IA-32e R/W, U/S and XD (SDM Vol 3A 4.6),
+# EPT R, W and X (Vol 3C 29.3.3.2).
+_RIGHT_FIELDS = {
+    "IA-32e": {Rights.W: "rw", Rights.U: "us", Rights.X: "xd"},
+    "EPT": {Rights.R: "r", Rights.W: "w", Rights.X: "x"},
+}
+
+
+def explain(result: AccessResult) -> str:
+    """Why the access ended as it did, in plain words, from its trace alone: each VM exit on
+    the way (which walk stopped, at which entry, and what KVM did), then the outcome: which
+    check refused the access, at which level of which dimension, the entry and the bit that
+    decided, and what the guest, KVM and the VMM each see."""
+    attempts = result.trace.attempts()
+    lines = []
+    for number, attempt in enumerate(attempts, 1):
+        lines += _explain_exits(number, attempt, retried=number < len(attempts))
+    return "\n".join([*lines, *_explain_outcome(result)])
+
+
+def _explain_exits(number: int, events: list[Event], *, retried: bool) -> list[str]:
+    """One attempt's VM exit, the walk that caused it and KVM's answer."""
+    exits = [e for e in events if isinstance(e, VmExit)]
+    if not exits:
+        return []
+    exit_ = exits[0]
+    lines = [f"Attempt {number}: VM exit {exit_.reason} {exit_.name}{_exit_place(exit_)}."]
+    failed = _failed_second_dimension(events)
+    if failed is not None:
+        lines.append(f"  {_why_walk_stopped(*failed)}")
+        if exit_.reason == EXIT_REASON_EPT_MISCONFIG:
+            lines.append(
+                "  KVM writes such an entry on purpose for a GPA in no memslot (an MMIO SPTE),"
+                " so that each access there exits as a misconfiguration and takes its fast"
+                " MMIO path (`handle_ept_misconfig`)."
+            )
+    if exit_.qualification is not None and exit_.reason == EXIT_REASON_EPT_VIOLATION:
+        names = ", ".join(qualification_names(exit_.qualification))
+        lines.append(f"  The exit qualification {exit_.qualification:#x} says: {names}.")
+    steps = [e.function for e in events if isinstance(e, KvmStep)]
+    if steps:
+        lines.append(f"  KVM: {' -> '.join(dict.fromkeys(steps))}.")
+    if retried:
+        lines.append("  The guest does not see the exit: KVM resumes it at the same instruction.")
+    return lines
+
+
+def _exit_place(exit_: VmExit) -> str:
+    if exit_.reason == EXIT_REASON_EPT_VIOLATION and exit_.qualification is not None:
+        final = exit_.qualification & EPT_VIOLATION_GVA_TRANSLATED
+        what = "the final GPA of the access" if final else "a guest page-table entry"
+        return f" for GPA {exit_.gpa:#x}, {what}"
+    return "" if exit_.gpa is None else f" for GPA {exit_.gpa:#x}"
+
+
+def _failed_second_dimension(events: list[Event]) -> tuple[WalkRecord, str] | None:
+    """The walk that stopped in this attempt and what it walked: the EPT walk of a guest
+    table's GPA or of the final GPA, or, under shadow paging, the hardware walk of KVM's
+    shadow tables."""
+    for event in events:
+        if isinstance(event, GuestWalk):
+            fault = event.record.fault
+            if fault is not None and fault.nested is not None:
+                return fault.nested, f"The EPT walk of GPA {fault.nested.address:#x}"
+        if isinstance(event, EptWalk) and event.record.fault is not None:
+            return event.record, f"The EPT walk of GPA {event.record.address:#x}"
+        if isinstance(event, NativeWalk) and event.record.fault is not None:
+            walked = f"The hardware walk of KVM's shadow tables for GVA {event.record.address:#x}"
+            return event.record, walked
+    return None
+
+
+def _why_walk_stopped(record: WalkRecord, walk_name: str, space: str = "HPA") -> str:
+    """Where a walk stopped and the bit of which entry decided it (the entry's address is in
+    `space`: a GPA for the guest's tables, an HPA for EPT and KVM's tables)."""
+    fault = record.fault
+    assert fault is not None
+    if fault.level is None or not record.steps:
+        return f"{walk_name} stopped before any entry: {fault.detail}."
+    step, bit = _deciding_entry(record)
+    name = record.format.level_name(step.level)
+    where = f"{name} @ {space} {step.entry_address:#x} = {step.value:#018x}"
+    if fault.kind is FaultKind.NOT_PRESENT:
+        lazily = " (KVM fills the EPT lazily, on violations like this one)"
+        text = f"{walk_name} stopped at the {where}, which is not present: {bit}"
+        return text + (lazily if isinstance(record.format, EptFormat) else "") + "."
+    text = f"{walk_name} stopped at the {where}: {fault.detail}"
+    return f"{text}; {bit}." if bit else f"{text}."
+
+
+def _deciding_entry(record: WalkRecord) -> tuple[WalkStep, str]:
+    """The entry that decided a fault, and its deciding bit in words: the not-present or
+    misconfigured entry itself, or, for a rights violation, the first entry of the walk
+    that withheld the right (rights accumulate by AND, SDM Vol 3A 4.6.1)."""
+    fault = record.fault
+    assert fault is not None
+    steps = record.steps
+    last = steps[-1]
+    fmt = "EPT" if isinstance(record.format, EptFormat) else "IA-32e"
+    if fault.kind is FaultKind.NOT_PRESENT:
+        what = "R, W and X (bits 2:0) are all 0" if fmt == "EPT" else "P (bit 0) is 0"
+        return last, what
+    if fault.kind is not FaultKind.PERMISSION:
+        return last, ""
+    for right, key in _RIGHT_FIELDS[fmt].items():
+        if right in last.rights or not _needs(record.access, right, fmt):
+            continue
+        step = next(s for s in steps if right not in s.rights)
+        field = step.entry.layout.field(key)
+        return step, f"{field.name} (bit {field.low}) is {field.extract(step.value)} there"
+    return last, ""
+
+
+def _needs(access: Access, right: Rights, fmt: str) -> bool:
+    """Whether the access needs `right` (a user access needs U; a write W; a fetch X; an EPT
+    access R for a read)."""
+    if right is Rights.U:
+        return access.user
+    if right is Rights.W:
+        return access.is_write
+    if right is Rights.X:
+        return access.is_fetch
+    return fmt == "EPT" and access.kind is AccessKind.READ
+
+
+def _explain_outcome(result: AccessResult) -> list[str]:
+    """What the access came to, and who sees what."""
+    if isinstance(result.exit, MmioExit):
+        return [
+            f"GPA {result.exit.phys_addr:#x} is in no memslot: no RAM is behind it, so KVM"
+            f" cannot map it and hands the access to the VMM ({format_outcome(result)}). The"
+            " VMM emulates the device; the guest never sees a fault."
+        ]
+    if isinstance(result.exit, InternalError):
+        return [f"KVM could not emulate the access: {result.exit.detail}."]
+    if isinstance(result.fault, GeneralProtection):
+        return [
+            "The GVA is not canonical (its unused high bits are not copies of the top"
+            " translated bit), so there is nothing to walk: the guest gets #GP(0) (SDM Vol 3A"
+            " 4.5); KVM and the VMM see nothing."
+        ]
+    if isinstance(result.fault, PageFault):
+        return _explain_page_fault(result, result.fault)
+    return [f"The access completed: {format_outcome(result)}{_route(result)}."]
+
+
+def _route(result: AccessResult) -> str:
+    parts = [f"{name} {value:#x}" for name, value in (("GPA", result.gpa), ("HPA", result.hpa))]
+    return "" if result.gpa is None else f", through {' -> '.join(parts)}"
+
+
+def _explain_page_fault(result: AccessResult, fault: PageFault) -> list[str]:
+    walks = [e.record for e in result.trace if isinstance(e, GuestWalk | KvmWalk | NativeWalk)]
+    shadowed = any(isinstance(e, KvmWalk) for e in result.trace)
+    guest = next((r for r in reversed(walks) if not isinstance(r.format, EptFormat)), None)
+    names = " ".join(bit_names(fault.error_code, PF_ERROR_CODE_BITS)) or "none set"
+    sees = f"The guest sees #PF, error code {fault.error_code:#x} ({names}), CR2 {fault.cr2:#x}"
+    who = (
+        "KVM walked the guest's tables in software (shadow paging) and injected the #PF"
+        if shadowed
+        else "with EPT the fault goes straight to the guest: KVM and the VMM see nothing"
+    )
+    lines = ["The guest's own page tables refused the access."]
+    if guest is not None and guest.fault is not None:
+        walked = f"The walk of the guest's tables for GVA {guest.address:#x}"
+        lines.append(f"  {_why_walk_stopped(guest, walked, space='GPA')}")
+    return [*lines, f"  {sees}; {who}."]

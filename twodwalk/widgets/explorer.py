@@ -22,7 +22,7 @@ from twodwalk.engine.units import PAGE_SIZE
 from twodwalk.engine.walker import FaultKind
 from twodwalk.errors import TwodwalkError, parse_int
 from twodwalk.views.plots import plot_walk_grid, walk_grid
-from twodwalk.views.text import format_2d_walk, format_exits, format_outcome, monitor
+from twodwalk.views.text import explain, format_2d_walk, format_exits, format_outcome, monitor
 from twodwalk.widgets.common import Source, default_access, mapped_regions, resolve
 
 KINDS = ("read", "write", "fetch")
@@ -116,7 +116,8 @@ class ExplorerModel:
 
     @property
     def text(self) -> str:
-        """What the access did, as the QEMU monitor and a Bochs-style dump would show it."""
+        """What the access did, as the QEMU monitor and a Bochs-style dump would show it, and
+        why it ended so (`explain`)."""
         result = self.result
         if result is None:
             return ""
@@ -129,6 +130,9 @@ class ExplorerModel:
                 f"outcome: {format_outcome(result)}",
                 monitor(result),
                 format_exits(result.trace),
+                "",
+                "why:",
+                explain(result),
                 "",
                 "hardware references of the last attempt:",
                 walk,
