@@ -343,3 +343,14 @@ def test_quiz_checks_answers(capsys: pytest.CaptureFixture[str]) -> None:
     wrong = ("quiz", "--seed", "5", "--topic", "indices", "--answer", "0 0 0 0 0")
     feedback = run_json(capsys, *wrong, status=1)["feedback"]
     assert isinstance(feedback, dict) and feedback["correct"] is False
+
+
+@pytest.mark.parametrize("command", ["walk", "gva2gpa", "gpa2hva", "gpa2hpa", "info"])
+def test_every_machine_command_says_which_machine_it_asks(
+    capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert done.value.code == 0
+    assert "the scenario as built, after the guest has made the scenario's own accesses" in out

@@ -37,3 +37,13 @@ def test_one_word_for_each_state_of_an_access() -> None:
         (where, m.group(0)) for where, text in learner_texts() for m in MIXED_UP.finditer(text)
     ]
     assert found == []
+
+
+def test_nothing_shipped_points_at_a_file_learners_do_not_have() -> None:
+    """The package cites the SDM, the kernel and papers, never the maintainers' notes beside
+    the repository."""
+    texts = learner_texts()
+    texts += [(str(p.relative_to(ROOT)), p.read_text()) for p in (ROOT / "tests").glob("*.py")]
+    here = Path(__file__).name
+    found = [w for w, text in texts if ("FACTS" + ".md" in text or "../shared" in text)]
+    assert [w for w in found if not w.endswith(here)] == []

@@ -53,6 +53,11 @@ from twodwalk.views.text import (
 )
 
 START_NOTEBOOK = "00-start-here.ipynb"
+STATE_HELP = (
+    "Every command asks the same machine: the scenario as built, after the guest has made the"
+    " scenario's own accesses (`twodwalk info scenario` lists them). Addresses are hex, with or"
+    " without 0x (7f001000), or decimal with 0d (0d4096)."
+)
 Json = dict[str, object]
 
 
@@ -96,9 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="twodwalk",
         description="x86-64 two-dimensional address translation under Linux KVM, bit for bit.",
-        epilog="Every command asks the same machine: the scenario as built, after the guest has"
-        " made the scenario's own accesses (`twodwalk info scenario` lists them). Addresses are"
-        " hex, with or without 0x (7f001000), or decimal with 0d (0d4096).",
+        epilog=STATE_HELP,
     )
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     output = _Parser(add_help=False)
@@ -120,12 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     def command(
         name: str, run: Callable[[argparse.Namespace], Report], text: str, *parents: _Parser
     ) -> _Parser:
-        sub = commands.add_parser(name, parents=parents, help=text, description=text)
+        sub = commands.add_parser(
+            name, parents=parents, help=text, description=text, epilog=STATE_HELP
+        )
         sub.set_defaults(run=run)
         return sub
 
     for name, run, text, arg in (
-        ("walk", _walk, "a guest access and its 2D walk, Bochs-style", "GVA"),
+        (
+            "walk",
+            _walk,
+            "a guest access (a first touch where the page is new), its cold 2D walk"
+            " Bochs-style, and why the access ended so",
+            "GVA",
+        ),
         ("gva2gpa", _gva2gpa, "QEMU monitor gva2gpa: the guest's own translation", "GVA"),
         ("gpa2hva", _gpa2hva, "QEMU monitor gpa2hva: the memslot route", "GPA"),
         ("gpa2hpa", _gpa2hpa, "QEMU monitor gpa2hpa: the host frame behind a GPA", "GPA"),
@@ -133,7 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub = command(name, run, text, *((machine, access) if arg == "GVA" else (machine,)))
         sub.add_argument(arg.lower(), type=_address, metavar=arg, help="hex, or decimal with 0d")
         if name == "walk":
-            sub.add_argument("--trace", action="store_true", help="the first access's story")
+            sub.add_argument(
+                "--trace",
+                action="store_true",
+                help="the access's story: VM exits, KVM's steps, host page faults, in order",
+            )
     info = command("info", _info, "KVM's memslots, the vCPU's caches, or the scenario", machine)
     info.add_argument("what", choices=("memslots", "tlb", "scenario"))
     quiz = command("quiz", _quiz, "a seeded problem: same seed, same problem", output)
