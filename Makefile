@@ -3,6 +3,7 @@
 #   make lab    open the notebooks in JupyterLab
 #   make check  the fast loop: lint, format check, type check, tests without the slow groups
 #   make test   lint, format check, type check, notebook strip check, tests + notebooks
+#   make figures  every notebook's figures as PNGs in build/figures/, for review by eye
 # Override the interpreter with e.g. `make test PYTHON=python3.12` (needs >= 3.11).
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.twodwalk-installed
 
-.PHONY: venv lab check test bench clean-venv
+.PHONY: venv lab check test bench figures clean-venv
 
 venv: $(STAMP)
 
@@ -43,6 +44,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) benchmarks/run.py
+
+figures: $(STAMP)
+	$(VPY) tools/figures.py build/figures
 
 clean-venv:
 	rm -rf $(VENV)

@@ -11,6 +11,7 @@ same wherever it appears. Text is at least 10 points, for a lecture projector.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 from matplotlib.axes import Axes
@@ -173,78 +174,100 @@ def legend_handles(styles: Iterable[Style]) -> list[Patch]:
 
 
 def plot_references(results: Sequence[WorkloadResult], ax: Axes | None = None) -> Figure:
-    """Memory references per access for each run, stacked by dimension (guest entries, EPT
-    entries, native entries), each dimension with its own colour and hatch, and the TLB hit
-    rate written above each bar."""
-    figure, ax = figure_and_axes(ax)
-    names = [r.name for r in results]
-    bottoms = [0.0] * len(results)
-    for dimension in HARDWARE_DIMENSIONS:
-        heights = [r.references.get(dimension, 0) / max(r.accesses, 1) for r in results]
-        if not any(heights):
-            continue
-        style = DIMENSION_STYLES[dimension]
-        ax.bar(
-            names,
-            heights,
-            bottom=bottoms,
-            color=style.colour,
-            hatch=style.hatch,
-            edgecolor=BLACK,
-            label=f"{dimension} references",
-        )
-        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
-    for x, (total, result) in enumerate(zip(bottoms, results, strict=True)):
-        ax.annotate(
-            f"TLB {result.tlb_hit_rate:.0%}", (x, total), ha="center", va="bottom", fontsize=FONT
-        )
-    ax.margins(y=0.15)  # room above the tallest bar for its TLB label
-    ax.set_ylabel("memory references per access", fontsize=FONT)
-    ax.set_title("Where translation went to memory")
-    ax.tick_params(axis="x", labelrotation=20, labelsize=FONT)
-    ax.legend(fontsize=FONT)
+    """What each run paid for translation, per access: memory references stacked by
+    dimension (guest, EPT, shadow or native entries, each with its colour and hatch) and,
+    in a panel below, VM exits per 1,000 accesses: shadow paging walks one dimension but
+    pays in exits, and a chart of references alone would hide that. On a given `ax`, only
+    the references, with the exits written under each run's name."""
+    exits_ax: Axes | None = None
+    height = 2.4 + 0.55 * len(results)
+    if ax is None:
+        figure = Figure(figsize=(FIGSIZE[0] + 2, height), layout="constrained")
+        left, exits_ax = figure.subplots(1, 2, sharey=True, width_ratios=(3, 2))
+    else:
+        figure, left = figure_and_axes(ax)
+    names = [_run_label(r, exits=exits_ax is None) for r in results]
+    totals = _stacked_references(left, names, [_per_access(r) for r in results])
+    left.set_xlim(0, max([*totals, 0.1]) * 1.25)
+    left.set_xlabel("memory references per access", fontsize=FONT)
+    left.set_title("Memory references for translation")
+    _legend_below(left)
+    if exits_ax is not None:
+        exits = [1000 * sum(r.exits.values()) / max(r.accesses, 1) for r in results]
+        bars = exits_ax.barh(names, exits, color=BLACK, hatch="xx", edgecolor="white")
+        exits_ax.bar_label(bars, fmt="%.1f", fontsize=FONT, padding=3)
+        exits_ax.set_xlim(0, max([*exits, 1.0]) * 1.35)
+        exits_ax.set_xlabel("VM exits per 1,000 accesses", fontsize=FONT)
+        exits_ax.set_title("and in VM exits")
+        exits_ax.tick_params(axis="both", labelsize=FONT)
+    left.tick_params(axis="both", labelsize=FONT)
+    left.invert_yaxis()  # the first run on top
     return figure
 
 
 def plot_hit_rates(results: Sequence[WorkloadResult], ax: Axes | None = None) -> Figure:
-    """The TLB hit rate (left axis) beside the memory references per access (right axis) of
-    each run: how often the caches answer, next to what the misses cost."""
-    figure, ax = figure_and_axes(ax)
-    xs = range(len(results))
-    width = 0.38
-    hit = Style(SKY_BLUE, "..", label="TLB hit rate (%)")
-    cost = Style(VERMILLION, "//", label="memory references per access")
-    hits = ax.bar(
-        [x - width / 2 for x in xs],
-        [100 * r.tlb_hit_rate for r in results],
-        width,
-        color=hit.colour,
-        hatch=hit.hatch,
-        edgecolor=BLACK,
-        label=hit.label,
-    )
-    right = ax.twinx()
-    refs = right.bar(
-        [x + width / 2 for x in xs],
-        [r.references_per_access for r in results],
-        width,
-        color=cost.colour,
-        hatch=cost.hatch,
-        edgecolor=BLACK,
-        label=cost.label,
-    )
-    ax.bar_label(hits, fmt="%.0f%%", fontsize=FONT)
-    right.bar_label(refs, fmt="%.2f", fontsize=FONT)
-    ax.set_xticks(list(xs), [r.name for r in results], rotation=20, ha="right", fontsize=FONT)
-    ax.set_ylim(0, 115)
-    ax.set_ylabel(hit.label, fontsize=FONT)
-    right.set_ylabel(cost.label, fontsize=FONT)
-    right.set_ylim(0, max([r.references_per_access for r in results] + [1.0]) * 1.2)
-    ax.legend(
-        handles=[hits, refs], loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=FONT
-    )
-    ax.set_title("TLB hits and what the misses cost")
+    """How often the TLB answered and what each miss then cost: memory references per TLB
+    miss, stacked by dimension, with each run's TLB hit rate under its name (one axis: the
+    hit rate is a label, not a second scale)."""
+    figure, ax = figure_and_axes(ax, (FIGSIZE[0], 2.4 + 0.55 * len(results)))
+    names = [_run_label(r, exits=False) for r in results]
+    totals = _stacked_references(ax, names, [_per_miss(r) for r in results])
+    ax.set_xlim(0, max([*totals, 0.1]) * 1.25)
+    ax.set_xlabel("memory references per TLB miss", fontsize=FONT)
+    ax.set_title("TLB hits, and what each miss cost")
+    _legend_below(ax)
+    ax.tick_params(axis="both", labelsize=FONT)
+    ax.invert_yaxis()
     return figure
+
+
+def _legend_below(ax: Axes) -> None:
+    """The legend under the figure, clear of every bar and label (when there is anything
+    to name: a run with no reference at all draws no bar)."""
+    handles, labels = ax.get_legend_handles_labels()
+    figure = ax.get_figure()
+    if handles and isinstance(figure, Figure):
+        figure.legend(handles, labels, fontsize=FONT, loc="outside lower center", ncol=3)
+
+
+def _per_access(result: WorkloadResult) -> dict[str, float]:
+    return {d: n / max(result.accesses, 1) for d, n in result.references.items()}
+
+
+def _per_miss(result: WorkloadResult) -> dict[str, float]:
+    misses = max(result.accesses - result.tlb_hits, 1)
+    return {d: n / misses for d, n in result.references.items()}
+
+
+def _run_label(result: WorkloadResult, *, exits: bool) -> str:
+    """A run's name with its TLB hit rate (and its VM exits, when no panel shows them)."""
+    label = f"{result.name}: TLB hits {result.tlb_hit_rate:.0%}"
+    if exits:
+        label += f", {1000 * sum(result.exits.values()) / max(result.accesses, 1):.1f} exits/1k"
+    return label
+
+
+def _stacked_references(ax: Axes, names: list[str], per_run: list[dict[str, float]]) -> list[float]:
+    """Horizontal bars, one per run, stacked by hardware dimension, each total written at
+    its end (a zero bar still gets its "0.00", so no run is invisible); returns the totals."""
+    bottoms = [0.0] * len(names)
+    for dimension in HARDWARE_DIMENSIONS:
+        heights = [run.get(dimension, 0.0) for run in per_run]
+        if not any(heights):
+            continue
+        style = DIMENSION_STYLES[dimension]
+        label = f"{_ENTRY_KIND[dimension]} references"
+        ax.barh(
+            names, heights, left=bottoms, color=style.colour, hatch=style.hatch,
+            edgecolor=BLACK, label=label,
+        )  # fmt: skip
+        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+    for x, total in enumerate(bottoms):
+        ax.annotate(
+            f"{total:.2f}", (total, x), xytext=(3, 0), textcoords="offset points",
+            ha="left", va="center", fontsize=FONT,
+        )  # fmt: skip
+    return bottoms
 
 
 def plot_address_fields(
@@ -293,8 +316,15 @@ def plot_address_fields(
 
 
 def _memory_style(dimension: str) -> Style:
-    colour = DIMENSION_STYLES[dimension].colour
-    return Style(colour, "", "solid", f"memory: {dimension} entry", "mem", alpha=0.55)
+    """A memory reference's cell: its dimension's colour and hatch (no text beyond its
+    number: every numbered cell is a memory reference)."""
+    style = DIMENSION_STYLES[dimension]
+    label = f"memory reference: {_ENTRY_KIND[dimension]}"
+    return Style(style.colour, style.hatch, "solid", label, alpha=0.8)
+
+
+_ENTRY_KIND = {"guest": "guest entry", "ept": "EPT entry", "native": "shadow or native entry"}
+_ORDER = Style("#555555", label="the order the hardware reads in")
 
 
 def _cell_style(cell: GridCell | None) -> Style:
@@ -313,87 +343,117 @@ def plot_walk_grid(
     ept_levels: int | None = None,
     ax: Axes | None = None,
 ) -> Figure:
-    """The walk grid of one attempt (see `walk_grid`): numbered cells in hardware order,
-    what served each one by colour, hatch and tag, and a marker where the walk stopped.
+    """The walk grid of one attempt (see `walk_grid`), drawn as Bhargava et al. draw the 2D
+    walk (ASPLOS 2008): rows are the guest tables being located (gL4 at gCR3 ... and the
+    data's gPA), columns the EPT levels nL4..nL1 that translate each one, then the guest
+    entry. Numbered cells are memory references, joined by arrows in hardware order; a
+    cache's cells are one span with its tag; a marker shows where the walk stopped.
     `highlight=n` draws reference n with a thick edge (for stepping through a walk)."""
     grid = walk_grid(trace, attempt, ept_levels=ept_levels)
     count = sum(cell.number is not None for cell in grid.cells)
     if highlight is not None:
         check_int("highlight", highlight, 1, count + 1, valid=f"a reference number, 1..{count}")
-    figure, ax = figure_and_axes(ax)
+    given = ax is not None
+    width = max(7.0, 1.6 + 0.95 * len(grid.cols))
+    figure, ax = figure_and_axes(ax, (width, 2.6 + 0.95 * len(grid.rows)))
     _draw_grid_headers(ax, grid)
     by_place = {(cell.row, cell.col): cell for cell in grid.cells}
+    styles: list[Style] = []
     for row in range(len(grid.rows)):
-        for col in range(len(grid.cols)):
-            cell = by_place.get((row, col))
+        for first, last, cell in _row_spans(by_place, row, len(grid.cols)):
             emphasised = cell is not None and highlight is not None and cell.number == highlight
-            _draw_cell(ax, row, col, cell, emphasised)
-    handles: list[Patch | Line2D] = [*legend_handles(_cell_style(c) for c in grid.cells)]
+            styles.append(_draw_span(ax, row, first, last, cell, emphasised))
+    numbered = sorted((c for c in grid.cells if c.number is not None), key=lambda c: c.number or 0)
+    for before, after in pairwise(numbered):
+        _draw_order_arrow(ax, before, after)
+    handles: list[Patch | Line2D] = [*legend_handles(styles)]
+    if len(numbered) > 1:
+        handles.append(Line2D([], [], color=_ORDER.colour, marker=">", label=_ORDER.label))
     if grid.stop is not None:
         (marker,) = ax.plot(
-            [grid.stop.col + 0.8],
-            [grid.stop.row + 0.25],
+            [grid.stop.col + 0.84],
+            [grid.stop.row + 0.18],
             marker=STOP_MARKER,
-            markersize=20,
+            markersize=16,
             color=BLACK,
             markeredgecolor="white",
             linestyle="none",
             label=f"walk stopped: {grid.stop.reason}",
         )
         handles.append(marker)
-    if grid.note:
-        ax.text(
-            len(grid.cols) / 2,
-            len(grid.rows) / 2,
-            grid.note,
-            ha="center",
-            va="center",
-            fontsize=16,
-            bbox={**_TEXT_BOX, "edgecolor": BLACK},
-        )
     if handles:
-        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=FONT)
-    ax.set_xlim(-1.6, len(grid.cols) + 0.1)
-    ax.set_ylim(len(grid.rows) + 0.1, -1.0)
+        ax.legend(
+            handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=FONT, ncol=1
+        )
+    if not given:  # room for the title, the grid and the legend below it
+        figure.set_size_inches(width, 1.3 + 0.95 * (len(grid.rows) + 1) + 0.3 * len(handles))
+    ax.set_xlim(-1.6, len(grid.cols) + 0.05)
+    ax.set_ylim(len(grid.rows) + 0.05, -1.0)
+    ax.set_aspect("equal")
     ax.set_axis_off()
     ax.set_title(_grid_title(grid, count), fontsize=12)
     return figure
 
 
 def _grid_title(grid: WalkGrid, count: int) -> str:
+    """What was walked and what it cost; for an access with no walk, why (a TLB hit)."""
     n = len(grid.rows) - 1
+    cost = grid.note or references(count)
     if grid.two_dimensional:
         m = len(grid.cols) - 1
-        return f"{n}-level guest walk under {m}-level EPT: {references(count)}"
-    return f"{n}-level one-dimensional walk: {references(count)}"
+        return f"{n}-level guest walk under {m}-level EPT: {cost}"
+    return f"{n}-level one-dimensional walk: {cost}"
 
 
 def _draw_grid_headers(ax: Axes, grid: WalkGrid) -> None:
-    """Row and column headers in their level's colour and hatch (the data row and the
-    guest-entry column are plain)."""
-    for row, (name, level) in enumerate(grid.rows):
-        _header(ax, (-1.55, row + 0.04), (1.5, 0.92), name, level)
-    for col, (name, level) in enumerate(grid.cols):
-        _header(ax, (col + 0.04, -0.95), (0.92, 0.9), name.replace(" ", "\n", 1), level)
+    """Rows: the table each row locates and where its address comes from (gL4 at gCR3, gL3
+    at the gL4 entry, ..., the data at the gL1 entry); columns: the EPT level (nL4 .. nL1)
+    and its entry, then the guest entry. Plain boxes: levels are labels, not colours."""
+    n, guest = len(grid.rows) - 1, "g" if grid.two_dimensional else ""
+    for row in range(n + 1):
+        level = n - row
+        what = f"{guest}L{level} table" if level else ("data (gPA)" if guest else "data")
+        source = f"{guest}CR3" if row == 0 else f"{guest}L{level + 1} entry"
+        _header(ax, (-1.55, row + 0.04), (1.5, 0.92), f"{what}\nat {source}")
+    for col, (name, ept_level) in enumerate(grid.cols):
+        if ept_level is None:
+            text = "guest\nentry" if guest else "entry"
+        else:
+            text = f"nL{ept_level}\n{name}"
+        _header(ax, (col + 0.04, -0.95), (0.92, 0.9), text)
 
 
-def _header(
-    ax: Axes, corner: tuple[float, float], size: tuple[float, float], text: str, level: int | None
-) -> None:
-    style = LEVEL_STYLES[level] if level is not None else PLAIN_STYLE
-    ax.add_patch(
-        Rectangle(corner, *size, facecolor=style.colour, hatch=style.hatch, edgecolor=BLACK)
-    )
+def _header(ax: Axes, corner: tuple[float, float], size: tuple[float, float], text: str) -> None:
+    ax.add_patch(Rectangle(corner, *size, facecolor="white", edgecolor=BLACK))
     centre = (corner[0] + size[0] / 2, corner[1] + size[1] / 2)
-    ax.text(*centre, text, ha="center", va="center", fontsize=FONT, bbox=_TEXT_BOX)
+    ax.text(*centre, text, ha="center", va="center", fontsize=FONT)
 
 
-def _draw_cell(ax: Axes, row: int, col: int, cell: GridCell | None, emphasised: bool) -> None:
+def _row_spans(
+    by_place: dict[tuple[int, int], GridCell], row: int, cols: int
+) -> list[tuple[int, int, GridCell | None]]:
+    """A row's cells left to right, with neighbouring cells one cache served merged into one
+    span (first column, last column, the cell): a cache hit replaces a run of reads."""
+    spans: list[tuple[int, int, GridCell | None]] = []
+    for col in range(cols):
+        cell = by_place.get((row, col))
+        if spans and cell is not None and cell.number is None and cell.source != "data":
+            first, _, previous = spans[-1]
+            if previous is not None and previous.number is None and previous.source == cell.source:
+                spans[-1] = (first, col, previous)
+                continue
+        spans.append((col, col, cell))
+    return spans
+
+
+def _draw_span(
+    ax: Axes, row: int, first: int, last: int, cell: GridCell | None, emphasised: bool
+) -> Style:
     style = _cell_style(cell)
     ax.add_patch(
         Rectangle(
-            (col + 0.04, row + 0.04),
-            0.92,
+            (first + 0.04, row + 0.04),
+            last - first + 0.92,
             0.92,
             facecolor=style.face,
             hatch=style.hatch,
@@ -402,20 +462,39 @@ def _draw_cell(ax: Axes, row: int, col: int, cell: GridCell | None, emphasised: 
             linestyle=style.linestyle,
         )
     )
+    centre = (first + last + 1) / 2
     if cell is not None and cell.number is not None:
         ax.text(
-            col + 0.5,
-            row + 0.4,
-            str(cell.number),
-            ha="center",
-            va="center",
-            fontsize=14,
-            fontweight="bold",
-            bbox=_TEXT_BOX,
+            centre, row + 0.5, str(cell.number), ha="center", va="center", fontsize=14,
+            fontweight="bold", bbox=_TEXT_BOX,
+        )  # fmt: skip
+    elif style.tag:
+        ax.text(
+            centre, row + 0.5, style.tag, ha="center", va="center", fontsize=FONT, bbox=_TEXT_BOX
         )
-    if style.tag:
-        y = row + 0.78 if cell is not None and cell.number is not None else row + 0.5
-        ax.text(col + 0.5, y, style.tag, ha="center", va="center", fontsize=FONT, bbox=_TEXT_BOX)
+    return style
+
+
+def _draw_order_arrow(ax: Axes, before: GridCell, after: GridCell) -> None:
+    """Reference k to reference k + 1: along a row, or down the gap below the row to the
+    next row's first reference."""
+    if before.row == after.row:
+        points = [(before.col + 0.96, before.row + 0.5), (after.col + 0.04, after.row + 0.5)]
+    else:
+        gap = before.row + 1.0
+        points = [
+            (before.col + 0.5, before.row + 0.96),
+            (before.col + 0.5, gap),
+            (after.col + 0.5, gap),
+            (after.col + 0.5, after.row + 0.04),
+        ]
+    codes = [Path.MOVETO] + [Path.LINETO] * (len(points) - 1)
+    ax.add_patch(
+        FancyArrowPatch(
+            path=Path(points, codes), arrowstyle="-|>", mutation_scale=10, color=_ORDER.colour,
+            linewidth=1.0, zorder=3,
+        )
+    )  # fmt: skip
 
 
 def plot_timeline(trace: Trace, *, ax: Axes | None = None) -> Figure:

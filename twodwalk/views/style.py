@@ -2,7 +2,17 @@
 common colour-vision deficiencies), one style per paging level and per dimension, and what a
 walk-grid cell that a cache served looks like. Meaning is carried by hatching, line styles,
 marker shapes and labels as well, never by colour alone. No matplotlib here: widgets and
-readouts use the styles without importing it."""
+readouts use the styles without importing it.
+
+Each hue means one thing in every figure:
+
+    blue        the guest's page tables          vermillion   EPT
+    bluish green the host's page tables          reddish purple shadow or bare-metal tables
+    black       KVM's software steps (memslots)  yellow       a guest-physical mapping (GPM)
+    sky blue    a paging-structure cache (PSC)   orange       a page-walk cache (PWC)
+
+Paging levels are not a hue: they are shades of grey with their own hatch (and always a
+label), so a level never reads as a dimension or a cache."""
 
 from __future__ import annotations
 
@@ -41,13 +51,14 @@ class Style:
 
 
 # One style per paging level, the same in every space: level 4 is the PML4 of the guest, of
-# the host and of EPT alike, so the address fields, the grid and the graph match.
+# the host and of EPT alike, so the address fields, the grid and the graph match. Greys from
+# dark (the root) to light, each with its hatch: no hue, which the dimensions own.
 LEVEL_STYLES = {
-    5: Style(PURPLE, "oo"),
-    4: Style(ORANGE, "//"),
-    3: Style(SKY_BLUE, "\\\\"),
-    2: Style(GREEN, ".."),
-    1: Style(YELLOW, "xx"),
+    5: Style("#8C8C8C", "oo"),
+    4: Style("#A6A6A6", "//"),
+    3: Style("#BFBFBF", "\\\\"),
+    2: Style("#D9D9D9", ".."),
+    1: Style("#F0F0F0", "xx"),
 }
 PLAIN_STYLE = Style("#FFFFFF")  # what belongs to no level: the page offset, the data row
 UNUSED_BITS_STYLE = Style(GREY)
@@ -59,7 +70,7 @@ DIMENSION_STYLES = {
     "native": Style(PURPLE, "..", (0, (8, 2)), "shadow or native tables (hardware)"),
     "memslot": Style(BLACK, "", "dashdot", "KVM memslot lookup (software)"),
     "host": Style(GREEN, "", "dotted", "host page tables (KVM software path)"),
-    "kvm-walk": Style(BLACK, "", (0, (3, 1, 1, 1, 1, 1)), "guest tables read by KVM (software)"),
+    "kvm-walk": Style(BLUE, "", (0, (3, 1, 1, 1, 1, 1)), "guest tables read by KVM (software)"),
     "link": Style("#777777", "", (0, (1, 3)), "CR3, EPTP or a cache: no memory reference"),
 }
 HARDWARE_DIMENSIONS = ("guest", "ept", "native")
@@ -68,13 +79,15 @@ HARDWARE_DIMENSIONS = ("guest", "ept", "native")
 GUEST_PHYSICAL = "guest-physical"
 PSC = "paging-structure cache"
 CELL_STYLES = {
-    GUEST_PHYSICAL: Style(GREY, "++", label="GPM: guest-physical mapping, no EPT walk", tag="GPM"),
-    PSC: Style(GREY, "--", label="PSC: paging-structure cache, read skipped", tag="PSC"),
+    GUEST_PHYSICAL: Style(
+        YELLOW, "++", label="GPM: guest-physical mapping, no EPT walk", tag="GPM"
+    ),
+    PSC: Style(SKY_BLUE, "--", label="PSC: paging-structure cache, reads skipped", tag="PSC"),
     PAGE_WALK_CACHE: Style(
-        GREY, "oo", label="PWC: page-walk cache (AMD-style), no memory read", tag="PWC"
+        ORANGE, "oo", label="PWC: page-walk cache (AMD-style), no memory read", tag="PWC"
     ),
     "data": Style("#FFFFFF", "", "dashed", "the data access (not a walk reference)", "data"),
 }
-EMPTY_CELL = Style("#FFFFFF", "", "dotted")
+EMPTY_CELL = Style("#FFFFFF", "", "dotted", "not read: the walk ended above, or stopped")
 STOP_MARKER = "X"
-LANE_COLOURS = (BLUE, VERMILLION, GREEN)
+LANE_COLOURS = (BLUE, BLACK, GREEN)  # the hardware (the guest's tables), KVM, the host
