@@ -72,7 +72,7 @@ ACCESS_PLOTS: dict[str, Callable[[tw.Machine, tw.AccessResult], Figure]] = {
     "walk grid": lambda m, r: plot_walk_grid(r.trace),
     "walk graph": lambda m, r: plot_walk_graph(r),
     "address map": lambda m, r: plot_address_map(m, r),
-    "timeline": lambda m, r: plot_timeline(r.trace),
+    "timeline": lambda m, r: plot_timeline(r),
 }
 # Issue 15, in progress: their labels still collide in some of the situations above.
 NOT_YET_REDONE = {"walk graph", "address map"}

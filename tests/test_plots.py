@@ -33,6 +33,7 @@ from twodwalk.views.plots import (
     plot_references,
     plot_timeline,
     plot_walk_grid,
+    timeline_rows,
     walk_grid,
 )
 from twodwalk.workloads import WorkloadResult
@@ -377,26 +378,54 @@ def test_grid_without_any_ept_walk_takes_the_given_depth() -> None:
 # --- the timeline ------------------------------------------------------------------------------
 
 
-def test_timeline_puts_events_in_lanes_with_a_shape_per_kind() -> None:
+def test_timeline_is_a_swimlane_diagram_with_a_shape_per_kind() -> None:
     m = machine()
-    result = m.vcpu.access(GVA, "write", 7)  # cold: EPT violations, KVM, a host fault
-    ax = plot_timeline(result.trace).axes[0]
-    markers = {str(line.get_label()): line for line in ax.lines if line.get_linestyle() == "None"}
-    assert {"guest walk", "VM exit", "KVM function", "host page fault", "SPTE write"} <= set(
-        markers
-    )
-    assert len({line.get_marker() for line in markers.values()}) == len(markers)
+    result = m.vcpu.access(GVA, "write", 7)  # a first touch: EPT violations, KVM, a host fault
+    figure = plot_timeline(result)
+    (ax,) = figure.axes
+    markers = [line for line in ax.lines if line.get_linestyle() == "None"]
+    assert len(markers) == len(result.trace.events), "one row per event"
+    # Time runs down: row i at y = i, in the lane (x) of whoever acted.
+    rows = timeline_rows(result.trace)
+    assert [float(ys(line)[0]) for line in markers] == list(range(len(rows)))
+    assert [round(float(np.asarray(line.get_xdata())[0])) for line in markers] == [
+        row.lane for row in rows
+    ]
     assert len({kind[1] for kind in EVENT_KINDS.values()}) == len(EVENT_KINDS)
-    assert set(ys(markers["VM exit"])) == {0}
-    assert set(ys(markers["KVM function"])) == {-1}
-    assert set(ys(markers["host page fault"])) == {-2}
     texts = Counter(t.get_text() for t in ax.texts)
+    assert all(texts[lane] == 1 for lane in LANES), "a header per lane"
     for label in ("EPT_VIOLATION", "__gfn_to_hva_memslot", "hva_to_pfn", "handle_mm_fault"):
         assert texts[label] >= 1
     assert texts["VM entry (retry)"] == len(result.trace.attempts()) - 1
     assert texts["data write"] == 1
-    assert [t.get_text() for t in ax.get_yticklabels()] == list(LANES)
-    assert sum(len(ys(line)) for line in markers.values()) == len(result.trace.events)
+    (legend,) = figure.legends
+    assert {"VM exit", "KVM function", "host page fault"} <= {
+        t.get_text() for t in legend.get_texts()
+    }
+
+
+def test_timeline_draws_hva_to_pfn_before_the_host_work_it_does() -> None:
+    """KVM's `hva_to_pfn` records its step after get_user_pages returns; the diagram moves
+    the call up to where it began and brackets the host's walk and fault inside it."""
+    m = machine()
+    rows = timeline_rows(m.vcpu.access(GVA, "write", 7).trace)
+    call = next(i for i, row in enumerate(rows) if row.label == "hva_to_pfn" and row.inside)
+    inside = rows[call + 1 : call + 1 + rows[call].inside]
+    # The VMM's page was never touched: no PT for it yet, so the host walk stops at the PDE.
+    assert [row.label for row in inside][:2] == [
+        "host page-table walk: fault L2",
+        "handle_mm_fault",
+    ]
+    assert all(row.lane == 2 for row in inside)
+
+
+def test_an_exit_to_the_vmm_ends_in_the_vmm_lane() -> None:
+    m = machine()
+    m.guest.map(0x50_0000, 0x4000_0000, 0x1000, rw=1, us=1)  # beyond guest RAM: MMIO
+    result = m.vcpu.access(0x50_0008, "write", 1)
+    rows = timeline_rows(result.trace, result.exit)
+    assert (rows[-1].lane, LANES[rows[-1].lane]) == (3, "VMM")
+    assert rows[-1].label == "MmioExit: the VMM emulates"
 
 
 # --- the address map ---------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from twodwalk.views.readouts import (
     memslot_regions,
     references,
     table_name,
+    timeline_rows,
     walk_grid,
 )
 from twodwalk.views.style import (
@@ -141,6 +142,7 @@ __all__ = [
     "plot_walk_grid",
     "references",
     "table_name",
+    "timeline_rows",
     "walk_grid",
 ]
 
@@ -497,47 +499,68 @@ def _draw_order_arrow(ax: Axes, before: GridCell, after: GridCell) -> None:
     )  # fmt: skip
 
 
-def plot_timeline(trace: Trace, *, ax: Axes | None = None) -> Figure:
-    """How one access was handled, event by event: hardware, KVM and the host kernel in
-    three lanes, each kind of event with its own marker shape and a label (the exit's name,
-    KVM's function), from the first walk to the data access (vmx.c `handle_ept_violation`
-    -> mmu.c `kvm_tdp_page_fault` -> `hva_to_pfn` -> mm `handle_mm_fault`)."""
-    events = trace.events
-    figure, ax = figure_and_axes(ax, (max(FIGSIZE[0], 0.25 * len(events) + 3), 7.0))
-    lanes = [-EVENT_KINDS[type(e)][0] for e in events]
-    ax.plot(range(len(events)), lanes, color=GREY, linewidth=1, zorder=0)
-    for kind, (lane, marker, name) in EVENT_KINDS.items():
-        xs = [x for x, e in enumerate(events) if type(e) is kind]
-        if xs:
-            ax.plot(
-                xs,
-                [-lane] * len(xs),
-                marker=marker,
-                markersize=11,
-                color=LANE_COLOURS[lane],
-                markeredgecolor=BLACK,
-                linestyle="none",
-                label=name,
-            )
-    for x, event in enumerate(events):
-        ax.annotate(
-            event_label(event),
-            (x, lanes[x]),
-            xytext=(0, 9),
-            textcoords="offset points",
-            rotation=90,
-            ha="center",
-            va="bottom",
-            fontsize=FONT,
-        )
-    ax.set_yticks([0, -1, -2], LANES, fontsize=FONT)
-    ax.set_ylim(-2.4, 2.2)
-    ax.set_xlim(-0.7, max(len(events), 1) - 0.3)
-    ax.set_xlabel("events in order", fontsize=FONT)
-    ax.tick_params(axis="x", labelsize=FONT)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=FONT)
-    ax.set_title("How the access was handled", fontsize=12)
+def plot_timeline(access: Trace | AccessResult, *, ax: Axes | None = None) -> Figure:
+    """How one access was handled, as a swimlane sequence diagram: time runs down, one row
+    per event, in the lane of whoever acted (the guest and the hardware, KVM, the host
+    kernel, the VMM), each kind of event with its own marker shape and its words beside it.
+    A KVM call into the host kernel brackets what it did there (`hva_to_pfn` ->
+    get_user_pages -> `handle_mm_fault`); an exit to the VMM ends in the VMM's lane (given
+    the `AccessResult`, not only its trace)."""
+    if isinstance(access, Trace):
+        rows = timeline_rows(access)
+    else:
+        rows = timeline_rows(access.trace, access.exit)
+    figure, ax = figure_and_axes(ax, (2.7 * len(LANES), 1.6 + 0.34 * max(len(rows), 1)))
+    _draw_lanes(ax, len(rows))
+    for i, (before, after) in enumerate(pairwise(rows)):
+        _draw_handover(ax, i, before.lane, after.lane)
+    shapes = {name: marker for _, marker, name in EVENT_KINDS.values()} | {"exit": "s"}
+    for i, row in enumerate(rows):
+        ax.plot(
+            [row.lane + 0.08], [i], marker=shapes[row.kind], markersize=9,
+            color=LANE_COLOURS[min(row.lane, len(LANE_COLOURS) - 1)], markeredgecolor=BLACK,
+            linestyle="none", label=row.kind, zorder=3,
+        )  # fmt: skip
+        ax.text(row.lane + 0.17, i, row.label, ha="left", va="center", fontsize=FONT, zorder=3)
+        if row.inside:
+            _draw_bracket(ax, row.lane, i, i + row.inside)
+    ax.set_xlim(0, len(LANES))
+    ax.set_ylim(len(rows) - 0.4, -1.6)
+    ax.set_axis_off()
+    ax.set_title("How the access was handled (time runs down)", fontsize=12)
+    handles, labels = ax.get_legend_handles_labels()
+    named = dict(zip(labels, handles, strict=True))
+    figure.legend(
+        list(named.values()), list(named), loc="outside lower center", ncol=4, fontsize=FONT
+    )
     return figure
+
+
+def _draw_lanes(ax: Axes, rows: int) -> None:
+    """A header per lane and a thin rule between lanes."""
+    for lane, name in enumerate(LANES):
+        ax.text(lane + 0.5, -1.0, name, ha="center", va="center", fontsize=FONT, weight="bold")
+        if lane:
+            ax.plot([lane, lane], [-1.4, rows - 0.5], color=GREY, linewidth=0.8, zorder=0)
+
+
+def _draw_handover(ax: Axes, row: int, lane: int, next_lane: int) -> None:
+    """From one event to the next: down its lane, across (between the rows' words, never
+    through them), and down to the next event."""
+    x0, x1 = lane + 0.08, next_lane + 0.08
+    xs, ys = ([x0, x1], [row, row + 1]) if lane == next_lane else (
+        [x0, x0, x1, x1], [row, row + 0.5, row + 0.5, row + 1]
+    )  # fmt: skip
+    ax.plot(xs, ys, color="#777777", linewidth=1.0, zorder=1)
+
+
+def _draw_bracket(ax: Axes, lane: int, first: int, last: int) -> None:
+    """The span of rows a call made (in the lanes it called into), drawn in its own lane."""
+    x = lane + 0.03
+    ax.plot(
+        [x + 0.03, x, x, x + 0.03], [first, first, last + 0.3, last + 0.3], color=BLACK,
+        linewidth=1.5, zorder=2,
+    )  # fmt: skip
 
 
 BOX = 0.36  # half the width of a region's box, in columns

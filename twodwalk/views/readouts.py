@@ -6,7 +6,7 @@ so widget models and text views can use them alone."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from twodwalk.engine.cpuid import CpuModel
@@ -286,7 +286,7 @@ def _column(ept_level: int | None, m: int) -> int:
 
 # --- the KVM timeline --------------------------------------------------------------------------
 
-LANES = ("guest / hardware", "KVM", "host kernel")
+LANES = ("guest / hardware", "KVM", "host kernel", "VMM")
 # Event kind -> (lane, marker shape, legend name).
 EVENT_KINDS: dict[type, tuple[int, str, str]] = {
     GuestWalk: (0, ">", "guest walk"),
@@ -326,6 +326,53 @@ def event_label(event: Event) -> str:
     if isinstance(event, HostPageFault):
         return "handle_mm_fault"
     return EVENT_KINDS[type(event)][2]
+
+
+# A KVM function that calls into the host kernel: the host events recorded just before its
+# own step happened inside it (`hva_to_pfn` -> get_user_pages -> `handle_mm_fault`).
+CALLS_INTO_HOST = frozenset({"hva_to_pfn"})
+VMM_LANE = 3
+
+
+@dataclass(frozen=True)
+class TimelineRow:
+    """One row of the swimlane timeline: its lane, its words, the kind of event (its marker
+    shape) and, for a call that brackets what it did, how many rows below it are inside."""
+
+    lane: int
+    label: str
+    kind: str
+    inside: int = 0
+
+
+def timeline_rows(trace: Trace, exit_: object = None) -> list[TimelineRow]:
+    """The trace in order, one row per event, with a call into the host kernel moved up to
+    where it began (before the host's walks and faults it made) and bracketing them; and,
+    when the access left KVM for the VMM (`exit_`, a KVM_EXIT_MMIO), a last row there."""
+    rows: list[TimelineRow] = []
+    for event in trace.events:
+        lane, _, kind = EVENT_KINDS[type(event)]
+        row = TimelineRow(lane, event_label(event), kind)
+        if isinstance(event, KvmStep) and event.function in CALLS_INTO_HOST:
+            inside = _inside_the_call(rows)
+            rows.insert(len(rows) - inside, replace(row, inside=inside))
+        else:
+            rows.append(row)
+    if exit_ is not None:
+        rows.append(TimelineRow(VMM_LANE, f"{type(exit_).__name__}: the VMM emulates", "exit"))
+    return rows
+
+
+def _inside_the_call(rows: list[TimelineRow]) -> int:
+    """How many of the last rows a call into the host made: the host kernel's events and
+    what its MMU notifiers had KVM do meanwhile."""
+    count = 0
+    for row in reversed(rows):
+        notifier = row.kind == EVENT_KINDS[SpteWrite][2] or row.label.startswith("kvm_mmu_notifier")
+        if row.lane != 2 and not notifier:
+            break
+        count += 1
+    return count
 
 
 # --- the address map ---------------------------------------------------------------------------
