@@ -440,10 +440,12 @@ def test_address_map_shows_both_routes_side_by_side() -> None:
     result = m.vcpu.access(GVA, "write", 7)
     ax = plot_address_map(m, result).axes[0]
     texts = [t.get_text() for t in ax.texts]
-    assert f"GVA\n{GVA:#x}" in texts and f"HPA\n{result.hpa:#x}" in texts
-    assert any(t.startswith("memslot 0\n0x0 +32 MiB") for t in texts)
-    assert any(t.startswith("guest RAM\n") for t in texts)
-    assert any(t.startswith("data\n") for t in texts)
+    assert f"GVA {GVA:#x}" in texts and f"HPA {result.hpa:#x}" in texts
+    assert "frames this access used" in texts, "the HPA column says what its boxes are"
+    assert "0x0 +32 MiB\nmemslot 0" in texts
+    assert any(t.endswith("\nguest RAM") for t in texts)
+    assert any(t.endswith("\ndata") for t in texts)
+    assert "where the two routes meet" in legend_labels(ax)
     arrows = route_arrows(ax)
     assert set(arrows) == {"guest page tables", "EPT", "memslot", "host page tables"}
     styles = {(to_hex(a.get_edgecolor()), str(a.get_linestyle())) for a in arrows.values()}
@@ -460,9 +462,24 @@ def test_address_map_of_an_mmio_access_ends_at_the_gpa() -> None:
     m.guest.map(0x50_0000, 0x4000_0000, 0x1000, rw=1, us=1)
     result = m.vcpu.access(0x50_0008, "read")
     ax = plot_address_map(m, result).axes[0]
-    assert set(route_arrows(ax)) == {"guest page tables"}
-    assert any(t.get_text().startswith("no memslot: MMIO\n0x40000000") for t in ax.texts)
-    assert "HVA\n-" in [t.get_text() for t in ax.texts]
+    assert set(route_arrows(ax)) == {"guest page tables", "KVM_EXIT_MMIO"}
+    texts = [t.get_text() for t in ax.texts]
+    assert "0x40000000 +4 KiB\nno memslot: MMIO" in texts
+    assert "HVA not reached" in texts and "the VMM emulates\nthe device (MMIO)" in texts
+    assert "exit to the VMM (KVM_EXIT_MMIO)" in legend_labels(ax)
+    assert "where the two routes meet" not in legend_labels(ax)
+
+
+def test_address_map_keeps_mappings_with_different_rights_apart() -> None:
+    """The toy's read-only code page and its writable data page are contiguous in GVA and
+    GPA; one box for both would say "-> GPA 0x5000" for an access to GPA 0x6008."""
+    from twodwalk.scenarios import TOY_GVA, scenario
+
+    m = scenario("toy").build()
+    ax = plot_address_map(m, m.vcpu.access(TOY_GVA + 0x1008, "read")).axes[0]
+    texts = [t.get_text() for t in ax.texts]
+    assert f"{TOY_GVA:#x} +4 KiB\n-> GPA 0x5000" in texts
+    assert f"{TOY_GVA + 0x1000:#x} +4 KiB\n-> GPA 0x6000" in texts
 
 
 def test_address_map_with_shadow_paging_draws_the_shadow_shortcut() -> None:

@@ -20,6 +20,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrowPatch, Patch, Rectangle
 from matplotlib.path import Path
 
+from twodwalk.engine.kvm.run import MmioExit
 from twodwalk.engine.trace import Trace
 from twodwalk.engine.units import PAGE_SIZE, size_text
 from twodwalk.errors import check_int
@@ -563,15 +564,24 @@ def _draw_bracket(ax: Axes, lane: int, first: int, last: int) -> None:
     )  # fmt: skip
 
 
-BOX = 0.36  # half the width of a region's box, in columns
+BOX = 0.44  # half the width of a region's box, in columns
+_CAPTIONS = {
+    "GVA": "the guest's mappings",
+    "GPA": "KVM's memslots",
+    "HVA": "the VMM's memory",
+    "HPA": "frames this access used",
+}
+_MEETING = Style(BLACK, label="where the two routes meet")
+_VMM_EXIT = Style(BLACK, "", (0, (6, 2, 1, 2)), "exit to the VMM (KVM_EXIT_MMIO)")
 
 
 def plot_address_map(machine: Machine, result: AccessResult, *, ax: Axes | None = None) -> Figure:
     """The four address spaces side by side (GVA, GPA, HVA, HPA) with their regions, and
     this access's route through them: the hardware's EPT shortcut GPA -> HPA (or the shadow
     tables' GVA -> HPA) next to KVM's software route GPA -> memslot -> HVA -> host page tables
-    -> HPA. Regions are stacked one per row in address order, not to scale: the spaces'
-    addresses differ by many orders of magnitude."""
+    -> HPA, and the frame where they meet; an access to a GPA in no memslot ends in an exit
+    to the VMM. Regions are stacked one per row in address order, not to scale: the spaces'
+    addresses differ by many orders of magnitude. The legend names every route and mark."""
     points = access_addresses(result)
     holes = {"GVA": "not mapped", "GPA": "no memslot: MMIO", "HVA": "no VMA", "HPA": "frame"}
     columns = {
@@ -580,7 +590,7 @@ def plot_address_map(machine: Machine, result: AccessResult, *, ax: Axes | None 
         "HVA": [Region(v.start, v.end, v.name) for v in machine.vmm.vmas],
         "HPA": frames_touched(result.trace),
     }
-    figure, ax = figure_and_axes(ax, (11.0, 6.0))
+    figure, ax = figure_and_axes(ax, (12.0, 6.5))
     shown = {
         space: _visible(regions, [points[space]] if space in points else [], holes[space])
         for space, regions in columns.items()
@@ -589,22 +599,29 @@ def plot_address_map(machine: Machine, result: AccessResult, *, ax: Axes | None 
     for x, space in enumerate(SPACES):
         _draw_column(ax, x, space, shown[space], points.get(space))
         anchors.update(_anchor(space, shown[space], points.get(space)))
-    handles = []
+    handles: list[Line2D] = []
     for source, target, dimension, label in EPT_ROUTES if machine.vm.tdp else SHADOW_ROUTES:
         if source in anchors and target in anchors:
             handles.append(_draw_route(ax, source, target, anchors, shown, dimension, label))
+    if "HPA" in anchors:
+        handles.append(_mark_meeting(ax, anchors["HPA"]))
+    if isinstance(result.exit, MmioExit) and "GPA" in anchors:
+        handles.append(_draw_vmm_exit(ax, anchors["GPA"], len(shown["HVA"])))
+    depth = max(len(regions) for regions in shown.values()) + 1
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=2, fontsize=FONT)
-    depth = max(len(regions) for regions in shown.values())
     ax.set_xlim(-0.5, len(SPACES) - 0.5)
-    ax.set_ylim(depth + 1.2, -1.0)
+    ax.set_ylim(depth + 0.6, -1.3)
     ax.set_axis_off()
     ax.set_title("One access through the four address spaces (regions not to scale)", fontsize=12)
     return figure
 
 
 def _draw_column(ax: Axes, x: int, space: str, regions: list[Region], point: int | None) -> None:
-    address = "-" if point is None else f"{point:#x}"
-    ax.text(x, -0.5, f"{space}\n{address}", ha="center", va="center", fontsize=12)
+    """The space's name, the access's address in it and what the column shows; then one box
+    per region: its range first (in this column's space), then what it is."""
+    address = "not reached" if point is None else f"{point:#x}"
+    ax.text(x, -0.75, f"{space} {address}", ha="center", va="center", fontsize=12)
+    ax.text(x, -0.3, _CAPTIONS[space], ha="center", va="center", fontsize=FONT, style="italic")
     for row, region in enumerate(regions):
         touched = point is not None and region.contains(point)
         ax.add_patch(
@@ -620,7 +637,7 @@ def _draw_column(ax: Axes, x: int, space: str, regions: list[Region], point: int
         ax.text(
             x,
             row + 0.5,
-            f"{region.name}\n{region.start:#x} +{size_text(region.end - region.start)}",
+            f"{region.start:#x} +{size_text(region.end - region.start)}\n{region.name}",
             ha="center",
             va="center",
             fontsize=FONT,
@@ -646,7 +663,8 @@ def _draw_route(
     label: str,
 ) -> Line2D:
     """An arrow between adjacent columns, or one that runs under the columns it skips, so
-    that the shortcut and the software route stay apart."""
+    that the shortcut and the software route stay apart. The legend names it: a label on
+    the arrow would sit on the boxes' edges."""
     style = DIMENSION_STYLES[dimension]
     x0, x1 = SPACES.index(source), SPACES.index(target)
     y0, y1 = anchors[source], anchors[target]
@@ -654,9 +672,6 @@ def _draw_route(
     if x1 - x0 > 1:
         lane = max(len(shown[SPACES[x]]) for x in range(x0 + 1, x1)) + 0.45
         vertices += [(x0 + 0.5, lane), (x1 - 0.5, lane)]
-        ax.text((x0 + x1) / 2, lane, label, ha="center", va="bottom", fontsize=FONT)
-    else:
-        ax.text((x0 + x1) / 2, (y0 + y1) / 2, label, ha="center", va="bottom", fontsize=FONT)
     vertices.append((x1 - BOX, y1))
     ax.add_patch(
         FancyArrowPatch(
@@ -672,3 +687,35 @@ def _draw_route(
     return Line2D(
         [], [], color=style.colour, linestyle=style.linestyle, linewidth=2.5, label=style.label
     )
+
+
+def _mark_meeting(ax: Axes, y: float) -> Line2D:
+    """The HPA both routes reach: a star on the frame's left edge."""
+    x = SPACES.index("HPA") - BOX
+    (star,) = ax.plot(
+        [x], [y], marker="*", markersize=18, color="white", markeredgecolor=_MEETING.colour,
+        linestyle="none", label=_MEETING.label, zorder=4,
+    )  # fmt: skip
+    return star
+
+
+def _draw_vmm_exit(ax: Axes, y: float, hva_rows: int) -> Line2D:
+    """A GPA in no memslot has no HVA and no frame: KVM hands the access to the VMM, drawn
+    as a box under the HVA column (the VMM's own space) and an arrow to it."""
+    x = SPACES.index("HVA")
+    row = hva_rows + 0.1
+    ax.add_patch(
+        Rectangle((x - BOX, row), 2 * BOX, 0.84, facecolor="white", edgecolor=BLACK, linewidth=2)
+    )
+    ax.text(x, row + 0.42, "the VMM emulates\nthe device (MMIO)", ha="center", va="center",
+            fontsize=FONT)  # fmt: skip
+    start = (SPACES.index("GPA") + BOX, y)
+    ax.add_patch(
+        FancyArrowPatch(
+            path=Path([start, (x - 0.5, row + 0.42), (x - BOX, row + 0.42)]), arrowstyle="-|>",
+            mutation_scale=18, color=_VMM_EXIT.colour, linestyle=_VMM_EXIT.linestyle,
+            linewidth=2.5, label="KVM_EXIT_MMIO",
+        )
+    )  # fmt: skip
+    return Line2D([], [], color=BLACK, linestyle=_VMM_EXIT.linestyle, linewidth=2.5,
+                  label=_VMM_EXIT.label)  # fmt: skip

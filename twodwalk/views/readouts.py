@@ -428,18 +428,22 @@ def access_gva(result: AccessResult) -> int:
 
 def guest_mappings(machine: Machine) -> list[Region]:
     """The guest's mappings, from the leaf entries of its page tables, merged into runs
-    that are contiguous in both GVA and GPA."""
+    that are contiguous in both GVA and GPA and have the same rights (so a read-only code
+    page and the writable data page after it stay two mappings, each with its own GPA)."""
     fmt = machine.guest.page_tables.fmt
-    runs: list[tuple[int, int, int]] = []  # (gva, end, gpa)
+    runs: list[tuple[int, int, int, int]] = []  # (gva, end, gpa, rights)
     for entry in machine.guest.page_tables.entries():
         if not entry.leaf:
             continue
         size, gpa = fmt.page_size(entry.level), fmt.output_address(entry.value, entry.level)
-        if runs and runs[-1][1] == entry.virtual and runs[-1][2] + runs[-1][1] - runs[-1][0] == gpa:
-            runs[-1] = (runs[-1][0], entry.virtual + size, runs[-1][2])
-        else:
-            runs.append((entry.virtual, entry.virtual + size, gpa))
-    return [Region(start, end, f"-> GPA {gpa:#x}") for start, end, gpa in runs]
+        rights = fmt.rights_mask(entry.value)
+        if runs and runs[-1][1] == entry.virtual and runs[-1][3] == rights:
+            start, end, first, _ = runs[-1]
+            if first + end - start == gpa:
+                runs[-1] = (start, entry.virtual + size, first, rights)
+                continue
+        runs.append((entry.virtual, entry.virtual + size, gpa, rights))
+    return [Region(start, end, f"-> GPA {gpa:#x}") for start, end, gpa, _ in runs]
 
 
 def memslot_regions(machine: Machine) -> list[Region]:
