@@ -74,15 +74,11 @@ ACCESS_PLOTS: dict[str, Callable[[tw.Machine, tw.AccessResult], Figure]] = {
     "address map": lambda m, r: plot_address_map(m, r),
     "timeline": lambda m, r: plot_timeline(r),
 }
-# Issue 15, in progress: their labels still collide in some of the situations above.
-NOT_YET_REDONE = {"walk graph"}
 
 
 @pytest.mark.parametrize("situation", SITUATIONS)
 @pytest.mark.parametrize("plot", ACCESS_PLOTS)
 def test_no_text_collides(plot: str, situation: str) -> None:
-    if plot in NOT_YET_REDONE:
-        pytest.xfail(f"issue 15: the {plot} is not redone yet")
     machine, result = SITUATIONS[situation]()
     assert text_problems(ACCESS_PLOTS[plot](machine, result)) == []
 

@@ -173,6 +173,9 @@ def test_plot_distinguishes_dimensions_by_colour_and_line_style() -> None:
 def test_plot_highlights_one_reference() -> None:
     result = cold(machine())
     widths = Counter(p.get_linewidth() for p in arrows(result, highlight=7))
-    assert widths[5.0] == 1
+    assert widths[6.0] == 1
+    texts = plot_walk_graph(result, highlight=7).axes[0].texts
+    bold = [t.get_text() for t in texts if t.get_fontweight() == "bold"]
+    assert len(bold) == 1 and bold[0].startswith(" 7: "), "the current step's label stands out"
     with pytest.raises(tw.TwodwalkError, match="highlight"):
         plot_walk_graph(result, highlight=25)

@@ -28,7 +28,7 @@ from twodwalk.widgets.explorer import ExplorerModel, ExplorerRequest
 from twodwalk.widgets.ui import ERROR_CLASS, RenderedFigures
 
 DATA_GVA = TOY_GVA + 0x1000  # the toy's writable data page (GPA 0x6000)
-THICK_CELL, THICK_EDGE = 4.5, 5.0  # how plot_walk_grid and plot_walk_graph draw a highlight
+THICK_CELL, THICK_EDGE = 4.5, 6.0  # how plot_walk_grid and plot_walk_graph draw a highlight
 
 
 def text_of(out: Any) -> str:

@@ -16,6 +16,7 @@ hanging below it down to the host frame that holds it, and the HVAs and host wal
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import networkx as nx
@@ -45,10 +46,8 @@ from twodwalk.views.style import (
     CELL_STYLES,
     DIMENSION_STYLES,
     FONT,
-    GREY,
     GUEST_PHYSICAL,
     HARDWARE_DIMENSIONS,
-    LEVEL_STYLES,
     STOP_MARKER,
 )
 
@@ -59,18 +58,6 @@ Place = Callable[[int], tuple[float, float]]  # a table's level -> its position
 GVA_Y, GPA_Y, HVA_Y, TABLES_Y = 0.0, -1.0, -2.0, -3.0  # the layers, top to bottom
 EPT_DX, HOST_DX = -0.22, 0.5  # EPT walks hang left of their column, host walks right
 PAGE_MASK = ~(PAGE_SIZE - 1)
-NODE_SIZE = 1300
-# Node kind -> marker shape.
-NODE_SHAPES = {
-    "address": "o",
-    "guest table": "s",
-    "EPT table": "s",
-    "host table": "s",
-    "native table": "s",
-    "frame": "h",
-    "page": "h",
-    "fault": STOP_MARKER,
-}
 _LABEL_BOX = {"boxstyle": "round,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8}
 
 
@@ -207,7 +194,7 @@ class _Builder:
         x, y = place(record.format.levels if fault.level is None else fault.level)
         return self.node(
             f"fault {space} {record.address:#x}{tag}",
-            (x + 0.6, y - 0.3),
+            (x + 0.35, y - 0.8),
             space=space,
             kind="fault",
             address=record.address,
@@ -255,8 +242,11 @@ class _Builder:
         )
 
     def table_read(self, table: str, read: TableRead, x: float) -> None:
-        """How a guest table's GPA became an HPA: its EPT walk, or the cache that knew it."""
+        """How a guest table's GPA became an HPA: its EPT walk, or the cache that knew it.
+        The frame says which guest table it holds: the same page, seen from the host."""
         frame = self.frame(read.physical, x)
+        holds = str(self.graph.nodes[table]["label"]).split("\n")[0]
+        self.graph.nodes[frame]["label"] = f"HPA\n{read.physical & PAGE_MASK:#x}\n= guest {holds}"
         if read.cached is not None:
             self.edge(table, frame, "link", CELL_STYLES[read.cached].tag)
         for nested in read.nested:
@@ -400,19 +390,22 @@ def plot_walk_graph(
     result: AccessResult, *, highlight: int | None = None, ax: Axes | None = None
 ) -> Figure:
     """The walk graph (see `walk_graph`) in its layered layout: the guest dimension, EPT and
-    KVM's software path each with its own colour and line style, entry values on the edges,
-    tables coloured by level and named. `highlight=n` draws reference n thick."""
+    KVM's software path each with its own colour and line style, entry values on the edges;
+    each node a box that holds its whole name, shaded by the tree it belongs to (guest, EPT,
+    host or shadow tables), the host frames naming the guest table they hold. `highlight=n`
+    draws reference n thick, its label boxed in black (the WalkStepper's current step)."""
     graph = walk_graph(result)
     orders = [d["order"] for _, _, d in graph.edges(data=True) if d["order"] is not None]
     if highlight is not None:
         check_int("highlight", highlight, 1, len(orders) + 1, valid=f"1..{len(orders)}")
-    figure, ax = figure_and_axes(ax, (13.0, 9.0))
     pos = nx.get_node_attributes(graph, "pos")
-    _draw_nodes(ax, graph, pos)
+    xs, ys = [x for x, _ in pos.values()], [y for _, y in pos.values()]
+    width, height = max(xs) - min(xs) + 1.6, max(ys) - min(ys) + 1.0
+    figure, ax = figure_and_axes(ax, (3.0 * width, 1.25 * height + 2.0))
     _draw_edges(ax, graph, pos, highlight)
-    _draw_node_labels(ax, graph, pos)
-    xs = [x for x, _ in pos.values()]
-    ax.set_xlim(min(xs) - 0.4, max(xs) + 0.9)  # room for the labels beside the last column
+    _draw_nodes(ax, graph, pos)
+    ax.set_xlim(min(xs) - 0.5, max(xs) + 1.1)  # room for the labels beside the last column
+    ax.set_ylim(min(ys) - 0.6, max(ys) + 0.4)
     handles = _legend(graph)
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=3, fontsize=FONT)
     ax.set_title("The access as a graph: every table read, in hardware order", fontsize=12)
@@ -420,49 +413,49 @@ def plot_walk_graph(
     return figure
 
 
-def _node_colour(attributes: dict[str, Any]) -> str:
-    level = attributes["level"]
-    if level is not None:
-        return LEVEL_STYLES[level].colour
-    return GREY if attributes["kind"] in ("frame", "page") else "white"
+# What each kind of node is: its shade (the tree it belongs to: one meaning per colour, as in
+# every figure), its box shape and its legend text.
+_NODE_STYLES = {
+    "guest table": ("guest", "square,pad=0.35", "guest table (a page of guest memory)"),
+    "EPT table": ("ept", "square,pad=0.35", "EPT table"),
+    "host table": ("host", "square,pad=0.35", "host page table of the VMM"),
+    "native table": ("native", "square,pad=0.35", "shadow or native table"),
+    "address": (None, "round,pad=0.4", "the access's address in a space"),
+    "frame": (None, "round4,pad=0.35", "host frame of a guest table"),
+    "page": (None, "round4,pad=0.35", "another page"),
+}
+
+
+def _node_face(kind: str) -> tuple[float, float, float, float]:
+    dimension = _NODE_STYLES[kind][0]
+    if dimension is None:
+        return (0.87, 0.87, 0.87, 1.0) if kind in ("frame", "page") else (1.0, 1.0, 1.0, 1.0)
+    colour = DIMENSION_STYLES[dimension].colour
+    return replace(DIMENSION_STYLES[dimension], colour=colour, alpha=0.25).face
 
 
 def _draw_nodes(ax: Axes, graph: nx.DiGraph, pos: dict[str, tuple[float, float]]) -> None:
-    for kind, shape in NODE_SHAPES.items():
-        nodes = [n for n, d in graph.nodes(data=True) if d["kind"] == kind]
-        if nodes:
-            nx.draw_networkx_nodes(
-                graph,
-                pos,
-                nodelist=nodes,
-                node_shape=shape,
-                node_size=NODE_SIZE,
-                node_color=[_node_colour(graph.nodes[n]) for n in nodes],
-                edgecolors=BLACK,
-                ax=ax,
-            )
-
-
-def _draw_node_labels(ax: Axes, graph: nx.DiGraph, pos: dict[str, tuple[float, float]]) -> None:
-    """Names on the nodes; a fault's under its marker, which would hide it."""
-    for fault in (False, True):
-        labels = {
-            n: d["label"] for n, d in graph.nodes(data=True) if (d["kind"] == "fault") == fault
-        }
-        nx.draw_networkx_labels(
-            graph,
-            {n: (x, y - 0.3) if fault else (x, y) for n, (x, y) in pos.items() if n in labels},
-            labels,
-            font_size=FONT,
-            verticalalignment="top" if fault else "center",
-            ax=ax,
-        )
+    """Each node as a box around its name, so a name never spills out of its node; a fault
+    as the stop marker with its words under it."""
+    for node, data in graph.nodes(data=True):
+        x, y = pos[node]
+        if data["kind"] == "fault":
+            ax.plot([x], [y], marker=STOP_MARKER, markersize=18, color=BLACK, linestyle="none",
+                    zorder=4)  # fmt: skip
+            ax.text(x, y - 0.22, data["label"], ha="center", va="top", fontsize=FONT, zorder=4)
+            continue
+        _, shape, _ = _NODE_STYLES[data["kind"]]
+        ax.text(
+            x, y, data["label"], ha="center", va="center", fontsize=FONT, zorder=4,
+            bbox={"boxstyle": shape, "facecolor": _node_face(data["kind"]), "edgecolor": BLACK},
+        )  # fmt: skip
 
 
 def _draw_edges(
     ax: Axes, graph: nx.DiGraph, pos: dict[str, tuple[float, float]], highlight: int | None
 ) -> None:
-    """Edges by dimension, each with its colour and line style; labels in white boxes."""
+    """Edges by dimension, each with its colour and line style; labels in white boxes, the
+    highlighted reference's boxed in black and bold."""
     for dimension, style in DIMENSION_STYLES.items():
         edges = [(u, v) for u, v, d in graph.edges(data=True) if d["dimension"] == dimension]
         if not edges:
@@ -474,28 +467,33 @@ def _draw_edges(
             edgelist=edges,
             edge_color=style.colour,
             style=[style.linestyle] * len(edges),
-            width=[5.0 if e else 1.8 for e in emphasised],
+            width=[6.0 if e else 1.8 for e in emphasised],
             arrows=True,
             arrowsize=14,
-            node_size=NODE_SIZE,
+            node_size=0,
+            min_source_margin=18,
+            min_target_margin=24,
             ax=ax,
         )
-    groups: dict[str, dict[tuple[str, str], str]] = {}
+    groups: dict[tuple[str, bool], dict[tuple[str, str], str]] = {}
     for u, v, d in graph.edges(data=True):
         hop = d["dimension"] == "host" and d["value"] is None  # hva_to_pfn, no entry read
         align = _label_alignment(pos[u], pos[v], hop=hop)
         if align is not None:
-            groups.setdefault(align, {})[(u, v)] = f" {d['label']}"
-    for align, labels in groups.items():
+            current = highlight is not None and d["order"] == highlight
+            groups.setdefault((align, current), {})[(u, v)] = f" {d['label']}"
+    for (align, current), labels in groups.items():
+        box = {**_LABEL_BOX, "edgecolor": BLACK, "linewidth": 2.0} if current else _LABEL_BOX
         nx.draw_networkx_edge_labels(
             graph,
             pos,
             edge_labels=labels,
             font_size=FONT,
+            font_weight="bold" if current else "normal",
             rotate=False,
-            bbox=_LABEL_BOX,
+            bbox=box,
             horizontalalignment=align,
-            node_size=NODE_SIZE,
+            node_size=0,
             ax=ax,
         )
 
@@ -513,16 +511,29 @@ def _label_alignment(
 
 
 def _legend(graph: nx.DiGraph) -> list[Line2D | Patch]:
-    """The dimensions drawn (colour and line style) and the levels of the tables."""
+    """The dimensions drawn (colour and line style) and the kinds of node (shade)."""
     dimensions = {d["dimension"] for _, _, d in graph.edges(data=True)}
-    levels = sorted({d["level"] for _, d in graph.nodes(data=True) if d["level"]}, reverse=True)
+    kinds = {d["kind"] for _, d in graph.nodes(data=True)} - {"fault"}
     handles: list[Line2D | Patch] = [
         Line2D([], [], color=s.colour, linestyle=s.linestyle, linewidth=2, label=s.label)
         for name, s in DIMENSION_STYLES.items()
         if name in dimensions
     ]
     handles += [
-        Patch(facecolor=LEVEL_STYLES[lv].colour, edgecolor=BLACK, label=f"level {lv} table")
-        for lv in levels
+        Patch(facecolor=_node_face(kind), edgecolor=BLACK, label=_NODE_STYLES[kind][2])
+        for kind in _NODE_STYLES
+        if kind in kinds
     ]
+    if any(d["kind"] == "fault" for _, d in graph.nodes(data=True)):
+        handles.append(
+            Line2D(
+                [],
+                [],
+                marker=STOP_MARKER,
+                color=BLACK,
+                linestyle="none",
+                markersize=12,
+                label="where a walk stopped",
+            )
+        )
     return handles
