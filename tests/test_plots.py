@@ -167,9 +167,19 @@ def test_address_fields_split_a_gva_into_indices_and_offset() -> None:
     ]
     assert [b.get_width() for b in boxes] == [16, 9, 9, 9, 9, 12]
     texts = [t.get_text() for t in ax.texts]
-    assert "PML4\nbits 47:39\n0x0fe = 254" in texts
-    assert "PT\nbits 20:12\n0x145 = 325" in texts
-    assert "offset\nbits 11:0\n0xabc" in texts
+    assert "PML4\n47:39" in texts and "0x0fe = 254" in texts and "011111110" in texts
+    assert "PT\n20:12" in texts and "0x145 = 325" in texts and "101000101" in texts
+    assert "offset\n11:0" in texts and "0xabc" in texts and "101010111100" in texts
+    # The chain under the fields, as SDM figure 4-8 draws it: CR3, the tables, the page.
+    assert [t for t in texts if t == "CR3" or t.endswith("\ntable") or t == "the page"] == [
+        "CR3",
+        "PML4\ntable",
+        "PDPT\ntable",
+        "PD\ntable",
+        "PT\ntable",
+        "the page",
+    ]
+    assert "entry 254" in texts and "entry 325" in texts
     levels = [LEVEL_STYLES[lv] for lv in (4, 3, 2, 1)]
     assert [b.get_hatch() for b in boxes[1:5]] == [s.hatch for s in levels]
     assert [to_hex(b.get_facecolor()) for b in boxes[1:5]] == [s.colour.lower() for s in levels]

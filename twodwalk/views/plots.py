@@ -281,41 +281,75 @@ def plot_address_fields(
     page_size: int = PAGE_SIZE,
     ax: Axes | None = None,
 ) -> Figure:
-    """An address as the walk reads it: a box per field, as wide as its bits, with the
-    table it indexes (in that level's colour and hatch), the bit range and the value."""
+    """An address as the walk reads it, as SDM Vol 3A figures 4-8 to 4-11 draw it: a box per
+    field, as wide as its bits (the level's grey and hatch), its bits in binary and its
+    value under it; and below, the chain the walk follows: the root register (CR3, or the
+    EPTP for a GPA) names the top table, each index picks an entry, and each entry names the
+    next table, down to the page the offset lands in."""
     fields = address_fields(address, levels=levels, space=space, page_size=page_size)
-    figure, ax = figure_and_axes(ax, (FIGSIZE[0], 3.0))
+    figure, ax = figure_and_axes(ax, (FIGSIZE[0] + 1.5, 5.2))
     for f in fields:
-        x, width = 63 - f.high, f.high - f.low + 1
-        ax.add_patch(
-            Rectangle(
-                (x, 0),
-                width,
-                1,
-                facecolor=f.style.colour,
-                hatch=f.style.hatch,
-                edgecolor=BLACK,
-                linewidth=1.5,
-                label=f.name,
-            )
-        )
-        ax.text(
-            x + width / 2,
-            0.5,
-            f"{f.name}\nbits {f.high}:{f.low}\n{f.value_text}",
-            ha="center",
-            va="center",
-            fontsize=FONT,
-            bbox=_TEXT_BOX,
-        )
+        _draw_field(ax, f)
+    _draw_chain(ax, fields, "EPTP" if space == "GPA" else "CR3")
+    ax.legend(
+        handles=[
+            Line2D([], [], color="#777777", linestyle=(0, (2, 2)), label="index picks entry"),
+            Line2D([], [], color=BLACK, label="the entry (or the root) names the next table"),
+        ],
+        loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=FONT,
+    )  # fmt: skip
     ax.set_xlim(-0.5, 64.5)
-    ax.set_ylim(-0.1, 1.1)
+    ax.set_ylim(4.3, -0.2)
     ax.set_axis_off()
     walk = "EPT" if space == "GPA" else "paging"
     ax.set_title(
         f"{space} {address:#x}: {levels}-level {walk}, {size_text(page_size)} page", fontsize=12
     )
     return figure
+
+
+def _draw_field(ax: Axes, f: AddressField) -> None:
+    """One field: its box with its name and bits, then its bits in binary and its value."""
+    x, width = 63 - f.high, f.high - f.low + 1
+    ax.add_patch(
+        Rectangle(
+            (x, 0), width, 1, facecolor=f.style.colour, hatch=f.style.hatch, edgecolor=BLACK,
+            linewidth=1.5, label=f.name,
+        )
+    )  # fmt: skip
+    name = f.name.replace(" ", "\n", 1) if width < 12 and " " in f.name else f.name
+    ax.text(x + width / 2, 0.5, f"{name}\n{f.high}:{f.low}", ha="center", va="center",
+            fontsize=FONT, bbox=_TEXT_BOX)  # fmt: skip
+    ax.text(x + width / 2, 1.25, format(f.value, f"0{width}b"), ha="center", va="center",
+            fontsize=FONT, family="monospace")  # fmt: skip
+    ax.text(x + width / 2, 1.65, f.value_text, ha="center", va="center", fontsize=FONT)
+
+
+def _draw_chain(ax: Axes, fields: list[AddressField], root: str) -> None:
+    """The root register, a box per table under its index field, the page under the offset;
+    an arrow from each to the next, labelled with the entry the index picks."""
+    x_root = (63 - fields[0].high + 64 - fields[0].low) / 2
+    boxes = [(x_root, root)]
+    for f in fields[1:]:
+        centre = (63 - f.high + 64 - f.low) / 2
+        boxes.append((centre, f"{f.name}\ntable" if f.index else "the page"))
+    frame = {"boxstyle": "square,pad=0.4", "facecolor": "white", "edgecolor": BLACK}
+    for x, text in boxes:
+        ax.text(x, 3.0, text, ha="center", va="center", fontsize=FONT, bbox=frame)
+    for (x0, _), (x1, _) in pairwise(boxes):
+        ax.add_patch(
+            FancyArrowPatch(
+                (x0 + 2.6, 3.0), (x1 - 2.6, 3.0), arrowstyle="-|>", mutation_scale=12, color=BLACK
+            )
+        )
+    for f in fields[1:]:
+        if f.index:
+            centre = (63 - f.high + 64 - f.low) / 2
+            ax.add_patch(
+                FancyArrowPatch((centre, 1.85), (centre, 2.55), arrowstyle="-|>",
+                                mutation_scale=10, color="#777777", linestyle=(0, (2, 2)))
+            )  # fmt: skip
+            ax.text(centre, 3.75, f"entry {f.value}", ha="center", va="center", fontsize=FONT)
 
 
 def _memory_style(dimension: str) -> Style:
