@@ -21,6 +21,7 @@ from twodwalk.views.plots import (
     plot_hit_rates,
     plot_references,
     plot_timeline,
+    plot_two_trees,
     plot_walk_grid,
 )
 from twodwalk.workloads import CONFIGURATIONS, compare, uniform
@@ -74,6 +75,7 @@ ACCESS_PLOTS: dict[str, Callable[[tw.Machine, tw.AccessResult], Figure]] = {
     "address map": lambda m, r: plot_address_map(m, r),
     "timeline": lambda m, r: plot_timeline(r),
 }
+TWO_TREES = ("first touch", "cold walk", "large pages", "qemu heap", "5-level")
 
 
 @pytest.mark.parametrize("situation", SITUATIONS)
@@ -89,6 +91,12 @@ def test_no_text_collides(plot: str, situation: str) -> None:
 )
 def test_no_text_collides_in_the_address_fields(address: int, levels: int, page_size: int) -> None:
     assert text_problems(plot_address_fields(address, levels=levels, page_size=page_size)) == []
+
+
+@pytest.mark.parametrize("situation", TWO_TREES)
+def test_no_text_collides_in_the_two_trees(situation: str) -> None:
+    machine, result = SITUATIONS[situation]()
+    assert text_problems(plot_two_trees(machine, result)) == []
 
 
 def test_no_text_collides_in_the_cost_charts() -> None:

@@ -32,8 +32,10 @@ from twodwalk.views.plots import (
     plot_hit_rates,
     plot_references,
     plot_timeline,
+    plot_two_trees,
     plot_walk_grid,
     timeline_rows,
+    two_trees,
     walk_grid,
 )
 from twodwalk.workloads import WorkloadResult
@@ -530,3 +532,40 @@ def test_readouts_and_styles_load_without_matplotlib() -> None:
         " sys.exit('matplotlib' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# --- two trees, one frame ----------------------------------------------------------------------
+
+
+def test_two_trees_have_two_roots_and_end_in_one_frame() -> None:
+    """The qemu scenario's heap write: EPT rooted at the EPTP, the host's tables at the VMM's
+    CR3, a 2 MiB leaf in each (THP in the host, so KVM maps 2 MiB too), one frame."""
+    from twodwalk.scenarios import scenario
+
+    sc = scenario("qemu")
+    m = sc.build()
+    heap = sc.run(m)[1]
+    trees = two_trees(m, heap)
+    assert trees.ept.root == m.vm.ept.eptp.root and trees.host.root == m.vmm.tables.root
+    assert trees.ept.root != trees.host.root, "two trees, two roots"
+    assert {s.table for s in trees.ept.steps}.isdisjoint({s.table for s in trees.host.steps})
+    assert heap.hpa is not None and trees.frame == heap.hpa
+    assert (trees.memslot.id, trees.gpa, trees.hva) == (1, heap.gpa, heap.hva)
+    ax = plot_two_trees(m, heap).axes[0]
+    texts = [t.get_text() for t in ax.texts]
+    assert f"the same frame\nHPA {heap.hpa & ~0x1F_FFFF:#x} (2 MiB)" in texts
+    assert any(t.startswith("EPT leaf (SDM Vol 3C") for t in texts)
+    assert any(t.startswith("host leaf (IA-32e") for t in texts)
+    # The two formats, field by field: EPT's R/W/X against IA-32e's P, R/W, U/S.
+    assert {"R 0", "W 1", "X 2", "MT 5:3", "IPAT 6"} <= set(texts)
+    assert {"P 0", "R/W 1", "U/S 2", "XD 63"} <= set(texts)
+    assert "memslot 1: GPA 0x4000000\n-> HVA " + f"{trees.memslot.userspace_addr:#x}" in texts
+
+
+def test_two_trees_needs_an_access_that_reached_guest_ram_under_ept() -> None:
+    from twodwalk.scenarios import scenario
+
+    m = scenario("qemu").build()
+    mmio = m.vcpu.access(0xFFFF_C900_0000_0010, "write", 1)
+    with pytest.raises(tw.TwodwalkError, match="two trees need an access that reached guest RAM"):
+        plot_two_trees(m, mmio)

@@ -11,6 +11,7 @@ same wherever it appears. Text is at least 10 points, for a lecture projector.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from itertools import pairwise
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ from matplotlib.path import Path
 from twodwalk.engine.kvm.run import MmioExit
 from twodwalk.engine.trace import Trace
 from twodwalk.engine.units import PAGE_SIZE, size_text
+from twodwalk.engine.walker import WalkRecord
 from twodwalk.errors import check_int
 from twodwalk.views.readouts import (
     EPT_ROUTES,
@@ -36,6 +38,7 @@ from twodwalk.views.readouts import (
     GridCell,
     GridStop,
     Region,
+    TwoTrees,
     WalkGrid,
     _visible,
     access_addresses,
@@ -51,6 +54,7 @@ from twodwalk.views.readouts import (
     references,
     table_name,
     timeline_rows,
+    two_trees,
     walk_grid,
 )
 from twodwalk.views.style import (
@@ -122,6 +126,7 @@ __all__ = [
     "GridStop",
     "Region",
     "Style",
+    "TwoTrees",
     "WalkGrid",
     "access_addresses",
     "access_gva",
@@ -140,10 +145,12 @@ __all__ = [
     "plot_hit_rates",
     "plot_references",
     "plot_timeline",
+    "plot_two_trees",
     "plot_walk_grid",
     "references",
     "table_name",
     "timeline_rows",
+    "two_trees",
     "walk_grid",
 ]
 
@@ -753,3 +760,205 @@ def _draw_vmm_exit(ax: Axes, y: float, hva_rows: int) -> Line2D:
     )  # fmt: skip
     return Line2D([], [], color=BLACK, linestyle=_VMM_EXIT.linestyle, linewidth=2.5,
                   label=_VMM_EXIT.label)  # fmt: skip
+
+
+# --- two trees, one frame ----------------------------------------------------------------------
+
+_TREE_X = {"ept": 2.5, "host": 13.5}  # the two trees' columns
+_LEVEL_DY = 1.25
+
+
+def plot_two_trees(machine: Machine, result: AccessResult, *, ax: Axes | None = None) -> Figure:
+    """The answer to the question behind twodwalk, in one figure: the EPT's walk of the
+    access's GPA (left, rooted at the EPTP) and the host kernel's walk of the HVA that backs
+    it (right, rooted at the VMM's CR3), two trees of table pages in host memory with two
+    roots, ending in the same frame; the memslot KVM used to build the EPT leaf from the
+    host's as the bridge between the two roots; and the two leaf entries underneath, field by
+    field, EPT format against IA-32e format."""
+    trees = two_trees(machine, result)
+    figure, ax = figure_and_axes(ax, (14.0, 10.0))
+    frame = frame_box = None
+    for name, record, root in (
+        ("ept", trees.ept, f"EPTP\n{machine.vm.ept.eptp.value:#x}"),
+        ("host", trees.host, f"the VMM's CR3\n{trees.host.root:#x}"),
+    ):
+        bottom = _draw_tree(ax, name, record, root)
+        frame_box = max(frame_box or 0.0, bottom)
+    frame = trees.frame
+    y_frame = (frame_box or 0.0) + 1.3
+    label = "the leaves disagree: no common frame"
+    translation = trees.ept.translation
+    if frame is not None and translation is not None:
+        base = frame & ~(translation.page_size - 1)
+        label = f"the same frame\nHPA {base:#x} ({size_text(translation.page_size)})"
+    ax.text(
+        8.0,
+        y_frame,
+        label,
+        ha="center",
+        va="center",
+        fontsize=12,
+        bbox={"boxstyle": "round4,pad=0.5", "facecolor": "#DDDDDD", "edgecolor": BLACK},
+    )
+    for name, record in (("ept", trees.ept), ("host", trees.host)):
+        _leaf_arrow(ax, name, record, y_frame)
+    _draw_bridge(ax, trees)
+    handles: list[Line2D | Patch] = [
+        Line2D([], [], color=s.colour, linestyle=s.linestyle, linewidth=2.5, label=s.label)
+        for s in (DIMENSION_STYLES["ept"], DIMENSION_STYLES["host"], DIMENSION_STYLES["memslot"])
+    ]
+    handles += [
+        Patch(
+            facecolor=replace(DIMENSION_STYLES[name], alpha=0.25).face, edgecolor=BLACK, label=label
+        )
+        for name, label in (("ept", "EPT table page"), ("host", "host page-table page"))
+    ]
+    handles.append(Patch(facecolor="#DDDDDD", edgecolor=BLACK, label="the frame both name"))
+    y_rulers = y_frame + 1.4
+    _draw_leaf_ruler(ax, trees.ept, y_rulers, "EPT leaf (SDM Vol 3C table 29-5)")
+    _draw_leaf_ruler(ax, trees.host, y_rulers + 1.9, "host leaf (IA-32e, SDM Vol 3A 4.5)")
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=FONT)
+    ax.set_xlim(-0.2, 16.2)
+    ax.set_ylim(y_rulers + 3.1, -1.3)
+    ax.set_axis_off()
+    ax.set_title(
+        "Two trees, one frame: the EPT walk and the host's walk of the same page", fontsize=12
+    )
+    return figure
+
+
+def _draw_tree(ax: Axes, name: str, record: WalkRecord, root: str) -> float:
+    """A tree's path from its root down: a box per table page (its HPA), the index the walk
+    used at each level on the arrow below it, and the entry it read; returns the last
+    table's height."""
+    style = DIMENSION_STYLES[name]
+    x = _TREE_X[name]
+    ax.text(
+        x,
+        0.4,
+        root,
+        ha="center",
+        va="center",
+        fontsize=FONT,
+        bbox={"boxstyle": "round,pad=0.3", "facecolor": "white", "edgecolor": BLACK},
+    )
+    y = 0.4
+    for step in record.steps:
+        y_next = y + _LEVEL_DY
+        ax.add_patch(
+            FancyArrowPatch(
+                (x, y + 0.35),
+                (x, y_next - 0.35),
+                arrowstyle="-|>",
+                mutation_scale=14,
+                color=style.colour,
+                linestyle=style.linestyle,
+                linewidth=2,
+            )
+        )
+        table = table_name(record.format.level_name(step.level))
+        ax.text(
+            x,
+            y_next,
+            f"{table} page\nHPA {step.table:#x}",
+            ha="center",
+            va="center",
+            fontsize=FONT,
+            bbox={
+                "boxstyle": "square,pad=0.35",
+                "facecolor": replace(style, alpha=0.25).face,
+                "edgecolor": BLACK,
+            },
+        )
+        inward = 1.55 if x < 8.0 else -1.55  # the entries between the two trees
+        ax.text(
+            x + inward,
+            y_next,
+            f"[{step.index}] = {step.value:#018x}",
+            ha="left" if inward > 0 else "right",
+            va="center",
+            fontsize=FONT,
+            family="monospace",
+        )
+        y = y_next
+    return y
+
+
+def _leaf_arrow(ax: Axes, name: str, record: WalkRecord, y_frame: float) -> None:
+    style = DIMENSION_STYLES[name]
+    x = _TREE_X[name]
+    y_leaf = 0.4 + _LEVEL_DY * len(record.steps)
+    ax.add_patch(
+        FancyArrowPatch(
+            (x, y_leaf + 0.4),
+            (8.0 + (x - 8.0) * 0.25, y_frame - 0.45),
+            arrowstyle="-|>",
+            mutation_scale=16,
+            color=style.colour,
+            linestyle=style.linestyle,
+            linewidth=2.5,
+        )
+    )
+
+
+def _draw_bridge(ax: Axes, trees: TwoTrees) -> None:
+    """GPA -> memslot -> HVA between the two roots: how KVM finds the host's entry to copy."""
+    style = DIMENSION_STYLES["memslot"]
+    slot = trees.memslot
+    ax.text(_TREE_X["ept"], -0.7, f"GPA {trees.gpa:#x}", ha="center", va="center", fontsize=12)
+    ax.text(_TREE_X["host"], -0.7, f"HVA {trees.hva:#x}", ha="center", va="center", fontsize=12)
+    ax.text(
+        8.0,
+        -0.7,
+        f"memslot {slot.id}: GPA {slot.guest_phys_addr:#x}\n-> HVA {slot.userspace_addr:#x}",
+        ha="center",
+        va="center",
+        fontsize=FONT,
+        bbox={"boxstyle": "round,pad=0.3", "facecolor": "white", "edgecolor": BLACK},
+    )
+    for start, end in (((4.1, -0.7), (5.6, -0.7)), ((10.4, -0.7), (11.7, -0.7))):
+        ax.add_patch(
+            FancyArrowPatch(
+                start,
+                end,
+                arrowstyle="-|>",
+                mutation_scale=14,
+                color=style.colour,
+                linestyle=style.linestyle,
+                linewidth=2,
+            )
+        )
+
+
+def _draw_leaf_ruler(ax: Axes, record: WalkRecord, y: float, title: str) -> None:
+    """A leaf entry field by field, high bits first (a wide cell for the address): the
+    field's name and bits above, its value inside."""
+    entry = record.steps[-1].entry
+    fields = sorted(entry.fields, key=lambda f: -f.field.high)
+    widths = [3.0 if f.field.is_address else 1.0 for f in fields]
+    unit = 16.0 / sum(widths)
+    ax.text(
+        0.0,
+        y - 0.75,
+        f"{title}: {entry.layout.name} = {entry.value:#018x}",
+        ha="left",
+        va="center",
+        fontsize=FONT,
+        weight="bold",
+    )
+    x = 0.0
+    for f, width in zip(fields, widths, strict=True):
+        w = width * unit
+        ax.add_patch(Rectangle((x, y), w, 0.7, facecolor="white", edgecolor=BLACK))
+        bits = f"{f.field.high}" if f.field.high == f.field.low else f"{f.field.high}:{f.field.low}"
+        ax.text(
+            x + w / 2,
+            y - 0.25,
+            f"{f.field.name} {bits}",
+            ha="center",
+            va="center",
+            fontsize=8 if w < 1.0 else FONT,
+        )
+        shown = f"{f.value:#x}" if f.field.is_address else str(f.value)
+        ax.text(x + w / 2, y + 0.35, shown, ha="center", va="center", fontsize=FONT)
+        x += w

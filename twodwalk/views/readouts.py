@@ -44,6 +44,7 @@ from twodwalk.views.style import (
 )
 
 if TYPE_CHECKING:
+    from twodwalk.engine.kvm.memslots import Memslot
     from twodwalk.engine.machine import Machine
     from twodwalk.engine.processor import AccessResult
 
@@ -491,3 +492,43 @@ def _visible(regions: list[Region], points: list[int], hole: str) -> list[Region
     keep = [r for r in regions if any(r.contains(p) for p in points)]
     others = [r for r in regions if r not in keep][: max(MAX_REGIONS - len(keep), 0)]
     return sorted(keep + others, key=lambda r: r.start)
+
+
+# --- two trees, one frame ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TwoTrees:
+    """The answer in one picture's data: the EPT's walk of the access's GPA and the host's
+    walk of the HVA that backs it, two trees with two roots, and the memslot that joins them
+    (KVM built the EPT leaf from the memslot and the host's entry)."""
+
+    gpa: int
+    hva: int
+    ept: WalkRecord
+    host: WalkRecord
+    memslot: Memslot
+
+    @property
+    def frame(self) -> int | None:
+        """The frame both leaves name, if they agree (they do while KVM keeps EPT current)."""
+        ept, host = self.ept.translation, self.host.translation
+        if ept is None or host is None or ept.address != host.address:
+            return None
+        return ept.address
+
+
+def two_trees(machine: Machine, result: AccessResult) -> TwoTrees:
+    """Both walks of one completed access, read without changing either tree: KVM's own
+    look-up of its EPT (`kvm_tdp_mmu_get_walk`) and the host's software walk of the VMM's
+    page tables (`follow_page_pte`), with the memslot between."""
+    if result.gpa is None or result.hva is None or not machine.vm.tdp:
+        raise TwodwalkError(
+            "two trees need an access that reached guest RAM under EPT: this one has no"
+            f" HVA (gpa={result.gpa}, hva={result.hva}, EPT {'on' if machine.vm.tdp else 'off'})"
+        )
+    memslot = machine.vm.memslots.gfn_to_memslot(result.gpa >> 12)
+    assert memslot is not None  # an HVA came from one
+    ept = machine.vm.ept.get_walk(result.gpa)
+    host = machine.host.walk(machine.vmm, result.hva, False)
+    return TwoTrees(result.gpa, result.hva, ept, host, memslot)

@@ -422,6 +422,15 @@ class TdpMmu(KvmMmu):
             )
         return walk(self.fmt, self.eptp.root, gpa, access, tables, _EPT_RULES, start)
 
+    def get_walk(self, gpa: int) -> WalkRecord:
+        """The EPT entries on the path to `gpa`, read as KVM reads its own tables
+        (tdp_mmu.c `kvm_tdp_mmu_get_walk`): a software look-up that sets no A/D bit, for
+        views that show the tree without changing it."""
+        access = Access.of("read")
+        return walk(
+            self.fmt, self.eptp.root, gpa, access, self._tables, _EPT_RULES, accessed_dirty=False
+        )
+
     def pml_log(self, gpa: int) -> None:
         """SDM 29.3.6 (page-modification logging): the CPU set an EPT D bit 0 -> 1, so it
         writes the 4 KiB-aligned GPA to the PML buffer at the PML index (511 down to 0).
