@@ -23,7 +23,7 @@ from twodwalk.engine.units import HUGE_PAGE_SIZE
 from twodwalk.exercises import quiz
 from twodwalk.scenarios import TOY_GVA, scenario
 from twodwalk.views.plots import walk_grid
-from twodwalk.widgets import common, exercise, explorer, inspector, stepper, whatif
+from twodwalk.widgets import common, exercise, explorer, inspector, stepper, ui, whatif
 from twodwalk.widgets.explorer import ExplorerModel, ExplorerRequest
 from twodwalk.widgets.ui import ERROR_CLASS, RenderedFigures
 
@@ -559,3 +559,26 @@ def test_the_explorer_says_why_an_access_ended_so() -> None:
     why = text.splitlines().index("why:")
     assert text.splitlines()[why + 1] == "The guest's own page tables refused the access."
     assert "R/W (bit 1) is 0 there." in text
+
+
+def test_the_explorer_fits_a_laptop_screen() -> None:
+    """Controls in four rows, a two-line summary, then the grid and the text in tabs: the
+    grid's PNG (the tallest part) leaves room for the rest in about 700 px."""
+    import base64
+    import struct
+
+    e = tww.AddressExplorer("toy")
+    (png,) = [o["data"]["image/png"] for o in e.walk_output.outputs]
+    width, height = struct.unpack(">II", base64.b64decode(png)[16:24])
+    assert height <= 560 and width <= 900, (width, height)
+    assert len(e.widget.children) == 7 and e.views.get_title(1) == "what happened, and why"
+    assert e.summary_line.value.count("\n") == 1
+
+
+def test_exercise_prompts_are_prose_with_dumps_kept_in_columns() -> None:
+    shown = ui.prose("Walk this table by hand, please.\n  PTE @ 0x49c0 = 0x494003\n  PDE x\nThen?")
+    assert shown.startswith('<p style="margin: 0 0 0.5em 0">Walk this table by hand, please.</p>')
+    assert (
+        '<pre style="white-space: pre;' in shown and "  PTE @ 0x49c0 = 0x494003\n  PDE x" in shown
+    )
+    assert shown.endswith('<p style="margin: 0 0 0.5em 0">Then?</p>')

@@ -115,6 +115,11 @@ class ExplorerModel:
         return self.regions[region].start + page * PAGE_SIZE + offset % PAGE_SIZE
 
     @property
+    def summary(self) -> str:
+        """The access and how it ended, in two lines, shown above the explorer's tabs."""
+        return "\n".join(self.text.splitlines()[:2])
+
+    @property
     def text(self) -> str:
         """What the access did, as the QEMU monitor and a Bochs-style dump would show it, and
         why it ended so (`explain`)."""

@@ -30,7 +30,7 @@ from twodwalk.engine.machine import Machine
 from twodwalk.engine.processor import AccessResult
 from twodwalk.engine.units import PAGE_SIZE
 from twodwalk.exercises import Question
-from twodwalk.views.style import BLUE, ORANGE, VERMILLION
+from twodwalk.views.style import BLACK
 from twodwalk.views.text import size_text
 from twodwalk.widgets.common import Source
 from twodwalk.widgets.exercise import ExerciseModel
@@ -48,10 +48,13 @@ Output = dict[str, Any]  # one nbformat output (display_data or stream)
 # --- shared pieces -----------------------------------------------------------------------------
 
 
+WIDGET_DPI = 66  # a widget's figure, small enough to fit a laptop screen with its controls
+
+
 def png_output(figure: Figure) -> Output:
     """A figure as an nbformat display_data output: the PNG, and its title as text."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    figure.savefig(buffer, format="png", dpi=WIDGET_DPI)
     title = next((ax.get_title() for ax in figure.axes if ax.get_title()), "figure")
     return {
         "output_type": "display_data",
@@ -108,7 +111,7 @@ def error_line() -> Any:
 def show_error(line: Any, message: str) -> None:
     """One sentence with a warning sign and a vermillion bar; empty when all is well."""
     line.value = (
-        f'<div class="{ERROR_CLASS}" role="alert" style="border-left: 4px solid {VERMILLION};'
+        f'<div class="{ERROR_CLASS}" role="alert" style="border-left: 4px solid {BLACK};'
         f' padding-left: 6px">&#9888; {html.escape(message)}</div>'
         if message
         else ""
@@ -117,6 +120,27 @@ def show_error(line: Any, message: str) -> None:
 
 def preformatted(text: str) -> str:
     return f'<pre style="white-space: pre-wrap; margin: 0">{html.escape(text)}</pre>'
+
+
+def prose(text: str) -> str:
+    """A question as a reader meets it: sentences as wrapped prose, and the indented lines
+    (a table dump, a list of entries) as monospace blocks that keep their columns and
+    scroll sideways rather than break a number in two."""
+    blocks: list[tuple[bool, list[str]]] = []
+    for line in text.splitlines():
+        literal = line.startswith(" ")
+        if blocks and blocks[-1][0] == literal:
+            blocks[-1][1].append(line)
+        else:
+            blocks.append((literal, [line]))
+    parts = [
+        f'<pre style="white-space: pre; overflow-x: auto; margin: 0 0 0.5em 0">'
+        f"{html.escape(chr(10).join(lines))}</pre>"
+        if literal
+        else f'<p style="margin: 0 0 0.5em 0">{html.escape(" ".join(lines))}</p>'
+        for literal, lines in blocks
+    ]
+    return "".join(parts)
 
 
 class Panel:
@@ -169,11 +193,15 @@ class AddressExplorer(Panel):
         self.page_slider = widgets.IntSlider(
             min=0, max=0, description="page", continuous_update=False
         )
+        compact = {"button_width": "64px"}
         self.kind_buttons = widgets.ToggleButtons(
-            options=list(KINDS), value=request.kind, description="access"
+            options=list(KINDS), value=request.kind, description="access", style=compact
         )
         self.cpl_buttons = widgets.ToggleButtons(
-            options=[(f"CPL {cpl}", cpl) for cpl in CPLS], value=request.cpl, description="CPL"
+            options=[(f"CPL {cpl}", cpl) for cpl in CPLS],
+            value=request.cpl,
+            description="CPL",
+            style=compact,
         )
         self.value_text = widgets.Text(
             value=request.value,
@@ -182,9 +210,11 @@ class AddressExplorer(Panel):
             continuous_update=False,
         )
         self.paging_buttons = widgets.ToggleButtons(
-            options=[("EPT", True), ("shadow (EPT off)", False)],
+            options=[("EPT", True), ("shadow", False)],
             value=request.tdp,
             description="paging",
+            tooltips=["EPT on: the two-dimensional walk", "EPT off: KVM's shadow tables"],
+            style=compact,
         )
         self.flush_checkbox = widgets.Checkbox(
             value=request.flush_tlb,
@@ -195,18 +225,22 @@ class AddressExplorer(Panel):
         self.walk_button = widgets.Button(description="walk again")
         self.error_line = error_line()
         self.walk_output = widgets.Output()
-        self.text_output = widgets.Output()
+        self.text_output = widgets.Output(
+            layout=widgets.Layout(max_height="520px", overflow="auto")
+        )
+        self.summary_line = widgets.HTML()
+        self.views = widgets.Tab(children=[self.walk_output, self.text_output])
+        self.views.set_title(0, "walk grid")
+        self.views.set_title(1, "what happened, and why")
         self.widget = widgets.VBox(
             [
-                widgets.HBox([self.gva_text, self.walk_button]),
+                widgets.HBox([self.gva_text, self.walk_button, self.flush_checkbox]),
                 widgets.HBox([self.region_dropdown, self.page_slider]),
-                self.kind_buttons,
-                self.cpl_buttons,
-                widgets.HBox([self.value_text, self.flush_checkbox]),
-                self.paging_buttons,
+                widgets.HBox([self.kind_buttons, self.cpl_buttons]),
+                widgets.HBox([self.paging_buttons, self.value_text]),
                 self.error_line,
-                self.walk_output,
-                self.text_output,
+                self.summary_line,
+                self.views,
             ]
         )
         for control in (
@@ -247,9 +281,11 @@ class AddressExplorer(Panel):
         show_error(self.error_line, model.error)
         if model.result is None:
             self.walk_output.outputs = self.text_output.outputs = ()
+            self.summary_line.value = ""
             return
         show_figure(self.walk_output, model.figure, model.figure_key())
         show_text(self.text_output, model.text)
+        self.summary_line.value = preformatted(model.summary)
 
     def _follow(self, gva: int) -> None:
         """Point the mapping picker and the page slider at `gva`, if a mapping holds it."""
@@ -407,22 +443,26 @@ class WhatIfLab(Panel):
 
 
 def changes_table(changes: list[Change]) -> str:
-    """The before/after table; a changed row is bold, marked with an orange bar and the
-    word "changed"."""
+    """The before/after table; a changed row is bold, marked with a black bar and the word
+    "changed"; long values wrap inside their cells, so the table fits a laptop's width."""
     rows = [
         "<tr><th style='text-align:left'>what</th><th style='text-align:left'>before</th>"
         "<th style='text-align:left'>after</th><th></th></tr>"
     ]
     for c in changes:
-        bar = f"border-left: 4px solid {ORANGE};" if c.changed else "border-left: 4px solid white;"
+        bar = f"border-left: 4px solid {BLACK};" if c.changed else "border-left: 4px solid white;"
         weight = "font-weight: bold;" if c.changed else ""
         cells = "".join(
-            f"<td style='padding: 0 8px; white-space: nowrap; {weight}{bar if i == 0 else ''}'>"
+            f"<td style='padding: 0 8px; overflow-wrap: anywhere; {weight}"
+            f"{bar if i == 0 else ''}'>"
             f"{html.escape(text)}</td>"
             for i, text in enumerate((c.field, c.before, c.after, "changed" if c.changed else ""))
         )
         rows.append(f"<tr>{cells}</tr>")
-    return f"<table class='twodwalk-changes'>{''.join(rows)}</table>"
+    return (
+        "<table class='twodwalk-changes' style='width: 100%; table-layout: fixed'>"
+        f"{''.join(rows)}</table>"
+    )
 
 
 # --- MemoryInspector ---------------------------------------------------------------------------
@@ -566,9 +606,10 @@ class Exercise(Panel):
 
     def _check(self) -> None:
         feedback = self.model.check(self.answer_text.value)
-        symbol, colour = ("&#10004;", BLUE) if feedback.correct else ("&#10008; Not yet:", ORANGE)
+        # A symbol and words, not a hue: every hue means a tree or a cache in twodwalk.
+        symbol = "&#10004;" if feedback.correct else "&#10008; Not yet:"
         self.feedback_line.value = (
-            f'<div class="{FEEDBACK_CLASS}" style="border-left: 4px solid {colour};'
+            f'<div class="{FEEDBACK_CLASS}" style="border-left: 4px solid {BLACK};'
             f' padding-left: 6px">{symbol} {html.escape(feedback.message)}</div>'
         )
 
@@ -586,6 +627,6 @@ class Exercise(Panel):
     def show(self) -> None:
         """The question, with its feedback, hint and solution cleared."""
         self.title.value = f"<b>{html.escape(self.model.title)}</b>"
-        self.prompt.value = preformatted(self.model.question.prompt)
+        self.prompt.value = prose(self.model.question.prompt)
         self.feedback_line.value = self.hint_line.value = ""
         self.solution_output.outputs = ()
