@@ -29,6 +29,9 @@ from twodwalk.workloads import CONFIGURATIONS, compare, uniform
 BAR_GVA = 0xFFFF_C900_0000_0010
 
 
+Made = Callable[[], tuple[tw.Machine, tw.AccessResult]]
+
+
 def first_touch() -> tuple[tw.Machine, tw.AccessResult]:
     m = replace(SCENARIOS["toy"], accesses=()).build()
     return m, m.vcpu.access(TOY_GVA + 0x1008, "write", 1)
@@ -58,7 +61,16 @@ def fault() -> tuple[tw.Machine, tw.AccessResult]:
     return m, m.vcpu.access(TOY_GVA + 8, "write", 1)
 
 
-SITUATIONS = {
+def random_first(name: str) -> tuple[tw.Machine, tw.AccessResult]:
+    """A seeded random scenario's machine, and its first access made as a first touch."""
+    sc = scenario(name)
+    m = sc.build()
+    first = sc.accesses[0]
+    m.vcpu.cpl = first.cpl
+    return m, m.vcpu.access(first.gva, first.kind, 1 if first.kind == "write" else None)
+
+
+SITUATIONS: dict[str, Made] = {
     "first touch": first_touch,
     "cold walk": cold("toy", TOY_GVA),
     "warm": warm,
@@ -68,6 +80,8 @@ SITUATIONS = {
     "qemu heap": cold("qemu", 0x5555_5555_9008, "write"),
     "MMIO": cold("qemu", BAR_GVA, "write"),
     "fault": fault,
+    "random-3": lambda: random_first("random-3"),
+    "random-11": lambda: random_first("random-11"),
 }
 ACCESS_PLOTS: dict[str, Callable[[tw.Machine, tw.AccessResult], Figure]] = {
     "walk grid": lambda m, r: plot_walk_grid(r.trace),

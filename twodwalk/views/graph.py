@@ -479,9 +479,10 @@ def _draw_edges(
     for u, v, d in graph.edges(data=True):
         hop = d["dimension"] == "host" and d["value"] is None  # hva_to_pfn, no entry read
         align = _label_alignment(pos[u], pos[v], hop=hop)
-        if align is not None:
+        text = _edge_text(d)
+        if align is not None and text:
             current = highlight is not None and d["order"] == highlight
-            groups.setdefault((align, current), {})[(u, v)] = f" {d['label']}"
+            groups.setdefault((align, current), {})[(u, v)] = f" {text}"
     for (align, current), labels in groups.items():
         box = {**_LABEL_BOX, "edgecolor": BLACK, "linewidth": 2.0} if current else _LABEL_BOX
         nx.draw_networkx_edge_labels(
@@ -496,6 +497,18 @@ def _draw_edges(
             node_size=0,
             ax=ax,
         )
+
+
+def _edge_text(edge: dict[str, Any]) -> str:
+    """What an edge says: a guest (or one-dimensional) reference its number and the entry it
+    read, where the row leaves room; an EPT reference, hanging in a narrow column, only its
+    number (the grid and the dumps give every value); an entry KVM's software read, nothing
+    (its line style says whose walk it is); CR3, EPTP, a memslot or a cache, its name."""
+    if edge["order"] is not None:
+        return str(edge["order"]) if edge["dimension"] == "ept" else str(edge["label"])
+    if edge["value"] is not None:
+        return ""
+    return str(edge["label"])
 
 
 def _label_alignment(

@@ -38,6 +38,7 @@ from twodwalk.views.readouts import (
     GridCell,
     GridStop,
     Region,
+    TimelineRow,
     TwoTrees,
     WalkGrid,
     _visible,
@@ -69,7 +70,6 @@ from twodwalk.views.style import (
     GREY,
     GUEST_PHYSICAL,
     HARDWARE_DIMENSIONS,
-    LANE_COLOURS,
     LEVEL_STYLES,
     OKABE_ITO,
     ORANGE,
@@ -105,7 +105,6 @@ __all__ = [
     "GUEST_PHYSICAL",
     "HARDWARE_DIMENSIONS",
     "LANES",
-    "LANE_COLOURS",
     "LEVEL_STYLES",
     "MAX_REGIONS",
     "OKABE_ITO",
@@ -560,7 +559,7 @@ def plot_timeline(access: Trace | AccessResult, *, ax: Axes | None = None) -> Fi
     for i, row in enumerate(rows):
         ax.plot(
             [row.lane + 0.08], [i], marker=shapes[row.kind], markersize=9,
-            color=LANE_COLOURS[min(row.lane, len(LANE_COLOURS) - 1)], markeredgecolor=BLACK,
+            color=_event_colour(row), markeredgecolor=BLACK,
             linestyle="none", label=row.kind, zorder=3,
         )  # fmt: skip
         ax.text(row.lane + 0.17, i, row.label, ha="left", va="center", fontsize=FONT, zorder=3)
@@ -576,6 +575,29 @@ def plot_timeline(access: Trace | AccessResult, *, ax: Axes | None = None) -> Fi
         list(named.values()), list(named), loc="outside lower center", ncol=4, fontsize=FONT
     )
     return figure
+
+
+# An event's marker has the colour of what it touched, as in every figure: the guest's
+# tables, EPT, a cache, KVM's software, the host's tables; exits, entries and the data
+# access touch no table and stay white (their shape says what they are).
+_EVENT_COLOURS = {
+    "guest walk": DIMENSION_STYLES["guest"].colour,
+    "EPT walk (data GPA)": DIMENSION_STYLES["ept"].colour,
+    "one-dimensional walk": DIMENSION_STYLES["native"].colour,
+    "KVM function": BLACK,
+    "KVM's walk of the guest tables": DIMENSION_STYLES["kvm-walk"].colour,
+    "SPTE write": BLACK,
+    "host page-table walk": DIMENSION_STYLES["host"].colour,
+    "host page fault": DIMENSION_STYLES["host"].colour,
+}
+
+
+def _event_colour(row: TimelineRow) -> str:
+    """A cache hit in its cache's colour; anything else as `_EVENT_COLOURS` says."""
+    if row.kind == "cache hit":
+        cache = next((c for c in CELL_STYLES if row.label.startswith(c)), PSC)
+        return CELL_STYLES[cache].colour
+    return _EVENT_COLOURS.get(row.kind, "white")
 
 
 def _draw_lanes(ax: Axes, rows: int) -> None:

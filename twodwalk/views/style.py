@@ -90,4 +90,3 @@ CELL_STYLES = {
 }
 EMPTY_CELL = Style("#FFFFFF", "", "dotted", "not read: the walk ended above, or stopped")
 STOP_MARKER = "X"
-LANE_COLOURS = (BLUE, BLACK, GREEN)  # the hardware (the guest's tables), KVM, the host
