@@ -569,3 +569,14 @@ def test_two_trees_needs_an_access_that_reached_guest_ram_under_ept() -> None:
     mmio = m.vcpu.access(0xFFFF_C900_0000_0010, "write", 1)
     with pytest.raises(tw.TwodwalkError, match="two trees need an access that reached guest RAM"):
         plot_two_trees(m, mmio)
+
+
+def test_the_data_row_names_the_entry_that_maps_a_large_page() -> None:
+    """With a 2 MiB guest page the walk ends at the guest PDE: the data's GPA comes from the
+    gL2 entry, and the gL1 row is never read."""
+    m = tw.Machine(guest_ram=32 * MIB, maxphyaddr=48, gbpages=False)
+    m.guest.map(0x4000_0000, 0x20_0000, 2 * MIB, page_size=2 * MIB, rw=1)
+    m.vcpu.caches.off()
+    m.vcpu.access(0x4000_0008, "read")
+    figure = plot_walk_grid(m.vcpu.access(0x4000_0008, "read").trace)
+    assert "data (gPA)\nat gL2 entry" in tags(figure)

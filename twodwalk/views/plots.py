@@ -456,7 +456,8 @@ def _draw_grid_headers(ax: Axes, grid: WalkGrid) -> None:
     for row in range(n + 1):
         level = n - row
         what = f"{guest}L{level} table" if level else ("data (gPA)" if guest else "data")
-        source = f"{guest}CR3" if row == 0 else f"{guest}L{level + 1} entry"
+        above = level + 1 if level else grid.leaf_level  # the data: the leaf's entry
+        source = f"{guest}CR3" if row == 0 else f"{guest}L{above} entry"
         _header(ax, (-1.55, row + 0.04), (1.5, 0.92), f"{what}\nat {source}")
     for col, (name, ept_level) in enumerate(grid.cols):
         if ept_level is None:

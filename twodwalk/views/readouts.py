@@ -164,6 +164,7 @@ class WalkGrid:
     stop: GridStop | None
     note: str
     two_dimensional: bool
+    leaf_level: int = 1  # the guest level whose entry maps the data (2 or 3: a large page)
 
 
 def attempt_events(trace: Trace, attempt: int) -> list[Event]:
@@ -206,7 +207,8 @@ def walk_grid(trace: Trace, attempt: int = -1, *, ept_levels: int | None = None)
     ]
     cells += _cached_cells(record, events, n, m) + data
     stop = _grid_stop(record, events, n, m)
-    return WalkGrid((*rows, final), (*cols, entry), tuple(cells), stop, "", two_dimensional)
+    leaf = record.translation.level if record.translation is not None else 1
+    return WalkGrid((*rows, final), (*cols, entry), tuple(cells), stop, "", two_dimensional, leaf)
 
 
 def _row(ref: Reference, n: int) -> int:
