@@ -580,3 +580,19 @@ def test_the_data_row_names_the_entry_that_maps_a_large_page() -> None:
     m.vcpu.access(0x4000_0008, "read")
     figure = plot_walk_grid(m.vcpu.access(0x4000_0008, "read").trace)
     assert "data (gPA)\nat gL2 entry" in tags(figure)
+
+
+def test_a_printed_figure_lets_its_pixel_buffer_go() -> None:
+    """Notebooks keep every displayed figure; matplotlib's texts keep the renderer they were
+    drawn with. twodwalk's canvas drops it after printing (the bench's kernel-memory row)."""
+    import io
+
+    from matplotlib.backends.backend_agg import RendererAgg
+
+    result = full_walk(machine())
+    figure = plot_walk_grid(result.trace)
+    for _ in range(2):  # and it prints again after letting go
+        figure.savefig(io.BytesIO(), format="png")
+        texts = figure.findobj(Text)
+        held = [t for t in texts if isinstance(getattr(t, "_renderer", None), RendererAgg)]
+        assert texts and held == []

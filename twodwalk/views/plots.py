@@ -13,13 +13,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from itertools import pairwise
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from matplotlib.axes import Axes
+from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrowPatch, Patch, Rectangle
 from matplotlib.path import Path
+from matplotlib.text import Text
 
 from twodwalk.engine.kvm.run import MmioExit
 from twodwalk.engine.trace import Trace
@@ -156,13 +158,35 @@ __all__ = [
 _TEXT_BOX = {"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85}
 
 
+class _ReleasingCanvas(FigureCanvasBase):
+    """The canvas of every figure twodwalk makes. matplotlib's `Text.draw` keeps the
+    renderer it drew with (`Text._renderer`), and with it the whole pixel buffer, for as long
+    as the figure lives; a notebook keeps every figure it displayed in its output history,
+    so a 20 x 13 inch graph would hold 17 MB after it was shown. Printing through this canvas
+    lets the buffer go: a text that is measured again gets a fresh renderer."""
+
+    def print_figure(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().print_figure(*args, **kwargs)
+        finally:
+            for text in self.figure.findobj(Text):
+                text._renderer = None  # type: ignore[attr-defined]
+
+
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """A figure with constrained layout on twodwalk's canvas (not pyplot's)."""
+    figure = Figure(figsize=figsize, layout="constrained")
+    _ReleasingCanvas(figure)
+    return figure
+
+
 def figure_and_axes(ax: Axes | None, figsize: tuple[float, float] = FIGSIZE) -> tuple[Figure, Axes]:
     """The given Axes and its Figure, or a new Figure (never pyplot's current one)."""
     if ax is not None:
         figure = ax.get_figure()
         assert isinstance(figure, Figure)
         return figure, ax
-    figure = Figure(figsize=figsize, layout="constrained")
+    figure = new_figure(figsize)
     return figure, figure.add_subplot()
 
 
@@ -191,7 +215,7 @@ def plot_references(results: Sequence[WorkloadResult], ax: Axes | None = None) -
     exits_ax: Axes | None = None
     height = 2.4 + 0.55 * len(results)
     if ax is None:
-        figure = Figure(figsize=(FIGSIZE[0] + 2, height), layout="constrained")
+        figure = new_figure((FIGSIZE[0] + 2, height))
         left, exits_ax = figure.subplots(1, 2, sharey=True, width_ratios=(3, 2))
     else:
         figure, left = figure_and_axes(ax)
