@@ -251,3 +251,20 @@ def test_a_report_headline_accounts_for_every_case() -> None:
         "paging cases: 300, agree: 299, known quirk: 1, disagree: 0"
     )
     assert headline("memslot calls", 5, 4, 1) == "memslot calls: 5, agree: 4, disagree: 1"
+
+
+def test_the_notebook_describes_the_reader_s_kvm_not_ours() -> None:
+    """Notebook 90 prints what the reader's /dev/kvm is: its module and whether paging is
+    two-dimensional in hardware or shadowed, so a quirk of one flavour is never presented as
+    every machine's."""
+    from twodwalk.realkvm.device import KvmFlavour
+
+    shadow = KvmFlavour("kvm_pvm", False, 1, 32764, True, False).describe()
+    assert shadow.splitlines()[0] == "KVM module: kvm_pvm"
+    assert "guest paging shadowed by KVM in software (no EPT or NPT here)" in shadow
+    ept = KvmFlavour("kvm_intel", True, 2, 32764, True, True).describe()
+    assert "two-dimensional paging in hardware (EPT or NPT)" in ept
+    assert "address spaces: 2" in ept and "MMIO SPTE caching: yes" in ept
+    here = realkvm.this_machine()
+    reason = realkvm.unavailable_reason()
+    assert here == f"no real KVM here: {reason}" if reason else here.startswith("KVM module: ")

@@ -15,6 +15,7 @@ from twodwalk.realkvm.device import (
     KvmUnavailableError,
     RealKvm,
     RealVm,
+    this_machine,
     unavailable_reason,
 )
 from twodwalk.realkvm.memslots import MemslotReport, memslot_fuzz
@@ -41,5 +42,6 @@ __all__ = [
     "memslot_fuzz",
     "paging_fuzz",
     "sequence_fuzz",
+    "this_machine",
     "unavailable_reason",
 ]

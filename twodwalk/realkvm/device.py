@@ -78,6 +78,38 @@ class KvmFlavour:
     readonly_mem: bool
     mmio_caching: bool
 
+    def describe(self) -> str:
+        """This KVM in words, for the reader of the notebook: what it can be checked on."""
+        paging = (
+            "two-dimensional paging in hardware (EPT or NPT): the engine's EPT path"
+            if self.tdp
+            else "guest paging shadowed by KVM in software (no EPT or NPT here): the"
+            " engine's shadow path; everything about EPT rests on the manuals and the tests"
+        )
+        yes = {True: "yes", False: "no"}
+        return "\n".join(
+            [
+                f"KVM module: {self.module}",
+                f"paging: {paging}",
+                f"memslots per address space: {self.nr_memslots},"
+                f" address spaces: {self.address_spaces}",
+                f"read-only memslots: {yes[self.readonly_mem]},"
+                f" MMIO SPTE caching: {yes[self.mmio_caching]}",
+            ]
+        )
+
+
+def this_machine() -> str:
+    """What the reader's /dev/kvm is, or why there is none."""
+    reason = unavailable_reason()
+    if reason is not None:
+        return f"no real KVM here: {reason}"
+    kvm = RealKvm()
+    try:
+        return kvm.flavour().describe()
+    finally:
+        kvm.close()
+
 
 def _module_flag(path: str) -> bool:
     try:
