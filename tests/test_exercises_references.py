@@ -17,7 +17,7 @@ from twodwalk.exercises import (
 @pytest.mark.parametrize("ept_levels", [4, 5])
 @pytest.mark.parametrize("guest_page", [4096, HUGE_PAGE_SIZE])
 @pytest.mark.parametrize("ept_page", [4096, HUGE_PAGE_SIZE])
-def test_reference_counts_follow_facts_f(
+def test_reference_counts_follow_bhargava_et_al(
     guest_levels: int, ept_levels: int, guest_page: int, ept_page: int
 ) -> None:
     q = references_question(guest_levels, ept_levels, guest_page=guest_page, ept_page=ept_page)

@@ -33,6 +33,7 @@ from twodwalk.exercises.grading import (
     check_seed,
     number_readings,
 )
+from twodwalk.exercises.grid import GRID_ASKS, _seeded_grid, grid_question
 from twodwalk.exercises.indices import _seeded_indices, indices_question
 from twodwalk.exercises.memslot import (
     SlotSpec,
@@ -48,6 +49,7 @@ from twodwalk.exercises.translate import _seeded_translate, translate_question
 from twodwalk.exercises.what_if import STRUCTURES, WHAT_IFS, _seeded_what_if, what_if_question
 
 __all__ = [
+    "GRID_ASKS",
     "ROOT_WALKS",
     "SEED_LIMIT",
     "SHADOW_ACTIONS",
@@ -67,6 +69,7 @@ __all__ = [
     "ValueReader",
     "ept_qualification_question",
     "error_code_question",
+    "grid_question",
     "indices_question",
     "memslot_question",
     "memslots_of_machine_question",
@@ -94,6 +97,7 @@ TOPICS: Mapping[str, Callable[[int], Question]] = MappingProxyType(
         "what-if": _seeded_what_if,
         "roots": _seeded_roots,
         "shadow": _seeded_shadow,
+        "grid": _seeded_grid,
     }
 )
 
