@@ -34,7 +34,7 @@ from twodwalk.engine.paging import GeneralProtection, PageFault
 from twodwalk.engine.processor import AccessResult
 from twodwalk.engine.tlb import PscEntry, TlbEntry
 from twodwalk.engine.trace import Reference, VmExit
-from twodwalk.engine.units import PAGE_SHIFT, PAGE_SIZE
+from twodwalk.engine.units import PAGE_SHIFT
 from twodwalk.errors import TwodwalkError, check_int, parse_int
 from twodwalk.scenarios import KINDS, GuestAccess, Scenario, scenario
 from twodwalk.views.text import (
@@ -282,8 +282,7 @@ def _gpa_route(machine: Machine, gpa: int) -> tuple[int | None, int | None, int 
     memslot = machine.vm.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
     if memslot is None:
         return None, None, None
-    hva = memslot.gfn_to_hva(gpa >> PAGE_SHIFT) + (gpa & (PAGE_SIZE - 1))
-    return memslot.id, hva, machine.gpa_to_hpa(gpa)
+    return memslot.id, machine.vm.gpa_to_hva(gpa), machine.gpa_to_hpa(gpa)
 
 
 def _info(args: argparse.Namespace) -> Report:

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from twodwalk.engine.machine import Machine
 from twodwalk.engine.trace import GuestWalk, Reference
 from twodwalk.engine.units import PAGE_SIZE
 from twodwalk.errors import check_choice, check_int
 from twodwalk.exercises.grading import Grader, Question, Value, ValueReader, _mistakes, seeded_rng
-from twodwalk.exercises.setups import _DATA_GPA, _GUEST_RAM, _random_page
+from twodwalk.exercises.setups import (
+    _DATA_GPA,
+    _cold_access,
+    _nested_machine,
+    _random_page,
+)
 from twodwalk.views.text import format_2d_walk
 
 GRID_ASKS = ("table", "gpa")
@@ -32,17 +36,9 @@ class _ColdWalk:
 
 def _cold_walk(guest_levels: int, ept_levels: int, gva: int) -> _ColdWalk:
     """Run the walk on a `Machine`: the EPT filled by a first touch, then every cache off."""
-    machine = Machine(
-        guest_ram=_GUEST_RAM,
-        guest_levels=guest_levels,
-        ept_levels=ept_levels,
-        maxphyaddr=48 if ept_levels == 4 else 52,
-        gbpages=False,
-    )
+    machine = _nested_machine(guest_levels, ept_levels)
     machine.guest.map(gva & ~(PAGE_SIZE - 1), _DATA_GPA, PAGE_SIZE, rw=1, us=1)
-    machine.vcpu.caches.off()
-    machine.vcpu.access(gva, "read")
-    result = machine.vcpu.access(gva, "read")
+    result = _cold_access(machine, gva)
     record = result.trace.of_type(GuestWalk)[-1].record
     assert result.gpa is not None
     entries = [(s.format.level_name(s.level), s.value) for s in record.steps]

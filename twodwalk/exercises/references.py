@@ -5,11 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from twodwalk.engine.machine import Machine
 from twodwalk.engine.trace import Reference
 from twodwalk.engine.units import HUGE_PAGE_SIZE, PAGE_SIZE, size_text
 from twodwalk.exercises.grading import Grader, Question, Value, ValueReader, _mistakes, seeded_rng
-from twodwalk.exercises.setups import _DATA_GPA, _GUEST_RAM, _check_page_size, _random_page
+from twodwalk.exercises.setups import (
+    _DATA_GPA,
+    _check_page_size,
+    _cold_access,
+    _nested_machine,
+    _random_page,
+)
 from twodwalk.views.text import format_2d_walk
 
 # --- topic "references": the cost of a 2D walk (SDM Vol 3C 29.3.2; Bhargava et al.) ---------------
@@ -27,20 +32,11 @@ def references_question(
     one on a `Machine` and counting `Trace.memory_references()`."""
     _check_page_size("guest_page", guest_page)
     _check_page_size("ept_page", ept_page)
-    machine = Machine(
-        guest_ram=_GUEST_RAM,
-        guest_levels=guest_levels,
-        ept_levels=ept_levels,
-        maxphyaddr=48 if ept_levels == 4 else 52,  # KVM uses 5-level EPT only when needed
-        gbpages=False,
-        thp=ept_page == HUGE_PAGE_SIZE,
-    )
+    machine = _nested_machine(guest_levels, ept_levels, thp=ept_page == HUGE_PAGE_SIZE)
     machine.guest.map(
         gva & ~(guest_page - 1), _DATA_GPA, guest_page, page_size=guest_page, rw=1, us=1
     )
-    machine.vcpu.caches.off()
-    machine.vcpu.access(gva, "read")  # KVM fills the EPT on the way
-    trace = machine.vcpu.access(gva, "read").trace
+    trace = _cold_access(machine, gva).trace
     refs = trace.memory_references()
     groups = _reference_groups(refs)
     total, walked_n, walked_m = len(refs), len(groups) - 1, len(groups[-1].ept)

@@ -7,9 +7,11 @@ import random
 
 from twodwalk.engine.cpuid import CpuModel
 from twodwalk.engine.formats import EntryFormat, ia32e_format
+from twodwalk.engine.machine import Machine
 from twodwalk.engine.memory import FrameAllocator, PhysicalMemory
 from twodwalk.engine.pagetables import PageTables
 from twodwalk.engine.paging import PagingControls, translate
+from twodwalk.engine.processor import AccessResult
 from twodwalk.engine.units import HUGE_PAGE_SIZE, MIB, PAGE_SHIFT, PAGE_SIZE
 from twodwalk.engine.walker import WalkRecord
 from twodwalk.errors import TwodwalkError
@@ -68,3 +70,24 @@ def _random_page(
     width = PAGE_SHIFT + 9 * levels
     address: int = rng.randrange(page_size, 1 << (width - 1), page_size)
     return address | ((1 << 64) - (1 << (width - 1))) if kernel else address
+
+
+def _nested_machine(guest_levels: int, ept_levels: int, *, thp: bool = False) -> Machine:
+    """A question's VM with the paging depths it asks about: KVM uses 5-level EPT only when
+    MAXPHYADDR needs more than 48 bits, so a 5-level EPT needs MAXPHYADDR 52."""
+    return Machine(
+        guest_ram=_GUEST_RAM,
+        guest_levels=guest_levels,
+        ept_levels=ept_levels,
+        maxphyaddr=48 if ept_levels == 4 else 52,
+        gbpages=False,
+        thp=thp,
+    )
+
+
+def _cold_access(machine: Machine, gva: int) -> AccessResult:
+    """A cold walk of `gva`: a first touch lets KVM fill the EPT, then, with every
+    translation cache switched off, the read walks both dimensions in full."""
+    machine.vcpu.caches.off()
+    machine.vcpu.access(gva, "read")
+    return machine.vcpu.access(gva, "read")

@@ -21,7 +21,7 @@ from twodwalk.exercises.grading import (
     _normal,
     seeded_rng,
 )
-from twodwalk.exercises.setups import _DATA_GPA, _GUEST_RAM
+from twodwalk.exercises.setups import _DATA_GPA, _nested_machine
 from twodwalk.views.text import PSC_NAMES, format_2d_walk, size_text
 
 # --- topic "tlb": what the translation caches save (SDM Vol 3C 29.4; Vol 3A 4.10) -----------------
@@ -210,13 +210,7 @@ def _tlb_run(
 ) -> _TlbRun:
     """The question's machine, run: every page read once, the caches emptied, one cache
     switched off (`off`) for a what-if, the history, then the final read."""
-    machine = Machine(
-        guest_ram=_GUEST_RAM,
-        guest_levels=guest_levels,
-        ept_levels=ept_levels,
-        maxphyaddr=48 if ept_levels == 4 else 52,
-        gbpages=False,
-    )
+    machine = _nested_machine(guest_levels, ept_levels)
     gpas = {}
     for number, (name, gva) in enumerate(pages.items()):
         gpas[name] = _DATA_GPA + number * 0x11000  # spread over the caches' sets

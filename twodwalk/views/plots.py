@@ -824,31 +824,25 @@ def plot_two_trees(machine: Machine, result: AccessResult, *, ax: Axes | None = 
     field, EPT format against IA-32e format."""
     trees = two_trees(machine, result)
     figure, ax = figure_and_axes(ax, (14.0, 10.0))
-    frame = frame_box = None
-    for name, record, root in (
-        ("ept", trees.ept, f"EPTP\n{machine.vm.ept.eptp.value:#x}"),
-        ("host", trees.host, f"the VMM's CR3\n{trees.host.root:#x}"),
-    ):
-        bottom = _draw_tree(ax, name, record, root)
-        frame_box = max(frame_box or 0.0, bottom)
-    frame = trees.frame
-    y_frame = (frame_box or 0.0) + 1.3
-    label = "the leaves disagree: no common frame"
-    translation = trees.ept.translation
-    if frame is not None and translation is not None:
-        base = frame & ~(translation.page_size - 1)
-        label = f"the same frame\nHPA {base:#x} ({size_text(translation.page_size)})"
+    leaves = {
+        name: _draw_tree(ax, name, record, root)
+        for name, record, root in (
+            ("ept", trees.ept, f"EPTP\n{machine.vm.ept.eptp.value:#x}"),
+            ("host", trees.host, f"the VMM's CR3\n{trees.host.root:#x}"),
+        )
+    }
+    y_frame = max(leaves.values()) + 1.3
     ax.text(
         8.0,
         y_frame,
-        label,
+        _frame_text(trees),
         ha="center",
         va="center",
         fontsize=12,
         bbox={"boxstyle": "round4,pad=0.5", "facecolor": "#DDDDDD", "edgecolor": BLACK},
     )
-    for name, record in (("ept", trees.ept), ("host", trees.host)):
-        _leaf_arrow(ax, name, record, y_frame)
+    for name, y_leaf in leaves.items():
+        _leaf_arrow(ax, name, y_leaf, y_frame)
     _draw_bridge(ax, trees)
     handles: list[Line2D | Patch] = [
         Line2D([], [], color=s.colour, linestyle=s.linestyle, linewidth=2.5, label=s.label)
@@ -876,8 +870,7 @@ def plot_two_trees(machine: Machine, result: AccessResult, *, ax: Axes | None = 
 
 def _draw_tree(ax: Axes, name: str, record: WalkRecord, root: str) -> float:
     """A tree's path from its root down: a box per table page (its HPA), the index the walk
-    used at each level on the arrow below it, and the entry it read; returns the last
-    table's height."""
+    used at each level and the entry it read beside it; returns the leaf table's height."""
     style = DIMENSION_STYLES[name]
     x = _TREE_X[name]
     ax.text(
@@ -931,10 +924,19 @@ def _draw_tree(ax: Axes, name: str, record: WalkRecord, root: str) -> float:
     return y
 
 
-def _leaf_arrow(ax: Axes, name: str, record: WalkRecord, y_frame: float) -> None:
+def _frame_text(trees: TwoTrees) -> str:
+    """The frame both leaves name, as its page (base and size), or that they disagree."""
+    translation = trees.ept.translation
+    if trees.frame is None or translation is None:
+        return "the leaves disagree: no common frame"
+    base = trees.frame & ~(translation.page_size - 1)
+    return f"the same frame\nHPA {base:#x} ({size_text(translation.page_size)})"
+
+
+def _leaf_arrow(ax: Axes, name: str, y_leaf: float, y_frame: float) -> None:
+    """From a tree's leaf table (at `y_leaf`) down to the frame both leaves name."""
     style = DIMENSION_STYLES[name]
     x = _TREE_X[name]
-    y_leaf = 0.4 + _LEVEL_DY * len(record.steps)
     ax.add_patch(
         FancyArrowPatch(
             (x, y_leaf + 0.4),
