@@ -51,3 +51,27 @@ def number_after(text: str, label: str) -> int:
 
 RAM_HVA = 0x7F00_0000_0000
 BIOS_HVA = 0x7F10_0000_0000
+
+
+def read_hexdump(text: str) -> dict[int, int]:
+    """The 8-byte words a raw dump in a prompt shows (`views.text.hexdump_pages`), parsed
+    back as a student would read it: a '*' line repeats the line above up to the next line
+    shown. Words of pages the dump does not show are absent."""
+    words: dict[int, int] = {}
+    line = re.compile(r"^\s+(0x[0-9a-f]+):\s+(0x[0-9a-f]+)\s+(0x[0-9a-f]+)$")
+    repeating: tuple[int, int, int] | None = None  # (address after, first word, second word)
+    for text_line in text.splitlines():
+        if text_line == "*":
+            assert repeating is not None, "a '*' line needs a line above it"
+            continue
+        found = line.match(text_line)
+        if found is None:
+            repeating = None
+            continue
+        address, first, second = (int(g, 16) for g in found.groups())
+        if repeating is not None:  # lines a '*' stood for, if any
+            for filled in range(repeating[0], address, 16):
+                words[filled], words[filled + 8] = repeating[1], repeating[2]
+        words[address], words[address + 8] = first, second
+        repeating = (address + 16, first, second)
+    return words

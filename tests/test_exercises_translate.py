@@ -12,6 +12,7 @@ from exercise_support import (
     address_field,
     gva_index,
     number_after,
+    read_hexdump,
     right,
     wrong,
 )
@@ -20,6 +21,7 @@ from twodwalk.engine.cpuid import CpuModel
 from twodwalk.engine.memory import PhysicalMemory
 from twodwalk.engine.pagetables import PageTables
 from twodwalk.engine.units import HUGE_PAGE_SIZE
+from twodwalk.errors import TwodwalkError
 from twodwalk.exercises import (
     quiz,
     setups,
@@ -44,12 +46,31 @@ def test_translate_answers() -> None:
     assert translate_question(TOY, 0x7F00_0060_0000).answer == "fault"
 
 
-def test_translate_prompt_shows_the_tables_before_any_walk() -> None:
+def test_translate_prompt_shows_raw_tables_before_any_walk() -> None:
+    """CR3 and the table pages as raw words, nothing decoded: the PML4 at 0x1000 has entry
+    254 (GVA bits 47:39 of 0x7f00_0000_0000) at 0x1000 + 8 x 254 = 0x17f0."""
     q = translate_question(TOY, 0x7F00_0000_0ABC)
-    assert "root table at 0x1000" in q.prompt
-    assert "-> page 0x800000 (2 MiB)" in q.prompt
-    assert "0x0000000000300003 -> page 0x300000" in q.prompt, "no A bit set yet"
+    assert q.prompt.startswith("CR3 = 0x1000 (4-level paging")
+    assert "GPA page 0x1000:\n  0x1000:  0x0000000000000000  0x0000000000000000\n*\n" in q.prompt
+    assert "  0x17f0:  0x0000000000002007  0x0000000000000000" in q.prompt
+    assert "0x0000000000300003" in q.prompt, "the PTE as built: no A bit set yet"
+    assert "0x0000000000800083" in q.prompt, "the 2 MiB PDE, PS (bit 7) set"
+    assert "->" not in q.prompt and "PTE" not in q.prompt, "nothing decoded"
     assert "page 0x300000 + offset 0xabc (GVA bits 11:0) = 0x300abc" in q.solution
+
+
+def test_translate_host_space_names_hva_and_hpa() -> None:
+    q = translate_question(TOY, 0x7F00_0000_0ABC, space="host")
+    assert "A supervisor read of HVA 0x7f0000000abc: which HPA" in q.prompt
+    assert "HPA page 0x1000:" in q.prompt and "VMM process" in q.prompt
+    assert "the HVA itself" in wrong(q, "0x7f0000000abc")
+    faulting = translate_question(TOY, 0x7F00_0000_1ABC, space="host")
+    assert "host kernel's #PF handler" in faulting.solution
+
+
+def test_translate_rejects_an_unknown_space() -> None:
+    with pytest.raises(TwodwalkError, match=r"space='nested' is not valid.*guest.*host"):
+        translate_question(TOY, 0x7F00_0000_0ABC, space="nested")
 
 
 def test_translate_notations() -> None:
@@ -72,8 +93,10 @@ def test_translate_feedback() -> None:
     assert "raw value" in wrong(q, "0x300003")
     assert "the GVA itself" in wrong(q, "0x7f0000000abc")
     assert "does not fault" in wrong(q, "fault")
+    assert "flags in its low bits" in wrong(q, f"{0x300003 + 0xABC:#x}")
     large = translate_question(TOY, 0x7F00_0021_2345)
     assert "low 21 bits of the GVA" in wrong(large, "0x800345")
+    assert "(its bit 7, PS, is set)" in wrong(large, "fault"), "a PDE read as a table pointer"
     faulting = translate_question(TOY, 0x7F00_0060_0000)
     assert wrong(faulting, "0x812345") == (
         "The walk faults: PDE at 0x3018 is not present. Answer 'fault'."
@@ -107,24 +130,25 @@ def capture_toy_memory(monkeypatch: pytest.MonkeyPatch) -> list[PhysicalMemory]:
 def test_seeded_translate_follows_the_raw_entries(
     monkeypatch: pytest.MonkeyPatch, seed: int, ends: str
 ) -> None:
-    """The seeded question's answer equals a 4-level walk done here on the 8-byte entries in
-    the question's memory (SDM Vol 3A 4.5.4), and typical slips get specific feedback."""
+    """The seeded question's answer equals a 4-level walk done here on the 8-byte entries
+    the prompt's raw dump shows (SDM Vol 3A 4.5.4), which are the question's memory as it was
+    before the walk set A bits; and typical slips get specific feedback."""
     memories = capture_toy_memory(monkeypatch)
     q = quiz(seed, "translate")
     (memory,) = memories
+    shown = read_hexdump(q.prompt)
     gva = number_after(q.prompt, "A supervisor read of GVA")
-    table = number_after(q.prompt, "root table at")
+    table = number_after(q.prompt, "CR3 =")
     assert table == 0x1000
     used: dict[int, tuple[int, int]] = {}  # level -> (entry address, entry value)
     gpa: int | None = None
     for level in (4, 3, 2, 1):
         slot = table + 8 * gva_index(gva, level)
-        entry = memory.read_u64(slot)
+        entry = shown[slot]  # the student's copy
+        assert entry == memory.read_u64(slot) & ~A_BIT, "the dump is memory before the walk"
         used[level] = (slot, entry)
         if not entry & P_BIT:
             break
-        # The student's copy: the prompt lists the entry as it was before the walk set A.
-        assert f"@ {slot:#x} = {entry & ~A_BIT:#018x}" in q.prompt
         if level == 2 and entry & PS_BIT:
             gpa = address_field(entry, TOY_MAXPHYADDR) & ~0x1F_FFFF | gva & 0x1F_FFFF
             break
@@ -153,7 +177,7 @@ def test_seeded_translate_follows_the_raw_entries(
     # Off by one level: the leaf's own address (read from the level above) is not the page.
     assert wrong(q, f"{stop_slot:#x}") == f"That is where the {leaf} sits, not what it points to."
     # The raw value as the prompt shows it: before the question's own read set A (SDM 4.8).
-    assert wrong(q, f"{stop_entry & ~A_BIT:#x}") == (
+    assert wrong(q, f"{stop_entry:#x}") == (
         f"That is the {leaf}'s raw value: the address is in bits 51:12."
     )
     if ends == "2m":

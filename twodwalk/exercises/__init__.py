@@ -45,7 +45,8 @@ from twodwalk.exercises.references import _seeded_references, references_questio
 from twodwalk.exercises.roots import ROOT_WALKS, _seeded_roots, roots_question
 from twodwalk.exercises.shadow import SHADOW_ACTIONS, _seeded_shadow, shadow_question
 from twodwalk.exercises.tlb import TLB_PAGES, TLB_STEPS, _seeded_tlb, tlb_question
-from twodwalk.exercises.translate import _seeded_translate, translate_question
+from twodwalk.exercises.translate import TRANSLATE_SPACES, _seeded_translate, translate_question
+from twodwalk.exercises.translate_2d import _seeded_translate_2d, translate_2d_question
 from twodwalk.exercises.what_if import STRUCTURES, WHAT_IFS, _seeded_what_if, what_if_question
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "TLB_PAGES",
     "TLB_STEPS",
     "TOPICS",
+    "TRANSLATE_SPACES",
     "WHAT_IFS",
     "Bases",
     "Bit",
@@ -79,6 +81,7 @@ __all__ = [
     "roots_question",
     "shadow_question",
     "tlb_question",
+    "translate_2d_question",
     "translate_question",
     "what_if_question",
 ]
@@ -91,6 +94,7 @@ TOPICS: Mapping[str, Callable[[int], Question]] = MappingProxyType(
         "references": _seeded_references,
         "error-code": _seeded_error_code,
         "translate": _seeded_translate,
+        "translate-2d": _seeded_translate_2d,
         "memslot": _seeded_memslot,
         "ept-qualification": _seeded_qualification,
         "tlb": _seeded_tlb,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
 
 from twodwalk.engine.paging import PageFault, PagingControls, exception_for
 from twodwalk.engine.units import HUGE_PAGE_SIZE, PAGE_SIZE, size_text
 from twodwalk.engine.walker import WalkRecord
-from twodwalk.errors import check_int
+from twodwalk.errors import check_choice, check_int
 from twodwalk.exercises.error_code import _fault
 from twodwalk.exercises.grading import (
     Grader,
@@ -27,42 +29,79 @@ from twodwalk.exercises.setups import (
     _toy_tables,
     _toy_walk,
 )
-from twodwalk.views.text import dump_tables, format_walk
+from twodwalk.views.text import format_walk, hexdump_pages
 
-# --- topic "translate": walk a toy guest page table by hand (SDM Vol 3A 4.5.4) --------------------
+# --- topic "translate": walk raw page tables by hand (SDM Vol 3A 4.5.4), OSTEP style ----------
 
 _FAULT = "fault"
 _FAULT_WORDS = {
     w: _FAULT for w in ("fault", "#pf", "pf", "page fault", "not mapped", "unmapped", "not present")
 }
-_TOY_GPA_RANGE = (_TOY_TABLES[1], 1 << _TOY_MAXPHYADDR)
+_TOY_PHYSICAL_RANGE = (_TOY_TABLES[1], 1 << _TOY_MAXPHYADDR)
+
+
+@dataclass(frozen=True)
+class _Space:
+    """Whose tables the question walks: the guest's (GVA -> GPA) or the host's for the VMM
+    process (HVA -> HPA). Both are IA-32e tables; only the names and who takes the #PF differ."""
+
+    virtual: str
+    physical: str
+    tables: str
+    fault_handler: str
+
+
+TRANSLATE_SPACES = MappingProxyType(
+    {
+        "guest": _Space("GVA", "GPA", "the guest's page tables", "the guest's #PF handler"),
+        "host": _Space(
+            "HVA",
+            "HPA",
+            "the host's page tables of the VMM process (the CR3 the host loads to run it)",
+            "the host kernel's #PF handler (handle_mm_fault)",
+        ),
+    }
+)
 
 
 def translate_question(
-    mappings: Sequence[tuple[int, int, int]], gva: int, levels: int = 4
+    mappings: Sequence[tuple[int, int, int]], gva: int, levels: int = 4, space: str = "guest"
 ) -> Question:
-    """Which GPA a supervisor read of `gva` reaches through toy guest tables that map each
-    (gva, gpa, page size) of `mappings`; the answer is the engine's walk."""
+    """Which physical address a supervisor read of `gva` reaches through toy page tables that
+    map each (virtual, physical, page size) of `mappings`, given as CR3 and the raw table
+    pages, nothing decoded; `space` names the tables the guest's (GVA -> GPA) or the host's
+    (HVA -> HPA). The answer is the engine's walk."""
+    names = TRANSLATE_SPACES[check_choice("space", space, tuple(TRANSLATE_SPACES))]
     memory, tables, cpu = _toy_tables(levels)
     for va, pa, size in mappings:
-        check_int("gpa", pa, *_TOY_GPA_RANGE, valid="1 MiB <= gpa < 64 GiB (tables sit below)")
+        check_int(
+            names.physical.lower(),
+            pa,
+            *_TOY_PHYSICAL_RANGE,
+            valid="1 MiB <= address < 64 GiB (the tables sit below)",
+        )
         tables.map(va, pa, size, page_size=size, rw=1)
-    dump = dump_tables(tables)  # before any walk sets A bits that would give the path away
+    # Before any walk sets A bits that would give the path away:
+    dump = hexdump_pages(
+        memory, (e.entry_address & ~(PAGE_SIZE - 1) for e in tables.entries()), names.physical
+    )
     record = _toy_walk(tables, memory, cpu, gva)
     translation = record.translation
     expected: Value = _FAULT if translation is None else translation.address
     answer = _hex(expected)
+    v, p = names.virtual, names.physical
     prompt = (
-        "The guest's page tables (present entries only; each line shows the entry's name,"
-        " the first GVA it covers, where the entry sits and its value):\n"
-        f"{dump}\n"
-        f"A supervisor read of GVA {gva:#x}: which guest-physical address does it reach?"
-        " Answer in hex, or 'fault' if the walk faults."
+        f"CR3 = {tables.root:#x} ({levels}-level paging, MAXPHYADDR {_TOY_MAXPHYADDR}). The"
+        f" pages that hold {names.tables}, as raw 8-byte entries (a '*' line stands for lines"
+        f" that repeat the one above):\n{dump}\n"
+        f"A supervisor read of {v} {gva:#x}: which {p} does it reach? Answer in hex, or"
+        " 'fault' if the walk faults."
     )
     hint = (
-        "Follow the GVA's indices from the root down to the leaf (or match the GVA against"
-        " the first-GVA column). The GPA is the leaf's page address plus the GVA's offset in"
-        " the page: bits 11:0 for a 4 KiB page, bits 20:0 for a 2 MiB page."
+        f"Split the {v} into {levels} 9-bit indices (bits 47:39, 38:30, 29:21, 20:12) and the"
+        " offset. Each entry is 8 bytes at table + 8 x index; bit 0 is P, bit 7 in a PDE (PS)"
+        " means it maps a 2 MiB page, and the next address is in bits 51:12. The answer is the"
+        f" leaf's page plus the {v}'s offset in the page: bits 11:0 for 4 KiB, 20:0 for 2 MiB."
     )
     others = [
         _toy_walk(tables, memory, cpu, va | (gva & (size - 1)))
@@ -71,20 +110,23 @@ def translate_question(
     ]
     if translation is None:
         fault = _fault(record)
-        last = f"=> #PF, error code {_error_code(record):#x}: the guest handles it ({fault.detail})"
+        last = (
+            f"=> #PF, error code {_error_code(record):#x}, for {names.fault_handler}"
+            f" ({fault.detail})"
+        )
     else:
         base = translation.address & ~(translation.page_size - 1)
         last = (
             f"page {base:#x} + offset {translation.address - base:#x}"
-            f" (GVA bits {translation.page_size.bit_length() - 2}:0) = {translation.address:#x}"
+            f" ({v} bits {translation.page_size.bit_length() - 2}:0) = {translation.address:#x}"
         )
     solution = "\n".join([format_walk(record), last, f"Answer: {answer}"])
     grader = Grader(
         expected,
         ValueReader(bare=(16, 10), words=_FAULT_WORDS),
-        "give a guest-physical address in hex (0x1234abc or 1234abc) or decimal,"
+        f"give {'an' if p[0] == 'H' else 'a'} {p} in hex (0x1234abc or 1234abc) or decimal,"
         " or 'fault' if the walk faults",
-        _mistakes(expected, _translate_mistakes(record, others)),
+        _mistakes(expected, _translate_mistakes(record, others, names)),
         _translate_explainer(record),
     )
     return Question("translate", prompt, hint, solution, answer, grader)
@@ -97,7 +139,7 @@ def _error_code(record: WalkRecord) -> int:
 
 
 def _translate_mistakes(
-    record: WalkRecord, others: Sequence[WalkRecord]
+    record: WalkRecord, others: Sequence[WalkRecord], names: _Space
 ) -> list[tuple[Value, str]]:
     """The numbers a student finds on the way and may give by mistake."""
     fmt = record.format
@@ -111,7 +153,12 @@ def _translate_mistakes(
             (
                 base | (record.address & 0xFFF),
                 f"A {size >> 20} MiB page's offset is the low {size.bit_length() - 1} bits of"
-                " the GVA, not just bits 11:0.",
+                f" the {names.virtual}, not just bits 11:0.",
+            ),
+            (
+                record.steps[-1].value + (record.address & (size - 1)),
+                "That adds the offset to the leaf's raw value: the flags in its low bits"
+                " (P, R/W, ...) are not part of the page's address; take bits 51:12.",
             ),
         ]
     for step in record.steps:
@@ -122,14 +169,20 @@ def _translate_mistakes(
         ]
     for other in others:
         items += [
-            (_translation(other).address, _wrong_page_message(record, other)),
+            (_translation(other).address, _wrong_page_message(record, other, names)),
         ]
-    items.append((record.address, "That is the GVA itself: follow the tables to its GPA."))
+    items.append(
+        (
+            record.address,
+            f"That is the {names.virtual} itself: follow the tables to its {names.physical}.",
+        )
+    )
     return items
 
 
-def _wrong_page_message(record: WalkRecord, other: WalkRecord) -> str:
-    """The other page's GPA: name the first index where its GVA and ours differ."""
+def _wrong_page_message(record: WalkRecord, other: WalkRecord, names: _Space) -> str:
+    """The other page's address: name the first index where its virtual address and ours
+    differ."""
     fmt = record.format
     level = next(
         lv
@@ -137,7 +190,7 @@ def _wrong_page_message(record: WalkRecord, other: WalkRecord) -> str:
         if fmt.index(record.address, lv) != fmt.index(other.address, lv)
     )
     return (
-        f"That is where GVA {other.address:#x} goes; for {record.address:#x} the"
+        f"That is where {names.virtual} {other.address:#x} goes; for {record.address:#x} the"
         f" {fmt.level_name(level)} index (bits {_bit_range(fmt, level)}) is"
         f" {fmt.index(record.address, level)}, not {fmt.index(other.address, level)}."
     )
@@ -150,10 +203,12 @@ def _translate_explainer(record: WalkRecord) -> Callable[[Value], str]:
             return f"The walk faults: {_fault(record).detail}. Answer 'fault'."
         if not isinstance(given, int):
             leaf = record.steps[-1]
+            large = " (its bit 7, PS, is set)" if leaf.level > 1 else ""
             return (
                 f"The walk does not fault: the {record.format.level_name(leaf.level)} at"
                 f" {leaf.entry_address:#x} is present and maps a"
-                f" {size_text(translation.page_size)} page."
+                f" {size_text(translation.page_size)} page{large}. Each entry is 8 bytes:"
+                " it sits at table + 8 x index."
             )
         return (
             f"Not {given:#x}: follow the GVA's indices down to the leaf, then add the offset"

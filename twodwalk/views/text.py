@@ -46,6 +46,7 @@ from twodwalk.engine.trace import (
     Trace,
     VmExit,
 )
+from twodwalk.engine.units import PAGE_SIZE
 from twodwalk.engine.units import size_text as size_text  # re-exported for views and widgets
 from twodwalk.engine.walker import (
     Access,
@@ -59,7 +60,7 @@ from twodwalk.engine.walker import (
 
 if TYPE_CHECKING:
     from twodwalk.engine.kvm.memslots import Memslot
-    from twodwalk.engine.pagetables import PageTables, TreeEntry
+    from twodwalk.engine.pagetables import PageTables, PhysicalSpace, TreeEntry
     from twodwalk.engine.processor import AccessResult
     from twodwalk.engine.tlb import TlbEntry, TranslationCache, TranslationCaches
 
@@ -147,6 +148,28 @@ def _outcome_text(outcome: Translation | WalkFault) -> str:
 def dump_tables(tables: PageTables) -> str:
     """A page-table tree in text, one present entry a line (what `PageTables` built)."""
     return format_tree(tables.fmt, tables.root, tables.entries())
+
+
+def hexdump_pages(memory: PhysicalSpace, pages: Iterable[int], space: str = "physical") -> str:
+    """Whole 4 KiB pages as raw 8-byte words, two a line, as gdb's `x/512gx` prints them,
+    with a run of lines that repeat the line before shown once as `*` (the convention of
+    hexdump(1)): the bytes a walker reads, with nothing decoded, as OSTEP's paging homework
+    gives them. The last line of each page is always shown, so the page's end is visible."""
+    blocks = []
+    for page in sorted(set(pages)):
+        lines = [f"{space} page {page:#x}:"]
+        previous: tuple[int, int] | None = None
+        for line_address in range(page, page + PAGE_SIZE, 16):
+            words = (memory.read_u64(line_address), memory.read_u64(line_address + 8))
+            last = line_address == page + PAGE_SIZE - 16
+            if words == previous and not last:
+                if lines[-1] != "*":
+                    lines.append("*")
+                continue
+            previous = words
+            lines.append(f"  {line_address:#x}:  {words[0]:#018x}  {words[1]:#018x}")
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks)
 
 
 def format_tree(fmt: EntryFormat, root: int, entries: Iterable[TreeEntry]) -> str:
