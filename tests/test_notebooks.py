@@ -26,6 +26,7 @@ SEQUENCE = (
     "07-tlbs-and-caches",
     "08-what-if-lab",
     "09-the-answer",
+    "10-lab-ept-violation-handler",
     "90-check-on-real-kvm",
 )
 

@@ -8,7 +8,8 @@ This is the pure model: the `twodwalk quiz` command and the `Exercise` widget wr
 
 `quiz(seed, topic)` picks a question; `TOPICS` maps each topic to its seeded generator; the
 `*_question` functions build one question from explicit parameters, for a notebook that wants a
-particular case.
+particular case. The handler lab (`check_handler`) grades code instead of an answer: the
+reader's EPT-violation handler, run on small guests in place of KVM's own.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ from twodwalk.exercises.grading import (
     number_readings,
 )
 from twodwalk.exercises.grid import GRID_ASKS, _seeded_grid, grid_question
+from twodwalk.exercises.handler import (
+    EptViolation,
+    HandlerReport,
+    check_handler,
+    reference_handler,
+)
 from twodwalk.exercises.indices import _seeded_indices, indices_question
 from twodwalk.exercises.memslot import (
     SlotSpec,
@@ -62,13 +69,16 @@ __all__ = [
     "WHAT_IFS",
     "Bases",
     "Bit",
+    "EptViolation",
     "Feedback",
     "Grader",
+    "HandlerReport",
     "Question",
     "SequenceReader",
     "SlotSpec",
     "Value",
     "ValueReader",
+    "check_handler",
     "ept_qualification_question",
     "error_code_question",
     "grid_question",
@@ -77,6 +87,7 @@ __all__ = [
     "memslots_of_machine_question",
     "number_readings",
     "quiz",
+    "reference_handler",
     "references_question",
     "roots_question",
     "shadow_question",

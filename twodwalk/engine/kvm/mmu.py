@@ -395,6 +395,11 @@ class TdpMmu(KvmMmu):
         self.pml = False  # kvm_intel.enable_pml: set by `Vm.set_dirty_log_mode`
         self.cpu_dirty_logging_count = 0  # memslots logging dirty pages
         self.pml_buffer: list[int] = []  # GPAs, in the order the CPU logged them
+        # The path after `fast_page_fault` (`kvm_tdp_mmu_page_fault`): KVM's own, or the
+        # reader's in the handler lab (`exercises.handler`), run on the same exits.
+        self.page_fault_handler: Callable[[int, bool, Trace], Resolution] = (
+            self._direct_page_fault
+        )
 
     @property
     def pml_enabled(self) -> bool:
@@ -477,7 +482,7 @@ class TdpMmu(KvmMmu):
         )
         if self._fast_page_fault(gpa, code, trace):
             return Fixed()
-        return self._direct_page_fault(gpa, bool(code & PFERR_WRITE), trace)
+        return self.page_fault_handler(gpa, bool(code & PFERR_WRITE), trace)
 
     def handle_ept_misconfig(self, gpa: int, trace: Trace) -> Resolution:
         """`handle_ept_misconfig` -> `handle_mmio_page_fault`: a cached MMIO entry of the
