@@ -22,6 +22,8 @@ SHADOW_ACTIONS: Mapping[str, str] = MappingProxyType(
         "write-p": "write P",
         "write-pte": "write its PTE for Q (setting D), through its mapping of the page table",
         "read-unmapped": "read GVA {hole:#x}, which its page tables do not map",
+        "invlpg-p": "INVLPG P, as the kernel does after changing P's PTE",
+        "mov-cr3": "MOV to CR3 with its own page tables, as a switch back to this process does",
     }
 )
 _PAGINGS = ("shadow", "ept")
@@ -71,7 +73,8 @@ def shadow_question(
         " not mapped yet. With EPT off, the CPU walks KVM's shadow tables, and exits on a page"
         " KVM has not shadowed yet, on a write through a shadow entry KVM made read-only (a"
         " clean guest PTE, or a page of the guest's page tables, which KVM write-protects) and"
-        " on every guest #PF, which KVM must see first."
+        " on every guest #PF, which KVM must see first; and KVM intercepts INVLPG and MOV to"
+        " CR3, since it must keep its shadow tables in step with the guest's."
     )
     stories = {name: _exit_stories(actions, traces, hole) for name, (traces, _) in runs.items()}
     solution = "\n".join(
@@ -136,6 +139,12 @@ def _shadow_run(actions: Sequence[str], tdp: bool, gva: int, gpa: int) -> tuple[
             result = vcpu.access(table_gva + (q_pte & (PAGE_SIZE - 1)), "write", dirty)
         elif action == "write-p":
             result = vcpu.access(gva, "write", 1)
+        elif action == "invlpg-p":
+            traces.append(vcpu.invlpg(gva))
+            continue
+        elif action == "mov-cr3":
+            traces.append(vcpu.mov_cr3(vcpu.cr3))
+            continue
         else:
             page = {"read-p": 0, "read-q": 1, "read-unmapped": _HOLE_PAGES}[action]
             result = vcpu.access(gva + page * PAGE_SIZE, "read")
