@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
 from twodwalk.errors import check_choice
+from twodwalk.exercises.capstone import CAPSTONE_PARTS, _seeded_capstone, capstone_question
 from twodwalk.exercises.ept_qualification import _seeded_qualification, ept_qualification_question
 from twodwalk.exercises.error_code import _seeded_error_code, error_code_question
 from twodwalk.exercises.grading import (
@@ -57,6 +58,7 @@ from twodwalk.exercises.translate_2d import _seeded_translate_2d, translate_2d_q
 from twodwalk.exercises.what_if import STRUCTURES, WHAT_IFS, _seeded_what_if, what_if_question
 
 __all__ = [
+    "CAPSTONE_PARTS",
     "GRID_ASKS",
     "ROOT_WALKS",
     "SEED_LIMIT",
@@ -78,6 +80,7 @@ __all__ = [
     "SlotSpec",
     "Value",
     "ValueReader",
+    "capstone_question",
     "check_handler",
     "ept_qualification_question",
     "error_code_question",
@@ -113,6 +116,7 @@ TOPICS: Mapping[str, Callable[[int], Question]] = MappingProxyType(
         "roots": _seeded_roots,
         "shadow": _seeded_shadow,
         "grid": _seeded_grid,
+        "capstone": _seeded_capstone,
     }
 )
 
