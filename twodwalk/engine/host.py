@@ -83,6 +83,10 @@ class MmuNotifier(Protocol):
 
     def invalidate_range_end(self, process: Process, start: int, end: int) -> None: ...
 
+    def clear_flush_young(
+        self, process: Process, start: int, end: int, trace: Trace | None
+    ) -> bool: ...
+
 
 @hex_repr
 @dataclass(frozen=True)
@@ -403,6 +407,26 @@ class HostKernel:
         if found[1] != 1:
             raise TwodwalkError(f"hva={hva:#x} is in a 2 MiB THP: split_thp() it first")
         return found[0], self.format.output_address(self.memory.read_u64(found[0]), 1)
+
+    def folio_referenced(self, process: Process, hva: int, trace: Trace | None = None) -> bool:
+        """Whether reclaim finds the page at `hva` used since it last looked (mm/rmap.c
+        `folio_referenced` -> `folio_referenced_one` -> `ptep_clear_flush_young_notify`):
+        test and clear the host PTE's A bit, then ask every MMU notifier
+        (`mmu_notifier_clear_flush_young`), because a secondary MMU such as KVM's EPT may
+        have used the page without the host PTE ever seeing it."""
+        found = process.tables.find_leaf(hva)
+        if found is None:
+            raise TwodwalkError(f"hva={hva:#x} is not mapped in {process.name}: touch it first")
+        entry = self.memory.read_u64(found.slot)
+        young = bool(entry & PTE_ACCESSED)
+        if young:
+            self.memory.write_u64(found.slot, entry & ~PTE_ACCESSED)
+        size = self.format.page_size(found.level)
+        start = hva & ~(size - 1)
+        listeners = list(self.notifiers) if self.mmu_notifiers_enabled else []
+        for listener in listeners:
+            young |= listener.clear_flush_young(process, start, start + size, trace)
+        return young
 
     def swap_out(self, process: Process, hva: int) -> int:
         """Write a page to swap and free its frame (mm/vmscan.c `shrink_folio_list`,

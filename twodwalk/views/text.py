@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from twodwalk.engine.pagetables import PageTables, PhysicalSpace, TreeEntry
     from twodwalk.engine.processor import AccessResult
     from twodwalk.engine.tlb import TlbEntry, TranslationCache, TranslationCaches
+    from twodwalk.views.readouts import TwoTrees
 
 
 def describe_entry(entry: DecodedEntry) -> str:
@@ -185,6 +186,21 @@ def format_tree(fmt: EntryFormat, root: int, entries: Iterable[TreeEntry]) -> st
         lines.append(
             f"{indent}{fmt.level_name(e.level)} {e.virtual:#018x} @ {e.entry_address:#x}"
             f" = {e.value:#018x} -> {what}"
+        )
+    return "\n".join(lines)
+
+
+def accessed_dirty(trees: TwoTrees) -> str:
+    """The A and D flags of the two leaves that map one guest page, each read by its own
+    format's field names: the CPU sets the EPT leaf's on the guest's accesses (SDM Vol 3C
+    29.3.5); the host PTE's change only when the host itself uses or faults in the page."""
+    lines = []
+    for name, record in (("EPT leaf", trees.ept), ("host PTE", trees.host)):
+        leaf = record.steps[-1]
+        entry = leaf.entry
+        lines.append(
+            f"{name:<9} @ {leaf.entry_address:#x} = {leaf.value:#018x}:"
+            f"  A={entry['a']} D={entry['d']}"
         )
     return "\n".join(lines)
 

@@ -71,6 +71,7 @@ EPT_MMIO_MASK = 0b111 | VMX_EPT_SUPPRESS_VE_BIT  # kvm_mmu_set_ept_masks: RWX | 
 EPT_SPTE_MMU_WRITABLE = 1 << 58
 PT_WRITABLE_MASK = 1 << 1  # W in x86 PTEs, and in EPT entries
 PT_PAGE_SIZE_MASK = 1 << 7
+VMX_EPT_ACCESS_BIT = 1 << 8  # vmx.h: EPT A and D, with EPTP bit 6 (SDM Vol 3C 29.3.5)
 VMX_EPT_DIRTY_BIT = 1 << 9
 PML_LOG_NR_ENTRIES = 512  # the PML buffer: one 4 KiB page of GPAs (SDM 29.3.6)
 ALL_LEVELS = range(1, 6)
@@ -249,6 +250,32 @@ class KvmMmu(ABC):
         self.mmu_invalidate_in_progress -= 1
         if not self.mmu_invalidate_in_progress:
             self.mmu_invalidate_range = None
+
+    def clear_flush_young(
+        self, process: Process, start: int, end: int, trace: Trace | None = None
+    ) -> bool:
+        """`kvm_mmu_notifier_clear_flush_young` -> `kvm_age_gfn`: for the memslots behind
+        [start, end), clear the A bit of every leaf that has it and say whether one did (the
+        page is young). x86 selects KVM_ELIDE_TLB_FLUSH_IF_YOUNG: no TLB flush, so a
+        translation the CPU still caches can keep a hot page looking idle for a while."""
+        young = False
+        for first, stop, hva in self._slot_ranges(process, start, end):
+            aged = self.age_gfn_range(first, stop, trace)
+            young |= aged
+            detail = "young: A cleared" if aged else "not young: no leaf has A set"
+            step = KvmStep(
+                "kvm_mmu_notifier_clear_flush_young",
+                f"HVA {hva:#x} is GFN [{first:#x}, {stop:#x}): {detail}",
+                gfn=first,
+                hva=hva,
+            )
+            self._step(trace, step)
+        return young
+
+    @abstractmethod
+    def age_gfn_range(self, start: int, end: int, trace: Trace | None) -> bool:
+        """`kvm_age_gfn`: clear A in the leaves that map GFNs in [start, end); True when one
+        had it."""
 
     def mmu_invalidate_retry_gfn(self, mmu_seq: int, gfn: int) -> bool:
         """include/linux/kvm_host.h `mmu_invalidate_retry_gfn`: an invalidation covering the
@@ -705,6 +732,30 @@ class TdpMmu(KvmMmu):
         if zapped:
             self.flush_remote_tlbs()
         return zapped
+
+    def age_gfn_range(self, start: int, end: int, trace: Trace | None) -> bool:
+        """`kvm_tdp_mmu_age_gfn_range` -> `kvm_tdp_mmu_age_spte`: with EPT A/D on, clear the
+        A bit of each accessed leaf (`tdp_mmu_clear_spte_bits_atomic`). Without A/D, KVM
+        instead marks the entry for access tracking (`mark_spte_for_access_track`), which
+        this model does not have."""
+        if not self.fmt.ad:
+            raise TwodwalkError(
+                "aging without EPT A/D bits (mark_spte_for_access_track) is not modelled:"
+                " use a Machine with ept_ad=True"
+            )
+        young = False
+        gfn = start
+        while gfn < end:
+            found = self.tables.find_leaf(gfn << PAGE_SHIFT)
+            pages = 1
+            if found is not None:
+                pages = 1 << (self.fmt.shift(found.level) - PAGE_SHIFT)
+                spte = self.host.memory.read_u64(found.slot)
+                if is_shadow_present_pte(spte) and spte & VMX_EPT_ACCESS_BIT:
+                    self._set_spte(found.slot, found.level, spte & ~VMX_EPT_ACCESS_BIT, trace)
+                    young = True
+            gfn = (gfn & ~(pages - 1)) + pages
+        return young
 
     def zap_all(self) -> int:
         zapped = 0

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from twodwalk.engine.cpuid import CpuModel
 from twodwalk.engine.formats import (
     ENTRY_SIZE,
+    PTE_ACCESSED,
     PTE_DIRTY,
     EntryFormat,
     Ia32eFormat,
@@ -435,6 +436,19 @@ class ShadowMmu(KvmMmu):
         if zapped:
             self.flush_remote_tlbs()
         return zapped
+
+    def age_gfn_range(self, start: int, end: int, trace: Trace | None) -> bool:
+        """`kvm_rmap_age_gfn_range`: shadow entries carry A/D in the x86 positions
+        (`shadow_accessed_mask` is PT_ACCESSED_MASK without EPT): clear A in each leaf the
+        rmap lists for a GFN in [start, end)."""
+        young = False
+        for gfn in [g for g in self.rmap if start <= g < end]:
+            for slot in self.rmap[gfn]:
+                spte = self.host.memory.read_u64(slot)
+                if is_shadow_present_pte(spte) and spte & PTE_ACCESSED:
+                    self._write(slot, 1, spte & ~PTE_ACCESSED, trace)
+                    young = True
+        return young
 
     def write_protect(self, gfns: Collection[int], levels: range) -> int:
         """Dirty logging: clear W (only W) in the shadow leaves of the GFNs, found through
