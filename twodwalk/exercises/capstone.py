@@ -13,7 +13,7 @@ from types import MappingProxyType
 from twodwalk.engine.machine import Machine
 from twodwalk.engine.trace import HostPageFault, VmExit
 from twodwalk.engine.units import MIB, PAGE_SIZE
-from twodwalk.engine.walker import WalkRecord
+from twodwalk.engine.walker import WalkRecord, WalkStep
 from twodwalk.errors import check_aligned, check_choice, check_int
 from twodwalk.exercises.grading import (
     Grader,
@@ -85,6 +85,16 @@ def _hpa_grader(hpa: int, items: list[tuple[Value, str]], how: str) -> Grader:
     )
 
 
+def _leaf_mistakes(leaf: WalkStep, hpa: int, name: str, space: str) -> list[tuple[Value, str]]:
+    """The numbers on the way to the HPA through a leaf: its page's first byte, its raw value
+    and where it sits."""
+    return [
+        (hpa & ~(PAGE_SIZE - 1), f"That is the page's first byte: add the {space}'s offset."),
+        (leaf.value, f"That is the {name}'s raw value: the address is bits 51:12."),
+        (leaf.entry_address, f"That is where the {name} sits, not the page it maps."),
+    ]
+
+
 def _through_ept(machine: Machine, gva: int, gpa: int, hpa: int) -> Question:
     record = machine.vm.ept.get_walk(gpa)
     leaf = record.steps[-1]
@@ -99,11 +109,8 @@ def _through_ept(machine: Machine, gva: int, gpa: int, hpa: int) -> Question:
         " KVM's software bits); add the GPA's offset in the page (bits 11:0 for a 4 KiB leaf)."
     )
     solution = "\n".join([format_walk(record), f"Answer: {hpa:#x}"])
-    base = hpa & ~(PAGE_SIZE - 1)
-    items: list[tuple[Value, str]] = [
-        (base, "That is the page's first byte: add the GPA's offset in the page."),
-        (leaf.value, "That is the EPT leaf's raw value: the address is bits 51:12."),
-        (leaf.entry_address, "That is where the EPT leaf sits, not the page it maps."),
+    items = [
+        *_leaf_mistakes(leaf, hpa, "EPT leaf", "GPA"),
         (gpa, "That is the GPA itself: the EPT maps it to an HPA."),
     ]
     how = "take the last entry's bits 51:12 and add the GPA's bits 11:0."
@@ -138,11 +145,9 @@ def _through_host(machine: Machine, gva: int, gpa: int, hpa: int) -> Question:
             " the EPT entry from this host mapping on the first touch.",
         ]
     )
-    items: list[tuple[Value, str]] = [
+    items = [
         (hva, "That is the HVA: now walk the VMM's page tables to the HPA."),
-        (hpa & ~(PAGE_SIZE - 1), "That is the page's first byte: add the HVA's offset."),
-        (leaf.value, "That is the host PTE's raw value: the address is bits 51:12."),
-        (leaf.entry_address, "That is where the host PTE sits, not the page it maps."),
+        *_leaf_mistakes(leaf, hpa, "host PTE", "HVA"),
         (gpa, "That is the GPA: the memslot turns it into an HVA first."),
     ]
     how = "find the HVA through the memslot, then follow the host PTE to the page."

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import errno
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
 from twodwalk.engine.ept import (
@@ -38,7 +38,7 @@ from twodwalk.engine.ept import (
 from twodwalk.engine.formats import EPT_MEMTYPE_WB, EptFormat
 from twodwalk.engine.host import HostKernel, Process
 from twodwalk.engine.kvm.memslots import KvmError, Memslot, Memslots
-from twodwalk.engine.pagetables import PageTables, TreeEntry, table_slot
+from twodwalk.engine.pagetables import Leaf, PageTables, TreeEntry, table_slot
 from twodwalk.engine.paging import PFERR_FETCH, PFERR_PRESENT, PFERR_USER, PFERR_WRITE, bit_names
 from twodwalk.engine.tables import PmlLogging
 from twodwalk.engine.trace import KvmStep, SpteWrite, Trace
@@ -424,9 +424,7 @@ class TdpMmu(KvmMmu):
         self.pml_buffer: list[int] = []  # GPAs, in the order the CPU logged them
         # The path after `fast_page_fault` (`kvm_tdp_mmu_page_fault`): KVM's own, or the
         # reader's in the handler lab (`exercises.handler`), run on the same exits.
-        self.page_fault_handler: Callable[[int, bool, Trace], Resolution] = (
-            self._direct_page_fault
-        )
+        self.page_fault_handler: Callable[[int, bool, Trace], Resolution] = self._direct_page_fault
 
     @property
     def pml_enabled(self) -> bool:
@@ -720,18 +718,25 @@ class TdpMmu(KvmMmu):
         GFN in [start, end) to SHADOW_NONPRESENT_VALUE; a huge leaf that overlaps the range
         goes whole. Returns how many entries were cleared."""
         zapped = 0
+        for found in self._leaves_between(start, end):
+            self._set_spte(found.slot, found.level, SHADOW_NONPRESENT_VALUE, trace, False)
+            zapped += 1
+        if zapped:
+            self.flush_remote_tlbs()
+        return zapped
+
+    def _leaves_between(self, start: int, end: int) -> Iterator[Leaf]:
+        """Each leaf that maps a GFN in [start, end), once, in GFN order: a huge leaf is
+        found by its first GFN in the range and skipped past whole
+        (`tdp_root_for_each_leaf_pte`)."""
         gfn = start
         while gfn < end:
             found = self.tables.find_leaf(gfn << PAGE_SHIFT)
             pages = 1
             if found is not None:
                 pages = 1 << (self.fmt.shift(found.level) - PAGE_SHIFT)
-                self._set_spte(found.slot, found.level, SHADOW_NONPRESENT_VALUE, trace, False)
-                zapped += 1
+                yield found
             gfn = (gfn & ~(pages - 1)) + pages
-        if zapped:
-            self.flush_remote_tlbs()
-        return zapped
 
     def age_gfn_range(self, start: int, end: int, trace: Trace | None) -> bool:
         """`kvm_tdp_mmu_age_gfn_range` -> `kvm_tdp_mmu_age_spte`: with EPT A/D on, clear the
@@ -744,17 +749,11 @@ class TdpMmu(KvmMmu):
                 " use a Machine with ept_ad=True"
             )
         young = False
-        gfn = start
-        while gfn < end:
-            found = self.tables.find_leaf(gfn << PAGE_SHIFT)
-            pages = 1
-            if found is not None:
-                pages = 1 << (self.fmt.shift(found.level) - PAGE_SHIFT)
-                spte = self.host.memory.read_u64(found.slot)
-                if is_shadow_present_pte(spte) and spte & VMX_EPT_ACCESS_BIT:
-                    self._set_spte(found.slot, found.level, spte & ~VMX_EPT_ACCESS_BIT, trace)
-                    young = True
-            gfn = (gfn & ~(pages - 1)) + pages
+        for found in self._leaves_between(start, end):
+            spte = self.host.memory.read_u64(found.slot)
+            if is_shadow_present_pte(spte) and spte & VMX_EPT_ACCESS_BIT:
+                self._set_spte(found.slot, found.level, spte & ~VMX_EPT_ACCESS_BIT, trace)
+                young = True
         return young
 
     def zap_all(self) -> int:
