@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from twodwalk.engine.cpuid import CpuModel
@@ -28,7 +28,13 @@ from twodwalk.engine.pagetables import PageTables
 from twodwalk.engine.paging import PagingControls, X86AccessRules
 from twodwalk.engine.tables import PhysicalTables
 from twodwalk.engine.trace import HostPageFault, HostWalk, Trace
-from twodwalk.engine.units import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE, hex_repr
+from twodwalk.engine.units import (
+    GIGANTIC_PAGE_SIZE,
+    HUGE_PAGE_SIZE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    hex_repr,
+)
 from twodwalk.engine.walker import Access, AccessKind, Translation, WalkRecord, walk
 from twodwalk.errors import TwodwalkError, check_aligned, check_int
 
@@ -56,15 +62,31 @@ def swp_offset(pte: int) -> int:
     return (~pte << SWP_TYPE_BITS & ((1 << 64) - 1)) >> shift
 
 
+class SigbusError(TwodwalkError):
+    """A fault the mapping's file refused (`VM_FAULT_SIGBUS`): the process gets SIGBUS."""
+
+
+class SharedFile(Protocol):
+    """A file a process maps MAP_SHARED (here, a guest_memfd): its pages are its page
+    cache's, found by file index (`vm_operations_struct.fault`)."""
+
+    def fault_user_mapping(self, index: int) -> int:
+        """The HPA of page `index` for a user mapping, or SigbusError."""
+        ...
+
+
 @hex_repr
 @dataclass
 class Vma:
-    """A virtual memory area: [start, end), anonymous, 4 KiB pages or THP-backed."""
+    """A virtual memory area: [start, end), anonymous (4 KiB pages or THP-backed) or a
+    shared mapping of a file from page `pgoff` on."""
 
     start: int
     end: int
     page_size: int
     name: str
+    file: SharedFile | None = None
+    pgoff: int = 0
 
     @property
     def huge(self) -> bool:
@@ -111,6 +133,13 @@ class Process:
             kernel.format, kernel.memory, kernel.frames.alloc, table_fields=_PAGE_TABLE
         )
         self._mmap_top = MMAP_BASE
+        self.files: dict[int, object] = {}  # the file descriptor table (0-2: stdio)
+
+    def install_fd(self, file: object) -> int:
+        """`fd_install` at the lowest free descriptor (`get_unused_fd_flags`), from 3 up."""
+        fd = next(n for n in range(3, len(self.files) + 4) if n not in self.files)
+        self.files[fd] = file
+        return fd
 
     def mmap(
         self,
@@ -145,15 +174,24 @@ class Process:
         self.vmas.append(Vma(start, start + size, align, name))
         return start
 
+    def mmap_shared(self, file: SharedFile, size: int, offset: int = 0, name: str = "file") -> int:
+        """A MAP_SHARED mapping of `file` from byte `offset` (mm/mmap.c, then the file's
+        `mmap` method, which may refuse it), placed top-down. Its pages are the file's."""
+        check_aligned("offset", check_int("offset", offset, 0, 1 << 63), PAGE_SIZE)
+        start = self.mmap(size, name=name)
+        vma = self.vmas[-1]
+        vma.file, vma.pgoff = file, offset >> PAGE_SHIFT
+        return start
+
     def munmap(self, hva: int, size: int) -> None:
         """Remove the mapping of [hva, hva+size): notify, clear entries, free frames."""
         check_aligned("hva", hva, PAGE_SIZE)
         check_aligned("size", size, PAGE_SIZE)
         with self.kernel.invalidation(self, hva, hva + size, "munmap"):
-            self._zap_range(hva, size)
+            self.zap_range(hva, size)
         self.vmas = [piece for vma in self.vmas for piece in _cut(vma, hva, hva + size)]
 
-    def _zap_range(self, hva: int, size: int) -> None:
+    def zap_range(self, hva: int, size: int) -> None:
         """Clear the leaves of [hva, hva+size) and drop their frames (mm/memory.c
         `unmap_page_range`); a huge page must lie wholly inside."""
         va = hva
@@ -179,11 +217,16 @@ class Process:
 
 
 def _cut(vma: Vma, start: int, end: int) -> list[Vma]:
+    """What is left of `vma` after [start, end) is unmapped; a file mapping's right piece
+    starts that much further into the file."""
     pieces = []
     if vma.start < start:
-        pieces.append(Vma(vma.start, min(vma.end, start), vma.page_size, vma.name))
+        pieces.append(replace(vma, end=min(vma.end, start)))
     if vma.end > end:
-        pieces.append(Vma(max(vma.start, end), vma.end, vma.page_size, vma.name))
+        right = max(vma.start, end)
+        pieces.append(
+            replace(vma, start=right, pgoff=vma.pgoff + ((right - vma.start) >> PAGE_SHIFT))
+        )
     return pieces if vma.start < end and vma.end > start else [vma]
 
 
@@ -297,12 +340,40 @@ class HostKernel:
         vma = process.find_vma(hva)
         if vma is None:
             raise TwodwalkError(f"hva={hva:#x} is in no VMA of {process.name}: SIGSEGV")
-        if vma.huge and self._huge_slot(process, vma, hva) is not None:
+        if vma.file is not None:
+            resolution, hpa = self._file_fault(process, vma, hva, write)
+        elif vma.huge and self._huge_slot(process, vma, hva) is not None:
             resolution, hpa = self._huge_fault(process, vma, hva)
         else:
             resolution, hpa = self._pte_fault(process, hva, write, trace)
         if trace is not None:
             trace.add(HostPageFault(hva, write, resolution, hpa))
+
+    def _file_fault(self, process: Process, vma: Vma, hva: int, write: bool) -> tuple[str, int]:
+        """mm/memory.c `do_shared_fault`: the file gives the page (or SIGBUS) and the PTE
+        maps it shared and writable: no copy-on-write, the page cache's own frame."""
+        assert vma.file is not None
+        index = vma.pgoff + ((hva - vma.start) >> PAGE_SHIFT)
+        frame = vma.file.fault_user_mapping(index)
+        slot = process.tables.entry_address(hva, 1, create=True)
+        assert slot is not None
+        self.refcount[frame] = self.refcount.get(frame, 0) + 1
+        self.memory.write_u64(
+            slot,
+            self.format.encode(1, True, address=frame, p=1, rw=1, us=1, a=1, d=int(write), xd=1),
+        )
+        return f"page {index:#x} of the shared file mapped", frame
+
+    def unmap_mapping_range(self, file: SharedFile, first: int, end: int) -> None:
+        """mm/truncate.c `unmap_mapping_range`: before a file's pages [first, end) go, clear
+        every process's PTEs that map them, inside an MMU-notifier invalidation."""
+        for process in self.processes:
+            for vma in [v for v in process.vmas if v.file is file]:
+                lo = max(vma.start, vma.start + ((first - vma.pgoff) << PAGE_SHIFT))
+                hi = min(vma.end, vma.start + ((end - vma.pgoff) << PAGE_SHIFT))
+                if lo < hi:
+                    with self.invalidation(process, lo, hi, "file pages truncated"):
+                        process.zap_range(lo, hi - lo)
 
     def _huge_slot(self, process: Process, vma: Vma, hva: int) -> int | None:
         """The empty PMD (or PUD) slot for a huge fault (`do_huge_pmd_anonymous_page`,
@@ -335,18 +406,18 @@ class HostKernel:
             self.memory.write_u64(slot, self._pte(self.zero_page, writable=False, special=True))
             return "zero page mapped read-only", self.zero_page
         if pte == 0:
-            frame = self._new_frame()
+            frame = self.new_frame()
             self.memory.write_u64(slot, self._pte(frame, writable=True))
             return "anonymous page: new zeroed frame", frame
         if not pte & 1:
-            frame = self._new_frame()
+            frame = self.new_frame()
             offset = swp_offset(pte)
             self.memory.write(frame, self.swap.pop(offset))
             self.memory.write_u64(slot, self._pte(frame, writable=True, dirty=write))
             return f"swap-in from swap offset {offset:#x}", frame
         old = self.format.output_address(pte, 1)
         with self.invalidation(process, page_va, page_va + PAGE_SIZE, "copy-on-write", trace):
-            frame = self._new_frame()
+            frame = self.new_frame()
             if old != self.zero_page:
                 self.memory.copy_frame(old, frame)
             self.put_frame(old)
@@ -374,7 +445,9 @@ class HostKernel:
             avl=_PAGE_SPECIAL if special else 0,
         )
 
-    def _new_frame(self) -> int:
+    def new_frame(self) -> int:
+        """A free 4 KiB frame with one reference (`alloc_page` for a mapping or a page
+        cache, e.g. a guest_memfd's)."""
         frame = self.frames.alloc()
         self.refcount[frame] = 1
         return frame
@@ -401,6 +474,12 @@ class HostKernel:
     def _pte_of(self, process: Process, hva: int) -> tuple[int, int]:
         """(slot, frame) of a present 4 KiB mapping, or a clear error."""
         check_aligned("hva", hva, PAGE_SIZE)
+        vma = process.find_vma(hva)
+        if vma is not None and vma.file is not None:
+            raise TwodwalkError(
+                f"hva={hva:#x} maps a page of {vma.name}: guest_memfd pages are unevictable and"
+                " cannot move (mapping_set_unevictable, kvm_gmem_migrate_folio)"
+            )
         found = process.tables.find_leaf(hva)
         if found is None:
             raise TwodwalkError(f"hva={hva:#x} is not mapped in {process.name}: touch it first")
@@ -443,7 +522,7 @@ class HostKernel:
         """Move a page to another frame (mm/migrate.c `migrate_pages`). Returns the new HPA."""
         slot, frame = self._pte_of(process, hva)
         with self.invalidation(process, hva, hva + PAGE_SIZE, "migration"):
-            new = self._new_frame()
+            new = self.new_frame()
             self.memory.copy_frame(frame, new)
             pte = self.memory.read_u64(slot)
             address = self.format.layout(1, False).field("address")

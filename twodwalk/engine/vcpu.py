@@ -211,7 +211,7 @@ class Vcpu(Processor):
             self.invvpid("single")
 
     def _hva_of(self, gpa: int) -> int | None:
-        return self.vm.gpa_to_hva(gpa)
+        return self.vm.fault_hva(gpa)
 
     def _intercepted_cr3_load(self) -> Trace:
         """Without EPT, KVM sets CR3-load exiting: MOV to CR3 exits (reason 28, qualification
@@ -323,7 +323,7 @@ class Vcpu(Processor):
         page_size = min(guest.translation.page_size, final.page_size)
         self._fill_tlb(gva, page_size, hpa, gpa, guest, final.rights)
         data = self._data_access(hpa, access, value, trace)
-        return self._result(trace, value=data, gpa=gpa, hva=self.vm.gpa_to_hva(gpa), hpa=hpa)
+        return self._result(trace, value=data, gpa=gpa, hva=self.vm.fault_hva(gpa), hpa=hpa)
 
     def _ept_exit(
         self, guest: WalkRecord, record: WalkRecord, *, final: bool, value: int | None, trace: Trace
@@ -391,7 +391,7 @@ class Vcpu(Processor):
             gpa = (mmu.spte_gfn[hardware.steps[-1].entry_address] << 12) | (gva & 0xFFF)
             self._fill_tlb(gva, hardware.translation.page_size, hpa, gpa, hardware, None)
             data = self._data_access(hpa, access, value, trace)
-            return self._result(trace, value=data, gpa=gpa, hva=self.vm.gpa_to_hva(gpa), hpa=hpa)
+            return self._result(trace, value=data, gpa=gpa, hva=self.vm.fault_hva(gpa), hpa=hpa)
         exception = exception_for(hardware, hardware_controls)
         if isinstance(exception, GeneralProtection):
             return self._result(trace, fault=exception)
@@ -408,7 +408,7 @@ class Vcpu(Processor):
             hpa = mmu.emulate_write(resolution.gpa, value.to_bytes(ACCESS_SIZE, "little"), trace)
             trace.add(DataAccess(hpa, access.kind.value, value))
             gpa = resolution.gpa
-            return self._result(trace, value=value, gpa=gpa, hva=self.vm.gpa_to_hva(gpa), hpa=hpa)
+            return self._result(trace, value=value, gpa=gpa, hva=self.vm.fault_hva(gpa), hpa=hpa)
         return None
 
     def _table_in_no_memslot(self, guest: WalkRecord, trace: Trace) -> AccessResult:

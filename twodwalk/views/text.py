@@ -283,6 +283,9 @@ def info_memslots(slots: Iterable[Memslot], dirty_log_mode: str | None = None) -
     lines = ["slot as  GPA range                               HVA              pages  flags"]
     for m in sorted(slots, key=lambda m: (m.as_id, m.base_gfn)):
         flags = ",".join(n for bit, n in ((1, "LOG_DIRTY"), (2, "READONLY")) if m.flags & bit)
+        if m.gmem is not None:
+            only = " only" if m.gmem_only else ""
+            flags = f"GUEST_MEMFD{only} (fd {m.gmem.fd} from {m.gmem_pgoff << 12:#x})"
         end = m.guest_phys_addr + m.memory_size - 1
         lines.append(
             f"{m.id:4d} {m.as_id:2d}  {m.guest_phys_addr:#018x}-{end:#018x}"

@@ -12,13 +12,19 @@ from __future__ import annotations
 
 import enum
 import errno as errno_codes
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from twodwalk.engine.units import PAGE_SHIFT, PAGE_SIZE, hex_repr
 from twodwalk.errors import TwodwalkError
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
+KVM_MEM_GUEST_MEMFD = 1 << 2
+KVM_SET_USER_MEMORY_REGION_V1_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
+GUEST_MEMFD_FLAG_MMAP = 1 << 0  # struct kvm_create_guest_memfd flags
+GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
 KVM_USER_MEM_SLOTS = 32764  # x86: KVM_MEM_SLOTS_NUM = SHRT_MAX - KVM_PRIVATE_MEM_SLOTS
 KVM_ADDRESS_SPACE_NUM = 2  # x86 with SMM: address space 1 is SMM
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
@@ -42,6 +48,18 @@ class Change(enum.Enum):
     NONE = "no change"
 
 
+class BoundFile(Protocol):
+    """What a memslot and KVM's MMU use of the guest_memfd a slot is bound to
+    (`slot->gmem.file`; the file itself is `guest_memfd.GuestMemfd`)."""
+
+    fd: int
+    flags: int
+    folios: dict[int, int]
+    bindings: list[Memslot]
+
+    def get_folio(self, index: int) -> int: ...
+
+
 @hex_repr
 @dataclass
 class Memslot:
@@ -54,6 +72,18 @@ class Memslot:
     userspace_addr: int
     flags: int
     dirty_bitmap: bytearray | None = field(default=None, repr=False)
+    gmem: BoundFile | None = field(default=None, repr=False)  # `slot->gmem.file`
+    gmem_pgoff: int = field(default=0, repr=False)  # `slot->gmem.pgoff`: file page of base_gfn
+
+    @property
+    def gmem_only(self) -> bool:
+        """KVM_MEMSLOT_GMEM_ONLY, which `kvm_gmem_bind` sets when the file can be mmapped:
+        every fault on the slot, shared or private, takes its page from the guest_memfd."""
+        return self.gmem is not None and bool(self.gmem.flags & GUEST_MEMFD_FLAG_MMAP)
+
+    def gmem_index(self, gfn: int) -> int:
+        """`kvm_gmem_get_index`: the file page that backs `gfn`."""
+        return gfn - self.base_gfn + self.gmem_pgoff
 
     @property
     def slot(self) -> int:
@@ -127,21 +157,37 @@ class Memslots:
         return self.generations[0]
 
     def set_user_memory_region(
-        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
+        self,
+        slot: int,
+        flags: int,
+        guest_phys_addr: int,
+        memory_size: int,
+        userspace_addr: int,
+        *,
+        guest_memfd_offset: int = 0,
+        bind: Callable[[Memslot], None] | None = None,
+        v2: bool = False,
     ) -> MemslotChange:
-        """Create, delete (size 0), move or re-flag a slot; raise KvmError as the kernel does."""
+        """Create, delete (size 0), move or re-flag a slot; raise KvmError as the kernel does.
+        `v2`: the call is KVM_SET_USER_MEMORY_REGION2, which alone takes KVM_MEM_GUEST_MEMFD;
+        `bind` binds a new guest_memfd slot to its file (`kvm_gmem_bind`), at the point of
+        `kvm_set_memory_region` where the kernel does it."""
         for name, value in (
             ("slot", slot),
             ("flags", flags),
             ("guest_phys_addr", guest_phys_addr),
             ("memory_size", memory_size),
             ("userspace_addr", userspace_addr),
+            ("guest_memfd_offset", guest_memfd_offset),
         ):
-            check_uapi_int(name, value, 32 if name in ("slot", "flags") else 64)
+            struct = "kvm_userspace_memory_region2" if v2 else "kvm_userspace_memory_region"
+            check_uapi_int(name, value, 32 if name in ("slot", "flags") else 64, struct)
+        _check_flags(flags, v2)
         as_id, sid = slot_ids(slot)
         _validate(
             flags, guest_phys_addr, memory_size, userspace_addr, as_id, sid, self.address_spaces
         )
+        _check_gmem_offset(flags, guest_memfd_offset, memory_size)
         old = self.slots.get((as_id, sid))
         if memory_size == 0:
             if old is None:
@@ -155,6 +201,10 @@ class Memslots:
         if change in (Change.CREATE, Change.MOVE):
             self._check_overlap(new)
             self._check_max_gfn(new)
+        if new.flags & KVM_MEM_GUEST_MEMFD:
+            assert bind is not None, "a guest_memfd slot needs its file"
+            new.gmem_pgoff = guest_memfd_offset >> PAGE_SHIFT
+            bind(new)
         if new.dirty_logging:
             new.dirty_bitmap = self._dirty_bitmap(old, npages)
         return self._commit((as_id, sid), MemslotChange(change, old, new))
@@ -202,6 +252,8 @@ class Memslots:
         adds the number of address spaces to that address space's generation."""
         if result.new is None:
             del self.slots[key]
+            if result.old is not None and result.old.gmem is not None:
+                result.old.gmem.bindings.remove(result.old)  # kvm_free_memslot -> unbind
         else:
             self.slots[key] = result.new
         swaps = 2 if result.change in (Change.DELETE, Change.MOVE) else 1
@@ -262,17 +314,47 @@ def check_uapi_int(
         )
 
 
+def _check_flags(flags: int, v2: bool) -> None:
+    """`kvm_vm_ioctl`: the legacy ioctl takes only the V1 flags; then
+    `check_memory_region_flags`: KVM_MEM_GUEST_MEMFD (which x86's default VM type supports
+    in 6.18) excludes dirty logging and KVM_MEM_READONLY."""
+    if not v2 and flags & ~KVM_SET_USER_MEMORY_REGION_V1_FLAGS:
+        raise KvmError(
+            errno_codes.EINVAL,
+            f"flags={flags:#x} has bits {flags & ~KVM_SET_USER_MEMORY_REGION_V1_FLAGS:#x} that"
+            " KVM_SET_USER_MEMORY_REGION does not take: only KVM_MEM_LOG_DIRTY_PAGES (1) and"
+            " KVM_MEM_READONLY (2); KVM_MEM_GUEST_MEMFD needs KVM_SET_USER_MEMORY_REGION2",
+        )
+    valid = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_GUEST_MEMFD
+    if flags & KVM_MEM_GUEST_MEMFD:
+        valid &= ~KVM_MEM_LOG_DIRTY_PAGES  # dirty logging private memory: not supported
+    else:
+        valid |= KVM_MEM_READONLY  # read-only slots have MMIO semantics, not for gmem
+    if flags & ~valid:
+        raise KvmError(
+            errno_codes.EINVAL,
+            f"flags={flags:#x} has bits {flags & ~valid:#x} that cannot be set here: valid are"
+            " KVM_MEM_LOG_DIRTY_PAGES (1), KVM_MEM_READONLY (2) and KVM_MEM_GUEST_MEMFD (4),"
+            " and KVM_MEM_GUEST_MEMFD takes neither of the others",
+        )
+
+
+def _check_gmem_offset(flags: int, offset: int, size: int) -> None:
+    """`kvm_set_memory_region`: a guest_memfd slot's file offset is page aligned and the
+    range does not wrap (checked between access_ok and the slot number in the kernel; the
+    two never fail together here, so it comes after them)."""
+    if flags & KVM_MEM_GUEST_MEMFD and (offset % PAGE_SIZE or offset + size >= 1 << 64):
+        raise KvmError(
+            errno_codes.EINVAL,
+            f"guest_memfd_offset={offset:#x} is not page aligned, or offset + size wraps",
+        )
+
+
 def _validate(
     flags: int, gpa: int, size: int, hva: int, as_id: int, sid: int, address_spaces: int
 ) -> None:
-    """The checks of `check_memory_region_flags` and `__kvm_set_memory_region`, in order."""
-    valid_flags = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
+    """The checks of `__kvm_set_memory_region`, in order."""
     rules = [
-        (
-            flags & ~valid_flags,
-            f"flags={flags:#x} has unknown bits {flags & ~valid_flags:#x}:"
-            " valid are KVM_MEM_LOG_DIRTY_PAGES (1) and KVM_MEM_READONLY (2)",
-        ),
         (size % PAGE_SIZE, f"memory_size={size:#x} is not a multiple of 4 KiB"),
         (gpa % PAGE_SIZE, f"guest_phys_addr={gpa:#x} is not 4 KiB aligned"),
         (hva % PAGE_SIZE, f"userspace_addr={hva:#x} is not 4 KiB aligned"),
@@ -311,6 +393,11 @@ def _classify(old: Memslot | None, new: Memslot) -> Change:
     """CREATE, MOVE, FLAGS_ONLY or NONE; other changes to an existing slot are EINVAL."""
     if old is None:
         return Change.CREATE
+    if new.flags & KVM_MEM_GUEST_MEMFD:
+        raise KvmError(
+            errno_codes.EINVAL,
+            f"slot {old.id} exists: a guest_memfd slot cannot be changed, only deleted",
+        )
     if new.userspace_addr != old.userspace_addr:
         raise KvmError(
             errno_codes.EINVAL,

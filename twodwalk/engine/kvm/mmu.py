@@ -37,7 +37,7 @@ from twodwalk.engine.ept import (
 )
 from twodwalk.engine.formats import EPT_MEMTYPE_WB, EptFormat
 from twodwalk.engine.host import HostKernel, Process
-from twodwalk.engine.kvm.memslots import KvmError, Memslot, Memslots
+from twodwalk.engine.kvm.memslots import BoundFile, KvmError, Memslot, Memslots
 from twodwalk.engine.pagetables import Leaf, PageTables, TreeEntry, table_slot
 from twodwalk.engine.paging import PFERR_FETCH, PFERR_PRESENT, PFERR_USER, PFERR_WRITE, bit_names
 from twodwalk.engine.tables import PmlLogging
@@ -247,6 +247,38 @@ class KvmMmu(ABC):
         if not self._slot_ranges(process, start, end):
             return
         self.mmu_invalidate_seq += 1
+        self.mmu_invalidate_in_progress -= 1
+        if not self.mmu_invalidate_in_progress:
+            self.mmu_invalidate_range = None
+
+    def gmem_invalidate(self, file: BoundFile, first: int, end: int) -> None:
+        """guest_memfd.c `kvm_gmem_invalidate_begin`/`_end` around a punched hole: for each
+        memslot bound to file pages [first, end), zap the GFNs they back
+        (`kvm_mmu_unmap_gfn_range`) inside one invalidation, so a racing fault retries."""
+        bound = [s for s in file.bindings if s.gmem_pgoff < end and first < s.gmem_pgoff + s.npages]
+        if not bound:
+            return
+        self.mmu_invalidate_in_progress += 1
+        for memslot in bound:
+            start = memslot.base_gfn + max(memslot.gmem_pgoff, first) - memslot.gmem_pgoff
+            stop = (
+                memslot.base_gfn
+                + min(memslot.gmem_pgoff + memslot.npages, end)
+                - memslot.gmem_pgoff
+            )
+            old = self.mmu_invalidate_range or (start, stop)
+            self.mmu_invalidate_range = (min(old[0], start), max(old[1], stop))
+            zapped = self.unmap_gfn_range(start, stop)
+            self._step(
+                None,
+                KvmStep(
+                    "kvm_gmem_invalidate_begin",
+                    f"guest_memfd {file.fd} pages [{first:#x}, {end:#x}) back GFN"
+                    f" [{start:#x}, {stop:#x}) of memslot {memslot.id}: zapped {zapped} entries",
+                    gfn=start,
+                ),
+            )
+        self.mmu_invalidate_seq += 1  # kvm_gmem_invalidate_end -> kvm_mmu_invalidate_end
         self.mmu_invalidate_in_progress -= 1
         if not self.mmu_invalidate_in_progress:
             self.mmu_invalidate_range = None
@@ -574,6 +606,8 @@ class TdpMmu(KvmMmu):
             trace.add(KvmStep("kvm_faultin_pfn", "no memslot covers this GFN: MMIO", gfn=gfn))
             self._map(gfn, 1, make_mmio_spte(gpa, self._mmio_gen()), trace)
             return EmulateMmio(gpa, write)
+        if memslot.gmem_only:  # __kvm_mmu_faultin_pfn: is_private || kvm_memslot_is_gmem_only
+            return self._gmem_page_fault(memslot, gfn, trace)
         hva = memslot.gfn_to_hva(gfn) + (gpa & (PAGE_SIZE - 1))
         trace.add(
             KvmStep(
@@ -605,6 +639,43 @@ class TdpMmu(KvmMmu):
         self._map(gfn, level, self._make_spte(hpa, level, writable), trace)
         if writable:
             memslot.mark_dirty(gfn)
+        return Fixed()
+
+    def _gmem_page_fault(self, memslot: Memslot, gfn: int, trace: Trace) -> Resolution:
+        """mmu.c `kvm_mmu_faultin_pfn_gmem` -> guest_memfd.c `kvm_gmem_get_pfn`: the page is
+        the file's, at index gfn - base_gfn + pgoff, allocated and zeroed on first use; no
+        HVA, no walk of the VMM's page tables. Writable unless the slot is read-only (never,
+        for guest_memfd); 4 KiB, since 6.18's guest_memfd folios have order 0."""
+        file = memslot.gmem
+        assert file is not None
+        mmu_seq = self._faultin_seq(gfn, trace)
+        if mmu_seq is None:
+            return RetPfRetry()
+        index = memslot.gmem_index(gfn)
+        new = index not in file.folios
+        hpa = file.get_folio(index)
+        trace.add(
+            KvmStep(
+                "kvm_gmem_get_pfn",
+                f"memslot {memslot.id}: GFN {gfn:#x} -> guest_memfd {file.fd} offset"
+                f" {index << PAGE_SHIFT:#x} -> HPA {hpa:#x}"
+                + (" (a new zeroed page)" if new else "")
+                + "; no HVA, no host page-table walk",
+                gfn=gfn,
+                hpa=hpa,
+            )
+        )
+        if self._page_fault_stale(mmu_seq, gfn, trace):
+            return RetPfRetry()
+        trace.add(
+            KvmStep(
+                "kvm_mmu_hugepage_adjust",
+                "map at level 1 (4 KiB): guest_memfd pages are 4 KiB folios (max_order 0)",
+                gfn=gfn,
+                level=1,
+            )
+        )
+        self._map(gfn, 1, self._make_spte(hpa, 1, not memslot.readonly), trace)
         return Fixed()
 
     def _max_mapping_level(

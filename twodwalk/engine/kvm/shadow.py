@@ -184,6 +184,11 @@ class ShadowMmu(KvmMmu):
                 )
             )
             return EmulateWrite(gpa)
+        if memslot.gmem_only:
+            raise TwodwalkError(
+                f"GFN {gfn:#x} is in guest_memfd memslot {memslot.id}: guest_memfd under shadow"
+                " paging is not modelled; use a Machine with tdp=True"
+            )
         mmu_seq = self._faultin_seq(gfn, trace)
         if mmu_seq is None:
             return RetPfRetry()

@@ -18,7 +18,10 @@ import errno
 from twodwalk.engine.cpuid import CpuModel
 from twodwalk.engine.formats import ept_format
 from twodwalk.engine.host import HostKernel, Process
+from twodwalk.engine.kvm.guest_memfd import GuestMemfd
 from twodwalk.engine.kvm.memslots import (
+    GUEST_MEMFD_FLAG_INIT_SHARED,
+    GUEST_MEMFD_FLAG_MMAP,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
     Change,
@@ -33,7 +36,7 @@ from twodwalk.engine.kvm.mmu import ALL_LEVELS, HUGE_LEVELS, PG_LEVEL_4K, TdpMmu
 from twodwalk.engine.kvm.shadow import ShadowMmu
 from twodwalk.engine.memory import page_pieces
 from twodwalk.engine.trace import KvmStep
-from twodwalk.engine.units import PAGE_SHIFT
+from twodwalk.engine.units import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import TwodwalkError, check_int
 
 DIRTY_LOG_MODES = {
@@ -157,6 +160,91 @@ class Vm:
             self.mmu.zap_memslot(result.old)
         self._slot_apply_flags(result)
         return result
+
+    def set_user_memory_region2(
+        self,
+        slot: int,
+        flags: int,
+        guest_phys_addr: int,
+        memory_size: int,
+        userspace_addr: int,
+        guest_memfd: int | None = None,
+        guest_memfd_offset: int = 0,
+    ) -> MemslotChange:
+        """KVM_SET_USER_MEMORY_REGION2: the same rules, plus KVM_MEM_GUEST_MEMFD, which binds
+        the slot to file pages of the VMM's descriptor `guest_memfd` from `guest_memfd_offset`
+        (`kvm_gmem_bind`): EBADF for a closed descriptor, EINVAL for a file that is not a
+        guest_memfd of this VM or a range already bound."""
+        check_uapi_int("guest_memfd", guest_memfd or 0, 32, "kvm_userspace_memory_region2")
+
+        def bind(new: Memslot) -> None:
+            file = self.vmm.files.get(guest_memfd) if guest_memfd is not None else None
+            if file is None:
+                raise KvmError(errno.EBADF, f"guest_memfd={guest_memfd}: no such descriptor")
+            if not isinstance(file, GuestMemfd) or file.mmu is not self.mmu:
+                raise KvmError(
+                    errno.EINVAL,
+                    f"descriptor {guest_memfd} is not a guest_memfd of this VM",
+                )
+            file.check_bind(guest_memfd_offset, new.npages)
+            new.gmem = file
+            file.bindings.append(new)
+
+        result = self.memslots.set_user_memory_region(
+            slot,
+            flags,
+            guest_phys_addr,
+            memory_size,
+            userspace_addr,
+            guest_memfd_offset=guest_memfd_offset,
+            bind=bind,
+            v2=True,
+        )
+        if result.change in (Change.DELETE, Change.MOVE) and result.old is not None:
+            self.mmu.zap_memslot(result.old)
+        self._slot_apply_flags(result)
+        return result
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> int:
+        """KVM_CREATE_GUEST_MEMFD: a guest_memfd file of `size` bytes, as a new descriptor of
+        the VMM (`kvm_gmem_create`): EINVAL for flags this VM type does not support (x86's
+        default VM type in 6.18: MMAP and INIT_SHARED) or a size that is 0 or not page
+        aligned."""
+        check_uapi_int("size", size, 64, "kvm_create_guest_memfd")
+        check_uapi_int("flags", flags, 64, "kvm_create_guest_memfd")
+        supported = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
+        if flags & ~supported:
+            raise KvmError(
+                errno.EINVAL,
+                f"flags={flags:#x}: supported are GUEST_MEMFD_FLAG_MMAP (1) and"
+                " GUEST_MEMFD_FLAG_INIT_SHARED (2)",
+            )
+        if size == 0 or size >= 1 << 63 or size % PAGE_SIZE:
+            raise KvmError(errno.EINVAL, f"size={size:#x} must be positive and page aligned")
+        file = GuestMemfd(0, self.mmu, size, flags)
+        file.fd = self.vmm.install_fd(file)
+        return file.fd
+
+    def guest_memfd(self, fd: int) -> GuestMemfd:
+        """The guest_memfd file behind the VMM's descriptor `fd`."""
+        file = self.vmm.files.get(fd)
+        if not isinstance(file, GuestMemfd):
+            raise TwodwalkError(f"fd={fd} is not a guest_memfd of the VMM")
+        return file
+
+    def set_memory_attributes(self, address: int, size: int, attributes: int) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES: x86's default VM type supports no attributes
+        (KVM_CAP_MEMORY_ATTRIBUTES = 0, `kvm_supported_mem_attributes`), so any attribute
+        is EINVAL: private memory needs KVM_X86_SW_PROTECTED_VM, SEV-SNP or TDX VMs."""
+        for name, value in (("address", address), ("size", size), ("attributes", attributes)):
+            check_uapi_int(name, value, 64, "kvm_memory_attributes")
+        if attributes:
+            raise KvmError(
+                errno.EINVAL,
+                f"attributes={attributes:#x}: this VM type supports no memory attributes"
+                " (KVM_CAP_MEMORY_ATTRIBUTES = 0); KVM_MEMORY_ATTRIBUTE_PRIVATE needs a"
+                " confidential VM type (KVM_X86_SW_PROTECTED_VM, SEV-SNP, TDX)",
+            )
 
     def _slot_apply_flags(self, result: MemslotChange) -> None:
         """x86.c `kvm_mmu_slot_apply_flags` (and `kvm_mmu_update_cpu_dirty_logging` when
@@ -310,6 +398,14 @@ class Vm:
         if memslot is None:
             return None
         return memslot.gfn_to_hva(gpa >> PAGE_SHIFT) + (gpa & 0xFFF)
+
+    def fault_hva(self, gpa: int) -> int | None:
+        """The HVA through which KVM's page-fault path resolves `gpa`: the memslot route,
+        except for a guest_memfd-only slot, whose pages come from the file by offset and
+        have no HVA on that path (the slot's userspace_addr serves only the VMM and KVM's
+        own copies)."""
+        memslot = self.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
+        return None if memslot is None or memslot.gmem_only else self.gpa_to_hva(gpa)
 
     def read_gpa(self, gpa: int, size: int) -> bytes:
         """Read guest memory as the VMM does: memslot -> HVA -> host page tables -> frame."""
