@@ -103,6 +103,7 @@ def test_binding_rules() -> None:
     )
     assert region2(1, gmem, GMEM_GPA + 4 * MIB, MIB, guest_memfd=fd) == errno.EINVAL, "no move"
     assert region2(1, gmem, GMEM_GPA, MIB, guest_memfd=fd) == errno.EINVAL, "immutable"
+    assert region2(1, 0, GMEM_GPA, MIB) == errno.EINVAL, "nor can it drop the flag"
     vm.set_user_memory_region2(1, gmem, GMEM_GPA, 0, HVA, guest_memfd=fd)  # delete: allowed
     vm.set_user_memory_region2(3, gmem, GMEM_GPA, MIB, HVA, guest_memfd=fd)  # range free again
     assert vm.memslots.slots[0, 3].gmem_pgoff == 0

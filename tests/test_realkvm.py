@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 
 import pytest
@@ -18,6 +19,36 @@ def test_memslot_errnos_agree_with_the_kernel() -> None:
     assert report.disagreements == [], report.table()
     outcomes = {o.real for o in report.outcomes}
     assert {0, 22, 17} <= outcomes, "the run reached successes, EINVAL and EEXIST"
+
+
+@needs_kvm
+def test_guest_memfd_errnos_agree_with_the_kernel() -> None:
+    """KVM_CREATE_GUEST_MEMFD, KVM_SET_USER_MEMORY_REGION2 and fallocate on the real VM and
+    the engine's, call by call (virt/kvm/guest_memfd.c, kvm_main.c)."""
+    from twodwalk.realkvm.guest_memfd import gmem_unsupported
+
+    kvm = realkvm.RealKvm()
+    try:
+        reason = gmem_unsupported(kvm)
+    finally:
+        kvm.close()
+    if reason is not None:
+        pytest.skip(reason)
+    report = realkvm.gmem_fuzz(3000, seed=7)
+    assert report.disagreements == [], report.table()
+    seen = {(o.call.kind, o.real) for o in report.outcomes}
+    for kind, code in (
+        ("create", 0),
+        ("create", errno.EINVAL),
+        ("bind", 0),
+        ("bind", errno.EINVAL),
+        ("bind", errno.EBADF),
+        ("delete", 0),
+        ("fallocate", 0),
+        ("fallocate", errno.EOPNOTSUPP),
+        ("fallocate", errno.EINVAL),
+    ):
+        assert (kind, code) in seen, f"the run never reached {kind} -> {code}"
 
 
 @needs_kvm

@@ -18,6 +18,7 @@ from twodwalk.realkvm.device import (
     this_machine,
     unavailable_reason,
 )
+from twodwalk.realkvm.guest_memfd import GmemReport, gmem_fuzz
 from twodwalk.realkvm.memslots import MemslotReport, memslot_fuzz
 from twodwalk.realkvm.paging import QUIRKS, PagingReport, paging_fuzz
 from twodwalk.realkvm.runtime import Controls, Observed, RealRunner, Step
@@ -28,6 +29,7 @@ __all__ = [
     "QUIRKS",
     "CheckResult",
     "Controls",
+    "GmemReport",
     "KvmFlavour",
     "KvmUnavailableError",
     "MemslotReport",
@@ -39,6 +41,7 @@ __all__ = [
     "SequenceReport",
     "Step",
     "check",
+    "gmem_fuzz",
     "memslot_fuzz",
     "paging_fuzz",
     "sequence_fuzz",

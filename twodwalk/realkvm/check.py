@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from twodwalk.realkvm.device import unavailable_reason
+from twodwalk.realkvm.device import RealKvm, unavailable_reason
+from twodwalk.realkvm.guest_memfd import GmemReport, gmem_fuzz, gmem_unsupported
 from twodwalk.realkvm.memslots import memslot_fuzz
 from twodwalk.realkvm.report import headline
 
@@ -21,8 +22,8 @@ class CheckResult:
 def check(
     cases: int = 1000, memslot_cases: int = 1000, seed: int = 0, sequence_cases: int = 200
 ) -> CheckResult:
-    """Paging cases, access sequences, memslot calls, MMIO exits and dirty logs on real KVM
-    and on the engine."""
+    """Paging cases, access sequences, memslot and guest_memfd calls, MMIO exits and dirty
+    logs on real KVM and on the engine."""
     reason = unavailable_reason()
     if reason is not None:
         return CheckResult(f"skipped: {reason}", None)
@@ -34,6 +35,7 @@ def check(
     paging = paging_fuzz(cases, seed)
     sequences = sequence_fuzz(sequence_cases, seed)
     memslots = memslot_fuzz(memslot_cases, seed)
+    gmem = _guest_memfd(memslot_cases, seed)
     runner = RealRunner()
     try:
         mmio = readonly_and_hole(runner)
@@ -51,6 +53,7 @@ def check(
         paging.table(),
         sequences.table(),
         memslots.table(),
+        gmem.table() if isinstance(gmem, GmemReport) else gmem,
         _headline("MMIO accesses (READONLY slot, hole)", [o.agree for o in mmio]),
         _headline("dirty-log rounds", [o.agree for o in logs]),
         *bad,
@@ -61,7 +64,18 @@ def check(
     ]
     total = len(paging.disagreements) + len(sequences.disagreements)
     total += len(memslots.disagreements) + len(bad)
+    total += len(gmem.disagreements) if isinstance(gmem, GmemReport) else 0
     return CheckResult("\n".join(lines), total)
+
+
+def _guest_memfd(cases: int, seed: int) -> GmemReport | str:
+    """The guest_memfd comparison, or why this KVM cannot take part in it."""
+    kvm = RealKvm()
+    try:
+        reason = gmem_unsupported(kvm)
+    finally:
+        kvm.close()
+    return f"guest_memfd calls: skipped, {reason}" if reason else gmem_fuzz(cases, seed)
 
 
 def _headline(what: str, agreed: list[bool]) -> str:

@@ -42,10 +42,15 @@ KVM_CREATE_VM = _io(0x01)
 KVM_CHECK_EXTENSION = _io(0x03)
 KVM_SET_USER_MEMORY_REGION = _iow(0x46, 32)
 KVM_GET_DIRTY_LOG = _iow(0x42, 16)  # struct kvm_dirty_log: slot, padding, bitmap pointer
+KVM_SET_USER_MEMORY_REGION2 = _iow(0x49, 160)
 KVM_CAP_NR_MEMSLOTS = 10
 KVM_CAP_READONLY_MEM = 81
 KVM_CAP_MULTI_ADDRESS_SPACE = 118
 _MEMORY_REGION = struct.Struct("=IIQQQ")  # struct kvm_userspace_memory_region
+# struct kvm_userspace_memory_region2: the same five fields, guest_memfd_offset,
+# guest_memfd, pad1, pad2[14]
+_MEMORY_REGION2 = struct.Struct("=IIQQQQII14Q")
+_CREATE_GUEST_MEMFD = struct.Struct("=QQ6Q")  # struct kvm_create_guest_memfd
 
 
 class KvmUnavailableError(TwodwalkError):
@@ -195,6 +200,41 @@ class RealVm:
             code = exc.errno or errno.EIO
             raise KvmError(code, f"KVM_SET_USER_MEMORY_REGION: {exc.strerror}") from None
 
+    def set_user_memory_region2(
+        self,
+        slot: int,
+        flags: int,
+        guest_phys_addr: int,
+        memory_size: int,
+        userspace_addr: int,
+        guest_memfd: int = 0,
+        guest_memfd_offset: int = 0,
+    ) -> None:
+        """KVM_SET_USER_MEMORY_REGION2; raises `KvmError` with the kernel's errno."""
+        arg = _MEMORY_REGION2.pack(
+            slot,
+            flags,
+            guest_phys_addr,
+            memory_size,
+            userspace_addr,
+            guest_memfd_offset,
+            guest_memfd,
+            0,
+            *[0] * 14,
+        )
+        _ioctl(self.fd, KVM_SET_USER_MEMORY_REGION2, arg, "KVM_SET_USER_MEMORY_REGION2")
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> int:
+        """KVM_CREATE_GUEST_MEMFD: the new file's descriptor, or `KvmError`."""
+        arg = bytearray(_CREATE_GUEST_MEMFD.pack(size, flags, *[0] * 6))
+        try:
+            fd: int = fcntl.ioctl(self.fd, KVM_CREATE_GUEST_MEMFD, arg, True)
+        except OSError as exc:
+            raise KvmError(
+                exc.errno or errno.EIO, f"KVM_CREATE_GUEST_MEMFD: {exc.strerror}"
+            ) from None
+        return fd
+
     def get_dirty_log(self, slot: int, npages: int) -> bytes:
         """KVM_GET_DIRTY_LOG: one bit per page of the slot; the kernel fills a buffer
         rounded up to whole longs, which is what comes back."""
@@ -212,6 +252,16 @@ class RealVm:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its mode argument, which os.posix_fallocate lacks; `KvmError` with
+    the errno when the file refuses."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise KvmError(code, f"fallocate: {os.strerror(code)}")
 
 
 class HostBuffer:
@@ -238,6 +288,7 @@ def _iowr(nr: int, size: int) -> int:
 
 KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
 KVM_GET_SUPPORTED_CPUID = _iowr(0x05, 8)
+KVM_CREATE_GUEST_MEMFD = _iowr(0xD4, _CREATE_GUEST_MEMFD.size)
 KVM_CREATE_VCPU = _io(0x41)
 KVM_RUN = _io(0x80)
 KVM_GET_REGS = _ior(0x81, 144)

@@ -3,7 +3,6 @@ engine's memslots, compared errno by errno."""
 
 from __future__ import annotations
 
-import errno
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ from pathlib import Path
 from twodwalk.engine.kvm.memslots import KVM_USER_MEM_SLOTS, KvmError, Memslots
 from twodwalk.engine.units import PAGE_SIZE
 from twodwalk.realkvm.device import HostBuffer, RealKvm
-from twodwalk.realkvm.report import count_lines, headline
+from twodwalk.realkvm.report import count_lines, errno_name, headline
 
 # --- memslots: the same calls on both sides, errno by errno -----------------------------------
 
@@ -187,20 +186,17 @@ class MemslotReport:
     def table(self) -> str:
         by_errno: dict[str, int] = {}
         for o in self.outcomes:
-            name = "success" if o.real == 0 else errno.errorcode[o.real]
+            name = errno_name(o.real)
             by_errno[name] = by_errno.get(name, 0) + 1
         calls, disagree = len(self.outcomes), len(self.disagreements)
         lines = [headline("memslot calls", calls, calls - disagree, disagree)]
         lines += count_lines(by_errno, "real KVM ")
         for o in self.disagreements:
             lines.append(
-                f"  DISAGREE {o.call.describe()}: real {_name(o.real)}, engine {_name(o.engine)}"
+                f"  DISAGREE {o.call.describe()}: real {errno_name(o.real)},"
+                f" engine {errno_name(o.engine)}"
             )
         return "\n".join(lines)
-
-
-def _name(code: int) -> str:
-    return "success" if code == 0 else errno.errorcode[code]
 
 
 def memslot_fuzz(cases: int, seed: int) -> MemslotReport:

@@ -4,6 +4,7 @@ one aligned line per category, so the reports read alike in the terminal and the
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping
 
 
@@ -24,3 +25,8 @@ def count_lines(counts: Mapping[str, int], label: str = "") -> list[str]:
     """One indented line per category, names aligned, counts right-aligned."""
     width = max((len(name) for name in counts), default=0)
     return [f"  {label}{name:<{width}} {n:6d}" for name, n in sorted(counts.items())]
+
+
+def errno_name(code: int) -> str:
+    """An ioctl's outcome as the reports name it: "success" for 0, else the errno's name."""
+    return "success" if code == 0 else errno.errorcode[code]

@@ -393,10 +393,14 @@ def _classify(old: Memslot | None, new: Memslot) -> Change:
     """CREATE, MOVE, FLAGS_ONLY or NONE; other changes to an existing slot are EINVAL."""
     if old is None:
         return Change.CREATE
-    if new.flags & KVM_MEM_GUEST_MEMFD:
+    if new.flags & KVM_MEM_GUEST_MEMFD or old.gmem is not None:
+        # kvm_set_memory_region: "private memslots are immutable, they can only be
+        # deleted" (it tests the new flags); dropping the flag from a guest_memfd slot is
+        # refused too on Linux 6.18 (seen on the real KVM by realkvm.guest_memfd).
         raise KvmError(
             errno_codes.EINVAL,
-            f"slot {old.id} exists: a guest_memfd slot cannot be changed, only deleted",
+            f"slot {old.id} exists: a guest_memfd slot cannot be changed, only deleted, and"
+            " an existing slot cannot become one",
         )
     if new.userspace_addr != old.userspace_addr:
         raise KvmError(
