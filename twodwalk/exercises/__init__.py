@@ -36,6 +36,8 @@ from twodwalk.exercises.grading import (
     number_readings,
 )
 from twodwalk.exercises.grid import GRID_ASKS, _seeded_grid, grid_question
+from twodwalk.exercises.guest_memfd import STORIES as GUEST_MEMFD_STORIES
+from twodwalk.exercises.guest_memfd import _seeded_guest_memfd, guest_memfd_question
 from twodwalk.exercises.handler import (
     EptViolation,
     HandlerReport,
@@ -60,6 +62,7 @@ from twodwalk.exercises.what_if import STRUCTURES, WHAT_IFS, _seeded_what_if, wh
 __all__ = [
     "CAPSTONE_PARTS",
     "GRID_ASKS",
+    "GUEST_MEMFD_STORIES",
     "ROOT_WALKS",
     "SEED_LIMIT",
     "SHADOW_ACTIONS",
@@ -85,6 +88,7 @@ __all__ = [
     "ept_qualification_question",
     "error_code_question",
     "grid_question",
+    "guest_memfd_question",
     "indices_question",
     "memslot_question",
     "memslots_of_machine_question",
@@ -117,6 +121,7 @@ TOPICS: Mapping[str, Callable[[int], Question]] = MappingProxyType(
         "shadow": _seeded_shadow,
         "grid": _seeded_grid,
         "capstone": _seeded_capstone,
+        "guest-memfd": _seeded_guest_memfd,
     }
 )
 
