@@ -27,6 +27,7 @@ SEQUENCE = (
     "08-what-if-lab",
     "09-the-answer",
     "10-lab-ept-violation-handler",
+    "11-memory-without-an-hva",
     "90-check-on-real-kvm",
 )
 
