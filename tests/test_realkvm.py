@@ -157,6 +157,38 @@ def test_replay_of_a_machine_access_agrees(cpl: int, kind: str, fields: dict[str
         assert result.real.value == 0x1234_5678
 
 
+@needs_kvm
+@pytest.mark.parametrize(
+    ("kind", "mapped", "value"),
+    [("read", True, None), ("write", True, 0x5EED), ("read", False, None), ("fetch", True, None)],
+)
+def test_a_guest_whose_ram_is_a_guest_memfd_behaves_the_same(
+    kind: str, mapped: bool, value: int | None
+) -> None:
+    """Real KVM runs the guest from guest_memfd RAM (a shadow-paging host included: its
+    faults also take the page from the file); the guest sees what the engine computes."""
+    from twodwalk.engine.machine import Machine
+    from twodwalk.realkvm.guest_memfd import gmem_unsupported
+    from twodwalk.realkvm.replay import replay
+
+    kvm = realkvm.RealKvm()
+    try:
+        reason = gmem_unsupported(kvm)
+    finally:
+        kvm.close()
+    if reason is not None:
+        pytest.skip(reason)
+    machine = Machine(guest_ram=4 << 20)
+    if mapped:
+        machine.guest.map(0x40_0000, 0x20_0000, 4096, rw=1, us=1)
+        content = 0xCC if kind == "fetch" else 0xC0DE  # a fetch lands on the caller's int3
+        machine.write_gpa(0x20_0010, content.to_bytes(8, "little"))
+    result = replay(machine, 0x40_0010, kind, value, guest_memfd=True)
+    assert result.differences == (), result.differences
+    if kind == "read" and mapped:
+        assert result.real.value == 0xC0DE
+
+
 def test_replay_refuses_a_machine_with_a_pci_hole_before_touching_kvm() -> None:
     import twodwalk as tw
     from twodwalk.realkvm.device import KvmUnavailableError

@@ -16,6 +16,12 @@ import sys
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
+from twodwalk.engine.kvm.guest_memfd import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    GUEST_MEMFD_FLAG_INIT_SHARED,
+    GUEST_MEMFD_FLAG_MMAP,
+)
 from twodwalk.engine.kvm.memslots import KvmError
 from twodwalk.errors import TwodwalkError
 
@@ -262,6 +268,26 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if libc.fallocate(fd, mode, offset, length) != 0:
         code = ctypes.get_errno()
         raise KvmError(code, f"fallocate: {os.strerror(code)}")
+
+
+class GuestMemfdBuffer:
+    """A guest_memfd of `vm` (GUEST_MEMFD_FLAG_MMAP | INIT_SHARED) mapped MAP_SHARED in this
+    process, to back a memslot the way HostBuffer does, with the file's descriptor."""
+
+    def __init__(self, vm: RealVm, size: int) -> None:
+        self.fd = vm.create_guest_memfd(size, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
+        self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+        self.size = size
+
+    def punch_all(self) -> None:
+        """fallocate(PUNCH_HOLE | KEEP_SIZE) of the whole file: every page goes, and KVM
+        zaps what mapped them (`kvm_gmem_invalidate_begin`)."""
+        fallocate(self.fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0, self.size)
+
+    def close(self) -> None:
+        self.map.close()
+        os.close(self.fd)
 
 
 class HostBuffer:

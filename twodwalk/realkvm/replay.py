@@ -46,9 +46,13 @@ def guest_ram_pages(machine: Machine) -> dict[int, bytes]:
     return pages
 
 
-def replay(machine: Machine, gva: int, kind: str, value: int | None = None) -> Replay:
+def replay(
+    machine: Machine, gva: int, kind: str, value: int | None = None, *, guest_memfd: bool = False
+) -> Replay:
     """Run the same access on real KVM (first, on the engine's state as it is now) and on the
-    engine, and compare what the guest sees."""
+    engine, and compare what the guest sees. With `guest_memfd`, real KVM's guest RAM is a
+    guest_memfd (KVM_SET_USER_MEMORY_REGION2), punched empty before the run and filled
+    through the VMM's shared mapping."""
     cpu = machine.vcpu
     if cpu.cr4_la57:
         raise KvmUnavailableError("5-level guests cannot run here: KVM refuses CR4.LA57")
@@ -58,7 +62,7 @@ def replay(machine: Machine, gva: int, kind: str, value: int | None = None) -> R
             " pci_hole (or other memslots) to compare it with real KVM"
         )
     controls = Controls.of(cpu.controls(), cpu.cpl)
-    runner = RealRunner(machine.guest_ram + 2 * RUNTIME_SIZE)
+    runner = RealRunner(machine.guest_ram + 2 * RUNTIME_SIZE, guest_memfd=guest_memfd)
     try:
         real = runner.run(guest_ram_pages(machine), cpu.cr3, gva, kind, controls, value or 0)
     finally:

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from twodwalk.engine.cpuid import CpuModel
+from twodwalk.engine.kvm.memslots import KVM_MEM_GUEST_MEMFD
 from twodwalk.engine.paging import PagingControls
 from twodwalk.engine.units import PAGE_SIZE
 from twodwalk.errors import AddressError, TwodwalkError, check_aligned, check_choice, check_int
@@ -29,6 +30,7 @@ from twodwalk.realkvm.device import (
     KVM_EXIT_IO,
     KVM_EXIT_IO_OUT,
     KVM_EXIT_MMIO,
+    GuestMemfdBuffer,
     HostBuffer,
     KvmExitError,
     RealKvm,
@@ -251,10 +253,12 @@ def _flat(selector: int, code: bool, dpl: int) -> Segment:
 
 
 class RealRunner:
-    """One real VM with one vCPU and one RAM memslot (slot 0 at GPA 0, anonymous memory);
-    `run` replays one access on it. KVM_GET_SUPPORTED_CPUID goes to KVM_SET_CPUID2 as is."""
+    """One real VM with one vCPU and one RAM memslot (slot 0 at GPA 0, anonymous memory, or
+    with `guest_memfd` a guest_memfd bound with KVM_SET_USER_MEMORY_REGION2 and mapped shared
+    by this process); `run` replays one access on it. KVM_GET_SUPPORTED_CPUID goes to
+    KVM_SET_CPUID2 as is."""
 
-    def __init__(self, ram_size: int = 32 << 20) -> None:
+    def __init__(self, ram_size: int = 32 << 20, *, guest_memfd: bool = False) -> None:
         check_int("ram_size", ram_size, 2 * RUNTIME_SIZE, 1 << 40)
         if ram_size % mmap.PAGESIZE:
             raise AddressError(f"ram_size={ram_size:#x} is not a multiple of the page size")
@@ -264,7 +268,9 @@ class RealRunner:
         self._kvm = RealKvm()
         self._vm = self._kvm.create_vm()
         self._vcpu = self._vm.create_vcpu(0, self._kvm.vcpu_mmap_size())
-        self._mem = HostBuffer(ram_size)
+        self._mem: HostBuffer | GuestMemfdBuffer = (
+            GuestMemfdBuffer(self._vm, ram_size) if guest_memfd else HostBuffer(ram_size)
+        )
         self._slot_present = False
         self._loaded: list[int] = []
         self._extra: dict[int, HostBuffer] = {}
@@ -403,10 +409,13 @@ class RealRunner:
         drops its shadow pages with it). MADV_DONTNEED gives the host's pages back, so a page
         no run loads is never-touched anonymous memory again, as in a fresh VMM."""
         if self._slot_present:
-            self._vm.set_user_memory_region(0, 0, 0, 0, self._mem.address)
+            self._vm.set_user_memory_region(0, 0, 0, 0, self._mem.address)  # delete
             self._slot_present = False
         memory = self._mem.map
-        memory.madvise(mmap.MADV_DONTNEED)
+        if isinstance(self._mem, GuestMemfdBuffer):
+            self._mem.punch_all()  # a guest_memfd's way to give its pages back
+        else:
+            memory.madvise(mmap.MADV_DONTNEED)
         for address, page in pages.items():
             memory[address : address + len(page)] = page
         self._loaded = sorted(pages)
@@ -415,7 +424,17 @@ class RealRunner:
         memory[start : start + len(commands)] = commands
         entry = self.runtime_gpa + _PDPT | _P | _RW | _US | _A
         struct.pack_into("<Q", memory, pml4 + 8 * RUNTIME_PML4_SLOT, entry)
-        self._vm.set_user_memory_region(0, flags, 0, self.ram_size, self._mem.address)
+        if isinstance(self._mem, GuestMemfdBuffer):
+            if flags:
+                raise TwodwalkError(
+                    f"flags={flags:#x}: a guest_memfd slot takes no other flag (no dirty"
+                    " logging, no KVM_MEM_READONLY)"
+                )
+            self._vm.set_user_memory_region2(
+                0, KVM_MEM_GUEST_MEMFD, 0, self.ram_size, self._mem.address, self._mem.fd
+            )
+        else:
+            self._vm.set_user_memory_region(0, flags, 0, self.ram_size, self._mem.address)
         self._slot_present = True
 
     def _set_sregs(self, cr3: int, controls: Controls) -> None:
@@ -550,4 +569,7 @@ class RealRunner:
         self._vcpu.close()
         self._vm.close()
         self._kvm.close()
-        self._mem.map.close()
+        if isinstance(self._mem, GuestMemfdBuffer):
+            self._mem.close()
+        else:
+            self._mem.map.close()

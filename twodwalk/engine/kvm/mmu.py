@@ -382,6 +382,27 @@ class KvmMmu(ABC):
         )
         return page.hpa, page.writable, page.page_size
 
+    def gmem_pfn(self, memslot: Memslot, gfn: int, trace: Trace) -> int:
+        """guest_memfd.c `kvm_gmem_get_pfn`: the file page at index gfn - base_gfn + pgoff,
+        allocated and zeroed on first use; no HVA, no walk of the VMM's page tables."""
+        file = memslot.gmem
+        assert file is not None
+        index = memslot.gmem_index(gfn)
+        new = index not in file.folios
+        hpa = file.get_folio(index)
+        trace.add(
+            KvmStep(
+                "kvm_gmem_get_pfn",
+                f"memslot {memslot.id}: GFN {gfn:#x} -> guest_memfd {file.fd} offset"
+                f" {index << PAGE_SHIFT:#x} -> HPA {hpa:#x}"
+                + (" (a new zeroed page)" if new else "")
+                + "; no HVA, no host page-table walk",
+                gfn=gfn,
+                hpa=hpa,
+            )
+        )
+        return hpa
+
     def gpa_to_hpa(self, gpa: int, write: bool, trace: Trace | None = None) -> int | None:
         """memslot -> HVA -> host page, as KVM reaches guest memory itself (its software
         walker, its emulator); None for a hole or an HVA in no VMA."""
@@ -642,29 +663,13 @@ class TdpMmu(KvmMmu):
         return Fixed()
 
     def _gmem_page_fault(self, memslot: Memslot, gfn: int, trace: Trace) -> Resolution:
-        """mmu.c `kvm_mmu_faultin_pfn_gmem` -> guest_memfd.c `kvm_gmem_get_pfn`: the page is
-        the file's, at index gfn - base_gfn + pgoff, allocated and zeroed on first use; no
-        HVA, no walk of the VMM's page tables. Writable unless the slot is read-only (never,
-        for guest_memfd); 4 KiB, since 6.18's guest_memfd folios have order 0."""
-        file = memslot.gmem
-        assert file is not None
+        """mmu.c `kvm_mmu_faultin_pfn_gmem`: the page comes from the guest_memfd
+        (`gmem_pfn`); writable unless the slot is read-only (never, for guest_memfd); 4 KiB,
+        since 6.18's guest_memfd folios have order 0."""
         mmu_seq = self._faultin_seq(gfn, trace)
         if mmu_seq is None:
             return RetPfRetry()
-        index = memslot.gmem_index(gfn)
-        new = index not in file.folios
-        hpa = file.get_folio(index)
-        trace.add(
-            KvmStep(
-                "kvm_gmem_get_pfn",
-                f"memslot {memslot.id}: GFN {gfn:#x} -> guest_memfd {file.fd} offset"
-                f" {index << PAGE_SHIFT:#x} -> HPA {hpa:#x}"
-                + (" (a new zeroed page)" if new else "")
-                + "; no HVA, no host page-table walk",
-                gfn=gfn,
-                hpa=hpa,
-            )
-        )
+        hpa = self.gmem_pfn(memslot, gfn, trace)
         if self._page_fault_stale(mmu_seq, gfn, trace):
             return RetPfRetry()
         trace.add(

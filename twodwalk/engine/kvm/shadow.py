@@ -184,15 +184,13 @@ class ShadowMmu(KvmMmu):
                 )
             )
             return EmulateWrite(gpa)
-        if memslot.gmem_only:
-            raise TwodwalkError(
-                f"GFN {gfn:#x} is in guest_memfd memslot {memslot.id}: guest_memfd under shadow"
-                " paging is not modelled; use a Machine with tdp=True"
-            )
         mmu_seq = self._faultin_seq(gfn, trace)
         if mmu_seq is None:
             return RetPfRetry()
-        hpa = self.gpa_to_hpa(gpa, access.is_write, trace)
+        if memslot.gmem_only:  # __kvm_mmu_faultin_pfn: the shadow MMU's faults too
+            hpa: int | None = self.gmem_pfn(memslot, gfn, trace) | gpa & 0xFFF
+        else:
+            hpa = self.gpa_to_hpa(gpa, access.is_write, trace)
         if hpa is None:
             return EmulateMmio(gpa, access.is_write)
         if self._page_fault_stale(mmu_seq, gfn, trace):
@@ -312,6 +310,8 @@ class ShadowMmu(KvmMmu):
         memslot = self.memslots.gfn_to_memslot(gfn)
         if memslot is None or memslot.readonly:
             return False
+        if memslot.gmem_only:  # kvm_mmu_faultin_pfn_gmem: map_writable = !READONLY
+            return True
         host = self.host.get_user_page(self.vmm, memslot.gfn_to_hva(gfn), False, fault_in=False)
         return host is not None and host.writable
 
