@@ -11,21 +11,31 @@ Page-table pages are taken from the top of guest RAM downward.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from twodwalk.engine.cpuid import CpuModel
 from twodwalk.engine.formats import ia32e_format
 from twodwalk.engine.pagetables import PageTables
 from twodwalk.engine.units import PAGE_SIZE
 
-if TYPE_CHECKING:
-    from twodwalk.engine.kvm.vm import Vm
+
+class GuestMemory(Protocol):
+    """What a guest kernel's memory is to this model: a VM's (`Vm`), or a nested guest's
+    (`nested.L2Memory`), read as its VMM reads it and written with guest stores."""
+
+    @property
+    def cpu(self) -> CpuModel: ...
+
+    def read_gpa(self, gpa: int, size: int) -> bytes: ...
+
+    def guest_store(self, gpa: int, data: bytes) -> None: ...
 
 
 class GuestRam:
     """Guest RAM as the guest kernel sees it: 8-byte entries at GPAs (a `PhysicalSpace`),
     read as the VMM would read them and written with guest stores (`Vm.guest_store`)."""
 
-    def __init__(self, vm: Vm) -> None:
+    def __init__(self, vm: GuestMemory) -> None:
         self.vm = vm
 
     def read_u64(self, address: int) -> int:
@@ -38,7 +48,7 @@ class GuestRam:
 class GuestOS:
     """The guest kernel's page-table code (arch/x86/mm in a Linux guest, say)."""
 
-    def __init__(self, vm: Vm, levels: int, ram_top: int) -> None:
+    def __init__(self, vm: GuestMemory, levels: int, ram_top: int) -> None:
         self.vm = vm
         self.format = ia32e_format(levels, vm.cpu, nxe=True)
         self._next_table = ram_top

@@ -24,6 +24,7 @@ from twodwalk.engine.formats import EPT_MEMTYPE_WB as EPT_MEMTYPE_WB
 from twodwalk.engine.kvm.memslots import Memslot
 from twodwalk.engine.kvm.mmu import Fixed, Resolution, TdpMmu
 from twodwalk.engine.machine import Machine
+from twodwalk.engine.paging import PFERR_WRITE
 from twodwalk.engine.trace import KvmStep, Trace
 from twodwalk.engine.units import HUGE_PAGE_SIZE, MIB, PAGE_SHIFT, PAGE_SIZE, size_text
 from twodwalk.errors import TwodwalkError, check_int
@@ -411,7 +412,8 @@ def run_guest(handler: Handler, machine: Machine, guest: LabGuest) -> tuple[Feed
     mmu = machine.vm.ept
     violations = 0
 
-    def on_violation(gpa: int, write: bool, trace: Trace) -> Resolution:
+    def on_violation(gpa: int, code: int, trace: Trace) -> Resolution:
+        write = bool(code & PFERR_WRITE)
         nonlocal violations
         violations += 1
         memslots = tuple(

@@ -475,9 +475,10 @@ class TdpMmu(KvmMmu):
         self.pml = False  # kvm_intel.enable_pml: set by `Vm.set_dirty_log_mode`
         self.cpu_dirty_logging_count = 0  # memslots logging dirty pages
         self.pml_buffer: list[int] = []  # GPAs, in the order the CPU logged them
-        # The path after `fast_page_fault` (`kvm_tdp_mmu_page_fault`): KVM's own, or the
-        # reader's in the handler lab (`exercises.handler`), run on the same exits.
-        self.page_fault_handler: Callable[[int, bool, Trace], Resolution] = self._direct_page_fault
+        # The path after `fast_page_fault` (`kvm_tdp_mmu_page_fault`): KVM's own, the
+        # reader's in the handler lab (`exercises.handler`), or, for a nested guest's EPT02,
+        # L0's shadowing of L1's EPT (`engine.nested`), run on the same exits.
+        self.page_fault_handler: Callable[[int, int, Trace], Resolution] = self._tdp_page_fault
 
     @property
     def pml_enabled(self) -> bool:
@@ -560,7 +561,11 @@ class TdpMmu(KvmMmu):
         )
         if self._fast_page_fault(gpa, code, trace):
             return Fixed()
-        return self.page_fault_handler(gpa, bool(code & PFERR_WRITE), trace)
+        return self.page_fault_handler(gpa, code, trace)
+
+    def _tdp_page_fault(self, gpa: int, code: int, trace: Trace) -> Resolution:
+        """`kvm_tdp_page_fault`, from KVM's page-fault error code."""
+        return self._direct_page_fault(gpa, bool(code & PFERR_WRITE), trace)
 
     def handle_ept_misconfig(self, gpa: int, trace: Trace) -> Resolution:
         """`handle_ept_misconfig` -> `handle_mmio_page_fault`: a cached MMIO entry of the
