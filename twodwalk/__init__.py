@@ -29,6 +29,7 @@ from twodwalk.engine.kvm.memslots import KvmError
 from twodwalk.engine.kvm.run import InternalError, MmioExit
 from twodwalk.engine.machine import Machine
 from twodwalk.engine.memory import FrameAllocator, PhysicalMemory
+from twodwalk.engine.nested import NestedMachine
 from twodwalk.engine.pagetables import PageTables
 from twodwalk.engine.paging import (
     GeneralProtection,
@@ -79,6 +80,7 @@ __all__ = [
     "KvmError",
     "Machine",
     "MmioExit",
+    "NestedMachine",
     "PageFault",
     "PageTables",
     "PagingControls",
