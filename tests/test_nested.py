@@ -41,6 +41,12 @@ def test_first_touch_reflects_then_shadows_each_gpa() -> None:
     assert steps.count("nested_ept_inject_page_fault") == 5
     assert steps.count("L1 KVM: kvm_tdp_page_fault") == 5
     assert steps.count("FNAME(fetch)") == 5
+    # Exit multiplication: while handling, L1's stores to EPT12 pages L0 already shadows
+    # trap too (the PT page after the first leaf; the upper tables once shadowed): 4 here.
+    assert steps.count("kvm_mmu_track_write") == 4 == n.nested.traps
+    # L1 first touches 5 EPT12 pages (L1's stores go through EPT01): PML4, PDPT, PD, and
+    # one PT each for L2 GPAs 0x7fc000-0x7ff000 (L2's tables) and 0x200000 (the data).
+    assert steps.count("handle_ept_violation (L1)") == 5
     assert result.gpa == L2_GPA + 8
     l1_gpa = n.l1.l1_gpa(L2_GPA + 8)
     assert l1_gpa == 16 * (1 << 20) + L2_GPA + 8, "L1's memslot puts L2 RAM at L1 GPA 16 MiB"

@@ -132,14 +132,28 @@ class NestedEptMmu:
         self.backed: dict[int, set[int]] = {}  # L1 GFN -> L2 GFNs whose EPT02 leaf maps it
         self.log: list[KvmStep] = []
         self.traps = 0  # L1's writes to shadowed EPT12 pages, each a VM exit to L0
+        # The access being handled: what L1 does while handling a reflected exit (its
+        # traps, its own EPT violations) belongs to that access's trace.
+        self._trace: Trace | None = None
         l0.host.notifiers.append(self)
+
+    def _step(self, step: KvmStep) -> None:
+        (self.log.append if self._trace is None else self._trace.add)(step)
 
     def l1_touch(self, l1_gpa: int) -> None:
         """L1's CPU writes its own RAM through EPT01: a first touch takes an EPT violation
         of L1 that L0 handles as for any guest (`kvm_tdp_page_fault`)."""
         ept01 = self.l0.vm.ept
         if ept01.get_walk(l1_gpa).translation is None:
-            ept01.handle_ept_violation(l1_gpa, EPT_VIOLATION_ACC_WRITE, Trace())
+            self._step(
+                KvmStep(
+                    "handle_ept_violation (L1)",
+                    f"L1's first store to its page at L1 GPA {l1_gpa & ~0xFFF:#x}: an EPT"
+                    " violation of L1, which L0 fixes in EPT01",
+                    gfn=l1_gpa >> PAGE_SHIFT,
+                )
+            )
+            ept01.handle_ept_violation(l1_gpa, EPT_VIOLATION_ACC_WRITE, self._trace or Trace())
 
     def _hypervisor(self) -> L1Hypervisor:
         assert self.l1 is not None, "the L1 hypervisor is set up with the machine"
@@ -168,6 +182,7 @@ class NestedEptMmu:
         hardware (its qualification from EPT12's entries); L1's KVM fixes EPT12 and its
         VMRESUME traps back to L0, which enters L2 again."""
         qualification = ept_violation_qualification(record, final)
+        self._trace = trace
         trace.add(
             KvmStep(
                 "nested_ept_inject_page_fault",
@@ -176,7 +191,10 @@ class NestedEptMmu:
                 gfn=record.address >> PAGE_SHIFT,
             )
         )
-        self._hypervisor().handle_ept_violation(record.address, trace)
+        try:
+            self._hypervisor().handle_ept_violation(record.address, trace)
+        finally:
+            self._trace = None
         trace.add(KvmStep("nested_vmx_run", "L1's VMRESUME traps to L0, which enters L2"))
         return Fixed()
 
@@ -249,7 +267,7 @@ class NestedEptMmu:
             return
         zapped = self._zap(entries.pop(l1_gpa & ~7, set()))
         self.traps += 1
-        self.log.append(
+        self._step(
             KvmStep(
                 "kvm_mmu_track_write",
                 f"L1 wrote its EPT12 entry at L1 GPA {l1_gpa:#x}, in a page L0 shadows: the"
