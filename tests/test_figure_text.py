@@ -19,6 +19,7 @@ from twodwalk.views.plots import (
     plot_address_fields,
     plot_address_map,
     plot_hit_rates,
+    plot_nested_trees,
     plot_references,
     plot_timeline,
     plot_two_trees,
@@ -118,3 +119,10 @@ def test_no_text_collides_in_the_cost_charts() -> None:
     results = compare(lambda base: uniform(base, pages, 1500, seed=1), pages, CONFIGURATIONS)
     assert text_problems(plot_references(results)) == []
     assert text_problems(plot_hit_rates(results)) == []
+
+
+def test_nested_trees_figure_text() -> None:
+    n = tw.NestedMachine()
+    n.l2.map(0x40_0000, 0x20_0000, 4096, rw=1, us=1)
+    result = n.l2_vcpu.access(0x40_0008, "write", 1)
+    assert text_problems(plot_nested_trees(n, result)) == []

@@ -149,3 +149,17 @@ def test_every_ept02_leaf_is_ept12_composed_with_l0(ops: list[tuple[str, int]]) 
             if n.l0.host.pagemap(n.l0.vmm, hva) is not None:
                 n.l0.host.swap_out(n.l0.vmm, hva)
         every_ept02_leaf_composes(n)
+
+
+def test_nested_trees_readout_reads_the_three_trees_without_changing_them() -> None:
+    from twodwalk.views.readouts import nested_trees
+
+    n = machine()
+    result = n.l2_vcpu.access(GVA + 8, "write", 5)
+    before = [e.value for e in n.nested.ept02.tables.entries()]
+    trees = nested_trees(n, result)
+    assert [e.value for e in n.nested.ept02.tables.entries()] == before
+    assert trees.ept12.translation is not None
+    assert trees.ept12.translation.address == trees.l1_gpa == n.l1.l1_gpa(L2_GPA + 8)
+    assert result.hpa is not None and trees.frame == result.hpa & ~0xFFF
+    assert trees.ept12.root == n.l1.eptp12.root and trees.ept02.root == n.nested.ept02.eptp.root

@@ -54,6 +54,7 @@ from twodwalk.views.readouts import (
     guest_mappings,
     level_names,
     memslot_regions,
+    nested_trees,
     references,
     table_name,
     timeline_rows,
@@ -89,6 +90,7 @@ from twodwalk.workloads import WorkloadResult
 
 if TYPE_CHECKING:
     from twodwalk.engine.machine import Machine
+    from twodwalk.engine.nested import NestedMachine
     from twodwalk.engine.processor import AccessResult
 
 __all__ = [
@@ -144,6 +146,7 @@ __all__ = [
     "plot_address_fields",
     "plot_address_map",
     "plot_hit_rates",
+    "plot_nested_trees",
     "plot_references",
     "plot_timeline",
     "plot_two_trees",
@@ -868,11 +871,101 @@ def plot_two_trees(machine: Machine, result: AccessResult, *, ax: Axes | None = 
     return figure
 
 
-def _draw_tree(ax: Axes, name: str, record: WalkRecord, root: str) -> float:
-    """A tree's path from its root down: a box per table page (its HPA), the index the walk
-    used at each level and the entry it read beside it; returns the leaf table's height."""
+_NESTED_X = {"kvm-walk": 2.2, "ept": 8.0, "host": 13.8}  # EPT12, EPT02, L0's host tree
+
+
+def plot_nested_trees(
+    nested: NestedMachine, result: AccessResult, *, ax: Axes | None = None
+) -> Figure:
+    """Nested EPT in one figure: for an L2 access, L1's EPT12 (left, L1 GPAs, which L0 reads
+    in software), the EPT02 that L0 built from it and the CPU walks (middle, HPAs), and the
+    host's walk of the HVA behind EPT12's L1 GPA (right, L0's memslot in between): EPT02's
+    leaf and the host's name the same frame, EPT12's names an L1 GPA."""
+    trees = nested_trees(nested, result)
+    figure, ax = figure_and_axes(ax, (14.0, 9.0))
+    roots = (
+        ("kvm-walk", trees.ept12, f"EPTP12 (L1's)\nL1 GPA {trees.ept12.root:#x}", "L1 GPA"),
+        ("ept", trees.ept02, f"EPTP02 (L0's shadow)\nHPA {trees.ept02.root:#x}", "HPA"),
+        ("host", trees.host, f"the VMM's CR3\nHPA {trees.host.root:#x}", "HPA"),
+    )
+    leaves = {
+        name: _draw_tree(ax, name, record, root, x=_NESTED_X[name], space=space, entries=False)
+        for name, record, root, space in roots
+    }
+    ax.text(5.1, -0.7, f"L2 GPA {trees.l2_gpa:#x}", ha="center", va="center", fontsize=12)
+    ax.text(_NESTED_X["host"], -0.7, f"HVA {trees.hva:#x}", ha="center", va="center", fontsize=12)
+    y_frame = max(leaves.values()) + 1.4
+    ax.text(
+        _NESTED_X["kvm-walk"],
+        y_frame,
+        f"L1 GPA {trees.l1_gpa:#x}\n-> memslot {trees.memslot.id}\n-> HVA {trees.hva:#x}",
+        ha="center",
+        va="center",
+        fontsize=FONT,
+        bbox={"boxstyle": "round,pad=0.3", "facecolor": "white", "edgecolor": BLACK},
+    )
+    ax.text(
+        (_NESTED_X["ept"] + _NESTED_X["host"]) / 2,
+        y_frame,
+        f"the same frame\nHPA {trees.frame:#x}" if trees.frame is not None else "no common frame",
+        ha="center",
+        va="center",
+        fontsize=12,
+        bbox={"boxstyle": "round4,pad=0.5", "facecolor": "#DDDDDD", "edgecolor": BLACK},
+    )
+    frame_x = (_NESTED_X["ept"] + _NESTED_X["host"]) / 2
+    for name, target_x in (
+        ("kvm-walk", _NESTED_X["kvm-walk"]),
+        ("ept", frame_x),
+        ("host", frame_x),
+    ):
+        style = DIMENSION_STYLES[name]
+        x = _NESTED_X[name]
+        ax.add_patch(
+            FancyArrowPatch(
+                (x, leaves[name] + 0.4),
+                (target_x + (x - target_x) * 0.3, y_frame - 0.55),
+                arrowstyle="-|>",
+                mutation_scale=16,
+                color=style.colour,
+                linestyle=style.linestyle,
+                linewidth=2.5,
+            )
+        )
+    handles: list[Line2D | Patch] = [
+        Line2D([], [], color=s.colour, linestyle=s.linestyle, linewidth=2.5, label=label)
+        for s, label in (
+            (DIMENSION_STYLES["kvm-walk"], "EPT12: L1's EPT, read by L0 (software)"),
+            (DIMENSION_STYLES["ept"], "EPT02: L0's shadow, walked by the CPU"),
+            (DIMENSION_STYLES["host"], "host page tables (L0's software path)"),
+        )
+    ]
+    handles.append(Patch(facecolor="#DDDDDD", edgecolor=BLACK, label="the frame both name"))
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=FONT)
+    ax.set_xlim(-0.2, 16.2)
+    ax.set_ylim(y_frame + 1.2, -1.3)
+    ax.set_axis_off()
+    ax.set_title(
+        "Three trees for one L2 page: EPT12 (L1's), EPT02 (L0's shadow), the host's", fontsize=12
+    )
+    return figure
+
+
+def _draw_tree(
+    ax: Axes,
+    name: str,
+    record: WalkRecord,
+    root: str,
+    *,
+    x: float | None = None,
+    space: str = "HPA",
+    entries: bool = True,
+) -> float:
+    """A tree's path from its root down: a box per table page (its address in `space`),
+    the index the walk used at each level and, with `entries`, the entry it read beside it;
+    returns the leaf table's height."""
     style = DIMENSION_STYLES[name]
-    x = _TREE_X[name]
+    x = _TREE_X[name] if x is None else x
     ax.text(
         x,
         0.4,
@@ -900,7 +993,9 @@ def _draw_tree(ax: Axes, name: str, record: WalkRecord, root: str) -> float:
         ax.text(
             x,
             y_next,
-            f"{table} page\nHPA {step.table:#x}",
+            f"{table} page\n{space} {step.table:#x}"
+            if entries
+            else f"{table} [{step.index}]\n{space} {step.table:#x}",
             ha="center",
             va="center",
             fontsize=FONT,
@@ -910,16 +1005,17 @@ def _draw_tree(ax: Axes, name: str, record: WalkRecord, root: str) -> float:
                 "edgecolor": BLACK,
             },
         )
-        inward = 1.55 if x < 8.0 else -1.55  # the entries between the two trees
-        ax.text(
-            x + inward,
-            y_next,
-            f"[{step.index}] = {step.value:#018x}",
-            ha="left" if inward > 0 else "right",
-            va="center",
-            fontsize=FONT,
-            family="monospace",
-        )
+        if entries:
+            inward = 1.55 if x < 8.0 else -1.55  # the entries between the two trees
+            ax.text(
+                x + inward,
+                y_next,
+                f"[{step.index}] = {step.value:#018x}",
+                ha="left" if inward > 0 else "right",
+                va="center",
+                fontsize=FONT,
+                family="monospace",
+            )
         y = y_next
     return y
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from twodwalk.engine.cpuid import CpuModel
+from twodwalk.engine.ept import EptAccessRules
 from twodwalk.engine.formats import EntryFormat, ept_format, ia32e_format
 from twodwalk.engine.kvm.mmu import SHADOW_NONPRESENT_VALUE
 from twodwalk.engine.trace import (
@@ -32,7 +33,8 @@ from twodwalk.engine.trace import (
     VmExit,
 )
 from twodwalk.engine.units import PAGE_SIZE, PAGE_SIZES
-from twodwalk.engine.walker import WalkRecord
+from twodwalk.engine.walker import Access, AccessKind, TableRead, WalkRecord
+from twodwalk.engine.walker import walk as walk_tree
 from twodwalk.errors import TwodwalkError, check_choice, check_int
 from twodwalk.views.style import (
     GUEST_PHYSICAL,
@@ -46,9 +48,11 @@ from twodwalk.views.style import (
 if TYPE_CHECKING:
     from twodwalk.engine.kvm.memslots import Memslot
     from twodwalk.engine.machine import Machine
+    from twodwalk.engine.nested import NestedMachine
     from twodwalk.engine.processor import AccessResult
 
 _CPU = CpuModel()
+EPT_RULES = EptAccessRules()
 
 
 def level_names(space: str, levels: int) -> dict[int, str]:
@@ -534,3 +538,70 @@ def two_trees(machine: Machine, result: AccessResult) -> TwoTrees:
     ept = machine.vm.ept.get_walk(result.gpa)
     host = machine.host.walk(machine.vmm, result.hva, False)
     return TwoTrees(result.gpa, result.hva, ept, host, memslot)
+
+
+@dataclass(frozen=True)
+class NestedTrees:
+    """An L2 access's three trees, read without changing any: L1's EPT12 (L2 GPA -> L1 GPA),
+    the EPT02 L0 built from it (L2 GPA -> HPA), and the host's walk of the HVA behind the L1
+    GPA, with L0's memslot between."""
+
+    l2_gpa: int
+    l1_gpa: int
+    hva: int
+    ept12: WalkRecord
+    ept02: WalkRecord
+    host: WalkRecord
+    memslot: Memslot
+
+    @property
+    def frame(self) -> int | None:
+        """The frame EPT02 and the host both name, if they agree (while L0 keeps EPT02
+        current)."""
+        ept02, host = self.ept02.translation, self.host.translation
+        if ept02 is None or host is None or ept02.address != host.address:
+            return None
+        return ept02.address & ~(PAGE_SIZE - 1)
+
+
+class _PagemapTables:
+    """Tables at L1 GPAs read where L0's host maps them now (`Vm.gpa_to_hpa`, like
+    /proc/PID/pagemap): no fault, no A/D bit."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+
+    def read_entry(self, address: int, access: Access) -> tuple[int, TableRead | None]:
+        hpa = self.machine.vm.gpa_to_hpa(address)
+        if hpa is None:
+            return 0, TableRead(0, address)
+        value = self.machine.memory.read_u64(hpa)
+        return value, TableRead(value, hpa)
+
+    def write_entry(self, address: int, read: TableRead | None, value: int) -> WalkRecord | None:
+        raise AssertionError("a look-up sets no A/D bits")
+
+
+def nested_trees(nested: NestedMachine, result: AccessResult) -> NestedTrees:
+    """The three trees of a completed L2 access (`NestedMachine.l2_vcpu.access`)."""
+    if result.gpa is None or result.hpa is None:
+        raise TwodwalkError("three trees need an L2 access that reached memory: this one did not")
+    l0, l1 = nested.l0, nested.l1
+    read = Access.of(AccessKind.READ)
+    ept12 = walk_tree(
+        l1.ept12.fmt,
+        l1.eptp12.root,
+        result.gpa,
+        read,
+        _PagemapTables(l0),
+        EPT_RULES,
+        accessed_dirty=False,
+    )
+    l1_gpa = l1.l1_gpa(result.gpa)
+    memslot = l0.vm.memslots.gfn_to_memslot(l1_gpa >> 12)
+    hva = l0.vm.gpa_to_hva(l1_gpa)
+    assert memslot is not None and hva is not None  # L1's RAM is L0's memslot 0
+    host = l0.host.walk(l0.vmm, hva, False)
+    return NestedTrees(
+        result.gpa, l1_gpa, hva, ept12, nested.nested.ept02.get_walk(result.gpa), host, memslot
+    )
