@@ -51,6 +51,7 @@ from twodwalk.exercises.memslot import (
     memslot_question,
     memslots_of_machine_question,
 )
+from twodwalk.exercises.nested import NESTED_HISTORIES, _seeded_nested, nested_question
 from twodwalk.exercises.references import _seeded_references, references_question
 from twodwalk.exercises.roots import ROOT_WALKS, _seeded_roots, roots_question
 from twodwalk.exercises.shadow import SHADOW_ACTIONS, _seeded_shadow, shadow_question
@@ -63,6 +64,7 @@ __all__ = [
     "CAPSTONE_PARTS",
     "GRID_ASKS",
     "GUEST_MEMFD_STORIES",
+    "NESTED_HISTORIES",
     "ROOT_WALKS",
     "SEED_LIMIT",
     "SHADOW_ACTIONS",
@@ -92,6 +94,7 @@ __all__ = [
     "indices_question",
     "memslot_question",
     "memslots_of_machine_question",
+    "nested_question",
     "number_readings",
     "quiz",
     "reference_handler",
@@ -122,6 +125,7 @@ TOPICS: Mapping[str, Callable[[int], Question]] = MappingProxyType(
         "grid": _seeded_grid,
         "capstone": _seeded_capstone,
         "guest-memfd": _seeded_guest_memfd,
+        "nested": _seeded_nested,
     }
 )
 
