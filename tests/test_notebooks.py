@@ -28,6 +28,7 @@ SEQUENCE = (
     "09-the-answer",
     "10-lab-ept-violation-handler",
     "11-memory-without-an-hva",
+    "12-nested-virtualization",
     "90-check-on-real-kvm",
 )
 
