@@ -21,10 +21,8 @@ def test_memslot_errnos_agree_with_the_kernel() -> None:
     assert {0, 22, 17} <= outcomes, "the run reached successes, EINVAL and EEXIST"
 
 
-@needs_kvm
-def test_guest_memfd_errnos_agree_with_the_kernel() -> None:
-    """KVM_CREATE_GUEST_MEMFD, KVM_SET_USER_MEMORY_REGION2 and fallocate on the real VM and
-    the engine's, call by call (virt/kvm/guest_memfd.c, kvm_main.c)."""
+def skip_without_guest_memfd() -> None:
+    """Skip, with the reason, where this KVM cannot create a guest_memfd (before 6.8)."""
     from twodwalk.realkvm.guest_memfd import gmem_unsupported
 
     kvm = realkvm.RealKvm()
@@ -34,6 +32,13 @@ def test_guest_memfd_errnos_agree_with_the_kernel() -> None:
         kvm.close()
     if reason is not None:
         pytest.skip(reason)
+
+
+@needs_kvm
+def test_guest_memfd_errnos_agree_with_the_kernel() -> None:
+    """KVM_CREATE_GUEST_MEMFD, KVM_SET_USER_MEMORY_REGION2 and fallocate on the real VM and
+    the engine's, call by call (virt/kvm/guest_memfd.c, kvm_main.c)."""
+    skip_without_guest_memfd()
     report = realkvm.gmem_fuzz(3000, seed=7)
     assert report.disagreements == [], report.table()
     seen = {(o.call.kind, o.real) for o in report.outcomes}
@@ -168,16 +173,9 @@ def test_a_guest_whose_ram_is_a_guest_memfd_behaves_the_same(
     """Real KVM runs the guest from guest_memfd RAM (a shadow-paging host included: its
     faults also take the page from the file); the guest sees what the engine computes."""
     from twodwalk.engine.machine import Machine
-    from twodwalk.realkvm.guest_memfd import gmem_unsupported
     from twodwalk.realkvm.replay import replay
 
-    kvm = realkvm.RealKvm()
-    try:
-        reason = gmem_unsupported(kvm)
-    finally:
-        kvm.close()
-    if reason is not None:
-        pytest.skip(reason)
+    skip_without_guest_memfd()
     machine = Machine(guest_ram=4 << 20)
     if mapped:
         machine.guest.map(0x40_0000, 0x20_0000, 4096, rw=1, us=1)

@@ -12,7 +12,7 @@ import errno
 import os
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from twodwalk.engine.cpuid import CpuModel
 from twodwalk.engine.kvm.guest_memfd import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
@@ -21,7 +21,7 @@ from twodwalk.engine.kvm.vm import Vm
 from twodwalk.engine.machine import new_host
 from twodwalk.engine.units import PAGE_SIZE
 from twodwalk.realkvm.device import HostBuffer, RealKvm, RealVm, fallocate
-from twodwalk.realkvm.report import count_lines, errno_name, headline
+from twodwalk.realkvm.report import CallReport, errno_name
 
 BAD_FD = 1000  # a descriptor neither side has open
 FOREIGN = -1  # the file of the second VM
@@ -57,6 +57,9 @@ class GmemOutcome:
     @property
     def agree(self) -> bool:
         return self.real == self.engine
+
+    def describe(self) -> str:
+        return self.call.describe()
 
 
 class _Side:
@@ -170,30 +173,11 @@ def compare_gmem(calls: list[GmemCall], kvm: RealKvm) -> list[GmemOutcome]:
         other_real.close()
 
 
-@dataclass
-class GmemReport:
-    """Agreement counts of a guest_memfd run and the calls that disagreed."""
-
-    outcomes: list[GmemOutcome] = field(default_factory=list)
-
-    @property
-    def disagreements(self) -> list[GmemOutcome]:
-        return [o for o in self.outcomes if not o.agree]
+class GmemReport(CallReport[GmemOutcome]):
+    """Agreement counts of a guest_memfd run, by call and the real kernel's errno."""
 
     def table(self) -> str:
-        by_kind: dict[str, int] = {}
-        for o in self.outcomes:
-            key = f"{o.call.kind} {errno_name(o.real)}"
-            by_kind[key] = by_kind.get(key, 0) + 1
-        calls, disagree = len(self.outcomes), len(self.disagreements)
-        lines = [headline("guest_memfd calls", calls, calls - disagree, disagree)]
-        lines += count_lines(by_kind, "real KVM ")
-        lines += [
-            f"  DISAGREE {o.call.describe()}: real {errno_name(o.real)},"
-            f" engine {errno_name(o.engine)}"
-            for o in self.disagreements
-        ]
-        return "\n".join(lines)
+        return self._table("guest_memfd calls", lambda o: f"{o.call.kind} {errno_name(o.real)}")
 
 
 def gmem_unsupported(kvm: RealKvm) -> str | None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from twodwalk.engine.kvm.memslots import KVM_USER_MEM_SLOTS, KvmError, Memslots
 from twodwalk.engine.units import PAGE_SIZE
 from twodwalk.realkvm.device import HostBuffer, RealKvm
-from twodwalk.realkvm.report import count_lines, errno_name, headline
+from twodwalk.realkvm.report import CallReport, errno_name
 
 # --- memslots: the same calls on both sides, errno by errno -----------------------------------
 
@@ -44,6 +44,9 @@ class MemslotOutcome:
     @property
     def agree(self) -> bool:
         return self.real == self.engine
+
+    def describe(self) -> str:
+        return self.call.describe()
 
 
 def _errno_of(apply: Callable[[int, int, int, int, int], object], call: MemslotCall) -> int:
@@ -173,30 +176,11 @@ def _host_maxphyaddr() -> int:
     return 46
 
 
-@dataclass
-class MemslotReport:
-    """Agreement counts of a memslot run and the calls that disagreed."""
-
-    outcomes: list[MemslotOutcome] = field(default_factory=list)
-
-    @property
-    def disagreements(self) -> list[MemslotOutcome]:
-        return [o for o in self.outcomes if not o.agree]
+class MemslotReport(CallReport[MemslotOutcome]):
+    """Agreement counts of a memslot run, by the real kernel's errno."""
 
     def table(self) -> str:
-        by_errno: dict[str, int] = {}
-        for o in self.outcomes:
-            name = errno_name(o.real)
-            by_errno[name] = by_errno.get(name, 0) + 1
-        calls, disagree = len(self.outcomes), len(self.disagreements)
-        lines = [headline("memslot calls", calls, calls - disagree, disagree)]
-        lines += count_lines(by_errno, "real KVM ")
-        for o in self.disagreements:
-            lines.append(
-                f"  DISAGREE {o.call.describe()}: real {errno_name(o.real)},"
-                f" engine {errno_name(o.engine)}"
-            )
-        return "\n".join(lines)
+        return self._table("memslot calls", lambda o: errno_name(o.real))
 
 
 def memslot_fuzz(cases: int, seed: int) -> MemslotReport:

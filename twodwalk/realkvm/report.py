@@ -5,7 +5,9 @@ one aligned line per category, so the reports read alike in the terminal and the
 from __future__ import annotations
 
 import errno
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
 
 def headline(what: str, cases: int, agree: int, disagree: int, seconds: float | None = None) -> str:
@@ -30,3 +32,45 @@ def count_lines(counts: Mapping[str, int], label: str = "") -> list[str]:
 def errno_name(code: int) -> str:
     """An ioctl's outcome as the reports name it: "success" for 0, else the errno's name."""
     return "success" if code == 0 else errno.errorcode[code]
+
+
+class CallOutcome(Protocol):
+    """One ioctl compared on both sides: the errno each returned (0: success)."""
+
+    @property
+    def real(self) -> int: ...
+
+    @property
+    def engine(self) -> int: ...
+
+    @property
+    def agree(self) -> bool: ...
+
+    def describe(self) -> str: ...
+
+
+OutcomeT = TypeVar("OutcomeT", bound=CallOutcome)
+
+
+@dataclass
+class CallReport(Generic[OutcomeT]):
+    """Agreement counts of a run of ioctl calls, by category, and the calls that disagreed."""
+
+    outcomes: list[OutcomeT] = field(default_factory=list)
+
+    @property
+    def disagreements(self) -> list[OutcomeT]:
+        return [o for o in self.outcomes if not o.agree]
+
+    def _table(self, what: str, category: Callable[[OutcomeT], str]) -> str:
+        counts: dict[str, int] = {}
+        for o in self.outcomes:
+            counts[category(o)] = counts.get(category(o), 0) + 1
+        calls, disagree = len(self.outcomes), len(self.disagreements)
+        lines = [headline(what, calls, calls - disagree, disagree)]
+        lines += count_lines(counts, "real KVM ")
+        lines += [
+            f"  DISAGREE {o.describe()}: real {errno_name(o.real)}, engine {errno_name(o.engine)}"
+            for o in self.disagreements
+        ]
+        return "\n".join(lines)
