@@ -88,10 +88,18 @@ def test_start_notebook_explorer_follows_a_typed_address(session: Session) -> No
     screenshot(page, "lab-00-start-here-after-typing")
 
 
-def test_ept_notebook_what_if_lab_renders(session: Session) -> None:
+def test_ept_notebook_folds_its_traces(session: Session) -> None:
+    """Notebook 04 shows each first touch as one line per exit, the full trace folded in a
+    <details> that opens on a click."""
     page = run(session, "04-ept.ipynb")
     assert widget_count(page) > 0 and figure_count(page) > 0
-    assert page.locator(f"{CURRENT} .widget-button", has_text="swap").count() > 0
+    folded = page.locator(f"{CURRENT} details").first
+    assert (
+        "exit 1: 48 EPT_VIOLATION"
+        in page.locator(f"{CURRENT} pre", has_text="exit 1:").first.inner_text()
+    )
+    folded.locator("summary").click()
+    assert "VM exit 48 EPT_VIOLATION" in folded.inner_text()
 
 
 @pytest.mark.parametrize("ui", ["lab", "notebook"])

@@ -123,3 +123,25 @@ def test_traces_and_outcomes_decode_their_codes_by_name() -> None:
     m.vcpu.flush_tlb()
     fault = m.vcpu.access(GVA, "write", 1)
     assert format_outcome(fault).startswith("#PF error code 0x3 (P W/R), CR2")
+
+
+def test_collapsed_trace_has_one_line_per_exit_and_the_full_trace_on_demand() -> None:
+    from twodwalk.engine.trace import VmExit
+    from twodwalk.views.text import CollapsedTrace, format_trace
+
+    m = tw.Machine(guest_ram=32 << 20, maxphyaddr=48)
+    m.guest.map(0x40_0000, 0x10_0000, 4096, rw=1, us=1)
+    first = m.vcpu.access(0x40_0008, "write", value=42)
+    folded = CollapsedTrace(first.trace)
+    lines = folded.summary.splitlines()
+    assert len(lines) == len(first.trace.of_type(VmExit)) == 5
+    assert lines[0].startswith("exit 1: 48 EPT_VIOLATION at GPA 0x1fff000 (a guest page table)")
+    assert "(the data's GPA)" in lines[4] and "1 host page fault" in lines[4]
+    assert all(line.endswith("Then: retry.") for line in lines)
+    html_text = folded._repr_html_()
+    assert "-&gt;" in html_text and "->" not in html_text, "escaped"
+    details = html_text[html_text.index("<details>") :]
+    assert format_trace(first.trace).splitlines()[0].split(":")[0] in details
+    assert f"({len(format_trace(first.trace).splitlines())} lines)" in details
+    warm = m.vcpu.access(0x40_0008, "read")
+    assert CollapsedTrace(warm.trace).summary == "no VM exit"

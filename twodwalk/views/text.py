@@ -7,6 +7,7 @@ beside them where a learner would check an index by hand (as in the OSTEP paging
 
 from __future__ import annotations
 
+import html
 from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -465,6 +466,61 @@ def format_exits(trace: Trace) -> str:
     counts = Counter(f"{e.reason} {e.name}" for e in exits)
     reasons = ", ".join(f"{name} x{n}" for name, n in counts.items())
     return f"{len(exits)} VM exit{'s' if len(exits) > 1 else ''} ({reasons})"
+
+
+def exit_summaries(trace: Trace) -> list[str]:
+    """One line per VM exit of an access: the exit, what the CPU was translating, what KVM
+    ran and wrote, and how the access went on: the trace's story without its detail."""
+    lines: list[str] = []
+    segment: list[Event] = []
+    for event in [*trace, None]:
+        if event is None or isinstance(event, VmExit):
+            if segment and isinstance(segment[0], VmExit):
+                lines.append(_exit_summary(len(lines) + 1, segment))
+            segment = []
+        if event is not None:
+            segment.append(event)
+    return lines
+
+
+def _exit_summary(number: int, segment: list[Event]) -> str:
+    exit_ = segment[0]
+    assert isinstance(exit_, VmExit)
+    where = f" at GPA {exit_.gpa:#x}" if exit_.gpa is not None else ""
+    if exit_.qualification is not None and exit_.reason == EXIT_REASON_EPT_VIOLATION:
+        final = exit_.qualification & EPT_VIOLATION_GVA_TRANSLATED
+        where += " (the data's GPA)" if final else " (a guest page table)"
+    steps = list(dict.fromkeys(e.function for e in segment if isinstance(e, KvmStep)))
+    leaves = sum(1 for e in segment if isinstance(e, SpteWrite) and e.leaf)
+    faults = sum(1 for e in segment if isinstance(e, HostPageFault))
+    did = " -> ".join(steps) or "nothing"
+    extra = f"; {leaves} leaf entr{'y' if leaves == 1 else 'ies'} written" if leaves else ""
+    extra += f"; {faults} host page fault{'s' if faults > 1 else ''}" if faults else ""
+    then = "retry" if any(isinstance(e, Retry) for e in segment) else "the access ends"
+    return f"exit {number}: {exit_.reason} {exit_.name}{where}. KVM: {did}{extra}. Then: {then}."
+
+
+class CollapsedTrace:
+    """A trace shown folded: one line per VM exit, with the full trace a click away (an HTML
+    `<details>`, in a notebook) or a call away (`format_trace`, in text)."""
+
+    def __init__(self, trace: Trace) -> None:
+        self.trace = trace
+
+    @property
+    def summary(self) -> str:
+        return "\n".join(exit_summaries(self.trace)) or "no VM exit"
+
+    def __repr__(self) -> str:
+        return f"{self.summary}\n(the full trace: print(format_trace(trace)))"
+
+    def _repr_html_(self) -> str:
+        full = format_trace(self.trace)
+        return (
+            f"<pre>{html.escape(self.summary)}</pre>"
+            f"<details><summary>the full trace ({len(full.splitlines())} lines)</summary>"
+            f"<pre>{html.escape(full)}</pre></details>"
+        )
 
 
 # --- why an access ended as it did ---------------------------------------------------------------
