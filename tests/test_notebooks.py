@@ -60,3 +60,25 @@ def test_notebook_runs_clean_on_a_fresh_kernel(path: Path) -> None:
         or (output.output_type == "stream" and output.name == "stderr")
     ]
     assert noisy == [], "a learner would see these tracebacks or warnings"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_states_its_time_and_its_lecture_cut_exists(path: Path) -> None:
+    """The line under each title gives the self-paced and lecture-demo times; a lecture cut
+    names sections, and each must start a real section heading of the notebook."""
+    import re
+
+    cells = read(path).cells
+    timing = cells[0].source.splitlines()[2]
+    assert re.match(
+        r"^\*Self-paced: about \d+ minutes · as a lecture demo: about \d+ minutes", timing
+    ), timing
+    headings = [
+        line[3:]
+        for c in cells
+        if c.cell_type == "markdown"
+        for line in c.source.splitlines()
+        if line.startswith("## ")
+    ]
+    for section in re.findall(r"\u201c([^\u201d]+)\u201d", timing):
+        assert any(h.startswith(section) for h in headings), f"no section {section!r}"
