@@ -16,13 +16,15 @@ import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+from twodwalk.engine.guest import GuestOS
 from twodwalk.engine.machine import Machine
 from twodwalk.engine.native import NativeMachine
+from twodwalk.engine.paging import PageFault
 from twodwalk.engine.processor import Processor
-from twodwalk.engine.tlb import Tlb
-from twodwalk.engine.trace import Counts
+from twodwalk.engine.tlb import Tlb, TranslationCache
+from twodwalk.engine.trace import Counts, Trace
 from twodwalk.engine.units import HUGE_PAGE_SIZE, PAGE_SIZE
-from twodwalk.errors import check_int
+from twodwalk.errors import TwodwalkError, check_int
 
 Stream = Iterable[tuple[int, str]]
 
@@ -62,6 +64,75 @@ def zipf(
         yield base + page * PAGE_SIZE + rng.randrange(PAGE_SIZE // 8) * 8, "read"
 
 
+CONTROL_KINDS = ("mov-cr3", "invlpg", "wrprotect")
+
+
+def context_switching(
+    base: int,
+    pages: int,
+    count: int,
+    seed: int = 0,
+    switch_every: int = 50,
+    invlpg_every: int = 200,
+) -> Iterator[tuple[int, str]]:
+    """Reads at random 8-byte slots of `pages` pages, with a MOV to CR3 (a switch back to
+    this process, as a scheduler makes) every `switch_every` accesses and an INVLPG of a
+    random page every `invlpg_every`: the work that shadow paging intercepts and EPT does
+    not (CR3-load and INVLPG exiting)."""
+    rng = random.Random(seed)
+    for number in range(1, count + 1):
+        yield base + rng.randrange(pages * PAGE_SIZE // 8) * 8, "read"
+        if number % switch_every == 0:
+            yield 0, "mov-cr3"
+        if number % invlpg_every == 0:
+            yield base + rng.randrange(pages) * PAGE_SIZE, "invlpg"
+
+
+def forking(
+    base: int,
+    pages: int,
+    count: int,
+    seed: int = 0,
+    fork_every: int = 500,
+    write_fraction: float = 0.3,
+) -> Iterator[tuple[int, str]]:
+    """A process that forks a short-lived child (a shell, make) every `fork_every` of its
+    reads and writes at random 8-byte slots of `pages` 4 KiB pages. Each fork write-protects
+    every PTE of the region ("wrprotect": `copy_present_pte`), flushes the TLB
+    (`dup_mmap` -> `flush_tlb_mm`, a CR3 reload) and switches back to the parent after the
+    child has exec'd (a second CR3 load); the parent's next write to each page then takes a
+    write-protect fault that the guest kernel resolves by reusing the page
+    (`GuestOS.handle_write_protect_fault`). The child's own copy of the tables is not
+    modelled: those stores go to pages no shadow table covers, and cost no exit."""
+    rng = random.Random(seed)
+    for number in range(1, count + 1):
+        kind = "write" if rng.random() < write_fraction else "read"
+        yield base + rng.randrange(pages * PAGE_SIZE // 8) * 8, kind
+        if number % fork_every == 0:
+            for page in range(pages):
+                yield base + page * PAGE_SIZE, "wrprotect"
+            yield 0, "mov-cr3"
+            yield 0, "mov-cr3"
+
+
+def _control(cpu: Processor, guest: GuestOS | None, gva: int, kind: str) -> Trace:
+    """MOV to CR3 with the current value (it flushes the TLB of non-global entries), INVLPG
+    of `gva`, or the guest kernel write-protecting the PTE of the page at `gva`: what the
+    processor, the guest kernel and, under shadow paging, KVM do for it."""
+    if kind == "mov-cr3":
+        return cpu.mov_cr3(cpu.cr3)
+    if kind == "invlpg":
+        return cpu.invlpg(gva)
+    if guest is None:
+        raise TwodwalkError(
+            f"a {kind!r} item at gva={gva:#x} is the guest kernel's work: pass guest= to"
+            " run_workload (a Machine's guest); a bare-metal run has no guest kernel"
+        )
+    trace = Trace()
+    guest.protect(gva, PAGE_SIZE, trace=trace, rw=0)
+    return trace
+
+
 def pointer_chase(base: int, pages: int, count: int, seed: int = 0) -> Iterator[tuple[int, str]]:
     """Reads following a random cycle through the pages, as a linked list spread over
     memory does: no locality at all, every page visited before any repeats."""
@@ -91,6 +162,12 @@ class WorkloadResult:
     @property
     def references_per_access(self) -> float:
         return sum(self.references.values()) / max(self.accesses, 1)
+
+    @property
+    def references_per_miss(self) -> float:
+        """Memory references per TLB miss: what one walk costs on average, walk caches
+        included (the figure Park et al., ASPLOS 2022, report)."""
+        return sum(self.references.values()) / max(self.accesses - self.tlb_hits, 1)
 
     @property
     def tlb_hit_rate(self) -> float:
@@ -130,27 +207,51 @@ def run_workload(
     stream: Stream,
     name: str = "workload",
     progress: Callable[[int], None] | None = None,
+    guest: GuestOS | None = None,
 ) -> WorkloadResult:
     """Run every (gva, kind) of `stream` on a processor (a `Machine`'s `vcpu` or a
-    `NativeMachine`'s `cpu`) and count what happened;
+    `NativeMachine`'s `cpu`) and count what happened (a "mov-cr3", "invlpg" or
+    "wrprotect" item is a control operation: its exits count, it is not an access);
     writes store the access number. Accesses the TLB serves take the counts-only fast path
     (`Processor.tlb_access`); the rest run the full access path into a `Counts` trace sink,
-    which keeps the totals and no events. `progress(n)` is called every 1,000 accesses."""
+    which keeps the totals and no events. With the `guest` kernel given, a write-protect
+    fault it resolves (after a fork) is retried, as the guest's store is.
+    `progress(n)` is called every 1,000 accesses."""
     result = WorkloadResult(name, cpu.caches.model)
     counts = Counts()
     for number, (gva, kind) in enumerate(stream):
+        if kind in CONTROL_KINDS:  # a context switch, a TLB shootdown or a fork's PTE edit
+            for event in _control(cpu, guest, gva, kind):
+                counts.add(event)
+            continue
         value = number if kind == "write" else None
         result.accesses += 1
         if cpu.tlb_access(gva, kind, value):
             result.tlb_hits += 1
         else:
-            check_int("gva", gva, 0, 1 << 64)
-            done = cpu.access(gva, kind, value, tlb_missed=True, trace=counts)
-            result.guest_faults += done.fault is not None
+            result.guest_faults += _walked_access(cpu, guest, gva, kind, value, counts)
         if progress is not None and number % 1000 == 999:
             progress(number + 1)
     result.add(counts)
     return result
+
+
+def _walked_access(
+    cpu: Processor, guest: GuestOS | None, gva: int, kind: str, value: int | None, counts: Counts
+) -> int:
+    """An access the TLB missed, on the full path; returns the guest-visible faults it took
+    (a write-protect fault the guest kernel resolves is retried)."""
+    check_int("gva", gva, 0, 1 << 64)
+    done = cpu.access(gva, kind, value, tlb_missed=True, trace=counts)
+    faults = 0
+    while done.fault is not None:
+        faults += 1
+        if not isinstance(done.fault, PageFault) or guest is None:
+            break
+        if not guest.handle_write_protect_fault(done.fault, counts):
+            break
+        done = cpu.access(gva, kind, value, tlb_missed=True, trace=counts)
+    return faults
 
 
 @dataclass(frozen=True)
@@ -159,7 +260,10 @@ class Configuration:
     the model of the walk caches: Intel's paging-structure caches (the SDM's, the default)
     or an AMD-style page-walk cache (`cache_model="amd"`). `tlb_geometry` replaces the
     default two-level TLB by one level of (page size, sets, ways) arrays, e.g.
-    `((4096, 16, 4),)` for a 64-entry TLB, to ask what a smaller or larger TLB would do."""
+    `((4096, 16, 4),)` for a 64-entry TLB, to ask what a smaller or larger TLB would do.
+    `nested_caches=False` switches off the caches of the EPT dimension (guest-physical
+    mappings and EPT paging-structure caches), as in a processor whose walk caches serve
+    the guest's dimension only."""
 
     name: str
     tdp: bool = True
@@ -170,17 +274,23 @@ class Configuration:
     native: bool = False
     cache_model: str = "intel"
     tlb_geometry: tuple[tuple[int, int, int], ...] | None = None
+    nested_caches: bool = True
 
     def processor(self, pages: int, base: int) -> Processor:
-        """The vCPU of a machine whose guest maps `pages` pages at `base` (rounded up to whole
-        large pages), backed by THP when `thp`; or, `native`, the CPU of a bare-metal host
-        whose process mmaps them there."""
+        """The processor of `machine(pages, base)`: a vCPU, or the bare-metal CPU."""
+        machine = self.machine(pages, base)
+        return machine.cpu if isinstance(machine, NativeMachine) else machine.vcpu
+
+    def machine(self, pages: int, base: int) -> Machine | NativeMachine:
+        """A machine whose guest maps `pages` pages at `base` (rounded up to whole large
+        pages), backed by THP when `thp`; or, `native`, a bare-metal host whose process
+        mmaps them there."""
         size = -(-pages * PAGE_SIZE // self.guest_page_size) * self.guest_page_size
         if self.native:
             native = NativeMachine(maxphyaddr=48)
             native.mmap(size, huge=self.guest_page_size > PAGE_SIZE, fixed=base)
             self._set_caches(native.cpu)
-            return native.cpu
+            return native
         m = Machine(
             guest_ram=max(32 << 20, 2 * size),
             tdp=self.tdp,
@@ -191,12 +301,19 @@ class Configuration:
         )
         m.guest.map(base, self.guest_page_size, size, page_size=self.guest_page_size, rw=1)
         self._set_caches(m.vcpu)
-        return m.vcpu
+        return m
 
     def _set_caches(self, cpu: Processor) -> None:
         cpu.caches.model = self.cache_model
         if self.tlb_geometry is not None:
             cpu.caches.tlb = Tlb({size: (sets, ways) for size, sets, ways in self.tlb_geometry})
+        if not self.nested_caches:
+            nested: list[TranslationCache] = [
+                cpu.caches.guest_physical,
+                *cpu.caches.ept_psc.values(),
+            ]
+            for cache in nested:
+                cache.enabled = False
 
 
 CONFIGURATIONS = (
@@ -222,10 +339,12 @@ def compare(
     a first pass faults everything in so the counted pass shows steady-state costs."""
     results = []
     for config in configurations:
-        cpu = config.processor(pages, base)
+        machine = config.machine(pages, base)
+        cpu: Processor = machine.cpu if isinstance(machine, NativeMachine) else machine.vcpu
+        guest = None if isinstance(machine, NativeMachine) else machine.guest
         if warm:
-            run_workload(cpu, stream(base))
-        results.append(run_workload(cpu, stream(base), config.name))
+            run_workload(cpu, stream(base), guest=guest)
+        results.append(run_workload(cpu, stream(base), config.name, guest=guest))
     return results
 
 

@@ -11,11 +11,15 @@ Page-table pages are taken from the top of guest RAM downward.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 from twodwalk.engine.cpuid import CpuModel
 from twodwalk.engine.formats import ia32e_format
 from twodwalk.engine.pagetables import PageTables
+from twodwalk.engine.paging import PFERR_PRESENT, PFERR_RSVD, PFERR_WRITE, PageFault
+from twodwalk.engine.trace import Trace
 from twodwalk.engine.units import PAGE_SIZE
 
 
@@ -28,21 +32,24 @@ class GuestMemory(Protocol):
 
     def read_gpa(self, gpa: int, size: int) -> bytes: ...
 
-    def guest_store(self, gpa: int, data: bytes) -> None: ...
+    def guest_store(self, gpa: int, data: bytes, trace: Trace | None = None) -> None: ...
 
 
 class GuestRam:
     """Guest RAM as the guest kernel sees it: 8-byte entries at GPAs (a `PhysicalSpace`),
-    read as the VMM would read them and written with guest stores (`Vm.guest_store`)."""
+    read as the VMM would read them and written with guest stores (`Vm.guest_store`).
+    While `trace` is set, what the stores cost (under shadow paging, an exit each to a
+    shadowed table) is recorded there."""
 
     def __init__(self, vm: GuestMemory) -> None:
         self.vm = vm
+        self.trace: Trace | None = None
 
     def read_u64(self, address: int) -> int:
         return int.from_bytes(self.vm.read_gpa(address, 8), "little")
 
     def write_u64(self, address: int, value: int) -> None:
-        self.vm.guest_store(address, value.to_bytes(8, "little"))
+        self.vm.guest_store(address, value.to_bytes(8, "little"), self.trace)
 
 
 class GuestOS:
@@ -52,7 +59,8 @@ class GuestOS:
         self.vm = vm
         self.format = ia32e_format(levels, vm.cpu, nxe=True)
         self._next_table = ram_top
-        self.page_tables = PageTables(self.format, GuestRam(vm), self.alloc_table)
+        self._ram = GuestRam(vm)
+        self.page_tables = PageTables(self.format, self._ram, self.alloc_table)
 
     def alloc_table(self) -> int:
         """A zeroed page for a new page table, from the top of guest RAM down."""
@@ -69,5 +77,35 @@ class GuestOS:
     def unmap(self, gva: int, size: int) -> None:
         self.page_tables.unmap(gva, size)
 
-    def protect(self, gva: int, size: int, **fields: int) -> None:
-        self.page_tables.protect(gva, size, **fields)
+    def protect(self, gva: int, size: int, *, trace: Trace | None = None, **fields: int) -> None:
+        """Rewrite leaf fields of every page in the range (mprotect, or fork write-protecting
+        the parent's PTEs in `copy_present_pte`); `trace` gets what the stores cost."""
+        with self._stores_into(trace):
+            self.page_tables.protect(gva, size, **fields)
+
+    def handle_write_protect_fault(self, fault: PageFault, trace: Trace | None = None) -> bool:
+        """mm/memory.c `do_wp_page` for a page this process alone maps again (its fork's
+        child has exec'd or exited): `wp_page_reuse` makes the PTE young, dirty and
+        writable (`ptep_set_access_flags`, no TLB flush: x86 leaves a stale read-only entry
+        to a spurious fault). True if `fault` was such a write to a present read-only page
+        and is handled; the guest then retries the store."""
+        wants = PFERR_PRESENT | PFERR_WRITE
+        if fault.error_code & (wants | PFERR_RSVD) != wants:
+            return False
+        leaf = self.page_tables.find_leaf(fault.address)
+        if leaf is None or leaf.level != 1:
+            return False
+        if self.format.layout(1, True).field("rw").extract(self._ram.read_u64(leaf.slot)):
+            return False  # the PTE allows the write: a directory above refused it
+        page = fault.address & ~(PAGE_SIZE - 1)
+        self.protect(page, PAGE_SIZE, trace=trace, a=1, d=1, rw=1)
+        return True
+
+    @contextmanager
+    def _stores_into(self, trace: Trace | None) -> Iterator[None]:
+        """Record the guest stores made inside the block into `trace`."""
+        self._ram.trace = trace
+        try:
+            yield
+        finally:
+            self._ram.trace = None

@@ -16,6 +16,7 @@ from twodwalk.engine.guest import GuestOS
 from twodwalk.engine.host import HostKernel
 from twodwalk.engine.kvm.vm import Vm
 from twodwalk.engine.memory import FrameAllocator, PhysicalMemory
+from twodwalk.engine.trace import Trace
 from twodwalk.engine.units import GIGANTIC_PAGE_SIZE, HUGE_PAGE_SIZE, PAGE_SIZE
 from twodwalk.engine.vcpu import Vcpu
 from twodwalk.errors import TwodwalkError, check_aligned, check_choice, check_int
@@ -94,9 +95,9 @@ class Machine:
         """Write guest memory as the VMM does, behind KVM's back (`Vm.write_gpa`)."""
         self.vm.write_gpa(gpa, data)
 
-    def guest_store(self, gpa: int, data: bytes) -> None:
+    def guest_store(self, gpa: int, data: bytes, trace: Trace | None = None) -> None:
         """Store bytes at a GPA as the guest kernel does (`Vm.guest_store`)."""
-        self.vm.guest_store(gpa, data)
+        self.vm.guest_store(gpa, data, trace)
 
     def gpa_to_hpa(self, gpa: int) -> int | None:
         """GPA -> memslot -> HVA -> HPA without faulting anything in (`Vm.gpa_to_hpa`)."""

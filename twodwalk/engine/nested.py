@@ -327,8 +327,8 @@ class L2Memory:
     def read_gpa(self, gpa: int, size: int) -> bytes:
         return self._l0.vm.read_gpa(self._l1.l1_gpa(gpa), size)
 
-    def guest_store(self, gpa: int, data: bytes) -> None:
-        self._l0.vm.guest_store(self._l1.l1_gpa(gpa), data)
+    def guest_store(self, gpa: int, data: bytes, trace: Trace | None = None) -> None:
+        self._l0.vm.guest_store(self._l1.l1_gpa(gpa), data, trace)
 
 
 class _Unshadowed:

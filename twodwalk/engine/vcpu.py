@@ -24,7 +24,12 @@ from twodwalk.engine.ept import (
 from twodwalk.engine.formats import Rights, leaf_bit
 from twodwalk.engine.kvm.mmu import EmulateMmio, TdpMmu
 from twodwalk.engine.kvm.run import InternalError, MmioExit
-from twodwalk.engine.kvm.shadow import EmulateWrite, InjectFault, ShadowMmu
+from twodwalk.engine.kvm.shadow import (
+    EXIT_REASON_EXCEPTION_NMI,
+    EmulateWrite,
+    InjectFault,
+    ShadowMmu,
+)
 from twodwalk.engine.paging import (
     GeneralProtection,
     exception_for,
@@ -63,7 +68,6 @@ if TYPE_CHECKING:
     from twodwalk.engine.kvm.vm import Vm
 
 _WRITE = Access.of(AccessKind.WRITE)
-EXIT_REASON_EXCEPTION_NMI = 0
 EXIT_REASON_INVLPG = 14
 EXIT_REASON_CR_ACCESS = 28
 CR_ACCESS_MOV_TO_CR3 = 3  # bits 3:0 the CR number, 5:4 access type 0 (MOV to CR), 11:8 RAX

@@ -432,13 +432,13 @@ class KvmMmu(ABC):
         memslot.mark_dirty(gpa >> PAGE_SHIFT)
         return hpa
 
-    def guest_store(self, gpa: int, data: bytes) -> None:
+    def guest_store(self, gpa: int, data: bytes, trace: Trace | None = None) -> None:
         """What a guest kernel's store to `gpa` (within one page) leaves behind once KVM has
         handled the exits it causes: the bytes in the page behind the GPA (copy-on-write
         broken), the page in the dirty log. Under EPT the store would exit only if the EPT
         refused it (`handle_ept_violation` then maps the page writable and logs it); the
         shadow MMU adds its write tracking (`ShadowMmu.guest_store`)."""
-        if self.write_guest(gpa, data) is None:
+        if self.write_guest(gpa, data, trace) is None:
             memslot = self.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
             where = "is in no memslot" if memslot is None else "is in a KVM_MEM_READONLY memslot"
             raise TwodwalkError(f"gpa={gpa:#x} {where}: the guest has no RAM to store to there")

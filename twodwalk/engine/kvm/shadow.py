@@ -55,10 +55,12 @@ from twodwalk.engine.paging import (
     exception_for,
 )
 from twodwalk.engine.tables import MemslotTables
-from twodwalk.engine.trace import KvmStep, KvmWalk, SpteWrite, Trace
+from twodwalk.engine.trace import KvmStep, KvmWalk, SpteWrite, Trace, VmExit
 from twodwalk.engine.units import PAGE_SHIFT, hex_repr
 from twodwalk.engine.walker import Access, TableMemory, WalkRecord, WalkStart, walk
 from twodwalk.errors import TwodwalkError
+
+EXIT_REASON_EXCEPTION_NMI = 0  # SDM Vol 3C appendix C: a #PF the exception bitmap intercepts
 
 
 @dataclass(frozen=True)
@@ -390,13 +392,18 @@ class ShadowMmu(KvmMmu):
             self.track_write(entry, trace)
         return hpa
 
-    def guest_store(self, gpa: int, data: bytes) -> None:
-        """A guest store under shadow paging: to a page-table page KVM shadows it traps and
-        is emulated (`emulate_write`), anywhere else it lands as under EPT."""
-        if gpa >> PAGE_SHIFT in self.shadowed:
-            self.emulate_write(gpa, data, None)
-        else:
-            super().guest_store(gpa, data)
+    def guest_store(self, gpa: int, data: bytes, trace: Trace | None = None) -> None:
+        """A guest store under shadow paging: to a page-table page KVM shadows it meets a
+        read-only shadow entry, so it exits with a #PF (the exception bitmap intercepts #PF
+        without EPT), and KVM emulates it (`kvm_mmu_page_fault` -> `x86_emulate_instruction`
+        -> `emulate_write`); anywhere else it lands as under EPT. The model's guest kernel
+        stores by GPA, not through its direct map, so the exit carries no linear address."""
+        if gpa >> PAGE_SHIFT not in self.shadowed:
+            super().guest_store(gpa, data, trace)
+            return
+        if trace is not None:
+            trace.add(VmExit(EXIT_REASON_EXCEPTION_NMI, "EXCEPTION_NMI (#PF)", gpa=gpa))
+        self.emulate_write(gpa, data, trace)
 
     def track_write(self, gpa: int, trace: Trace | None) -> int:
         """`kvm_mmu_pte_write`: after an emulated write to a guest page table, zap the shadow

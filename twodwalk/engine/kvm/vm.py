@@ -35,7 +35,7 @@ from twodwalk.engine.kvm.memslots import (
 from twodwalk.engine.kvm.mmu import ALL_LEVELS, HUGE_LEVELS, PG_LEVEL_4K, TdpMmu
 from twodwalk.engine.kvm.shadow import ShadowMmu
 from twodwalk.engine.memory import page_pieces
-from twodwalk.engine.trace import KvmStep
+from twodwalk.engine.trace import KvmStep, Trace
 from twodwalk.engine.units import PAGE_SHIFT, PAGE_SIZE
 from twodwalk.errors import TwodwalkError, check_int
 
@@ -425,13 +425,16 @@ class Vm:
         hva = self.gpa_to_hva(gpa)
         return None if hva is None else self.host.pagemap(self.vmm, hva)
 
-    def guest_store(self, gpa: int, data: bytes) -> None:
+    def guest_store(self, gpa: int, data: bytes, trace: Trace | None = None) -> None:
         """Store bytes at a GPA as the guest kernel does (`KvmMmu.guest_store`): dirty logging
-        and, under shadow paging, KVM's write tracking see it; the TLB is not flushed."""
+        and, under shadow paging, KVM's write tracking see it; the TLB is not flushed. The
+        exits and KVM's steps it causes go to `trace` when one is given."""
         check_int("gpa", gpa, 0, 1 << 64)
         done = 0
         for gfn, start, end in page_pieces(gpa, len(data)):
-            self.mmu.guest_store((gfn << PAGE_SHIFT) + start, data[done : done + end - start])
+            self.mmu.guest_store(
+                (gfn << PAGE_SHIFT) + start, data[done : done + end - start], trace
+            )
             done += end - start
 
     def write_gpa(self, gpa: int, data: bytes) -> None:
