@@ -54,10 +54,14 @@ class Machine:
         thp: bool = False,
         hugetlb_1g: bool = False,
         pci_hole: tuple[int, int] | None = None,
+        vendor: str = "intel",
     ) -> None:
         """Guest RAM is backed by 4 KiB anonymous pages, by 2 MiB THP (`thp`), or by 1 GiB
         hugetlbfs pages (`hugetlb_1g`, which needs `gbpages` and whole GiBs of RAM).
-        `pci_hole=(start, end)` leaves GPA [start, end) to MMIO: see `ram_aliases`."""
+        `pci_hole=(start, end)` leaves GPA [start, end) to MMIO: see `ram_aliases`.
+        `vendor="amd"` runs the guest under SVM: with `tdp`, AMD's nested page tables
+        (long-mode format, root in nCR3, `ept_levels` deep) instead of EPT, #NPF instead of
+        EPT violations, and the AMD-style page-walk cache (`caches.model = "amd"`)."""
         check_int(
             "guest_ram", guest_ram, PAGE_SIZE, (1 << 30) + 1, valid="4 KiB .. 1 GiB of guest RAM"
         )
@@ -67,7 +71,13 @@ class Machine:
         if guest_ram % align:
             raise TwodwalkError(f"guest_ram={guest_ram:#x} must be a multiple of {align:#x}")
         check_choice("guest_levels", str(guest_levels), ("4", "5"))
-        self.cpu_model = CpuModel(maxphyaddr=maxphyaddr, gbpages=gbpages, la57=True)
+        check_choice("vendor", vendor, ("intel", "amd"))
+        if vendor == "amd" and not ept_ad:
+            raise TwodwalkError(
+                "ept_ad=False is Intel's choice (EPTP bit 6): AMD's nested paging always sets"
+                " A and D (use vendor='intel' to switch EPT A/D off)"
+            )
+        self.cpu_model = CpuModel(maxphyaddr=maxphyaddr, gbpages=gbpages, la57=True, vendor=vendor)
         if ept_levels is None:
             ept_levels = 5 if maxphyaddr > 48 else 4  # KVM: 5-level EPT only when needed
         check_choice("ept_levels", str(ept_levels), ("4", "5"))
@@ -84,6 +94,8 @@ class Machine:
         gpa, _, size = aliases[-1]
         self.guest = GuestOS(self.vm, guest_levels, ram_top=gpa + size)
         self.vcpu = Vcpu(self.vm)
+        if vendor == "amd":
+            self.vcpu.caches.model = "amd"
         self.vcpu.cr4_la57 = guest_levels == 5
         self.vcpu.cr3 = self.guest.page_tables.root
 

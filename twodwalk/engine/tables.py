@@ -126,14 +126,15 @@ class EptTables:
 
     def write_entry(self, address: int, read: TableRead | None, value: int) -> WalkRecord | None:
         """The processor's A/D update of a guest paging-structure entry is a data write for
-        EPT (SDM Vol 3C 29.3.3.2; exit qualification bit 8 = 0): it needs W in the EPT
-        rights of the table's page. Without it, the EPT walk of the write is the violation
-        (a page KVM maps read-only: dirty logging, the zero page, a KSM-merged frame)."""
+        EPT (SDM Vol 3C 29.3.3.2; exit qualification bit 8 = 0), a user write for NPT
+        (`table_access`): it needs W in the nested rights of the table's page. Without it,
+        the nested walk of the write is the violation (a page KVM maps read-only: dirty
+        logging, the zero page, a KSM-merged frame)."""
         assert read is not None
         if read.ept_rights is not None and Rights.W in read.ept_rights:
             self.memory.write_u64(read.physical, value)
             return None
-        write = self.gpa.translate(address, _WRITE)
+        write = self.gpa.translate(address, self.access if self.access.is_write else _WRITE)
         if write.hpa is None:
             assert write.record is not None
             return write.record

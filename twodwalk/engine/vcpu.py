@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 from twodwalk.engine.ept import (
     EXIT_REASON_EPT_MISCONFIG,
     EXIT_REASON_EPT_VIOLATION,
-    EptAccessRules,
     ep4ta_of,
     ept_violation_qualification,
     is_misconfiguration,
@@ -30,6 +29,7 @@ from twodwalk.engine.kvm.shadow import (
     InjectFault,
     ShadowMmu,
 )
+from twodwalk.engine.npt import GUEST_TABLE_ACCESS, SVM_EXIT_NPF, nested_access, npf_exit_info1
 from twodwalk.engine.paging import (
     GeneralProtection,
     exception_for,
@@ -85,7 +85,7 @@ class GpaTranslator:
         self.caches = caches
         self.cache = caches.guest_physical
         self.psc = caches.ept_psc
-        self.tag = Tag(0, 0, mmu.eptp.ep4ta)
+        self.tag = Tag(0, 0, mmu.nested_tag)
         # the AMD-style model's page-walk cache, which EPT walks read through instead
         self.pwc = caches.pwc if caches.amd else None
         pwc = self.pwc
@@ -117,7 +117,7 @@ class GpaTranslator:
     def translate(self, gpa: int, access: Access) -> GpaTranslation:
         hit = self.cache.lookup(self.tag, gpa) if self.cache.enabled else None
         if hit is not None:
-            refused = EptAccessRules().violation(access, hit.rights, 0)
+            refused = self.mmu.rules.violation(access, hit.rights, 0)
             if refused is None and (hit.dirty or not access.is_write):
                 offset = gpa & (hit.page_size - 1)
                 return GpaTranslation(hit.frame + offset, hit.page_size, hit.rights, None)
@@ -144,7 +144,7 @@ class GpaTranslator:
         if not self.cache.enabled:
             return GpaTranslation(t.address, t.page_size, t.rights, record)
         leaf = record.leaf
-        dirty = not self.mmu.fmt.ad or bool(leaf & self.dirty_bit)
+        dirty = not self.mmu.ad or bool(leaf & self.dirty_bit)
         self.cache.insert(
             TlbEntry(
                 self.tag,
@@ -174,7 +174,7 @@ class Vcpu(Processor):
         self.vm = vm
         self._gpa_path: GpaTranslator | None = None
         mmu = vm.mmu
-        self._ep4ta = mmu.eptp.ep4ta if isinstance(mmu, TdpMmu) else 0  # fixed per VM
+        self._ep4ta = mmu.nested_tag if isinstance(mmu, TdpMmu) else 0  # fixed per VM
         self._shadow = isinstance(mmu, ShadowMmu)  # a VM's MMU kind never changes
         # Without EPT, KVM runs the guest with hardware CR0.WP=1 whatever the guest set
         # (vmx.c `vmx_set_cr0`, svm.c `svm_set_cr0`), so that a supervisor write through a
@@ -182,9 +182,13 @@ class Vcpu(Processor):
         # WP=0; and with EFER.NX=1 (vmx.c `update_transition_efer`, svm.c `svm_set_efer`:
         # "shadow paging assumes NX"), so that the XD bit it sets in shadow entries is legal.
         self.forces_wp_nx = self._shadow
-        # How EPT sees the CPU's reads of guest tables: writes with EPT A/D on (SDM 29.3.5).
-        ad = isinstance(mmu, TdpMmu) and mmu.fmt.ad
-        self._table_access = Access.of(AccessKind.WRITE if ad else AccessKind.READ)
+        # How the nested walk sees the CPU's reads of guest tables: writes with EPT A/D on
+        # (SDM 29.3.5); under NPT user writes, always (`npt.GUEST_TABLE_ACCESS`).
+        ad = isinstance(mmu, TdpMmu) and mmu.ad
+        npt = isinstance(mmu, TdpMmu) and mmu.npt
+        self._table_access = (
+            GUEST_TABLE_ACCESS if npt else Access.of(AccessKind.WRITE if ad else AccessKind.READ)
+        )
         self._prev_roots: list[int] = []  # CR3 roots, current first (`mmu->prev_roots`)
         mmu.tlb_flushers.append(self._kvm_flush)
 
@@ -194,12 +198,24 @@ class Vcpu(Processor):
         with EPT, INVEPT single-context), so that the next access walks from scratch."""
         self.invvpid("single")
         if isinstance(self.vm.mmu, TdpMmu):
+            self._flush_nested()
+
+    def _flush_nested(self) -> None:
+        """Drop what the CPU cached from the nested tables: INVEPT single-context with EPT;
+        with NPT, KVM's TLB_CONTROL flush of the ASID (svm.c `svm_flush_tlb_asid`), which
+        takes the nested translations of the ASID with it."""
+        mmu = self.vm.ept
+        if mmu.npt:
+            self.caches.flush_eptp(mmu.nested_tag)
+        else:
             self.invept("single")
 
     def invept(self, kind: str, eptp: int | None = None) -> None:
         """INVEPT (SDM Vol 3C 31.3): "single" drops the combined and guest-physical mappings
         tagged with one EPTP's EP4TA (default: the VM's EPTP), "global" those of every EPTP."""
         check_choice("kind", kind, ("single", "global"))
+        if isinstance(self.vm.mmu, TdpMmu) and self.vm.mmu.npt:
+            raise TwodwalkError("INVEPT is Intel's: an NPT vCPU flushes its ASID (flush_tlb)")
         if kind == "global":
             self.caches.flush_eptp(None)
         else:
@@ -210,7 +226,7 @@ class Vcpu(Processor):
         """`kvm_flush_remote_tlbs` after KVM zaps or write-protects entries: INVEPT of the
         VM's EPTP with EPT (`ept_sync_context`), INVVPID of the vCPU's VPID without."""
         if isinstance(self.vm.mmu, TdpMmu):
-            self.invept("single")
+            self._flush_nested()
         else:
             self.invvpid("single")
 
@@ -306,8 +322,10 @@ class Vcpu(Processor):
         if guest.translation is not None:
             self._fill_psc(guest)
             # EPT has no user/supervisor distinction: the final GPA is translated as a plain
-            # access of the same kind.
-            final = gpa_path.translate(guest.translation.address, Access.of(access.kind))
+            # access of the same kind; under NPT as a user access (`npt.nested_access`).
+            kind = access.kind
+            nested = nested_access(kind) if mmu.npt else Access.of(kind)
+            final = gpa_path.translate(guest.translation.address, nested)
         gpa_path.fill_paging_structure_caches()  # the hardware walk is over
         fault = guest.fault
         if fault is not None and fault.nested is not None:
@@ -332,10 +350,16 @@ class Vcpu(Processor):
     def _ept_exit(
         self, guest: WalkRecord, record: WalkRecord, *, final: bool, value: int | None, trace: Trace
     ) -> AccessResult | None:
-        """A VM exit for a failed EPT walk; None means KVM fixed it and the guest retries."""
+        """A VM exit for a failed nested walk (an EPT violation or misconfiguration, or
+        AMD's #VMEXIT(NPF) with EXITINFO1 and the GPA in EXITINFO2); None means KVM fixed
+        it and the guest retries."""
         mmu = self.vm.ept
         gpa = record.address
-        if is_misconfiguration(record):
+        if mmu.npt:
+            exit_info1 = npf_exit_info1(record, final)
+            self._vm_exit(trace, VmExit(SVM_EXIT_NPF, "NPF", exit_info1, gpa, guest.address))
+            resolution = mmu.handle_npf(gpa, exit_info1, trace)
+        elif is_misconfiguration(record):
             self._vm_exit(
                 trace, VmExit(EXIT_REASON_EPT_MISCONFIG, "EPT_MISCONFIG", None, gpa, guest.address)
             )

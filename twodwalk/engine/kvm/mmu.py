@@ -35,15 +35,30 @@ from twodwalk.engine.ept import (
     Eptp,
     qualification_names,
 )
-from twodwalk.engine.formats import EPT_MEMTYPE_WB, EptFormat
+from twodwalk.engine.formats import EPT_MEMTYPE_WB, EptFormat, Ia32eFormat
 from twodwalk.engine.host import HostKernel, Process
 from twodwalk.engine.kvm.memslots import BoundFile, KvmError, Memslot, Memslots
+from twodwalk.engine.npt import NPT_RULES, exit_info1_names
 from twodwalk.engine.pagetables import Leaf, PageTables, TreeEntry, table_slot
-from twodwalk.engine.paging import PFERR_FETCH, PFERR_PRESENT, PFERR_USER, PFERR_WRITE, bit_names
+from twodwalk.engine.paging import (
+    PFERR_FETCH,
+    PFERR_PRESENT,
+    PFERR_RSVD,
+    PFERR_USER,
+    PFERR_WRITE,
+    bit_names,
+)
 from twodwalk.engine.tables import PmlLogging
 from twodwalk.engine.trace import KvmStep, SpteWrite, Trace
 from twodwalk.engine.units import PAGE_SHIFT, PAGE_SIZE, hex_repr, size_text
-from twodwalk.engine.walker import Access, TableMemory, WalkRecord, WalkStart, walk
+from twodwalk.engine.walker import (
+    Access,
+    AccessRules,
+    TableMemory,
+    WalkRecord,
+    WalkStart,
+    walk,
+)
 from twodwalk.errors import TwodwalkError
 
 _EPT_RULES = EptAccessRules()
@@ -70,6 +85,7 @@ VMX_EPT_SUPPRESS_VE_BIT = 1 << 63  # in EPT shadow_present_mask and shadow_mmio_
 EPT_MMIO_MASK = 0b111 | VMX_EPT_SUPPRESS_VE_BIT  # kvm_mmu_set_ept_masks: RWX | SUPPRESS_VE
 EPT_SPTE_MMU_WRITABLE = 1 << 58
 PT_WRITABLE_MASK = 1 << 1  # W in x86 PTEs, and in EPT entries
+PT_USER_MASK = 1 << 2
 PT_PAGE_SIZE_MASK = 1 << 7
 VMX_EPT_ACCESS_BIT = 1 << 8  # vmx.h: EPT A and D, with EPTP bit 6 (SDM Vol 3C 29.3.5)
 VMX_EPT_DIRTY_BIT = 1 << 9
@@ -129,6 +145,94 @@ def mmio_generation_bits(generation: int) -> int:
     low_bits = MMIO_GEN_LOW[1] - MMIO_GEN_LOW[0] + 1
     gen = generation & MMIO_SPTE_GEN_MASK
     return (gen & ((1 << low_bits) - 1)) << MMIO_GEN_LOW[0] | (gen >> low_bits) << MMIO_GEN_HIGH[0]
+
+
+@dataclass(frozen=True)
+class SpteMasks:
+    """spte.h's masks, which KVM sets once for the whole host: `kvm_mmu_set_ept_masks` on
+    VMX with EPT, the x86 defaults of `kvm_mmu_reset_all_pte_masks` otherwise (SVM's NPT,
+    and shadow paging on either vendor). `make_spte`, `make_nonleaf_spte`, the MMIO SPTE and
+    every bit KVM later tests or clears come from here, so one TDP MMU serves both formats.
+    `rights` are the hardware permission bits whose loss must flush TLBs; `tree` names the
+    tree in traces."""
+
+    tree: str
+    present: int  # shadow_present_mask
+    user: int  # shadow_user_mask
+    x: int  # shadow_x_mask
+    nx: int  # shadow_nx_mask
+    accessed: int  # shadow_accessed_mask
+    dirty: int  # shadow_dirty_mask
+    host_writable: int  # shadow_host_writable_mask
+    mmu_writable: int  # shadow_mmu_writable_mask
+    memtype: int  # what `get_mt_mask` adds (VMX only)
+    rights: int
+    mmio_value: int  # shadow_mmio_value (0: MMIO caching off)
+    mmio_mask: int  # shadow_mmio_mask
+    mmio_access: int  # shadow_mmio_access_mask, in SPTE bit positions
+
+    def make_mmio_spte(self, gpa: int, generation: int, access: int) -> int:
+        """spte.c `make_mmio_spte`: the MMIO value, the access bits the mask keeps, the GPA,
+        and the memslot generation in bits 10:3 and 62:52. (No L1TF bits:
+        `shadow_nonpresent_or_rsvd_mask` is 0 on an unaffected CPU.)"""
+        address = gpa & ~0xFFF & ((1 << 52) - 1)
+        gen = mmio_generation_bits(generation)
+        return self.mmio_value | (access & self.mmio_access) | gen | address
+
+    def is_mmio_spte(self, spte: int) -> bool:
+        """spte.h `is_mmio_spte`: the MMIO mask gives the MMIO value; never when MMIO
+        caching is off."""
+        return bool(self.mmio_value) and spte & self.mmio_mask == self.mmio_value
+
+
+def ept_spte_masks(ad: bool) -> SpteMasks:
+    """vmx.c `vmx_hardware_setup` -> `kvm_mmu_set_ept_masks(enable_ept_ad_bits, ...)` on a
+    CPU without execute-only pages in use: R in the present mask, suppress-#VE, X; A and D
+    only with EPT A/D; KVM's host- and MMU-writable bits 57 and 58; WB with IPAT
+    (`vmx_get_mt_mask` for RAM); MMIO SPTEs are W+X without R, a deliberate
+    misconfiguration (`kvm_mmu_set_mmio_spte_mask(VMX_EPT_MISCONFIG_WX_VALUE, ...)`)."""
+    return SpteMasks(
+        tree="ept",
+        present=1 | VMX_EPT_SUPPRESS_VE_BIT,
+        user=1,  # VMX_EPT_READABLE_MASK: EPT has no U/S, KVM maps ACC_USER to R
+        x=1 << 2,
+        nx=0,
+        accessed=VMX_EPT_ACCESS_BIT if ad else 0,
+        dirty=VMX_EPT_DIRTY_BIT if ad else 0,
+        host_writable=1 << 57,
+        mmu_writable=EPT_SPTE_MMU_WRITABLE,
+        memtype=EPT_MEMTYPE_WB << 3 | 1 << 6,
+        rights=0b111,
+        mmio_value=MMIO_SPTE_VALUE,
+        mmio_mask=EPT_MMIO_MASK,
+        mmio_access=0,
+    )
+
+
+def x86_spte_masks(maxphyaddr: int) -> SpteMasks:
+    """spte.c `kvm_mmu_reset_all_pte_masks`, the masks of SVM's NPT and of shadow paging:
+    P, U/S, NX (for a page that may not execute), A and D in their long-mode places, KVM's
+    host- and MMU-writable bits 9 and 10, no memory type (SVM has no `get_mt_mask`). MMIO
+    SPTEs set reserved bit 51 and P, so the walk faults with RSVD; with MAXPHYADDR 52 no bit
+    is reserved and MMIO is not cached (svm.c `svm_adjust_mmio_mask` changes nothing without
+    memory encryption)."""
+    mmio = (1 << 51 | 1) if maxphyaddr < 52 else 0
+    return SpteMasks(
+        tree="npt",
+        present=1,
+        user=PT_USER_MASK,
+        x=0,
+        nx=1 << 63,
+        accessed=1 << 5,
+        dirty=1 << 6,
+        host_writable=1 << 9,
+        mmu_writable=1 << 10,
+        memtype=0,
+        rights=0b111,
+        mmio_value=mmio,
+        mmio_mask=mmio,
+        mmio_access=PT_WRITABLE_MASK | PT_USER_MASK,
+    )
 
 
 def _overlaps(first: int, pages: int, gfns: Collection[int]) -> bool:
@@ -463,14 +567,27 @@ class KvmMmu(ABC):
 
 
 class TdpMmu(KvmMmu):
-    """KVM's EPT for one VM: the root, the page fault path, zaps, dirty-log protection and
-    the PML buffer."""
+    """KVM's TDP MMU for one VM (tdp_mmu.c): the nested tables' root, the page fault path,
+    zaps, dirty-log protection and the PML buffer. With an `EptFormat` it builds Intel's
+    EPT (root in the EPTP); with an `Ia32eFormat` AMD's nested page tables (root in the
+    VMCB's nCR3), in the long-mode format: the same code with the other SPTE masks
+    (`SpteMasks`), as in KVM."""
 
-    def __init__(self, host: HostKernel, vmm: Process, memslots: Memslots, fmt: EptFormat) -> None:
+    def __init__(
+        self, host: HostKernel, vmm: Process, memslots: Memslots, fmt: EptFormat | Ia32eFormat
+    ) -> None:
         super().__init__(host, vmm, memslots)
         self.fmt = fmt
         self.tables = PageTables(fmt, host.memory, self._alloc_table)
-        self.eptp = Eptp(self.tables.root, fmt.levels, fmt.ad)
+        self._eptp: Eptp | None = None
+        self.rules: AccessRules
+        if isinstance(fmt, EptFormat):
+            self.masks = ept_spte_masks(fmt.ad)
+            self.rules = _EPT_RULES
+            self._eptp = Eptp(self.tables.root, fmt.levels, fmt.ad)
+        else:
+            self.masks = x86_spte_masks(fmt.maxphyaddr)
+            self.rules = NPT_RULES
         self._tables = host.physical_tables
         self.pml = False  # kvm_intel.enable_pml: set by `Vm.set_dirty_log_mode`
         self.cpu_dirty_logging_count = 0  # memslots logging dirty pages
@@ -479,6 +596,38 @@ class TdpMmu(KvmMmu):
         # reader's in the handler lab (`exercises.handler`), or, for a nested guest's EPT02,
         # L0's shadowing of L1's EPT (`engine.nested`), run on the same exits.
         self.page_fault_handler: Callable[[int, int, Trace], Resolution] = self._tdp_page_fault
+
+    @property
+    def npt(self) -> bool:
+        """Whether these are AMD's nested page tables rather than Intel's EPT."""
+        return self._eptp is None
+
+    @property
+    def eptp(self) -> Eptp:
+        """The EPT pointer (Intel); an NPT VM has none: its root is `ncr3`."""
+        if self._eptp is None:
+            raise TwodwalkError("this VM uses AMD nested paging: its nested root is mmu.ncr3")
+        return self._eptp
+
+    @property
+    def ncr3(self) -> int:
+        """The VMCB's nCR3 (AMD): the host-physical address of the nested PML4 (or PML5)."""
+        if self._eptp is not None:
+            raise TwodwalkError("this VM uses Intel's EPT: its nested root is mmu.eptp")
+        return self.tables.root
+
+    @property
+    def nested_tag(self) -> int:
+        """What tags the guest-physical translations cached from these tables: the EP4TA
+        (SDM Vol 3C 29.4.1); with NPT, nCR3 here, where AMD tags by ASID and KVM flushes the
+        ASID when nCR3 changes (`TLB_CONTROL`)."""
+        return self.tables.root if self._eptp is None else self._eptp.ep4ta
+
+    @property
+    def ad(self) -> bool:
+        """Whether the CPU sets A and D in the nested entries: EPT with EPTP bit 6; NPT
+        always (APM Vol 2 15.25.5)."""
+        return self._eptp is None or self._eptp.ad
 
     @property
     def pml_enabled(self) -> bool:
@@ -504,15 +653,15 @@ class TdpMmu(KvmMmu):
             tables = PmlLogging(
                 tables, self.host.memory, VMX_EPT_DIRTY_BIT, lambda: self.pml_log(gpa)
             )
-        return walk(self.fmt, self.eptp.root, gpa, access, tables, _EPT_RULES, start)
+        return walk(self.fmt, self.tables.root, gpa, access, tables, self.rules, start)
 
     def get_walk(self, gpa: int) -> WalkRecord:
         """The EPT entries on the path to `gpa`, read as KVM reads its own tables
         (tdp_mmu.c `kvm_tdp_mmu_get_walk`): a software look-up that sets no A/D bit, for
         views that show the tree without changing it."""
-        access = Access.of("read")
+        access = Access.of("read", cpl=3 if self.npt else 0)
         return walk(
-            self.fmt, self.eptp.root, gpa, access, self._tables, _EPT_RULES, accessed_dirty=False
+            self.fmt, self.tables.root, gpa, access, self._tables, self.rules, accessed_dirty=False
         )
 
     def pml_log(self, gpa: int) -> None:
@@ -567,13 +716,35 @@ class TdpMmu(KvmMmu):
         """`kvm_tdp_page_fault`, from KVM's page-fault error code."""
         return self._direct_page_fault(gpa, bool(code & PFERR_WRITE), trace)
 
+    def handle_npf(self, gpa: int, exit_info1: int, trace: Trace) -> Resolution:
+        """svm.c `npf_interception` -> `kvm_mmu_page_fault(gpa, EXITINFO1)`: the error code
+        is the hardware's own; a RSVD fault is a cached MMIO entry (`handle_mmio_page_fault`),
+        anything else takes the page fault path."""
+        trace.add(
+            KvmStep(
+                "npf_interception",
+                f"EXITINFO1 {exit_info1:#x} ({', '.join(exit_info1_names(exit_info1))}),"
+                f" EXITINFO2 (GPA) {gpa:#x}",
+            )
+        )
+        if exit_info1 & PFERR_RSVD:
+            return self._mmio_page_fault(gpa, trace)
+        if self._fast_page_fault(gpa, exit_info1, trace):
+            return Fixed()
+        return self.page_fault_handler(gpa, exit_info1, trace)
+
     def handle_ept_misconfig(self, gpa: int, trace: Trace) -> Resolution:
-        """`handle_ept_misconfig` -> `handle_mmio_page_fault`: a cached MMIO entry of the
-        current memslot generation goes straight to MMIO emulation; a stale one is dropped
-        and the fault takes the normal path."""
+        """vmx.c `handle_ept_misconfig` -> `handle_mmio_page_fault`."""
+        return self._mmio_page_fault(gpa, trace)
+
+    def _mmio_page_fault(self, gpa: int, trace: Trace) -> Resolution:
+        """mmu.c `handle_mmio_page_fault`: a cached MMIO entry of the current memslot
+        generation goes straight to MMIO emulation; a stale one is dropped and the fault
+        takes the normal path."""
         found = self.tables.find_leaf(gpa)
         spte = self.host.memory.read_u64(found[0]) if found else SHADOW_NONPRESENT_VALUE
-        if found and is_mmio_spte(spte) and mmio_spte_generation(spte) == self._mmio_gen():
+        gen = self._mmio_gen()
+        if found and self.masks.is_mmio_spte(spte) and mmio_spte_generation(spte) == gen:
             trace.add(
                 KvmStep(
                     "handle_mmio_page_fault",
@@ -608,7 +779,7 @@ class TdpMmu(KvmMmu):
             return False
         slot_address, level = found
         spte = self.host.memory.read_u64(slot_address)
-        if not spte & EPT_SPTE_MMU_WRITABLE or spte & PT_WRITABLE_MASK:
+        if not spte & self.masks.mmu_writable or spte & PT_WRITABLE_MASK:
             return False
         memslot = self.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
         if level > 1 and memslot is not None and memslot.dirty_logging:
@@ -630,7 +801,9 @@ class TdpMmu(KvmMmu):
         memslot = self.memslots.gfn_to_memslot(gfn)
         if memslot is None:
             trace.add(KvmStep("kvm_faultin_pfn", "no memslot covers this GFN: MMIO", gfn=gfn))
-            self._map(gfn, 1, make_mmio_spte(gpa, self._mmio_gen()), trace)
+            if self.masks.mmio_value:  # `mark_mmio_spte`, when MMIO caching is on
+                access = PT_WRITABLE_MASK | PT_USER_MASK  # ACC_ALL, in SPTE positions
+                self._map(gfn, 1, self.masks.make_mmio_spte(gpa, self._mmio_gen(), access), trace)
             return EmulateMmio(gpa, write)
         if memslot.gmem_only:  # __kvm_mmu_faultin_pfn: is_private || kvm_memslot_is_gmem_only
             return self._gmem_page_fault(memslot, gfn, trace)
@@ -730,30 +903,26 @@ class TdpMmu(KvmMmu):
         return level
 
     def _make_spte(self, hpa: int, level: int, writable: bool) -> int:
-        """spte.c `make_spte` for EPT: SPTE_MMU_PRESENT and suppress-#VE
-        (`shadow_present_mask`), RX, W if writable, WB memory type with IPAT
-        (`vmx_get_mt_mask`), A (and D when writable) with EPT A/D, host- and MMU-writable."""
-        fields = {
-            "r": 1,
-            "x": 1,
-            "w": int(writable),
-            "mt": EPT_MEMTYPE_WB,
-            "ipat": 1,
-            "sw": 1,
-            "hw": int(writable),
-            "mw": int(writable),
-            "sve": 1,
-            "address": hpa,
-        }
-        if self.fmt.ad:
-            fields.update(a=1, d=int(writable))
-        return self.fmt.encode(level, True, **fields)
+        """spte.c `make_spte` for a TDP fault (every access allowed, ACC_ALL): KVM's
+        SPTE_MMU_PRESENT, the present, accessed, exec and user masks, PS above 4 KiB, the
+        memory type (EPT: WB with IPAT, `vmx_get_mt_mask`), the frame; W, MMU-writable,
+        host-writable and dirty when the host page is writable."""
+        m = self.masks
+        spte = SPTE_MMU_PRESENT_MASK | m.present | m.accessed | m.x | m.user | m.memtype | hpa
+        if level > 1:
+            spte |= PT_PAGE_SIZE_MASK
+        if writable:
+            spte |= PT_WRITABLE_MASK | m.mmu_writable | m.host_writable | m.dirty
+        return spte
 
     def _make_nonleaf_spte(self, level: int, child: int) -> int:
-        """spte.c `make_nonleaf_spte`: SPTE_MMU_PRESENT, RWX, A, and suppress-#VE from
-        `shadow_present_mask` (bit 63 is ignored in a non-leaf EPT entry)."""
-        link = self.fmt.encode(level, False, address=child, r=1, w=1, x=1, sw=1, a=int(self.fmt.ad))
-        return link | VMX_EPT_SUPPRESS_VE_BIT
+        """spte.c `make_nonleaf_spte`: SPTE_MMU_PRESENT, the present mask, W, the user and
+        exec masks and A (EPT: R, W, X, A and suppress-#VE; NPT: P, R/W, U/S, A)."""
+        del level  # the same at every level
+        m = self.masks
+        return (
+            SPTE_MMU_PRESENT_MASK | m.present | PT_WRITABLE_MASK | m.user | m.x | m.accessed | child
+        )
 
     def _map(self, gfn: int, level: int, spte: int, trace: Trace) -> None:
         """tdp_mmu.c `kvm_tdp_mmu_map`: link missing tables down to `level`, replacing a huge
@@ -768,7 +937,7 @@ class TdpMmu(KvmMmu):
             return child
 
         memory, gpa = self.host.memory, gfn << PAGE_SHIFT
-        slot = table_slot(memory, self.fmt, self.eptp.root, gpa, level, needs_table, link)
+        slot = table_slot(memory, self.fmt, self.tables.root, gpa, level, needs_table, link)
         assert slot is not None  # `link` makes every missing table
         self._set_spte(slot, level, spte, trace)
 
@@ -784,12 +953,13 @@ class TdpMmu(KvmMmu):
         stale = False
         if is_shadow_present_pte(old):
             moved = self.fmt.output_address(old, level) != self.fmt.output_address(new, level)
-            stale = moved or bool((old & 7) & ~(new & 7)) or not is_shadow_present_pte(new)
+            lost = (old & ~new & self.masks.rights) | (new & ~old & self.masks.nx)
+            stale = moved or bool(lost) or not is_shadow_present_pte(new)
             if stale and flush:
                 self.flush_remote_tlbs()
         leaf = not is_shadow_present_pte(new) or self.fmt.is_leaf(new, level)
         if trace is not None:
-            trace.add(SpteWrite("ept", level, address, old, new, leaf))
+            trace.add(SpteWrite(self.masks.tree, level, address, old, new, leaf))
         return stale
 
     # --- zaps: MMU notifiers, memslot changes -----------------------------------------------
@@ -824,7 +994,7 @@ class TdpMmu(KvmMmu):
         A bit of each accessed leaf (`tdp_mmu_clear_spte_bits_atomic`). Without A/D, KVM
         instead marks the entry for access tracking (`mark_spte_for_access_track`), which
         this model does not have."""
-        if not self.fmt.ad:
+        if not self.ad:
             raise TwodwalkError(
                 "aging without EPT A/D bits (mark_spte_for_access_track) is not modelled:"
                 " use a Machine with ept_ad=True"
@@ -832,8 +1002,8 @@ class TdpMmu(KvmMmu):
         young = False
         for found in self._leaves_between(start, end):
             spte = self.host.memory.read_u64(found.slot)
-            if is_shadow_present_pte(spte) and spte & VMX_EPT_ACCESS_BIT:
-                self._set_spte(found.slot, found.level, spte & ~VMX_EPT_ACCESS_BIT, trace)
+            if is_shadow_present_pte(spte) and spte & self.masks.accessed:
+                self._set_spte(found.slot, found.level, spte & ~self.masks.accessed, trace)
                 young = True
         return young
 
@@ -886,7 +1056,7 @@ class TdpMmu(KvmMmu):
         """PML: `kvm_mmu_slot_leaf_clear_dirty` (`kvm_tdp_mmu_clear_dirty_slot`, every leaf
         of a slot) and `kvm_mmu_clear_dirty_pt_masked` (chosen 4 KiB pages): clear the EPT D
         bit, so the CPU's next write sets it again and logs the page."""
-        return self._clear_bit(gfns, levels, VMX_EPT_DIRTY_BIT)
+        return self._clear_bit(gfns, levels, self.masks.dirty)
 
     def split_huge_pages(self, gfns: range) -> int:
         """tdp_mmu.c `kvm_tdp_mmu_try_split_huge_pages` to 4 KiB: each huge leaf becomes a
@@ -967,14 +1137,14 @@ class TdpMmu(KvmMmu):
 def make_mmio_spte(gpa: int, generation: int) -> int:
     """spte.c `make_mmio_spte` for EPT: W+X without R (a deliberate misconfiguration), the
     GPA, and the memslot generation in bits 10:3 and 62:52."""
-    return MMIO_SPTE_VALUE | mmio_generation_bits(generation) | (gpa & ~0xFFF & ((1 << 52) - 1))
+    return ept_spte_masks(True).make_mmio_spte(gpa, generation, 0)
 
 
 def is_mmio_spte(spte: int) -> bool:
     """spte.h `is_mmio_spte` for EPT: `shadow_mmio_mask` (RWX and suppress-#VE) gives the
     MMIO value, W+X without R and bit 63 clear (no real mapping, nor the non-present value,
     looks like it)."""
-    return spte & EPT_MMIO_MASK == MMIO_SPTE_VALUE
+    return ept_spte_masks(True).is_mmio_spte(spte)
 
 
 def mmio_spte_generation(spte: int) -> int:

@@ -37,6 +37,7 @@ from twodwalk.engine.formats import (
 from twodwalk.engine.host import HostKernel, Process
 from twodwalk.engine.kvm.memslots import Memslot, Memslots
 from twodwalk.engine.kvm.mmu import (
+    PT_USER_MASK,
     PT_WRITABLE_MASK,
     SHADOW_NONPRESENT_VALUE,
     EmulateMmio,
@@ -44,8 +45,8 @@ from twodwalk.engine.kvm.mmu import (
     KvmMmu,
     RetPfRetry,
     is_shadow_present_pte,
-    mmio_generation_bits,
     mmio_spte_generation,
+    x86_spte_masks,
 )
 from twodwalk.engine.pagetables import table_slot
 from twodwalk.engine.paging import (
@@ -95,9 +96,7 @@ class ShadowMmu(KvmMmu):
         self.shadowed: dict[int, dict[int, int]] = {}  # guest table gfn -> {shadow: level}
         self.rmap: dict[int, set[int]] = {}
         self.spte_gfn: dict[int, int] = {}
-        # spte.c `kvm_mmu_reset_all_pte_masks`: MMIO SPTEs set reserved bit 51 and P, so the
-        # CPU faults with RSVD; with MAXPHYADDR 52 no bit is reserved and MMIO is not cached
-        self.mmio_value = (1 << 51 | 1) if cpu.maxphyaddr < 52 else 0
+        self.masks = x86_spte_masks(cpu.maxphyaddr)  # `kvm_mmu_reset_all_pte_masks`
 
     def root_for(self, guest_root: int, fmt: Ia32eFormat, cr0_wp: bool = True) -> int:
         """`kvm_mmu_new_pgd`: the shadow root for a guest CR3, one per root, depth and guest
@@ -224,25 +223,22 @@ class ShadowMmu(KvmMmu):
         return None
 
     def is_mmio_spte(self, spte: int) -> bool:
-        """spte.h `is_mmio_spte`: `shadow_mmio_mask` equals `shadow_mmio_value` (bit 51 and
-        P) here; false for everything when MMIO caching is off (MAXPHYADDR 52)."""
-        return bool(self.mmio_value) and spte & self.mmio_value == self.mmio_value
+        """spte.h `is_mmio_spte`: bit 51 and P here; false for everything when MMIO caching
+        is off (MAXPHYADDR 52)."""
+        return self.masks.is_mmio_spte(spte)
 
     def make_mmio_spte(self, gpa: int, rights: Rights) -> int:
-        """spte.c `make_mmio_spte` with shadow paging: the MMIO value, the guest's W and U
-        rights (`shadow_mmio_access_mask` = ACC_WRITE_MASK | ACC_USER_MASK, in the W and U/S
-        bit positions), the GPA, and the memslot generation in bits 10:3 and 62:52. (No
-        L1TF mitigation bits: `shadow_nonpresent_or_rsvd_mask` is 0 on an unaffected CPU.)"""
+        """spte.c `make_mmio_spte` with shadow paging: the guest's W and U rights are kept
+        (`shadow_mmio_access_mask` = ACC_WRITE_MASK | ACC_USER_MASK)."""
         access = (PT_WRITABLE_MASK if Rights.W in rights else 0) | (
-            0b100 if Rights.U in rights else 0
+            PT_USER_MASK if Rights.U in rights else 0
         )
-        gen = mmio_generation_bits(self._mmio_gen())
-        return self.mmio_value | access | gen | (gpa & ~0xFFF & bits(self.cpu.maxphyaddr - 1, 12))
+        return self.masks.make_mmio_spte(gpa, self._mmio_gen(), access)
 
     def _install_mmio(self, hardware: WalkRecord, gpa: int, rights: Rights, trace: Trace) -> None:
         """`mmu_set_spte` -> `mark_mmio_spte` for a GFN in no memslot, when MMIO caching is on."""
         slot = self._leaf_slot(hardware.format, hardware.root, hardware.address, trace)
-        if self.mmio_value:
+        if self.masks.mmio_value:
             self._write(slot, 1, self.make_mmio_spte(gpa, rights), trace)
 
     def _fetch(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 
 from twodwalk.engine.cpuid import CpuModel
-from twodwalk.engine.formats import ept_format
+from twodwalk.engine.formats import ept_format, ia32e_format
 from twodwalk.engine.host import HostKernel, Process
 from twodwalk.engine.kvm.guest_memfd import GuestMemfd
 from twodwalk.engine.kvm.memslots import (
@@ -75,7 +75,9 @@ class Vm:
         gpa_bits = min(cpu.maxphyaddr, 48 if ept_levels == 4 else 52) if tdp else 52
         self.memslots = Memslots(max_gpa_bits=gpa_bits)
         self.mmu: TdpMmu | ShadowMmu
-        if tdp:
+        if tdp and cpu.vendor == "amd":  # svm.c: NPT in the host's long-mode format
+            self.mmu = TdpMmu(host, vmm, self.memslots, ia32e_format(ept_levels, cpu, nxe=True))
+        elif tdp:
             self.mmu = TdpMmu(host, vmm, self.memslots, ept_format(ept_levels, cpu, ept_ad))
         else:
             self.mmu = ShadowMmu(host, vmm, self.memslots, cpu)
@@ -83,7 +85,8 @@ class Vm:
 
     @property
     def ept(self) -> TdpMmu:
-        """The TDP MMU that builds the EPT; only with tdp=True."""
+        """The TDP MMU that builds the EPT (or, on AMD, the nested page tables); only with
+        tdp=True."""
         if not isinstance(self.mmu, TdpMmu):
             raise TwodwalkError("this VM runs with EPT off (tdp=False): its shadow MMU is vm.mmu")
         return self.mmu
@@ -121,7 +124,7 @@ class Vm:
                 f"mode={mode!r} is not a dirty-logging mode: valid are {', '.join(DIRTY_LOG_MODES)}"
             )
         mmu = self.mmu
-        can_pml = isinstance(mmu, TdpMmu) and mmu.fmt.ad
+        can_pml = isinstance(mmu, TdpMmu) and not mmu.npt and mmu.ad
         use_pml = mode == "pml" or (mode == "initially-set" and (can_pml if pml is None else pml))
         if pml is not None and mode != "initially-set" and pml != (mode == "pml"):
             raise TwodwalkError(
@@ -130,8 +133,9 @@ class Vm:
             )
         if use_pml and not can_pml:
             raise TwodwalkError(
-                f"mode={mode!r} with PML needs EPT with A/D bits (tdp=True, ept_ad=True):"
-                " KVM turns PML off without them (vmx.c hardware_setup)"
+                f"mode={mode!r} with PML needs Intel's EPT with A/D bits (tdp=True,"
+                " ept_ad=True, vendor='intel'): KVM turns PML off without them (vmx.c"
+                " hardware_setup), and SVM has no PML"
             )
         if any(slot.dirty_logging for slot in self.memslots.slots.values()):
             raise TwodwalkError(
