@@ -437,6 +437,19 @@ def test_inspector_reads_ept_and_host_tables_at_hpas() -> None:
     assert i.level_dropdown.disabled and "bytes" in text_of(i.entry_output)
 
 
+def test_inspector_reads_amd_nested_tables_as_long_mode_entries() -> None:
+    """On AMD the nested tables are long-mode entries under nCR3: the inspector decodes
+    them so, and refuses the EPT format inline, naming the VM's own."""
+    m = scenario("toy-amd").build()
+    scenario("toy-amd").run(m)
+    i = tww.MemoryInspector(m, m.vm.ept.ncr3, entry_format="npt", level=4)
+    shown = text_of(i.entry_output)
+    assert shown.startswith("nested PML4E") and "U/S" in shown and "(present)" in shown
+    i.format_dropdown.value = "ept"
+    assert i.format_dropdown.value == "npt", "a refused format springs back"
+    assert "its second dimension is NPT, choose &#x27;npt&#x27;" in error_of(i)
+
+
 def test_inspector_level_picked_by_the_reader_stays_picked() -> None:
     m = warm_toy()
     i = tww.MemoryInspector(m, m.vcpu.cr3, "gpa", entry_format="guest", level=4)

@@ -23,11 +23,12 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NoReturn
 
 from twodwalk import exercises
+from twodwalk.engine.formats import nested_tree
 from twodwalk.engine.kvm.run import InternalError, MmioExit
 from twodwalk.engine.machine import Machine
 from twodwalk.engine.paging import GeneralProtection, PageFault
@@ -111,8 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--scenario",
         default="qemu",
         metavar="NAME|PATH",
-        help="a named scenario (qemu, toy, toy-5level, toy-shadow, large-pages), random-SEED,"
-        " or a .json/.toml file (default: qemu)",
+        help="a named scenario (qemu, toy, toy-5level, toy-shadow, toy-amd, large-pages),"
+        " random-SEED, or a .json/.toml file (default: qemu)",
+    )
+    machine.add_argument(
+        "--vendor",
+        choices=("intel", "amd"),
+        help="run the scenario on Intel (EPT) or AMD (nested paging, #NPF);"
+        " default: the scenario's own",
     )
     access = _Parser(add_help=False)
     access.add_argument("--kind", choices=KINDS, default="read", help="default: read")
@@ -197,7 +204,8 @@ def _walk(args: argparse.Namespace) -> Report:
         f"scenario {sc.name} ({_state(sc)}): {args.kind} of {args.gva:#x} at CPL {args.cpl}",
         f"this access: {_touch(first)}; {format_outcome(first)}",
         *([format_trace(first.trace)] if args.trace else []),
-        f"cold walk (EPT in place, every translation cache flushed): {len(refs)} memory"
+        f"cold walk ({_second_tree(machine)} in place, every translation cache flushed):"
+        f" {len(refs)} memory"
         f" references; with every translation cache switched off: {uncached}",
         format_2d_walk(again.trace),
         f"=> {format_outcome(again)}",
@@ -287,7 +295,7 @@ def _gpa_route(machine: Machine, gpa: int) -> tuple[int | None, int | None, int 
 
 def _info(args: argparse.Namespace) -> Report:
     if args.what == "scenario":
-        sc = scenario(args.scenario)
+        sc = _scenario(args)
         return Report(sc.describe(), json.loads(sc.to_json()))
     sc, machine = _ran(args)
     if args.what == "memslots":
@@ -394,9 +402,21 @@ def _euid() -> int:
 # --- shared -------------------------------------------------------------------------------------
 
 
+def _scenario(args: argparse.Namespace) -> Scenario:
+    """The scenario the arguments name, on the vendor `--vendor` asks for."""
+    sc = scenario(args.scenario)
+    vendor = getattr(args, "vendor", None)
+    return sc if vendor is None else replace(sc, vendor=vendor)
+
+
+def _second_tree(machine: Machine) -> str:
+    """What KVM built for the hardware: EPT (Intel), NPT (AMD) or shadow tables."""
+    return nested_tree(machine.vm.ept.fmt) if machine.vm.tdp else "shadow tables"
+
+
 def _ran(args: argparse.Namespace) -> tuple[Scenario, Machine]:
     """The scenario's machine after the guest has made the scenario's accesses."""
-    sc = scenario(args.scenario)
+    sc = _scenario(args)
     machine = sc.build()
     sc.run(machine)
     return sc, machine

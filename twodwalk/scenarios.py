@@ -90,12 +90,14 @@ class Scenario:
     ept_levels: int = 4
     maxphyaddr: int = 46
     thp: bool = False
+    vendor: str = "intel"
     mappings: tuple[GuestMapping, ...] = ()
     accesses: tuple[GuestAccess, ...] = ()
 
     def __post_init__(self) -> None:
         check_choice("guest_levels", str(self.guest_levels), ("4", "5"))
         check_choice("ept_levels", str(self.ept_levels), ("4", "5"))
+        check_choice("vendor", self.vendor, ("intel", "amd"))
         self.ram_pieces()
 
     def ram_pieces(self) -> list[tuple[int, int, int]]:
@@ -113,6 +115,7 @@ class Scenario:
                 maxphyaddr=self.maxphyaddr,
                 thp=self.thp,
                 pci_hole=self.pci_hole,
+                vendor=self.vendor,
             )
         for m in self.mappings:
             with _where(f"scenario {self.name!r}, mapping {m.name!r}"):
@@ -448,6 +451,7 @@ SCENARIOS: dict[str, Scenario] = {
         _toy("toy", TOY_GVA),
         _toy("toy-5level", TOY5_GVA, guest_levels=5, ept_levels=5, maxphyaddr=52),
         _toy("toy-shadow", TOY_GVA, tdp=False),
+        _toy("toy-amd", TOY_GVA, vendor="amd"),
         _large_pages(),
     )
 }

@@ -426,13 +426,24 @@ class Ia32eFormat(EntryFormat):
     present_bits = 1
 
     def __init__(
-        self, levels: int, maxphyaddr: int, gbpages: bool, nxe: bool, amd: bool = False
+        self,
+        levels: int,
+        maxphyaddr: int,
+        gbpages: bool,
+        nxe: bool,
+        amd: bool = False,
+        nested: bool = False,
     ) -> None:
         self.nxe = nxe
         self.amd = amd
-        super().__init__(
-            f"IA-32e {levels}-level paging", levels, maxphyaddr, gbpages, _X86_LEVEL_NAMES
-        )
+        self.nested = nested
+        if nested:  # AMD's nested page tables: the same entries, named as the other tree
+            self.table_names = {lv: f"nested {name}" for lv, name in _X86_TABLE_NAMES.items()}
+            names = {lv: f"nested {name}" for lv, name in _X86_LEVEL_NAMES.items()}
+            title = f"AMD nested paging, {levels}-level (long-mode entries)"
+        else:
+            names, title = _X86_LEVEL_NAMES, f"IA-32e {levels}-level paging"
+        super().__init__(title, levels, maxphyaddr, gbpages, names)
 
     @property
     def table_defaults(self) -> Mapping[str, int]:
@@ -500,6 +511,24 @@ def ia32e_format(levels: int, cpu: CpuModel, nxe: bool = True) -> Ia32eFormat:
     if levels == 5 and not cpu.la57:
         raise TwodwalkError("levels=5 needs a CPU model with la57=True (CPUID.07H:ECX[16])")
     return Ia32eFormat(levels, cpu.maxphyaddr, cpu.gbpages, nxe, cpu.vendor == "amd")
+
+
+def nested_tree(fmt: EntryFormat) -> str:
+    """What the manuals call the second-dimension tree of this format: "NPT" for AMD's
+    nested page tables, "EPT" otherwise."""
+    return "NPT" if isinstance(fmt, Ia32eFormat) and fmt.nested else "EPT"
+
+
+@lru_cache(maxsize=16)
+def npt_format(levels: int, cpu: CpuModel) -> Ia32eFormat:
+    """AMD's nested page tables (APM Vol 2 15.25.5): the long-mode format with the host's
+    EFER.NX=1 and the CPU's reserved bits, `levels` deep as the host pages (KVM
+    `get_npt_level`); entries are named "nested PML4E" and so on."""
+    if cpu.vendor != "amd":
+        raise TwodwalkError("nested page tables are AMD's: give a CpuModel with vendor='amd'")
+    if levels == 5 and not cpu.la57:
+        raise TwodwalkError("levels=5 needs a CPU model with la57=True (CPUID.07H:ECX[16])")
+    return Ia32eFormat(levels, cpu.maxphyaddr, cpu.gbpages, True, amd=True, nested=True)
 
 
 # --- EPT: SDM Vol 3C 29.3.2 "EPT Translation Mechanism", tables 29-1 .. 29-7 -------------------

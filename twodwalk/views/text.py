@@ -19,10 +19,11 @@ from twodwalk.engine.ept import (
     EXIT_REASON_EPT_VIOLATION,
     qualification_names,
 )
-from twodwalk.engine.formats import DecodedEntry, EntryFormat, EptFormat, Rights
+from twodwalk.engine.formats import DecodedEntry, EntryFormat, EptFormat, Rights, nested_tree
 from twodwalk.engine.kvm.memslots import dirty_pages as dirty_pages  # re-exported for notebooks
 from twodwalk.engine.kvm.mmu import KVM_EPT_ERROR_CODE_BITS
 from twodwalk.engine.kvm.run import InternalError, MmioExit
+from twodwalk.engine.npt import PFERR_GUEST_FINAL, SVM_EXIT_NPF, exit_info1_names
 from twodwalk.engine.paging import (
     PF_ERROR_CODE_BITS,
     GeneralProtection,
@@ -220,7 +221,7 @@ def entry_flags(fmt: EntryFormat, level: int, value: int) -> str:
 def format_2d_walk(trace: Trace, attempt: int = -1) -> str:
     """A Bochs-style dump of one attempt's hardware references: for each guest level, the EPT
     entries that translated the guest table's GPA come first, then the guest entry itself."""
-    lines = []
+    rows = []
     for ref in trace.memory_references(attempt):
         step = ref.step
         name = step.format.level_name(step.level)
@@ -229,11 +230,13 @@ def format_2d_walk(trace: Trace, attempt: int = -1) -> str:
             label = f"  {name} ({served})"
         else:
             label = name
-        lines.append(
-            f"{ref.number:3d} {label:<28} @ {ref.address:#014x} = {ref.value:#018x}"
-            f"  {entry_flags(step.format, step.level, step.value)}"
-        )
-    return "\n".join(lines)
+        rows.append((ref, label))
+    width = max([28, *(len(label) for _, label in rows)])
+    return "\n".join(
+        f"{ref.number:3d} {label:<{width}} @ {ref.address:#014x} = {ref.value:#018x}"
+        f"  {entry_flags(ref.step.format, ref.step.level, ref.step.value)}"
+        for ref, label in rows
+    )
 
 
 def format_trace(trace: Trace) -> str:
@@ -248,6 +251,12 @@ def _event_text(event: Event) -> str:
     if isinstance(event, GuestWalk | EptWalk | NativeWalk | HostWalk | KvmWalk):
         kind = type(event).__name__
         return f"{kind}: {_outcome_text(event.record.outcome)}"
+    if isinstance(event, VmExit) and event.reason == SVM_EXIT_NPF:
+        info = event.qualification or 0
+        return (
+            f"#VMEXIT(NPF) {SVM_EXIT_NPF:#x}: EXITINFO2 (GPA) {event.gpa or 0:#x},"
+            f" EXITINFO1 {info:#x} ({', '.join(exit_info1_names(info))})"
+        )
     if isinstance(event, VmExit):
         where = "" if event.gpa is None else f": GPA {event.gpa:#x}"
         if event.gva is not None and event.gpa is None:
@@ -463,9 +472,15 @@ def format_exits(trace: Trace) -> str:
     exits = trace.of_type(VmExit)
     if not exits:
         return "no VM exit"
-    counts = Counter(f"{e.reason} {e.name}" for e in exits)
+    counts = Counter(_exit_label(e) for e in exits)
     reasons = ", ".join(f"{name} x{n}" for name, n in counts.items())
     return f"{len(exits)} VM exit{'s' if len(exits) > 1 else ''} ({reasons})"
+
+
+def _exit_label(exit_: VmExit) -> str:
+    """An exit by its number and name as the vendor's manual writes it: "48 EPT_VIOLATION",
+    "#VMEXIT(NPF)"."""
+    return "#VMEXIT(NPF)" if exit_.reason == SVM_EXIT_NPF else f"{exit_.reason} {exit_.name}"
 
 
 def exit_summaries(trace: Trace) -> list[str]:
@@ -551,7 +566,7 @@ def _explain_exits(number: int, events: list[Event], *, retried: bool) -> list[s
     if not exits:
         return []
     exit_ = exits[0]
-    lines = [f"Attempt {number}: VM exit {exit_.reason} {exit_.name}{_exit_place(exit_)}."]
+    lines = [f"Attempt {number}: VM exit {_exit_label(exit_)}{_exit_place(exit_)}."]
     failed = _failed_second_dimension(events)
     if failed is not None:
         lines.append(f"  {_why_walk_stopped(*failed)}")
@@ -564,6 +579,9 @@ def _explain_exits(number: int, events: list[Event], *, retried: bool) -> list[s
     if exit_.qualification is not None and exit_.reason == EXIT_REASON_EPT_VIOLATION:
         names = ", ".join(qualification_names(exit_.qualification))
         lines.append(f"  The exit qualification {exit_.qualification:#x} says: {names}.")
+    if exit_.qualification is not None and exit_.reason == SVM_EXIT_NPF:
+        names = ", ".join(exit_info1_names(exit_.qualification))
+        lines.append(f"  EXITINFO1 {exit_.qualification:#x} says: {names}.")
     steps = [e.function for e in events if isinstance(e, KvmStep)]
     if steps:
         lines.append(f"  KVM: {' -> '.join(dict.fromkeys(steps))}.")
@@ -573,8 +591,14 @@ def _explain_exits(number: int, events: list[Event], *, retried: bool) -> list[s
 
 
 def _exit_place(exit_: VmExit) -> str:
-    if exit_.reason == EXIT_REASON_EPT_VIOLATION and exit_.qualification is not None:
-        final = exit_.qualification & EPT_VIOLATION_GVA_TRANSLATED
+    if exit_.qualification is not None and exit_.reason in (
+        EXIT_REASON_EPT_VIOLATION,
+        SVM_EXIT_NPF,
+    ):
+        final_bit = (
+            PFERR_GUEST_FINAL if exit_.reason == SVM_EXIT_NPF else EPT_VIOLATION_GVA_TRANSLATED
+        )
+        final = exit_.qualification & final_bit
         what = "the final GPA of the access" if final else "a guest page-table entry"
         return f" for GPA {exit_.gpa:#x}, {what}"
     return "" if exit_.gpa is None else f" for GPA {exit_.gpa:#x}"
@@ -588,9 +612,11 @@ def _failed_second_dimension(events: list[Event]) -> tuple[WalkRecord, str] | No
         if isinstance(event, GuestWalk):
             fault = event.record.fault
             if fault is not None and fault.nested is not None:
-                return fault.nested, f"The EPT walk of GPA {fault.nested.address:#x}"
+                walked = f"The {nested_tree(fault.nested.format)} walk"
+                return fault.nested, f"{walked} of GPA {fault.nested.address:#x}"
         if isinstance(event, EptWalk) and event.record.fault is not None:
-            return event.record, f"The EPT walk of GPA {event.record.address:#x}"
+            walked = f"The {nested_tree(event.record.format)} walk"
+            return event.record, f"{walked} of GPA {event.record.address:#x}"
         if isinstance(event, NativeWalk) and event.record.fault is not None:
             walked = f"The hardware walk of KVM's shadow tables for GVA {event.record.address:#x}"
             return event.record, walked

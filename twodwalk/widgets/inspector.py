@@ -2,21 +2,22 @@
 
 Paging structures are pages of 512 entries (SDM Vol 3A 4.5), so a page is shown as a table
 would be, each entry decoded in the format the reader picks: a guest IA-32e entry, an EPT
-entry or a host entry, at a level. The address may be given as an HPA, a GPA (through its
+entry (Intel), a nested page-table entry (AMD: the long-mode format again) or a host entry,
+at a level. The address may be given as an HPA, a GPA (through its
 memslot) or an HVA of the VMM (through the host's page tables); looking it up faults nothing
 in, as QEMU's `gpa2hpa` reads /proc/self/pagemap without touching the page.
 """
 
 from __future__ import annotations
 
-from twodwalk.engine.formats import ENTRIES_PER_TABLE, ENTRY_SIZE, EntryFormat
+from twodwalk.engine.formats import ENTRIES_PER_TABLE, ENTRY_SIZE, EntryFormat, nested_tree
 from twodwalk.engine.machine import Machine
 from twodwalk.engine.units import PAGE_SIZE
 from twodwalk.errors import TwodwalkError, check_choice, check_int, parse_int
 from twodwalk.views.text import describe_entry, entry_flags, entry_meaning, gpa2hva_text
 
 SPACES = ("hpa", "gpa", "hva")
-FORMATS = ("guest", "ept", "host", "raw")
+FORMATS = ("guest", "ept", "npt", "host", "raw")
 
 
 class InspectorModel:
@@ -61,7 +62,7 @@ class InspectorModel:
         return self.goto(f"{address:#x}", self.space)
 
     def choose_format(self, name: str, level: int) -> bool:
-        """Read entries as `name` ("guest", "ept", "host" or "raw") at `level`."""
+        """Read entries as `name` ("guest", "ept", "npt", "host" or "raw") at `level`."""
         try:
             check_choice("entry format", name, FORMATS)
             fmt = self._format(name)
@@ -85,8 +86,15 @@ class InspectorModel:
     def _format(self, name: str) -> EntryFormat | None:
         if name == "guest":
             return self.machine.guest.format
-        if name == "ept":
-            return self.machine.vm.ept.fmt  # refuses with EPT off, in the engine's words
+        if name in ("ept", "npt"):
+            fmt = self.machine.vm.ept.fmt  # refuses with EPT off, in the engine's words
+            tree = nested_tree(fmt)
+            if tree.lower() != name:
+                raise TwodwalkError(
+                    f"entry format {name!r} is not this VM's: its second dimension is {tree},"
+                    f" choose {tree.lower()!r}"
+                )
+            return fmt
         if name == "host":
             return self.machine.host.format
         return None

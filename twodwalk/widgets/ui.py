@@ -470,7 +470,8 @@ def changes_table(changes: list[Change]) -> str:
 SPACE_OPTIONS = [("HPA", "hpa"), ("GPA", "gpa"), ("HVA (VMM)", "hva")]
 FORMAT_OPTIONS = [
     ("guest IA-32e entry", "guest"),
-    ("EPT entry", "ept"),
+    ("EPT entry (Intel)", "ept"),
+    ("nested page-table entry (AMD)", "npt"),
     ("host entry", "host"),
     ("raw bytes", "raw"),
 ]

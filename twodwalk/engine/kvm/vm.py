@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 
 from twodwalk.engine.cpuid import CpuModel
-from twodwalk.engine.formats import ept_format, ia32e_format
+from twodwalk.engine.formats import ept_format, npt_format
 from twodwalk.engine.host import HostKernel, Process
 from twodwalk.engine.kvm.guest_memfd import GuestMemfd
 from twodwalk.engine.kvm.memslots import (
@@ -76,7 +76,7 @@ class Vm:
         self.memslots = Memslots(max_gpa_bits=gpa_bits)
         self.mmu: TdpMmu | ShadowMmu
         if tdp and cpu.vendor == "amd":  # svm.c: NPT in the host's long-mode format
-            self.mmu = TdpMmu(host, vmm, self.memslots, ia32e_format(ept_levels, cpu, nxe=True))
+            self.mmu = TdpMmu(host, vmm, self.memslots, npt_format(ept_levels, cpu))
         elif tdp:
             self.mmu = TdpMmu(host, vmm, self.memslots, ept_format(ept_levels, cpu, ept_ad))
         else:
