@@ -29,6 +29,7 @@ SEQUENCE = (
     "10-lab-ept-violation-handler",
     "11-memory-without-an-hva",
     "12-nested-virtualization",
+    "13-amd-nested-paging",
     "90-check-on-real-kvm",
 )
 

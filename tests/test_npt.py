@@ -10,6 +10,7 @@ entries under nCR3, built by KVM from memslots and the VMM's host page tables.
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,6 +21,8 @@ from twodwalk.engine.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES, dirty_pages
 from twodwalk.engine.kvm.run import MmioExit
 from twodwalk.engine.trace import Counts, KvmStep, Trace, VmExit
 from twodwalk.errors import TwodwalkError
+from twodwalk.views.plots import plot_timeline, plot_two_trees, plot_walk_grid
+from twodwalk.views.text import exit_summaries, explain, format_exits
 
 GVA = 0x40_0000
 GPA = 0x10_0000
@@ -217,3 +220,28 @@ def test_ept_and_npt_reach_the_same_frames_and_the_same_guest_faults(
             done = m.vcpu.access(GVA + page * 0x1000, kind, value)
             seen.append((done.fault, done.value, done.gpa, done.hpa))
         assert seen[0] == seen[1], f"access {number}: {kind} page {page} at CPL {cpl}"
+
+
+def test_the_views_name_the_vendors_tree() -> None:
+    """Text and figures say NPT, nCR3 and #VMEXIT(NPF) for an AMD guest, never EPT."""
+    m = amd()
+    first = m.vcpu.access(GVA, "write", 1)
+    assert format_exits(first.trace) == "5 VM exits (#VMEXIT(NPF) x5)"
+    assert "EXITINFO1 0x100000006 (W, U, final GPA)" in exit_summaries(first.trace)[-1]
+    assert "The NPT walk of GPA 0x100000 stopped at the nested PDE" in explain(first)
+    m.vcpu.flush_tlb()
+    with m.vcpu.caches.switched_off():
+        cold = m.vcpu.access(GVA, "read")
+    grid = plot_walk_grid(cold.trace)
+    legend = grid.axes[0].get_legend()
+    assert legend is not None
+    assert grid.axes[0].get_title() == "4-level guest walk under 4-level NPT: 24 memory references"
+    assert "memory reference: NPT entry" in [t.get_text() for t in legend.get_texts()]
+    timeline = plot_timeline(first)
+    labels = [t.get_text() for legend in timeline.legends for t in legend.get_texts()]
+    assert "NPT walk (data GPA)" in labels and "EPT walk (data GPA)" not in labels
+    trees = plot_two_trees(m, first)
+    shown = " ".join(t.get_text() for t in trees.axes[0].texts)
+    assert f"nCR3\n{m.vm.ept.ncr3:#x}" in shown and "EPTP" not in shown
+    for figure in (grid, timeline, trees):
+        plt.close(figure)

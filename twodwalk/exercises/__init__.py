@@ -52,6 +52,8 @@ from twodwalk.exercises.memslot import (
     memslots_of_machine_question,
 )
 from twodwalk.exercises.nested import NESTED_HISTORIES, _seeded_nested, nested_question
+from twodwalk.exercises.npf import STORIES as NPF_STORIES
+from twodwalk.exercises.npf import _seeded_npf, npf_question
 from twodwalk.exercises.references import _seeded_references, references_question
 from twodwalk.exercises.roots import ROOT_WALKS, _seeded_roots, roots_question
 from twodwalk.exercises.shadow import SHADOW_ACTIONS, _seeded_shadow, shadow_question
@@ -65,6 +67,7 @@ __all__ = [
     "GRID_ASKS",
     "GUEST_MEMFD_STORIES",
     "NESTED_HISTORIES",
+    "NPF_STORIES",
     "ROOT_WALKS",
     "SEED_LIMIT",
     "SHADOW_ACTIONS",
@@ -95,6 +98,7 @@ __all__ = [
     "memslot_question",
     "memslots_of_machine_question",
     "nested_question",
+    "npf_question",
     "number_readings",
     "quiz",
     "reference_handler",
@@ -126,6 +130,7 @@ TOPICS: Mapping[str, Callable[[int], Question]] = MappingProxyType(
         "capstone": _seeded_capstone,
         "guest-memfd": _seeded_guest_memfd,
         "nested": _seeded_nested,
+        "npf": _seeded_npf,
     }
 )
 

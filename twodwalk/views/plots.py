@@ -23,6 +23,7 @@ from matplotlib.patches import FancyArrowPatch, Patch, Rectangle
 from matplotlib.path import Path
 from matplotlib.text import Text
 
+from twodwalk.engine.formats import nested_tree
 from twodwalk.engine.kvm.run import MmioExit
 from twodwalk.engine.trace import Trace
 from twodwalk.engine.units import PAGE_SIZE, size_text
@@ -385,23 +386,31 @@ def _draw_chain(ax: Axes, fields: list[AddressField], root: str) -> None:
             ax.text(centre, 3.75, f"entry {f.value}", ha="center", va="center", fontsize=FONT)
 
 
-def _memory_style(dimension: str) -> Style:
+def _memory_style(dimension: str, tree: str = "EPT") -> Style:
     """A memory reference's cell: its dimension's colour and hatch (no text beyond its
-    number: every numbered cell is a memory reference)."""
+    number: every numbered cell is a memory reference); the second dimension is named as
+    the vendor names it (`tree`: EPT or NPT)."""
     style = DIMENSION_STYLES[dimension]
-    label = f"memory reference: {_ENTRY_KIND[dimension]}"
+    label = f"memory reference: {_entry_kind(dimension, tree)}"
     return Style(style.colour, style.hatch, "solid", label, alpha=0.8)
 
 
 _ENTRY_KIND = {"guest": "guest entry", "ept": "EPT entry", "native": "shadow or native entry"}
+
+
+def _entry_kind(dimension: str, tree: str = "EPT") -> str:
+    """What an entry of a dimension is called: "EPT entry", or "NPT entry" on AMD."""
+    return f"{tree} entry" if dimension == "ept" else _ENTRY_KIND[dimension]
+
+
 _ORDER = Style("#555555", label="the order the hardware reads in")
 
 
-def _cell_style(cell: GridCell | None) -> Style:
+def _cell_style(cell: GridCell | None, tree: str = "EPT") -> Style:
     if cell is None:
         return EMPTY_CELL
     if cell.dimension is not None:
-        return _memory_style(cell.dimension)
+        return _memory_style(cell.dimension, tree)
     return CELL_STYLES[cell.source]
 
 
@@ -432,7 +441,7 @@ def plot_walk_grid(
     for row in range(len(grid.rows)):
         for first, last, cell in _row_spans(by_place, row, len(grid.cols)):
             emphasised = cell is not None and highlight is not None and cell.number == highlight
-            styles.append(_draw_span(ax, row, first, last, cell, emphasised))
+            styles.append(_draw_span(ax, row, first, last, cell, emphasised, grid.tree))
     numbered = sorted((c for c in grid.cells if c.number is not None), key=lambda c: c.number or 0)
     for before, after in pairwise(numbered):
         _draw_order_arrow(ax, before, after)
@@ -471,7 +480,7 @@ def _grid_title(grid: WalkGrid, count: int) -> str:
     cost = grid.note or references(count)
     if grid.two_dimensional:
         m = len(grid.cols) - 1
-        return f"{n}-level guest walk under {m}-level EPT: {cost}"
+        return f"{n}-level guest walk under {m}-level {grid.tree}: {cost}"
     return f"{n}-level one-dimensional walk: {cost}"
 
 
@@ -490,7 +499,7 @@ def _draw_grid_headers(ax: Axes, grid: WalkGrid) -> None:
         if ept_level is None:
             text = "guest\nentry" if guest else "entry"
         else:
-            text = f"nL{ept_level}\n{name}"
+            text = f"nL{ept_level}\n{name.removeprefix('nested ')}"  # nL already says nested
         _header(ax, (col + 0.04, -0.95), (0.92, 0.9), text)
 
 
@@ -518,9 +527,15 @@ def _row_spans(
 
 
 def _draw_span(
-    ax: Axes, row: int, first: int, last: int, cell: GridCell | None, emphasised: bool
+    ax: Axes,
+    row: int,
+    first: int,
+    last: int,
+    cell: GridCell | None,
+    emphasised: bool,
+    tree: str = "EPT",
 ) -> Style:
-    style = _cell_style(cell)
+    style = _cell_style(cell, tree)
     ax.add_patch(
         Rectangle(
             (first + 0.04, row + 0.04),
@@ -584,6 +599,7 @@ def plot_timeline(access: Trace | AccessResult, *, ax: Axes | None = None) -> Fi
     for i, (before, after) in enumerate(pairwise(rows)):
         _draw_handover(ax, i, before.lane, after.lane)
     shapes = {name: marker for _, marker, name in EVENT_KINDS.values()} | {"exit": "s"}
+    shapes["NPT walk (data GPA)"] = shapes["EPT walk (data GPA)"]  # AMD's name, same shape
     for i, row in enumerate(rows):
         ax.plot(
             [row.lane + 0.08], [i], marker=shapes[row.kind], markersize=9,
@@ -611,6 +627,7 @@ def plot_timeline(access: Trace | AccessResult, *, ax: Axes | None = None) -> Fi
 _EVENT_COLOURS = {
     "guest walk": DIMENSION_STYLES["guest"].colour,
     "EPT walk (data GPA)": DIMENSION_STYLES["ept"].colour,
+    "NPT walk (data GPA)": DIMENSION_STYLES["ept"].colour,  # the same dimension, on AMD
     "one-dimensional walk": DIMENSION_STYLES["native"].colour,
     "KVM function": BLACK,
     "KVM's walk of the guest tables": DIMENSION_STYLES["kvm-walk"].colour,
@@ -826,11 +843,14 @@ def plot_two_trees(machine: Machine, result: AccessResult, *, ax: Axes | None = 
     host's as the bridge between the two roots; and the two leaf entries underneath, field by
     field, EPT format against IA-32e format."""
     trees = two_trees(machine, result)
+    mmu = machine.vm.ept
+    tree = nested_tree(mmu.fmt)  # "EPT" (Intel) or "NPT" (AMD), rooted at EPTP or nCR3
+    root = f"nCR3\n{mmu.ncr3:#x}" if mmu.npt else f"EPTP\n{mmu.eptp.value:#x}"
     figure, ax = figure_and_axes(ax, (14.0, 10.0))
     leaves = {
         name: _draw_tree(ax, name, record, root)
         for name, record, root in (
-            ("ept", trees.ept, f"EPTP\n{machine.vm.ept.eptp.value:#x}"),
+            ("ept", trees.ept, root),
             ("host", trees.host, f"the VMM's CR3\n{trees.host.root:#x}"),
         )
     }
@@ -847,26 +867,30 @@ def plot_two_trees(machine: Machine, result: AccessResult, *, ax: Axes | None = 
     for name, y_leaf in leaves.items():
         _leaf_arrow(ax, name, y_leaf, y_frame)
     _draw_bridge(ax, trees)
+    nested = replace(DIMENSION_STYLES["ept"], label=f"{tree} (hardware)")
     handles: list[Line2D | Patch] = [
         Line2D([], [], color=s.colour, linestyle=s.linestyle, linewidth=2.5, label=s.label)
-        for s in (DIMENSION_STYLES["ept"], DIMENSION_STYLES["host"], DIMENSION_STYLES["memslot"])
+        for s in (nested, DIMENSION_STYLES["host"], DIMENSION_STYLES["memslot"])
     ]
     handles += [
         Patch(
             facecolor=replace(DIMENSION_STYLES[name], alpha=0.25).face, edgecolor=BLACK, label=label
         )
-        for name, label in (("ept", "EPT table page"), ("host", "host page-table page"))
+        for name, label in (("ept", f"{tree} table page"), ("host", "host page-table page"))
     ]
     handles.append(Patch(facecolor="#DDDDDD", edgecolor=BLACK, label="the frame both name"))
     y_rulers = y_frame + 1.4
-    _draw_leaf_ruler(ax, trees.ept, y_rulers, "EPT leaf (SDM Vol 3C table 29-5)")
+    nested_leaf = (
+        "NPT leaf (long mode, AMD APM Vol 2 5.3)" if mmu.npt else "EPT leaf (SDM Vol 3C table 29-5)"
+    )
+    _draw_leaf_ruler(ax, trees.ept, y_rulers, nested_leaf)
     _draw_leaf_ruler(ax, trees.host, y_rulers + 1.9, "host leaf (IA-32e, SDM Vol 3A 4.5)")
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=FONT)
     ax.set_xlim(-0.2, 16.2)
     ax.set_ylim(y_rulers + 3.1, -1.3)
     ax.set_axis_off()
     ax.set_title(
-        "Two trees, one frame: the EPT walk and the host's walk of the same page", fontsize=12
+        f"Two trees, one frame: the {tree} walk and the host's walk of the same page", fontsize=12
     )
     return figure
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from twodwalk.engine.cpuid import CpuModel
 from twodwalk.engine.ept import EptAccessRules
-from twodwalk.engine.formats import EntryFormat, ept_format, ia32e_format
+from twodwalk.engine.formats import EntryFormat, ept_format, ia32e_format, nested_tree, npt_format
 from twodwalk.engine.kvm.mmu import SHADOW_NONPRESENT_VALUE
 from twodwalk.engine.trace import (
     PAGE_WALK_CACHE,
@@ -52,13 +52,17 @@ if TYPE_CHECKING:
     from twodwalk.engine.processor import AccessResult
 
 _CPU = CpuModel()
+_AMD = CpuModel(vendor="amd", la57=True)
 EPT_RULES = EptAccessRules()
 
 
-def level_names(space: str, levels: int) -> dict[int, str]:
-    """Entry names per level as the SDM gives them: EPT names for a GPA, which EPT translates
-    (SDM Vol 3C 29.3.2), IA-32e names for a GVA or an HVA (Vol 3A 4.5)."""
-    fmt: EntryFormat = ept_format(levels, _CPU) if space == "GPA" else ia32e_format(levels, _CPU)
+def level_names(space: str, levels: int, tree: str = "EPT") -> dict[int, str]:
+    """Entry names per level as the manuals give them: EPT names for a GPA, which EPT
+    translates (SDM Vol 3C 29.3.2), or nested names for AMD's nested page tables
+    (`tree="NPT"`, APM Vol 2 15.25); IA-32e names for a GVA or an HVA (Vol 3A 4.5)."""
+    fmt: EntryFormat = ia32e_format(levels, _CPU)
+    if space == "GPA":
+        fmt = npt_format(levels, _AMD) if tree == "NPT" else ept_format(levels, _CPU)
     return dict(fmt.level_names)
 
 
@@ -169,6 +173,7 @@ class WalkGrid:
     note: str
     two_dimensional: bool
     leaf_level: int = 1  # the guest level whose entry maps the data (2 or 3: a large page)
+    tree: str = "EPT"  # the second dimension's name: EPT (Intel) or NPT (AMD)
 
 
 def attempt_events(trace: Trace, attempt: int) -> list[Event]:
@@ -194,13 +199,14 @@ def walk_grid(trace: Trace, attempt: int = -1, *, ept_levels: int | None = None)
     two_dimensional = record is None or any(isinstance(e, GuestWalk) for e in events)
     m = _ept_depth(trace, ept_levels) if two_dimensional else 0
     n = 4 if record is None else record.format.levels
-    rows, cols = _headers("GVA", n), _headers("GPA", m)
+    tree = _nested_tree(trace)
+    rows, cols = _headers("GVA", n), _headers("GPA", m, tree)
     final = ("data GPA" if two_dimensional else "data", None)
     entry = ("guest entry" if two_dimensional else "entry", None)
     data = [GridCell(n, m, "data")] if any(isinstance(e, DataAccess) for e in events) else []
     if record is None:
         note = "TLB hit: no walk" if any(isinstance(e, TlbHit) for e in events) else "no walk"
-        return WalkGrid((*rows, final), (*cols, entry), tuple(data), None, note, True)
+        return WalkGrid((*rows, final), (*cols, entry), tuple(data), None, note, True, tree=tree)
     cells = [
         GridCell(_row(ref, n), _col(ref, m), "memory", ref.number, ref.dimension)
         for ref in trace.memory_references(attempt)
@@ -212,7 +218,9 @@ def walk_grid(trace: Trace, attempt: int = -1, *, ept_levels: int | None = None)
     cells += _cached_cells(record, events, n, m) + data
     stop = _grid_stop(record, events, n, m)
     leaf = record.translation.level if record.translation is not None else 1
-    return WalkGrid((*rows, final), (*cols, entry), tuple(cells), stop, "", two_dimensional, leaf)
+    return WalkGrid(
+        (*rows, final), (*cols, entry), tuple(cells), stop, "", two_dimensional, leaf, tree
+    )
 
 
 def _row(ref: Reference, n: int) -> int:
@@ -225,10 +233,19 @@ def _col(ref: Reference, m: int) -> int:
     return m if ref.ept_level is None else m - ref.ept_level
 
 
-def _headers(space: str, levels: int) -> tuple[tuple[str, int | None], ...]:
+def _headers(space: str, levels: int, tree: str = "EPT") -> tuple[tuple[str, int | None], ...]:
     """(name, level) from the root down; none for the EPT of a one-dimensional walk."""
-    names = level_names(space, levels) if levels else {}
+    names = level_names(space, levels, tree) if levels else {}
     return tuple((names[level], level) for level in range(levels, 0, -1))
+
+
+def _nested_tree(trace: Trace) -> str:
+    """The name of the second dimension a trace's nested walks went through (EPT when it
+    shows none)."""
+    for ref in all_references(trace):
+        if ref.dimension == "ept":
+            return nested_tree(ref.step.format)
+    return "EPT"
 
 
 def _ept_depth(trace: Trace, ept_levels: int | None) -> int:
@@ -317,7 +334,7 @@ def event_label(event: Event) -> str:
     if isinstance(event, GuestWalk | EptWalk | NativeWalk | KvmWalk | HostWalk):
         fault = event.record.fault
         outcome = "ok" if fault is None else f"fault L{fault.level}"
-        return f"{EVENT_KINDS[type(event)][2]}: {outcome}"
+        return f"{event_kind(event)}: {outcome}"
     if isinstance(event, VmExit):
         return event.name
     if isinstance(event, KvmStep):
@@ -333,6 +350,15 @@ def event_label(event: Event) -> str:
     if isinstance(event, HostPageFault):
         return "handle_mm_fault"
     return EVENT_KINDS[type(event)][2]
+
+
+def event_kind(event: Event) -> str:
+    """The kind of an event, for a legend: `EVENT_KINDS`' name, with the second dimension
+    named as the vendor names it ("NPT walk (data GPA)" on AMD)."""
+    kind = EVENT_KINDS[type(event)][2]
+    if isinstance(event, EptWalk):
+        return kind.replace("EPT", nested_tree(event.record.format))
+    return kind
 
 
 # A KVM function that calls into the host kernel: the host events recorded just before its
@@ -358,8 +384,8 @@ def timeline_rows(trace: Trace, exit_: object = None) -> list[TimelineRow]:
     when the access left KVM for the VMM (`exit_`, a KVM_EXIT_MMIO), a last row there."""
     rows: list[TimelineRow] = []
     for event in trace.events:
-        lane, _, kind = EVENT_KINDS[type(event)]
-        row = TimelineRow(lane, event_label(event), kind)
+        lane = EVENT_KINDS[type(event)][0]
+        row = TimelineRow(lane, event_label(event), event_kind(event))
         if isinstance(event, KvmStep) and event.function in CALLS_INTO_HOST:
             inside = _inside_the_call(rows)
             rows.insert(len(rows) - inside, replace(row, inside=inside))

@@ -505,6 +505,11 @@ def _exit_summary(number: int, segment: list[Event]) -> str:
     if exit_.qualification is not None and exit_.reason == EXIT_REASON_EPT_VIOLATION:
         final = exit_.qualification & EPT_VIOLATION_GVA_TRANSLATED
         where += " (the data's GPA)" if final else " (a guest page table)"
+    if exit_.qualification is not None and exit_.reason == SVM_EXIT_NPF:
+        final = exit_.qualification & PFERR_GUEST_FINAL
+        where += " (the data's GPA)" if final else " (a guest page table)"
+        where += f", EXITINFO1 {exit_.qualification:#x}"
+        where += f" ({', '.join(exit_info1_names(exit_.qualification))})"
     steps = list(dict.fromkeys(e.function for e in segment if isinstance(e, KvmStep)))
     leaves = sum(1 for e in segment if isinstance(e, SpteWrite) and e.leaf)
     faults = sum(1 for e in segment if isinstance(e, HostPageFault))
@@ -512,7 +517,7 @@ def _exit_summary(number: int, segment: list[Event]) -> str:
     extra = f"; {leaves} leaf entr{'y' if leaves == 1 else 'ies'} written" if leaves else ""
     extra += f"; {faults} host page fault{'s' if faults > 1 else ''}" if faults else ""
     then = "retry" if any(isinstance(e, Retry) for e in segment) else "the access ends"
-    return f"exit {number}: {exit_.reason} {exit_.name}{where}. KVM: {did}{extra}. Then: {then}."
+    return f"exit {number}: {_exit_label(exit_)}{where}. KVM: {did}{extra}. Then: {then}."
 
 
 class CollapsedTrace:
