@@ -245,3 +245,39 @@ def test_the_views_name_the_vendors_tree() -> None:
     assert f"nCR3\n{m.vm.ept.ncr3:#x}" in shown and "EPTP" not in shown
     for figure in (grid, timeline, trees):
         plt.close(figure)
+
+
+def test_shadow_paging_on_amd_exits_with_svm_codes() -> None:
+    """With NPT off, KVM on AMD intercepts #PF (VMEXIT_EXCP14, EXITINFO1 the error code),
+    CR3 writes (VMEXIT_CR3_WRITE, EXITINFO1 bit 63 with decode assists: a MOV, from RAX)
+    and INVLPG (VMEXIT_INVLPG, the address): APM Vol 2 15.12 and appendix C."""
+    m = amd(tdp=False)
+    first = m.vcpu.access(GVA, "read")
+    # The shadow walk finds nothing: a not-present read at CPL 0, error code 0.
+    exit_ = first.trace.of_type(VmExit)[0]
+    assert (exit_.reason, exit_.name, exit_.qualification, exit_.gva) == (0x4E, "EXCP14", 0, GVA)
+    cr3 = m.vcpu.mov_cr3(m.vcpu.cr3)
+    assert [(e.reason, e.name, e.qualification) for e in cr3.of_type(VmExit)] == [
+        (0x13, "CR3_WRITE", 1 << 63)
+    ]
+    invlpg = m.vcpu.invlpg(GVA)
+    assert [(e.reason, e.name, e.qualification) for e in invlpg.of_type(VmExit)] == [
+        (0x79, "INVLPG", GVA)
+    ]
+    assert format_exits(invlpg) == "1 VM exit (#VMEXIT(INVLPG) x1)"
+
+
+def test_translations_are_tagged_by_asid_and_flushed_by_it() -> None:
+    m = amd()
+    m.vcpu.access(GVA, "read")
+    tlb_tags = {e.tag for e in m.vcpu.caches.tlb.entries()}
+    assert tlb_tags == {(m.vcpu.asid, 0, 0)}, "ASID 1, PCID 0, no EP4TA: AMD has none"
+    assert m.vcpu.caches.guest_physical.entries(), "nested translations are cached too"
+    m.vcpu.invlpga(GVA)
+    assert not m.vcpu.caches.tlb.entries(), "INVLPGA dropped the page of ASID 1"
+    assert m.vcpu.caches.guest_physical.entries(), "INVLPGA leaves nested translations"
+    m.vcpu.access(GVA, "read")
+    m.vcpu.flush_tlb()  # KVM's TLB_CONTROL_FLUSH_ASID
+    assert not m.vcpu.caches.tlb.entries() and not m.vcpu.caches.guest_physical.entries()
+    with pytest.raises(TwodwalkError, match="INVLPGA is AMD's"):
+        tw.Machine().vcpu.invlpga(GVA)

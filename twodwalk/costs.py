@@ -41,12 +41,15 @@ from twodwalk.errors import TwodwalkError
 from twodwalk.workloads import WorkloadResult
 
 VM_EXIT_ROUND_TRIP = 500  # Agesen et al. 2012: the hardware's exit and entry
-EXIT_HANDLING = MappingProxyType(  # KVM's work per exit reason, on top (assumptions)
+EXIT_HANDLING = MappingProxyType(  # KVM's work per exit, on top (assumptions); VMX and SVM names
     {
         "EPT_VIOLATION": 2500,  # memslot, hva_to_pfn, the EPT entry
+        "NPF": 2500,  # the same path on AMD
         "EPT_MISCONFIG": 1500,  # the MMIO fast path
         "EXCEPTION_NMI (#PF)": 2000,  # shadow paging: KVM's software walk, a shadow entry
+        "EXCP14": 2000,
         "CR_ACCESS (MOV to CR3)": 1000,  # kvm_mmu_new_pgd, a TLB flush
+        "CR3_WRITE": 1000,
         "INVLPG": 700,  # kvm_mmu_invlpg
     }
 )

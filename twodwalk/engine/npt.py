@@ -29,6 +29,7 @@ What differs from EPT, as the APM and KVM model it:
 
 from __future__ import annotations
 
+from twodwalk.engine.exits import SVM_EXIT_NPF as SVM_EXIT_NPF  # re-exported: NPT's exit
 from twodwalk.engine.formats import Ia32eFormat
 from twodwalk.engine.paging import (
     PFERR_FETCH,
@@ -42,7 +43,6 @@ from twodwalk.engine.paging import (
 )
 from twodwalk.engine.walker import Access, AccessKind, FaultKind, WalkRecord
 
-SVM_EXIT_NPF = 0x400  # arch/x86/include/uapi/asm/svm.h
 PFERR_GUEST_FINAL = 1 << 32  # EXITINFO1 bit 32: the fault was on the final GPA
 PFERR_GUEST_PAGE = 1 << 33  # EXITINFO1 bit 33: the fault was on a guest page-table access
 

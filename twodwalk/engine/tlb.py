@@ -437,6 +437,17 @@ class TranslationCaches:
         for psc in self.psc.values():
             psc.invalidate(lambda e: e.tag.vpid != vpid)
 
+    def flush_asid(self, asid: int) -> None:
+        """AMD's TLB_CONTROL_FLUSH_ASID at the next VMRUN (APM Vol 2 15.16.1): every
+        translation of one ASID, guest-linear and nested alike. The guest-physical caches
+        of this model belong to the one vCPU, so they go whole."""
+        self.pwc.clear()
+        for cache in (self.tlb, *self.psc.values()):
+            cache.invalidate(lambda e: e.tag.vpid != asid)
+        self.guest_physical.invalidate(lambda e: False)
+        for psc in self.ept_psc.values():
+            psc.invalidate(lambda e: False)
+
     def flush_all_vpids(self) -> None:
         """INVVPID all-context: every VPID but 0 (the host's)."""
         self.pwc.clear()

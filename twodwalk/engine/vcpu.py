@@ -20,18 +20,15 @@ from twodwalk.engine.ept import (
     ept_violation_qualification,
     is_misconfiguration,
 )
+from twodwalk.engine.exits import ShadowExits
 from twodwalk.engine.formats import Rights, leaf_bit
 from twodwalk.engine.kvm.mmu import EmulateMmio, TdpMmu
 from twodwalk.engine.kvm.run import InternalError, MmioExit
-from twodwalk.engine.kvm.shadow import (
-    EXIT_REASON_EXCEPTION_NMI,
-    EmulateWrite,
-    InjectFault,
-    ShadowMmu,
-)
+from twodwalk.engine.kvm.shadow import EmulateWrite, InjectFault, ShadowMmu
 from twodwalk.engine.npt import GUEST_TABLE_ACCESS, SVM_EXIT_NPF, nested_access, npf_exit_info1
 from twodwalk.engine.paging import (
     GeneralProtection,
+    PageFault,
     exception_for,
 )
 from twodwalk.engine.processor import ACCESS_SIZE, AccessResult, Processor
@@ -68,9 +65,6 @@ if TYPE_CHECKING:
     from twodwalk.engine.kvm.vm import Vm
 
 _WRITE = Access.of(AccessKind.WRITE)
-EXIT_REASON_INVLPG = 14
-EXIT_REASON_CR_ACCESS = 28
-CR_ACCESS_MOV_TO_CR3 = 3  # bits 3:0 the CR number, 5:4 access type 0 (MOV to CR), 11:8 RAX
 PREV_ROOTS = 3  # KVM_MMU_NUM_PREV_ROOTS
 
 
@@ -190,6 +184,7 @@ class Vcpu(Processor):
             GUEST_TABLE_ACCESS if npt else Access.of(AccessKind.WRITE if ad else AccessKind.READ)
         )
         self._prev_roots: list[int] = []  # CR3 roots, current first (`mmu->prev_roots`)
+        self._exits = ShadowExits(vm.cpu.vendor)  # how this vendor reports shadow exits
         mmu.tlb_flushers.append(self._kvm_flush)
 
     def flush_tlb(self) -> None:
@@ -204,11 +199,26 @@ class Vcpu(Processor):
         """Drop what the CPU cached from the nested tables: INVEPT single-context with EPT;
         with NPT, KVM's TLB_CONTROL flush of the ASID (svm.c `svm_flush_tlb_asid`), which
         takes the nested translations of the ASID with it."""
-        mmu = self.vm.ept
-        if mmu.npt:
-            self.caches.flush_eptp(mmu.nested_tag)
+        if self.vm.ept.npt:
+            self.caches.flush_asid(self.asid)
         else:
             self.invept("single")
+
+    @property
+    def asid(self) -> int:
+        """On AMD, the ASID that tags this vCPU's cached translations (the VMCB's ASID field,
+        which KVM hands out from 1: ASID 0 is the host's); the model keeps it where Intel
+        keeps the VPID."""
+        return self.vpid
+
+    def invlpga(self, gva: int, asid: int | None = None) -> None:
+        """INVLPGA (APM Vol 3): the host drops the translation of one page for one ASID
+        (default: this vCPU's), global pages too; KVM runs it for a guest's INVLPG under
+        shadow paging (svm.c `svm_flush_tlb_gva`)."""
+        if self.cpu_model.vendor != "amd":
+            raise TwodwalkError("INVLPGA is AMD's: on Intel use invvpid('address', gva=...)")
+        target = self.asid if asid is None else check_int("asid", asid, 0, 1 << 32)
+        self.caches.flush_address(target, None, check_int("gva", gva, 0, 1 << 64))
 
     def invept(self, kind: str, eptp: int | None = None) -> None:
         """INVEPT (SDM Vol 3C 31.3): "single" drops the combined and guest-physical mappings
@@ -242,8 +252,7 @@ class Vcpu(Processor):
         trace = Trace()
         if not self._shadow:
             return trace
-        exit_ = VmExit(EXIT_REASON_CR_ACCESS, "CR_ACCESS (MOV to CR3)", CR_ACCESS_MOV_TO_CR3)
-        self._vm_exit(trace, exit_)
+        self._vm_exit(trace, self._exits.cr3_load())
         root = self.cr3_root
         cached = root in self._prev_roots
         self._prev_roots = [root, *(r for r in self._prev_roots if r != root)][: PREV_ROOTS + 1]
@@ -264,7 +273,7 @@ class Vcpu(Processor):
         pages in this model there is nothing to sync. With EPT there is no exit."""
         trace = Trace()
         if self._shadow:
-            self._vm_exit(trace, VmExit(EXIT_REASON_INVLPG, "INVLPG", gva, None, gva))
+            self._vm_exit(trace, self._exits.invlpg(gva))
             trace.add(KvmStep("kvm_mmu_invlpg", f"flush the TLB entries of GVA {gva:#x}"))
         return trace
 
@@ -423,9 +432,8 @@ class Vcpu(Processor):
         exception = exception_for(hardware, hardware_controls)
         if isinstance(exception, GeneralProtection):
             return self._result(trace, fault=exception)
-        self._vm_exit(
-            trace, VmExit(EXIT_REASON_EXCEPTION_NMI, "EXCEPTION_NMI (#PF)", gva, None, gva)
-        )
+        assert isinstance(exception, PageFault)
+        self._vm_exit(trace, self._exits.page_fault(gva, exception.error_code))
         resolution = mmu.page_fault(gva, access, controls, guest_root, hardware, trace)
         if isinstance(resolution, InjectFault):
             return self._result(trace, fault=resolution.exception)

@@ -19,6 +19,7 @@ from twodwalk.engine.ept import (
     EXIT_REASON_EPT_VIOLATION,
     qualification_names,
 )
+from twodwalk.engine.exits import exit_label
 from twodwalk.engine.formats import DecodedEntry, EntryFormat, EptFormat, Rights, nested_tree
 from twodwalk.engine.kvm.memslots import dirty_pages as dirty_pages  # re-exported for notebooks
 from twodwalk.engine.kvm.mmu import KVM_EPT_ERROR_CODE_BITS
@@ -472,15 +473,9 @@ def format_exits(trace: Trace) -> str:
     exits = trace.of_type(VmExit)
     if not exits:
         return "no VM exit"
-    counts = Counter(_exit_label(e) for e in exits)
+    counts = Counter(exit_label(e) for e in exits)
     reasons = ", ".join(f"{name} x{n}" for name, n in counts.items())
     return f"{len(exits)} VM exit{'s' if len(exits) > 1 else ''} ({reasons})"
-
-
-def _exit_label(exit_: VmExit) -> str:
-    """An exit by its number and name as the vendor's manual writes it: "48 EPT_VIOLATION",
-    "#VMEXIT(NPF)"."""
-    return "#VMEXIT(NPF)" if exit_.reason == SVM_EXIT_NPF else f"{exit_.reason} {exit_.name}"
 
 
 def exit_summaries(trace: Trace) -> list[str]:
@@ -517,7 +512,7 @@ def _exit_summary(number: int, segment: list[Event]) -> str:
     extra = f"; {leaves} leaf entr{'y' if leaves == 1 else 'ies'} written" if leaves else ""
     extra += f"; {faults} host page fault{'s' if faults > 1 else ''}" if faults else ""
     then = "retry" if any(isinstance(e, Retry) for e in segment) else "the access ends"
-    return f"exit {number}: {_exit_label(exit_)}{where}. KVM: {did}{extra}. Then: {then}."
+    return f"exit {number}: {exit_label(exit_)}{where}. KVM: {did}{extra}. Then: {then}."
 
 
 class CollapsedTrace:
@@ -571,7 +566,7 @@ def _explain_exits(number: int, events: list[Event], *, retried: bool) -> list[s
     if not exits:
         return []
     exit_ = exits[0]
-    lines = [f"Attempt {number}: VM exit {_exit_label(exit_)}{_exit_place(exit_)}."]
+    lines = [f"Attempt {number}: VM exit {exit_label(exit_)}{_exit_place(exit_)}."]
     failed = _failed_second_dimension(events)
     if failed is not None:
         lines.append(f"  {_why_walk_stopped(*failed)}")

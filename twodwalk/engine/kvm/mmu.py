@@ -618,10 +618,10 @@ class TdpMmu(KvmMmu):
 
     @property
     def nested_tag(self) -> int:
-        """What tags the guest-physical translations cached from these tables: the EP4TA
-        (SDM Vol 3C 29.4.1); with NPT, nCR3 here, where AMD tags by ASID and KVM flushes the
-        ASID when nCR3 changes (`TLB_CONTROL`)."""
-        return self.tables.root if self._eptp is None else self._eptp.ep4ta
+        """The EP4TA that tags translations cached from EPT (SDM Vol 3C 29.4.1); 0 with NPT,
+        whose cached translations are tagged by the vCPU's ASID alone (APM Vol 2 15.16), so
+        KVM flushes the ASID when the nested tables change (`TLB_CONTROL`)."""
+        return 0 if self._eptp is None else self._eptp.ep4ta
 
     @property
     def ad(self) -> bool:

@@ -24,6 +24,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from twodwalk.engine.cpuid import CpuModel
+from twodwalk.engine.exits import ShadowExits
 from twodwalk.engine.formats import (
     ENTRY_SIZE,
     PTE_ACCESSED,
@@ -50,18 +51,18 @@ from twodwalk.engine.kvm.mmu import (
 )
 from twodwalk.engine.pagetables import table_slot
 from twodwalk.engine.paging import (
+    PFERR_PRESENT,
+    PFERR_WRITE,
     GeneralProtection,
     PageFault,
     PagingControls,
     exception_for,
 )
 from twodwalk.engine.tables import MemslotTables
-from twodwalk.engine.trace import KvmStep, KvmWalk, SpteWrite, Trace, VmExit
+from twodwalk.engine.trace import KvmStep, KvmWalk, SpteWrite, Trace
 from twodwalk.engine.units import PAGE_SHIFT, hex_repr
 from twodwalk.engine.walker import Access, TableMemory, WalkRecord, WalkStart, walk
 from twodwalk.errors import TwodwalkError
-
-EXIT_REASON_EXCEPTION_NMI = 0  # SDM Vol 3C appendix C: a #PF the exception bitmap intercepts
 
 
 @dataclass(frozen=True)
@@ -397,8 +398,9 @@ class ShadowMmu(KvmMmu):
         if gpa >> PAGE_SHIFT not in self.shadowed:
             super().guest_store(gpa, data, trace)
             return
-        if trace is not None:
-            trace.add(VmExit(EXIT_REASON_EXCEPTION_NMI, "EXCEPTION_NMI (#PF)", gpa=gpa))
+        if trace is not None:  # a supervisor write to a present, read-only shadow entry
+            code = PFERR_PRESENT | PFERR_WRITE
+            trace.add(ShadowExits(self.cpu.vendor).page_fault(None, code))
         self.emulate_write(gpa, data, trace)
 
     def track_write(self, gpa: int, trace: Trace | None) -> int:
