@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from exercise_support import right, wrong
 
-from twodwalk.exercises import NPF_STORIES, TOPICS, npf_question
+from twodwalk.exercises import NPF_STORIES, TOPICS, npf_question, npt_entry_question
 
 P, W, U, RSVD, ID = 1, 2, 4, 8, 16
 FINAL, TABLE = 1 << 32, 1 << 33
@@ -54,3 +54,42 @@ def test_the_topic_covers_every_story() -> None:
     assert len(prompts) >= len(NPF_STORIES) - 1
     with pytest.raises(Exception, match="story='other' is not valid"):
         npf_question("read", "other")
+
+
+# --- the nested leaf KVM writes -------------------------------------------------------------------
+
+MMU_PRESENT, MMU_WRITABLE, HOST_WRITABLE = 1 << 11, 1 << 10, 1 << 9
+PRESENT, RW, US, ACCESSED, DIRTY, PS = 1, 2, 4, 1 << 5, 1 << 6, 1 << 7
+ALWAYS = PRESENT | US | ACCESSED | MMU_PRESENT
+WRITABLE = RW | DIRTY | HOST_WRITABLE | MMU_WRITABLE
+
+
+@pytest.mark.parametrize(
+    ("story", "flags"),
+    [
+        # make_spte: P, U/S, A and KVM's present bit always; R/W, D and KVM's writable bits
+        # with a writable host page; PS for a 2 MiB leaf.
+        (
+            "write",
+            PRESENT | RW | US | ACCESSED | DIRTY | HOST_WRITABLE | MMU_WRITABLE | MMU_PRESENT,
+        ),
+        ("read-first", PRESENT | US | ACCESSED | MMU_PRESENT),
+        ("thp-write", ALWAYS | WRITABLE | PS),
+    ],
+)
+def test_nested_leaf_flags(story: str, flags: int) -> None:
+    q = npt_entry_question(story, 0x20_0000)
+    value = int(q.answer, 16)
+    assert value & 0xFFF == flags and not value >> 63, "no NX: the guest may execute"
+    frame = value & ~0xFFF & ((1 << 52) - 1)
+    assert f"HPA {frame:#x}" in q.prompt, "the prompt gives the frame"
+
+
+def test_nested_leaf_feedback_names_the_wrong_bits() -> None:
+    q = npt_entry_question("write", 0x20_0000)
+    value = int(q.answer, 16)
+    right(q, q.answer)
+    message = wrong(q, f"{value & ~US:#x}")
+    assert "bit 2 (U/S) should be 1: every nested access is a user access" in message
+    read = npt_entry_question("read-first", 0x20_0000)
+    assert "the host maps the page read-only" in wrong(read, f"{int(read.answer, 16) | RW:#x}")

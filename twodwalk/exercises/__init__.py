@@ -52,8 +52,9 @@ from twodwalk.exercises.memslot import (
     memslots_of_machine_question,
 )
 from twodwalk.exercises.nested import NESTED_HISTORIES, _seeded_nested, nested_question
+from twodwalk.exercises.npf import ENTRY_STORIES as NPT_ENTRY_STORIES
 from twodwalk.exercises.npf import STORIES as NPF_STORIES
-from twodwalk.exercises.npf import _seeded_npf, npf_question
+from twodwalk.exercises.npf import _seeded_npf, _seeded_npt_entry, npf_question, npt_entry_question
 from twodwalk.exercises.references import _seeded_references, references_question
 from twodwalk.exercises.roots import ROOT_WALKS, _seeded_roots, roots_question
 from twodwalk.exercises.shadow import SHADOW_ACTIONS, _seeded_shadow, shadow_question
@@ -68,6 +69,7 @@ __all__ = [
     "GUEST_MEMFD_STORIES",
     "NESTED_HISTORIES",
     "NPF_STORIES",
+    "NPT_ENTRY_STORIES",
     "ROOT_WALKS",
     "SEED_LIMIT",
     "SHADOW_ACTIONS",
@@ -99,6 +101,7 @@ __all__ = [
     "memslots_of_machine_question",
     "nested_question",
     "npf_question",
+    "npt_entry_question",
     "number_readings",
     "quiz",
     "reference_handler",
@@ -131,6 +134,7 @@ TOPICS: Mapping[str, Callable[[int], Question]] = MappingProxyType(
         "guest-memfd": _seeded_guest_memfd,
         "nested": _seeded_nested,
         "npf": _seeded_npf,
+        "npt-entry": _seeded_npt_entry,
     }
 )
 

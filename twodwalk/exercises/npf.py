@@ -155,3 +155,80 @@ def _seeded_npf(seed: int) -> Question:
     if story == "dirty-logging":
         kind = rng.choice(("read", "write"))
     return npf_question(kind, story, rng.randrange(0x100, 0x600) << PAGE_SHIFT)
+
+
+# --- topic "npt-entry": the nested PTE KVM writes (spte.c `make_spte`, x86 masks) -------------
+
+_READ_ONLY = "the host maps the page read-only (the zero page), so KVM maps it read-only"
+# (mask, name, why when set, why when clear) of each bit of a nested leaf KVM writes.
+_ENTRY_BITS: tuple[tuple[int, str, str, str], ...] = (
+    (1 << 0, "P", "present (shadow_present_mask)", "always set"),
+    (1 << 1, "R/W", "the host page is writable", _READ_ONLY),
+    (1 << 2, "U/S", "every nested access is a user access (shadow_user_mask)", "always set"),
+    (1 << 5, "A", "KVM sets A as it maps for a fault (shadow_accessed_mask)", "always set"),
+    (1 << 6, "D", "a writable entry is made dirty (shadow_dirty_mask)", _READ_ONLY),
+    (1 << 7, "PS", "the leaf maps a 2 MiB page", "the leaf maps a 4 KiB page"),
+    (1 << 9, "host-writable", "KVM's bit: the host maps the page writable", _READ_ONLY),
+    (1 << 10, "MMU-writable", "KVM's bit: the entry may be made writable", _READ_ONLY),
+    (1 << 11, "MMU-present", "KVM's SPTE_MMU_PRESENT, in every present SPTE", "always set"),
+    (1 << 63, "NX", "no execute", "KVM lets the guest execute from its RAM (ACC_ALL)"),
+)
+ENTRY_STORIES = ("write", "read-first", "thp-write")
+
+
+def npt_entry_question(story: str = "write", gpa: int = _DATA_GPA) -> Question:
+    """The nested leaf KVM writes for the data page of an AMD guest's first access: a write
+    (a writable 4 KiB page), a read of a page the VMM never wrote (the host maps the zero
+    page, read-only), or a write to RAM backed by 2 MiB THP."""
+    check_choice("story", story, ENTRY_STORIES)
+    thp = story == "thp-write"
+    machine = Machine(guest_ram=_GUEST_RAM, gbpages=False, vendor="amd", thp=thp)
+    machine.guest.map(_GVA & ~(PAGE_SIZE - 1), gpa, PAGE_SIZE, rw=1, us=1)
+    kind = "read" if story == "read-first" else "write"
+    done = machine.vcpu.access(_GVA, kind, 1 if kind == "write" else None)
+    leaf = machine.vm.ept.tables.find_leaf(gpa)
+    assert leaf is not None and done.hpa is not None
+    value = machine.memory.read_u64(leaf.slot)
+    frame = machine.vm.ept.fmt.output_address(value, leaf.level)
+    size = "2 MiB" if leaf.level == 2 else "4 KiB"
+    prompt = (
+        f"An AMD guest's first {kind} of GVA {_GVA:#x} (GPA {gpa:#x}) takes a nested page"
+        f" fault; KVM maps the GPA with a {size} nested leaf to the host frame at HPA"
+        f" {frame:#x}.{' The VMM has never written this page.' if story == 'read-first' else ''}"
+        " What is the 8-byte nested leaf KVM writes? Answer in hex."
+    )
+    hint = (
+        "spte.c `make_spte` with the x86 masks: SPTE_MMU_PRESENT (bit 11), P, U/S (every"
+        " nested access is a user access), A; PS for a large page; the frame; and, when the"
+        " host page is writable, R/W, D and KVM's host- and MMU-writable bits 9 and 10. No NX:"
+        " the guest may execute from its RAM."
+    )
+    bits = [Bit(m, name, on if value & m else off) for m, name, on, off in _ENTRY_BITS]
+    writable = "the host page is writable" if value & 2 else "the host maps the page read-only"
+    solution = "\n".join(
+        [
+            f"KVM's nested leaf for GPA {gpa:#x} ({writable}), bit by bit:",
+            *_bit_lines(bits, value & ~frame),
+            f"plus the frame {frame:#x} in bits 51:12: {value:#x}",
+            f"Answer: {value:#x}",
+        ]
+    )
+    grader = Grader(
+        value,
+        ValueReader(bare=(16,)),
+        "give the entry in hex, e.g. 0x1234e67",
+        {},
+        lambda given: (
+            _bit_differences(bits, value, given)
+            if isinstance(given, int)
+            else "Give the entry as a number."
+        ),
+    )
+    return Question("npt-entry", prompt, hint, solution, f"{value:#x}", grader)
+
+
+def _seeded_npt_entry(seed: int) -> Question:
+    rng = seeded_rng("npt-entry", seed)
+    story = rng.choice(ENTRY_STORIES)
+    gpa = rng.randrange(0x100, 0x600) << PAGE_SHIFT
+    return npt_entry_question(story, gpa & ~0x1F_FFFF if story == "thp-write" else gpa)
