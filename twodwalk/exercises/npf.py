@@ -24,7 +24,7 @@ from twodwalk.exercises.grading import (
     _explained,
     seeded_rng,
 )
-from twodwalk.exercises.setups import _DATA_GPA, _GUEST_RAM
+from twodwalk.exercises.setups import _DATA_GPA, _GUEST_RAM, _random_page
 
 _NAMES = {
     "p": PFERR_PRESENT,
@@ -176,23 +176,23 @@ _ENTRY_BITS: tuple[tuple[int, str, str, str], ...] = (
 ENTRY_STORIES = ("write", "read-first", "thp-write")
 
 
-def npt_entry_question(story: str = "write", gpa: int = _DATA_GPA) -> Question:
+def npt_entry_question(story: str = "write", gpa: int = _DATA_GPA, gva: int = _GVA) -> Question:
     """The nested leaf KVM writes for the data page of an AMD guest's first access: a write
     (a writable 4 KiB page), a read of a page the VMM never wrote (the host maps the zero
     page, read-only), or a write to RAM backed by 2 MiB THP."""
     check_choice("story", story, ENTRY_STORIES)
     thp = story == "thp-write"
     machine = Machine(guest_ram=_GUEST_RAM, gbpages=False, vendor="amd", thp=thp)
-    machine.guest.map(_GVA & ~(PAGE_SIZE - 1), gpa, PAGE_SIZE, rw=1, us=1)
+    machine.guest.map(gva & ~(PAGE_SIZE - 1), gpa, PAGE_SIZE, rw=1, us=1)
     kind = "read" if story == "read-first" else "write"
-    done = machine.vcpu.access(_GVA, kind, 1 if kind == "write" else None)
+    done = machine.vcpu.access(gva, kind, 1 if kind == "write" else None)
     leaf = machine.vm.ept.tables.find_leaf(gpa)
     assert leaf is not None and done.hpa is not None
     value = machine.memory.read_u64(leaf.slot)
     frame = machine.vm.ept.fmt.output_address(value, leaf.level)
     size = "2 MiB" if leaf.level == 2 else "4 KiB"
     prompt = (
-        f"An AMD guest's first {kind} of GVA {_GVA:#x} (GPA {gpa:#x}) takes a nested page"
+        f"An AMD guest's first {kind} of GVA {gva:#x} (GPA {gpa:#x}) takes a nested page"
         f" fault; KVM maps the GPA with a {size} nested leaf to the host frame at HPA"
         f" {frame:#x}.{' The VMM has never written this page.' if story == 'read-first' else ''}"
         " What is the 8-byte nested leaf KVM writes? Answer in hex."
@@ -231,4 +231,5 @@ def _seeded_npt_entry(seed: int) -> Question:
     rng = seeded_rng("npt-entry", seed)
     story = rng.choice(ENTRY_STORIES)
     gpa = rng.randrange(0x100, 0x600) << PAGE_SHIFT
-    return npt_entry_question(story, gpa & ~0x1F_FFFF if story == "thp-write" else gpa)
+    gva = _random_page(rng, 4) + rng.randrange(0, PAGE_SIZE, 8)
+    return npt_entry_question(story, gpa & ~0x1F_FFFF if story == "thp-write" else gpa, gva)
