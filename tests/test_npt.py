@@ -21,8 +21,9 @@ from twodwalk.engine.kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES, dirty_pages
 from twodwalk.engine.kvm.run import MmioExit
 from twodwalk.engine.trace import Counts, KvmStep, Trace, VmExit
 from twodwalk.errors import TwodwalkError
-from twodwalk.views.plots import plot_timeline, plot_two_trees, plot_walk_grid
+from twodwalk.views.plots import plot_references, plot_timeline, plot_two_trees, plot_walk_grid
 from twodwalk.views.text import exit_summaries, explain, format_exits
+from twodwalk.workloads import Configuration, compare, strided
 
 GVA = 0x40_0000
 GPA = 0x10_0000
@@ -281,3 +282,26 @@ def test_translations_are_tagged_by_asid_and_flushed_by_it() -> None:
     assert not m.vcpu.caches.tlb.entries() and not m.vcpu.caches.guest_physical.entries()
     with pytest.raises(TwodwalkError, match="INVLPGA is AMD's"):
         tw.Machine().vcpu.invlpga(GVA)
+
+
+def test_workloads_run_on_amd_and_name_its_tree() -> None:
+    """The AMD configuration walks as the Intel one with the same page-walk cache does,
+    reference for reference (the same shape, the same cache), and the figures say NPT."""
+    amd_run, intel_run = compare(
+        lambda base: strided(base, 2048, 400, stride_pages=128),  # one TLB set, overflowing
+        2048,
+        [
+            Configuration("AMD NPT 4x4", vendor="amd", cache_model="amd"),
+            Configuration("EPT 4x4, AMD-style page-walk cache", cache_model="amd"),
+        ],
+    )
+    assert (amd_run.nested_tree, intel_run.nested_tree) == ("NPT", "EPT")
+    assert amd_run.references == intel_run.references and amd_run.references["ept"] > 0
+    figure = plot_references([amd_run])
+    labels = [t.get_text() for legend in figure.legends for t in legend.get_texts()]
+    assert "NPT entry references" in labels
+    both = plot_references([amd_run, intel_run])
+    labels = [t.get_text() for legend in both.legends for t in legend.get_texts()]
+    assert "EPT/NPT entry references" in labels
+    for f in (figure, both):
+        plt.close(f)

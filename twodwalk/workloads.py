@@ -16,7 +16,9 @@ import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+from twodwalk.engine.formats import nested_tree
 from twodwalk.engine.guest import GuestOS
+from twodwalk.engine.kvm.mmu import TdpMmu
 from twodwalk.engine.machine import Machine
 from twodwalk.engine.native import NativeMachine
 from twodwalk.engine.paging import PageFault
@@ -24,6 +26,7 @@ from twodwalk.engine.processor import Processor
 from twodwalk.engine.tlb import Tlb, TranslationCache
 from twodwalk.engine.trace import Counts, Trace
 from twodwalk.engine.units import HUGE_PAGE_SIZE, PAGE_SIZE
+from twodwalk.engine.vcpu import Vcpu
 from twodwalk.errors import TwodwalkError, check_int
 
 Stream = Iterable[tuple[int, str]]
@@ -151,6 +154,7 @@ class WorkloadResult:
 
     name: str
     cache_model: str = "intel"
+    nested_tree: str = "EPT"  # what the "ept" references walked: EPT, or AMD's NPT
     accesses: int = 0
     references: dict[str, int] = field(default_factory=dict)
     tlb_hits: int = 0
@@ -217,7 +221,7 @@ def run_workload(
     which keeps the totals and no events. With the `guest` kernel given, a write-protect
     fault it resolves (after a fork) is retried, as the guest's store is.
     `progress(n)` is called every 1,000 accesses."""
-    result = WorkloadResult(name, cpu.caches.model)
+    result = WorkloadResult(name, cpu.caches.model, _nested_tree(cpu))
     counts = Counts()
     for number, (gva, kind) in enumerate(stream):
         if kind in CONTROL_KINDS:  # a context switch, a TLB shootdown or a fork's PTE edit
@@ -234,6 +238,13 @@ def run_workload(
             progress(number + 1)
     result.add(counts)
     return result
+
+
+def _nested_tree(cpu: Processor) -> str:
+    """The second dimension a processor walks: EPT, or NPT on an AMD vCPU."""
+    if isinstance(cpu, Vcpu) and isinstance(cpu.vm.mmu, TdpMmu):
+        return nested_tree(cpu.vm.mmu.fmt)
+    return "EPT"
 
 
 def _walked_access(
@@ -263,7 +274,8 @@ class Configuration:
     `((4096, 16, 4),)` for a 64-entry TLB, to ask what a smaller or larger TLB would do.
     `nested_caches=False` switches off the caches of the EPT dimension (guest-physical
     mappings and EPT paging-structure caches), as in a processor whose walk caches serve
-    the guest's dimension only."""
+    the guest's dimension only. `vendor="amd"` runs the guest under SVM: nested page tables
+    instead of EPT (the AMD-style page-walk cache unless `cache_model` says otherwise)."""
 
     name: str
     tdp: bool = True
@@ -275,6 +287,7 @@ class Configuration:
     cache_model: str = "intel"
     tlb_geometry: tuple[tuple[int, int, int], ...] | None = None
     nested_caches: bool = True
+    vendor: str = "intel"
 
     def processor(self, pages: int, base: int) -> Processor:
         """The processor of `machine(pages, base)`: a vCPU, or the bare-metal CPU."""
@@ -298,6 +311,7 @@ class Configuration:
             ept_levels=self.ept_levels,
             maxphyaddr=52 if self.ept_levels == 5 else 48,
             thp=self.thp,
+            vendor=self.vendor,
         )
         m.guest.map(base, self.guest_page_size, size, page_size=self.guest_page_size, rw=1)
         self._set_caches(m.vcpu)
@@ -325,6 +339,7 @@ CONFIGURATIONS = (
     Configuration("EPT 4x4, 2 MiB guest and EPT pages", guest_page_size=HUGE_PAGE_SIZE, thp=True),
     Configuration("shadow paging", tdp=False),
     Configuration("EPT 4x4, AMD-style page-walk cache", cache_model="amd"),
+    Configuration("AMD NPT 4x4", vendor="amd", cache_model="amd"),
 )
 
 

@@ -224,7 +224,7 @@ def plot_references(results: Sequence[WorkloadResult], ax: Axes | None = None) -
     else:
         figure, left = figure_and_axes(ax)
     names = [_run_label(r, exits=exits_ax is None) for r in results]
-    totals = _stacked_references(left, names, [_per_access(r) for r in results])
+    totals = _stacked_references(left, names, [_per_access(r) for r in results], _trees(results))
     left.set_xlim(0, max([*totals, 0.1]) * 1.25)
     left.set_xlabel("memory references per access", fontsize=FONT)
     left.set_title("Memory references for translation")
@@ -248,7 +248,7 @@ def plot_hit_rates(results: Sequence[WorkloadResult], ax: Axes | None = None) ->
     hit rate is a label, not a second scale)."""
     figure, ax = figure_and_axes(ax, (FIGSIZE[0], 2.4 + 0.55 * len(results)))
     names = [_run_label(r, exits=False) for r in results]
-    totals = _stacked_references(ax, names, [_per_miss(r) for r in results])
+    totals = _stacked_references(ax, names, [_per_miss(r) for r in results], _trees(results))
     ax.set_xlim(0, max([*totals, 0.1]) * 1.25)
     ax.set_xlabel("memory references per TLB miss", fontsize=FONT)
     ax.set_title("TLB hits, and what each miss cost")
@@ -284,7 +284,15 @@ def _run_label(result: WorkloadResult, *, exits: bool) -> str:
     return label
 
 
-def _stacked_references(ax: Axes, names: list[str], per_run: list[dict[str, float]]) -> list[float]:
+def _trees(results: Sequence[WorkloadResult]) -> str:
+    """How the second dimension's references are named in a legend: "EPT", "NPT", or
+    "EPT/NPT" when runs of both vendors are compared."""
+    return "/".join(sorted({r.nested_tree for r in results if r.references.get("ept")})) or "EPT"
+
+
+def _stacked_references(
+    ax: Axes, names: list[str], per_run: list[dict[str, float]], tree: str = "EPT"
+) -> list[float]:
     """Horizontal bars, one per run, stacked by hardware dimension, each total written at
     its end (a zero bar still gets its "0.00", so no run is invisible); returns the totals."""
     bottoms = [0.0] * len(names)
@@ -293,7 +301,7 @@ def _stacked_references(ax: Axes, names: list[str], per_run: list[dict[str, floa
         if not any(heights):
             continue
         style = DIMENSION_STYLES[dimension]
-        label = f"{_ENTRY_KIND[dimension]} references"
+        label = f"{_entry_kind(dimension, tree)} references"
         ax.barh(
             names, heights, left=bottoms, color=style.colour, hatch=style.hatch,
             edgecolor=BLACK, label=label,
