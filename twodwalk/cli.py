@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from twodwalk import exercises
+from twodwalk.costs import LatencyModel, cycle_table
 from twodwalk.engine.formats import nested_tree
 from twodwalk.engine.kvm.run import InternalError, MmioExit
 from twodwalk.engine.machine import Machine
@@ -38,6 +39,7 @@ from twodwalk.engine.trace import Reference, VmExit
 from twodwalk.engine.units import PAGE_SHIFT
 from twodwalk.errors import TwodwalkError, check_int, parse_int
 from twodwalk.scenarios import KINDS, GuestAccess, Scenario, scenario
+from twodwalk.views.progress import progress_bar
 from twodwalk.views.text import (
     explain,
     format_2d_walk,
@@ -52,6 +54,7 @@ from twodwalk.views.text import (
     named_caches,
     rights_text,
 )
+from twodwalk.workloads import CONFIGURATIONS, comparison_table, lackey_trace, replay
 
 START_NOTEBOOK = "00-start-here.ipynb"
 STATE_HELP = (
@@ -167,6 +170,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--scenario",
         metavar="NAME|PATH",
         help="ask about this scenario's own machine (its memslots: topic memslot)",
+    )
+    replay = command(
+        "replay",
+        _replay,
+        "replay a valgrind lackey trace (valgrind --tool=lackey --trace-mem=yes PROG) as a"
+        " guest process on each configuration: references, TLB hits, exits, cycles",
+        output,
+    )
+    replay.add_argument("trace", metavar="TRACE", help="the lackey output (--log-file=...)")
+    replay.add_argument(
+        "--config",
+        action="append",
+        metavar="NAME",
+        help=f"a configuration, repeatable (default: {', '.join(REPLAY_DEFAULTS)});"
+        f" one of: {', '.join(c.name for c in CONFIGURATIONS if not c.native)}",
+    )
+    replay.add_argument(
+        "--passes", type=int, default=1, help="runs of the trace per machine (default: 1)"
     )
     lab = command("lab", _lab, "open the tutorials in JupyterLab")
     lab.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
@@ -315,6 +336,47 @@ def _info(args: argparse.Namespace) -> Report:
     caches = machine.vcpu.caches
     data: Json = {name: [_entry_data(e) for e in c.entries()] for name, c in named_caches(caches)}
     return Report(info_tlb(caches), {"scenario": sc.name, "caches": data})
+
+
+REPLAY_DEFAULTS = ("EPT 4x4", "AMD NPT 4x4", "shadow paging", "EPT 4x4, 2 MiB guest and EPT pages")
+
+
+def _replay(args: argparse.Namespace) -> Report:
+    """The trace on each configuration asked for, with a progress bar on stderr."""
+    by_name = {c.name: c for c in CONFIGURATIONS}
+    names = args.config or list(REPLAY_DEFAULTS)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        valid = "; ".join(c.name for c in CONFIGURATIONS if not c.native)
+        raise TwodwalkError(
+            f"--config {unknown[0]!r} is not a configuration: choose one of {valid}"
+        )
+    path = Path(args.trace)
+    if not path.is_file():
+        raise TwodwalkError(f"TRACE {args.trace!r} is not a file: give a lackey --log-file")
+    total = sum(1 for _ in lackey_trace(path)) * len(names) * args.passes  # a first, quick pass
+    bar = progress_bar(total)
+    configs = [by_name[name] for name in names]
+    results = [r for runs in replay(path, configs, passes=args.passes, progress=bar) for r in runs]
+    bar(total)
+    text = "\n\n".join([comparison_table(results), cycle_table(results)])
+    data: Json = {
+        "trace": str(path),
+        "runs": [
+            {
+                "configuration": r.name,
+                "accesses": r.accesses,
+                "references_per_access": round(r.references_per_access, 4),
+                "tlb_hit_rate": round(r.tlb_hit_rate, 4),
+                "vm_exits": dict(r.exits),
+                "host_page_faults": r.host_page_faults,
+                "guest_faults": r.guest_faults,
+                "cycles_per_access": round(LatencyModel().cycles(r).total / max(r.accesses, 1), 2),
+            }
+            for r in results
+        ],
+    }
+    return Report(text, data)
 
 
 def _question(args: argparse.Namespace) -> exercises.Question:

@@ -13,8 +13,10 @@ Generators are seeded: the same seed gives the same stream.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from twodwalk.engine.formats import nested_tree
 from twodwalk.engine.guest import GuestOS
@@ -25,7 +27,7 @@ from twodwalk.engine.paging import PageFault
 from twodwalk.engine.processor import Processor
 from twodwalk.engine.tlb import Tlb, TranslationCache
 from twodwalk.engine.trace import Counts, Trace
-from twodwalk.engine.units import HUGE_PAGE_SIZE, PAGE_SIZE
+from twodwalk.engine.units import HUGE_PAGE_SIZE, PAGE_SHIFT, PAGE_SIZE
 from twodwalk.engine.vcpu import Vcpu
 from twodwalk.errors import TwodwalkError, check_int
 
@@ -146,6 +148,42 @@ def pointer_chase(base: int, pages: int, count: int, seed: int = 0) -> Iterator[
         yield base + cycle[i % pages] * PAGE_SIZE, "read"
 
 
+# Valgrind's lackey (`valgrind --tool=lackey --trace-mem=yes PROG`) writes one record a line:
+# "I  ADDR,SIZE" an instruction fetch, " L", " S", " M" a load, a store, a modify (a load then
+# a store), ADDR in hex; lines of its own ("==PID== ...") are commentary.
+_LACKEY_RECORD = re.compile(r"(I |\s[LSM]) ([0-9a-fA-F]{1,16}),(\d+)\s*")
+_LACKEY_KINDS = {"I ": ("fetch",), " L": ("read",), " S": ("write",), " M": ("read", "write")}
+
+
+def lackey_trace(path: str | Path) -> Iterator[tuple[int, str]]:
+    """The accesses of a lackey trace, read a line at a time (never the whole file): each
+    record touches the aligned 8-byte word holding its first byte (the engine's access
+    width), and one more at the start of the next page when it crosses into it, since the
+    CPU translates both pages."""
+    with Path(path).open(encoding="ascii", errors="replace") as lines:
+        for number, line in enumerate(lines, 1):
+            if line.startswith("==") or not line.strip():
+                continue
+            record = _LACKEY_RECORD.fullmatch(line.rstrip("\n"))
+            if record is None:
+                raise TwodwalkError(
+                    f"{path}:{number}: {line.rstrip()!r} is not a lackey record: expected"
+                    " 'I  ADDR,SIZE', ' L ADDR,SIZE', ' S ADDR,SIZE' or ' M ADDR,SIZE' (ADDR in"
+                    " hex), or a '==PID==' line"
+                )
+            address, size = int(record[2], 16), int(record[3])
+            if size == 0 or address + size > 1 << 64:
+                raise TwodwalkError(
+                    f"{path}:{number}: {line.rstrip()!r}: size {size} at {address:#x} is not"
+                    " valid: give 1 or more bytes inside the 64-bit address space"
+                )
+            last = address + size - 1
+            for kind in _LACKEY_KINDS[record[1]]:
+                yield address & ~7, kind
+                if last >> PAGE_SHIFT != address >> PAGE_SHIFT:
+                    yield last & ~(PAGE_SIZE - 1), kind
+
+
 @dataclass
 class WorkloadResult:
     """Counts over a run. References are per dimension: "guest" and "ept" for the
@@ -218,8 +256,9 @@ def run_workload(
     "wrprotect" item is a control operation: its exits count, it is not an access);
     writes store the access number. Accesses the TLB serves take the counts-only fast path
     (`Processor.tlb_access`); the rest run the full access path into a `Counts` trace sink,
-    which keeps the totals and no events. With the `guest` kernel given, a write-protect
-    fault it resolves (after a fork) is retried, as the guest's store is.
+    which keeps the totals and no events. With the `guest` kernel given, a page fault it
+    resolves (a write after a fork, a first touch with demand paging) is retried, as the
+    guest's access is.
     `progress(n)` is called every 1,000 accesses."""
     result = WorkloadResult(name, cpu.caches.model, _nested_tree(cpu))
     counts = Counts()
@@ -259,7 +298,7 @@ def _walked_access(
         faults += 1
         if not isinstance(done.fault, PageFault) or guest is None:
             break
-        if not guest.handle_write_protect_fault(done.fault, counts):
+        if not guest.handle_page_fault(done.fault, counts):
             break
         done = cpu.access(gva, kind, value, tlb_missed=True, trace=counts)
     return faults
@@ -304,8 +343,20 @@ class Configuration:
             native.mmap(size, huge=self.guest_page_size > PAGE_SIZE, fixed=base)
             self._set_caches(native.cpu)
             return native
+        m = self.bare_machine(max(32 << 20, 2 * size))
+        m.guest.map(base, self.guest_page_size, size, page_size=self.guest_page_size, rw=1)
+        return m
+
+    def bare_machine(self, guest_ram: int) -> Machine:
+        """A machine of this configuration whose guest has mapped nothing yet."""
+        if self.native:
+            raise TwodwalkError(
+                f"configuration {self.name!r} is bare metal: it has no guest to run a trace in"
+                " (its process's anonymous memory cannot be executed from, so a trace's"
+                " fetches would fault); choose a virtual machine's configuration"
+            )
         m = Machine(
-            guest_ram=max(32 << 20, 2 * size),
+            guest_ram=guest_ram,
             tdp=self.tdp,
             guest_levels=self.guest_levels,
             ept_levels=self.ept_levels,
@@ -313,7 +364,6 @@ class Configuration:
             thp=self.thp,
             vendor=self.vendor,
         )
-        m.guest.map(base, self.guest_page_size, size, page_size=self.guest_page_size, rw=1)
         self._set_caches(m.vcpu)
         return m
 
@@ -374,3 +424,41 @@ def comparison_table(results: Iterable[WorkloadResult]) -> str:
             f"  {sum(r.exits.values()):8d}  {r.host_page_faults:11d}"
         )
     return "\n".join(lines)
+
+
+REPLAY_GUEST_RAM = 256 << 20
+REPLAY_FIRST_GPA = 16 << 20  # data frames above the first 16 MiB, as Linux leaves ZONE_DMA
+
+
+def replay(
+    path: str | Path,
+    configurations: Iterable[Configuration],
+    *,
+    guest_ram: int = REPLAY_GUEST_RAM,
+    passes: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[WorkloadResult]]:
+    """Replay a lackey trace (`lackey_trace`) as a user process (CPL 3) of a guest on each
+    configuration; the guest kernel maps every page on its first touch (demand paging, in
+    the configuration's guest page size). Each further pass runs the trace again on the
+    warm machine. Returns one list of results (one per pass) per configuration.
+    `progress(n)` gets the accesses done so far, over every pass and configuration."""
+    check_int("passes", passes, 1, 11, valid="1 to 10")
+    runs: list[list[WorkloadResult]] = []
+    done = 0
+
+    def so_far(n: int) -> None:
+        if progress is not None:
+            progress(done + n)
+
+    for config in configurations:
+        machine = config.bare_machine(guest_ram)
+        machine.guest.enable_demand_paging(REPLAY_FIRST_GPA, config.guest_page_size)
+        machine.vcpu.cpl = 3
+        runs.append([])
+        for n in range(passes):
+            name = config.name if n == 0 else f"{config.name} (pass {n + 1})"
+            run = run_workload(machine.vcpu, lackey_trace(path), name, so_far, guest=machine.guest)
+            runs[-1].append(run)
+            done += run.accesses
+    return runs

@@ -21,6 +21,7 @@ from twodwalk.engine.pagetables import PageTables
 from twodwalk.engine.paging import PFERR_PRESENT, PFERR_RSVD, PFERR_WRITE, PageFault
 from twodwalk.engine.trace import Trace
 from twodwalk.engine.units import PAGE_SIZE
+from twodwalk.errors import TwodwalkError, check_aligned, check_int
 
 
 class GuestMemory(Protocol):
@@ -59,11 +60,15 @@ class GuestOS:
         self.vm = vm
         self.format = ia32e_format(levels, vm.cpu, nxe=True)
         self._next_table = ram_top
+        self._next_frame = 0  # the next data frame demand paging hands out (upward)
+        self._demand_page_size = 0  # 0: no demand paging (`enable_demand_paging`)
         self._ram = GuestRam(vm)
         self.page_tables = PageTables(self.format, self._ram, self.alloc_table)
 
     def alloc_table(self) -> int:
         """A zeroed page for a new page table, from the top of guest RAM down."""
+        if self._next_table - PAGE_SIZE < self._next_frame:
+            raise _ram_full(self._next_frame)
         self._next_table -= PAGE_SIZE
         self.vm.guest_store(self._next_table, bytes(PAGE_SIZE))
         return self._next_table
@@ -82,6 +87,36 @@ class GuestOS:
         the parent's PTEs in `copy_present_pte`); `trace` gets what the stores cost."""
         with self._stores_into(trace):
             self.page_tables.protect(gva, size, **fields)
+
+    def enable_demand_paging(self, first_gpa: int, page_size: int = PAGE_SIZE) -> None:
+        """Map guest RAM on the first touch of any unmapped address, as Linux maps anonymous
+        memory in `do_anonymous_page` (or `do_huge_pmd_anonymous_page` for 2 MiB): for a
+        replayed trace, whose process's mappings the model does not know, every page is
+        writable, user and executable. Frames come from `first_gpa` upward, page tables
+        from the top of RAM downward."""
+        check_aligned(
+            "first_gpa", check_int("first_gpa", first_gpa, 0, self._next_table), page_size
+        )
+        self._next_frame = first_gpa
+        self._demand_page_size = page_size
+
+    def handle_page_fault(self, fault: PageFault, trace: Trace | None = None) -> bool:
+        """The guest kernel's #PF handler for the faults this model resolves: a write to a
+        page a fork write-protected, and, with demand paging on, a first touch. True if
+        handled: the guest then retries the access."""
+        return self.handle_write_protect_fault(fault, trace) or self._demand_page(fault, trace)
+
+    def _demand_page(self, fault: PageFault, trace: Trace | None) -> bool:
+        size = self._demand_page_size
+        if not size or fault.error_code & (PFERR_PRESENT | PFERR_RSVD):
+            return False
+        gpa = self._next_frame
+        if gpa + size > self._next_table - 8 * PAGE_SIZE:  # room for a few more tables
+            raise _ram_full(gpa)
+        self._next_frame = gpa + size
+        with self._stores_into(trace):
+            self.map(fault.address & ~(size - 1), gpa, size, page_size=size, rw=1, us=1, xd=0)
+        return True
 
     def handle_write_protect_fault(self, fault: PageFault, trace: Trace | None = None) -> bool:
         """mm/memory.c `do_wp_page` for a page this process alone maps again (its fork's
@@ -109,3 +144,10 @@ class GuestOS:
             yield
         finally:
             self._ram.trace = None
+
+
+def _ram_full(used: int) -> TwodwalkError:
+    return TwodwalkError(
+        f"guest RAM is full: demand paging has handed out {used:#x} bytes and the page tables"
+        " need the rest; give the machine more guest_ram"
+    )

@@ -29,10 +29,16 @@ def progress_bar(total: int, stream: TextIO | None = None) -> Callable[[int], No
 
 
 def _text_bar(total: int, stream: TextIO, width: int = 40) -> Callable[[int], None]:
+    finished = False
+
     def update(done: int) -> None:
+        nonlocal finished
+        if finished:  # drawn full once: later calls (a last one to be sure) draw nothing
+            return
         filled = width * min(done, total) // max(total, 1)
-        stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,}")
-        if done >= total:
+        stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {min(done, total):,}/{total:,}")
+        finished = done >= total
+        if finished:
             stream.write("\n")
         stream.flush()
 
