@@ -6,10 +6,12 @@ import io
 from collections.abc import Callable, Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import mapped_machine
 
 import twodwalk as tw
-from twodwalk.engine.trace import Counts, VmExit
+from twodwalk.engine.trace import Counts, HostPageFault, TlbHit, VmExit
 from twodwalk.views.progress import progress_bar
 from twodwalk.workloads import (
     CONFIGURATIONS,
@@ -141,3 +143,42 @@ def test_a_configuration_can_ask_what_a_smaller_tlb_would_do() -> None:
     assert results[1].tlb_hit_rate < 0.9, "but not 8 entries"
     with pytest.raises(tw.TwodwalkError, match="cache geometry"):
         tw.workloads.Configuration("bad", tlb_geometry=((4096, 0, 4),)).processor(4, BASE)
+
+
+STREAMS = st.lists(
+    st.tuples(st.integers(0, 2 * PAGES - 1), st.sampled_from(["read", "write"])),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(
+    stream=STREAMS,
+    configuration=st.sampled_from(
+        [c for c in CONFIGURATIONS if c.name in ("EPT 4x4", "shadow paging", "AMD NPT 4x4")]
+    ),
+)
+def test_counts_only_and_fully_traced_runs_give_the_same_counts(
+    stream: list[tuple[int, str]], configuration: tw.workloads.Configuration
+) -> None:
+    """The workload simulator's shortcuts (the TLB fast path, the counts-only sink) change
+    how fast it runs, never what it counts: the same stream run access by access with full
+    traces gives the same references, TLB hits, exits and host faults (issue 21)."""
+    accesses = [(BASE + (page % PAGES) * 4096 + (page // PAGES) * 8, kind) for page, kind in stream]
+    counted = run_workload(configuration.processor(PAGES, BASE), accesses)
+    cpu = configuration.processor(PAGES, BASE)
+    totals: dict[str, int] = {}
+    exits: dict[str, int] = {}
+    hits = host_faults = 0
+    for number, (gva, kind) in enumerate(accesses):
+        trace = cpu.access(gva, kind, number if kind == "write" else None).trace
+        for dimension, n in trace.reference_counts().items():
+            totals[dimension] = totals.get(dimension, 0) + n
+        for exit_ in trace.of_type(VmExit):
+            exits[exit_.name] = exits.get(exit_.name, 0) + 1
+        hits += len(trace.of_type(TlbHit))
+        host_faults += len(trace.of_type(HostPageFault))
+    assert counted.references == totals
+    assert counted.exits == exits
+    assert (counted.tlb_hits, counted.host_page_faults) == (hits, host_faults)
