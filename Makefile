@@ -4,6 +4,8 @@
 #   make check  the fast loop: lint, format check, type check, tests without the slow groups
 #   make test   lint, format check, type check, notebook strip check, tests + notebooks
 #   make figures  every notebook's figures as PNGs in build/figures/, for review by eye
+#   make lite   the tutorial as a static JupyterLite site in build/lite/ (no server needed;
+#               PYODIDE_DIST=... points the build at an official Pyodide 0.27.7 release)
 # Override the interpreter with e.g. `make test PYTHON=python3.12` (needs >= 3.11).
 
 PYTHON ?= python3
@@ -11,7 +13,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.twodwalk-installed
 
-.PHONY: venv lab check test bench figures clean-venv
+.PHONY: venv lab check test bench figures lite clean-venv
 
 venv: $(STAMP)
 
@@ -47,6 +49,9 @@ bench: $(STAMP)
 
 figures: $(STAMP)
 	$(VPY) tools/figures.py build/figures
+
+lite: $(STAMP)
+	$(VPY) lite/build.py
 
 clean-venv:
 	rm -rf $(VENV)

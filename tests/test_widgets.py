@@ -129,11 +129,28 @@ def test_explorer_without_flush_shows_the_tlb_hit() -> None:
 def test_explorer_shows_bad_input_inline(gva: str, words: str) -> None:
     e = tww.AddressExplorer("toy")
     e.gva_text.value = gva
+    e.gva_text._handle_custom_msg({"event": "submit"}, [])  # Enter, as the front end sends it
     assert words in error_of(e)
     assert e.model.result is None
     assert e.walk_output.outputs == () and e.text_output.outputs == ()
     e.gva_text.value = f"{TOY_GVA:#x}"
     assert error_of(e) == "" and has_png(e.walk_output)
+
+
+def test_explorer_walks_as_an_address_is_typed_and_on_enter() -> None:
+    """Each keystroke reaches the kernel; a half-typed address waits silently, a whole one
+    walks, and Enter (the "submit" message, all JupyterLite sends) walks what is there."""
+    e = tww.AddressExplorer("toy")
+    e.gva_text.value = "0x"
+    assert error_of(e) == "", "no error while an address is being typed"
+    e.gva_text.value = "0x0"
+    assert "0x0" in text_of(e.text_output) or error_of(e) != "", "a whole address walks"
+    walked = e.model.request
+    e.gva_text.value = f"{TOY_GVA:#x}"
+    assert e.model.request != walked
+    before = e.model.result
+    e.gva_text._handle_custom_msg({"event": "submit"}, [])
+    assert e.model.result is not before, "Enter walks again"
 
 
 def test_explorer_non_canonical_gva_is_explained_and_shown_as_gp() -> None:

@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from twodwalk.engine.machine import Machine
 from twodwalk.engine.processor import AccessResult
 from twodwalk.engine.units import PAGE_SIZE
+from twodwalk.errors import TwodwalkError, parse_int
 from twodwalk.exercises import Question
 from twodwalk.views.style import BLACK
 from twodwalk.views.text import size_text
@@ -181,7 +182,9 @@ class AddressExplorer(Panel):
     def __init__(self, machine_or_scenario: Source = None) -> None:
         self.model = model = ExplorerModel(machine_or_scenario)
         request = model.request
-        self.gva_text = widgets.Text(value=request.gva, description="GVA", continuous_update=False)
+        # Every keystroke reaches the kernel (continuous_update), so the typed address is
+        # known when Enter's "submit" message comes: JupyterLite sends no change on Enter.
+        self.gva_text = widgets.Text(value=request.gva, description="GVA", continuous_update=True)
         self.region_dropdown = widgets.Dropdown(
             options=[
                 (f"{r.name}: {r.start:#x} (+{size_text(r.end - r.start)})", i)
@@ -243,8 +246,9 @@ class AddressExplorer(Panel):
                 self.views,
             ]
         )
+        self.gva_text.observe(self._on_typing, names="value")
+        self.gva_text.on_msg(self._on_submit)
         for control in (
-            self.gva_text,
             self.kind_buttons,
             self.cpl_buttons,
             self.value_text,
@@ -301,6 +305,22 @@ class AddressExplorer(Panel):
 
     def _on_change(self, change: dict[str, Any]) -> None:
         if not self.busy:
+            self.walk()
+
+    def _on_typing(self, change: dict[str, Any]) -> None:
+        """Walk as the address is typed, once it reads as a number: a half-typed "0x" waits
+        for more rather than showing an error (Enter shows it, `_on_submit`)."""
+        try:
+            parse_int(change["new"])
+        except TwodwalkError:
+            return
+        self._on_change(change)
+
+    def _on_submit(self, widget: Any, content: dict[str, Any], buffers: Any) -> None:
+        """Enter in the address box (the front end's "submit" message): walk what is there,
+        and say what is wrong with it if it is not an address."""
+        del widget, buffers
+        if content.get("event") == "submit" and not self.busy:
             self.walk()
 
     def _on_region(self, change: dict[str, Any]) -> None:
