@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -12,7 +13,7 @@ from support import mapped_machine
 
 import twodwalk as tw
 from twodwalk.engine.trace import Counts, HostPageFault, TlbHit, VmExit
-from twodwalk.views.progress import progress_bar
+from twodwalk.views.progress import in_notebook, progress_bar
 from twodwalk.workloads import (
     CONFIGURATIONS,
     compare,
@@ -182,3 +183,16 @@ def test_counts_only_and_fully_traced_runs_give_the_same_counts(
     assert counted.references == totals
     assert counted.exits == exits
     assert (counted.tlb_hits, counted.host_page_faults) == (hits, host_faults)
+
+
+def test_progress_bars_know_a_jupyterlite_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """JupyterLite's Pyodide kernel runs IPython's own shell class, not ipykernel's ZMQ shell:
+    the bar is a widget there too, not text on stderr."""
+    shell = type("Interpreter", (), {})()
+    fake_ipython = type(sys)("IPython")
+    fake_ipython.get_ipython = lambda: shell  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "IPython", fake_ipython)
+    monkeypatch.delitem(sys.modules, "pyodide_kernel", raising=False)
+    assert not in_notebook(), "a plain IPython terminal gets the text bar"
+    monkeypatch.setitem(sys.modules, "pyodide_kernel", type(sys)("pyodide_kernel"))
+    assert in_notebook()

@@ -13,12 +13,15 @@ from typing import TextIO
 
 
 def in_notebook() -> bool:
-    """Whether code runs in a Jupyter kernel (IPython's ZMQ shell)."""
+    """Whether code runs in a Jupyter kernel: IPython's ZMQ shell (ipykernel), or the Pyodide
+    kernel of JupyterLite, whose shell is IPython's own class under `pyodide_kernel`."""
     ipython = sys.modules.get("IPython")
     if ipython is None:
         return False
     shell = ipython.get_ipython()
-    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+    if shell is None:
+        return False
+    return type(shell).__name__ == "ZMQInteractiveShell" or "pyodide_kernel" in sys.modules
 
 
 def progress_bar(total: int, stream: TextIO | None = None) -> Callable[[int], None]:
