@@ -51,8 +51,46 @@ _CONTROLS: dict[tuple[bool, bool, bool, bool, bool, bool, bool, int], PagingCont
 # hashing a frozen dataclass field by field. It is `id` itself: the name says why it is safe.
 interned_key = id
 
-# Whether cached rights allow an access under some controls: the answer depends on nothing else.
-_ALLOWED: dict[tuple[Rights, Rights | None, int, int, int], bool] = {}
+# Whether cached rights allow an access, under each hardware `PagingControls` (by
+# `interned_key`): a memo keyed by `TlbEntry.check_key` and `Access.code` (`_allowed_key`).
+_ALLOWED_UNDER: dict[int, dict[int, bool]] = {}
+
+# The attributes the TLB-hit path reads through `HotState`: assigning one drops it.
+_HOT_STATE_FIELDS = frozenset(
+    {
+        "vpid",
+        "_cr3",
+        "_cr4_pcide",
+        "_ep4ta",
+        "_cr0_wp",
+        "cr4_la57",
+        "cr4_smep",
+        "cr4_smap",
+        "cr4_pke",
+        "efer_nxe",
+        "rflags_ac",
+        "pkru",
+        "forces_wp_nx",
+    }
+)
+
+
+@dataclass(slots=True)
+class HotState:
+    """What every access needs from the processor's registers, derived once per change of
+    them instead of once per access (`Processor.__setattr__` drops it when a bit it depends
+    on is assigned): the tag of cached translations, the guest's paging controls, the
+    controls the hardware obeys, and the rights-check memo for those."""
+
+    tag: Tag
+    controls: PagingControls
+    hardware_controls: PagingControls
+    allowed: dict[int, bool]
+
+
+def _allowed_key(entry: TlbEntry, access: Access) -> int:
+    """The rights-check memo's key: everything the check reads, as one int."""
+    return entry.check_key << 4 | access.code
 
 
 def _address_for(gva: int | None) -> int:
@@ -103,6 +141,25 @@ class Processor(ABC):
         self.caches = TranslationCaches()
         self._ep4ta = 0  # the EP4TA that tags cached translations; a vCPU with EPT sets it
         self.forces_wp_nx = False  # hardware CR0.WP and EFER.NX are 1 whatever the OS set
+        self._hot: HotState | None = None
+
+    def __setattr__(self, name: str, value: object) -> None:
+        """Plain attributes, except that assigning one the `HotState` derives from (a
+        control-register bit, the VPID, the EP4TA) drops it, to be derived again."""
+        object.__setattr__(self, name, value)
+        if name in _HOT_STATE_FIELDS:
+            object.__setattr__(self, "_hot", None)
+
+    def hot_state(self) -> HotState:
+        """The tag, the controls and the rights memo as the registers stand now."""
+        hot = self._hot
+        if hot is None:
+            tag = Tag(self.vpid, self._cr3 & 0xFFF if self._cr4_pcide else 0, self._ep4ta)
+            controls = self._controls(self._cr0_wp, self.efer_nxe)
+            hardware = self._controls(True, True) if self.forces_wp_nx else controls
+            allowed = _ALLOWED_UNDER.setdefault(interned_key(hardware), {})
+            hot = self._hot = HotState(tag, controls, hardware, allowed)
+        return hot
 
     @property
     def cr0_wp(self) -> bool:
@@ -233,19 +290,17 @@ class Processor(ABC):
 
     def _tag(self) -> Tag:
         """What the caches tag entries with now: VPID, PCID and EP4TA (0 without EPT)."""
-        return Tag(self.vpid, self._cr3 & 0xFFF if self._cr4_pcide else 0, self._ep4ta)
+        return self.hot_state().tag
 
     def controls(self) -> PagingControls:
         """The paging controls as the bits stand now (one value per distinct setting)."""
-        return self._controls(self._cr0_wp, self.efer_nxe)
+        return self.hot_state().controls
 
     def hardware_controls(self) -> PagingControls:
         """The controls the processor's own walks and TLB checks obey: the guest's, except
         where the hypervisor forces CR0.WP and EFER.NX to 1 in hardware (`forces_wp_nx`: a
         vCPU under shadow paging, see `Vcpu`)."""
-        if self.forces_wp_nx:
-            return self._controls(True, True)
-        return self._controls(self._cr0_wp, self.efer_nxe)
+        return self.hot_state().hardware_controls
 
     def _controls(self, cr0_wp: bool, efer_nxe: bool) -> PagingControls:
         key = (
@@ -372,43 +427,44 @@ class Processor(ABC):
         """The TLB entry for `gva` if it allows the access. An entry whose rights refuse
         it, or a write through a clean entry, is dropped and the CPU walks (SDM Vol 3A
         4.10.4.1: a page fault invalidates the address's TLB entries)."""
-        entry = self.caches.tlb.lookup(self._tag(), gva)
+        hot = self._hot or self.hot_state()
+        entry = self.caches.tlb.lookup(hot.tag, gva)
         if entry is None:
             return None
-        controls = self.hardware_controls()
-        key = (
-            entry.rights,
-            entry.ept_rights,
-            entry.leaf >> 59,  # the protection key, which PKRU may refuse
-            interned_key(access),
-            interned_key(controls),
-        )
-        allowed = _ALLOWED.get(key)
+        allowed = hot.allowed.get(entry.check_key << 4 | access.code)
         if allowed is None:
-            refused = controls.rules.violation(access, entry.rights, entry.leaf)
-            if entry.ept_rights is not None and refused is None:
-                refused = EptAccessRules().violation(access, entry.ept_rights, 0)
-            allowed = _ALLOWED[key] = refused is None
+            allowed = self._rights_allow(entry, access, hot)
         if not allowed or (access.kind is AccessKind.WRITE and not entry.dirty):
             self.tlb.invalidate(lambda e: e is not entry)
             return None
         return entry
 
+    @staticmethod
+    def _rights_allow(entry: TlbEntry, access: Access, hot: HotState) -> bool:
+        """Check cached rights as the walk would have (the leaf's rights and protection
+        key under the hardware controls, then the EPT rights), and remember the answer."""
+        controls = hot.hardware_controls
+        refused = controls.rules.violation(access, entry.rights, entry.leaf)
+        if entry.ept_rights is not None and refused is None:
+            refused = EptAccessRules().violation(access, entry.ept_rights, 0)
+        allowed = hot.allowed[_allowed_key(entry, access)] = refused is None
+        return allowed
+
     def tlb_access(self, gva: int, kind: AccessKind | str, value: int | None = None) -> bool:
         """The counts-only fast path: do the access if the TLB can serve it, recording
         nothing, and say whether it did (False: call `access`, which walks and traces)."""
         access = Access.of(kind, self.cpl)
-        write = access.kind is AccessKind.WRITE
         if type(gva) is not int or not 0 <= gva < 1 << 64 or (gva & 0xFFF) > 0xFF8:
             return False
+        write = access.kind is AccessKind.WRITE
         if write and (type(value) is not int or not 0 <= value < 1 << 64):
             return False
         entry = self._usable_entry(gva, access)
         if entry is None:
             return False
-        hpa = entry.frame + (gva & (entry.page_size - 1))
         if write:
             assert value is not None
+            hpa = entry.frame + (gva & (entry.page_size - 1))
             self.memory.write(hpa, value.to_bytes(ACCESS_SIZE, "little"))
         return True
 

@@ -66,11 +66,14 @@ ANY_PCID = -1  # the PCID of a global TLB entry: it translates for every PCID
 
 
 @hex_repr
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TlbEntry:
     """One cached translation of a page: `page` (`page_size` bytes) -> `frame`, with its
     GPA page where the translation went through one, the rights the walk accumulated, the
-    leaf entry, whether the leaf was already dirty, and whether it is global."""
+    leaf entry, whether the leaf was already dirty, and whether it is global. Made on every
+    TLB fill, so a slotted dataclass, not a frozen one: treat it as read-only.
+    `check_key` is what a rights check of it reads (the rights, the EPT rights, the leaf's
+    protection key and XD bit) as one small int, for the processor's memo of those checks."""
 
     tag: Tag
     page: int
@@ -82,17 +85,23 @@ class TlbEntry:
     leaf: int
     dirty: bool
     global_page: bool
+    check_key: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        ept = 16 if self.ept_rights is None else int(self.ept_rights)
+        self.check_key = int(self.rights) | ept << 4 | (self.leaf >> 59) << 9
 
 
 @hex_repr
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PscEntry:
     """One paging-structure-cache entry (SDM Vol 3A 4.10.3.1; Vol 3C 29.4.3 for the EPT's):
     for the address prefix that chose an upper-level entry (the `page_size` bytes from `page`
     it covers), the table below that entry, `table` in the walk's own space (a GPA when the
     guest's tables are walked through EPT) and `table_hpa` where it is, the rights
     accumulated down to it, the EPT rights of the table's page, and the entry itself. No
-    dirty bit and no global bit: those belong to pages, which only the TLB holds."""
+    dirty bit and no global bit: those belong to pages, which only the TLB holds. Slotted,
+    not frozen, as `TlbEntry`: read-only by convention."""
 
     tag: Tag
     page: int
@@ -150,6 +159,7 @@ class SetAssociativeCache(Generic[E]):
         }
         self._held = dict.fromkeys(self._sets, 0)
         self._in_use: list[tuple[int, int, list[OrderedDict[tuple[Tag, int], E]], int]] = []
+        self._global_entries = 0  # entries tagged ANY_PCID: without any, a miss is a miss
 
     def _note_sizes_in_use(self) -> None:
         """The arrays a look-up probes: only page sizes that hold an entry now."""
@@ -172,8 +182,8 @@ class SetAssociativeCache(Generic[E]):
                 ways.move_to_end(key)
                 self.stats.hits += 1
                 return entry
-        if tag.pcid != ANY_PCID:  # a global entry of another PCID will do (4.10.2.4)
-            return self.lookup(Tag(tag.vpid, ANY_PCID, tag.ep4ta), address)
+        if self._global_entries and tag.pcid != ANY_PCID:  # another PCID's global entry
+            return self.lookup(Tag(tag.vpid, ANY_PCID, tag.ep4ta), address)  # will do (4.10.2.4)
         self.stats.misses += 1
         return None
 
@@ -185,26 +195,35 @@ class SetAssociativeCache(Generic[E]):
         sets = self._sets[size]
         ways = sets[(entry.page // size) % len(sets)]
         key = (entry.tag, entry.page)
-        if key not in ways:
-            self._held[size] += 1
-            if self._held[size] == 1:
-                self._note_sizes_in_use()
+        old = ways.get(key)
+        if old is not None:
+            self._forget(old)
         ways[key] = entry
         ways.move_to_end(key)
+        self._held[size] += 1
+        if entry.tag.pcid == ANY_PCID:
+            self._global_entries += 1
+        if self._held[size] == 1:
+            self._note_sizes_in_use()
         if len(ways) > self.geometry[size][1]:
-            ways.popitem(last=False)
-            self._held[size] -= 1
+            self._forget(ways.popitem(last=False)[1])
+
+    def _forget(self, entry: E) -> None:
+        """Count out an entry that has left its set."""
+        self._held[entry.page_size] -= 1
+        if entry.tag.pcid == ANY_PCID:
+            self._global_entries -= 1
 
     def invalidate(self, keep: Callable[[E], bool]) -> int:
         """Drop every entry for which `keep` is false; return how many went."""
         dropped = 0
-        for size, sets in self._sets.items():
+        for sets in self._sets.values():
             for ways in sets:
                 for key, entry in list(ways.items()):
                     if not keep(entry):
                         del ways[key]
                         dropped += 1
-                        self._held[size] -= 1
+                        self._forget(entry)
         self._note_sizes_in_use()
         return dropped
 

@@ -36,6 +36,9 @@ class AccessKind(enum.Enum):
     FETCH = "fetch"
 
 
+_KIND_CODES = {AccessKind.READ: 0, AccessKind.WRITE: 1, AccessKind.FETCH: 2}
+
+
 @dataclass(frozen=True)
 class Access:
     """The access that started a walk, as one immutable value.
@@ -47,6 +50,11 @@ class Access:
     kind: AccessKind
     user: bool = False
     implicit: bool = False
+    code: int = field(init=False, repr=False, compare=False)  # the fields as a 4-bit int
+
+    def __post_init__(self) -> None:
+        kind = _KIND_CODES[self.kind]
+        object.__setattr__(self, "code", kind | self.user << 2 | self.implicit << 3)
 
     @classmethod
     def of(cls, kind: AccessKind | str, cpl: int = 0, implicit: bool = False) -> Access:
