@@ -151,7 +151,7 @@ def pointer_chase(base: int, pages: int, count: int, seed: int = 0) -> Iterator[
 # Valgrind's lackey (`valgrind --tool=lackey --trace-mem=yes PROG`) writes one record a line:
 # "I  ADDR,SIZE" an instruction fetch, " L", " S", " M" a load, a store, a modify (a load then
 # a store), ADDR in hex; lines of its own ("==PID== ...") are commentary.
-_LACKEY_RECORD = re.compile(r"(I |\s[LSM]) ([0-9a-fA-F]{1,16}),(\d+)\s*")
+_LACKEY_RECORD = re.compile(r"(I |\s[LSM]) ([0-9a-fA-F]{1,16}),(\d+)\s*\Z")
 _LACKEY_KINDS = {"I ": ("fetch",), " L": ("read",), " S": ("write",), " M": ("read", "write")}
 
 
@@ -161,24 +161,26 @@ def lackey_trace(path: str | Path) -> Iterator[tuple[int, str]]:
     width), and one more at the start of the next page when it crosses into it, since the
     CPU translates both pages."""
     with Path(path).open(encoding="ascii", errors="replace") as lines:
+        match = _LACKEY_RECORD.match
         for number, line in enumerate(lines, 1):
-            if line.startswith("==") or not line.strip():
-                continue
-            record = _LACKEY_RECORD.fullmatch(line.rstrip("\n"))
+            record = match(line)
             if record is None:
+                if line.startswith("==") or not line.strip():
+                    continue
                 raise TwodwalkError(
                     f"{path}:{number}: {line.rstrip()!r} is not a lackey record: expected"
                     " 'I  ADDR,SIZE', ' L ADDR,SIZE', ' S ADDR,SIZE' or ' M ADDR,SIZE' (ADDR in"
                     " hex), or a '==PID==' line"
                 )
-            address, size = int(record[2], 16), int(record[3])
+            opcode, hex_address, decimal_size = record.groups()
+            address, size = int(hex_address, 16), int(decimal_size)
             if size == 0 or address + size > 1 << 64:
                 raise TwodwalkError(
                     f"{path}:{number}: {line.rstrip()!r}: size {size} at {address:#x} is not"
                     " valid: give 1 or more bytes inside the 64-bit address space"
                 )
             last = address + size - 1
-            for kind in _LACKEY_KINDS[record[1]]:
+            for kind in _LACKEY_KINDS[opcode]:
                 yield address & ~7, kind
                 if last >> PAGE_SHIFT != address >> PAGE_SHIFT:
                     yield last & ~(PAGE_SIZE - 1), kind
@@ -262,19 +264,23 @@ def run_workload(
     `progress(n)` is called every 1,000 accesses."""
     result = WorkloadResult(name, cpu.caches.model, _nested_tree(cpu))
     counts = Counts()
+    tlb_access = cpu.tlb_access
+    accesses = tlb_hits = 0  # counted in locals, added to `result` at the end: a hot loop
     for number, (gva, kind) in enumerate(stream):
         if kind in CONTROL_KINDS:  # a context switch, a TLB shootdown or a fork's PTE edit
             for event in _control(cpu, guest, gva, kind):
                 counts.add(event)
             continue
         value = number if kind == "write" else None
-        result.accesses += 1
-        if cpu.tlb_access(gva, kind, value):
-            result.tlb_hits += 1
+        accesses += 1
+        if tlb_access(gva, kind, value):
+            tlb_hits += 1
         else:
             result.guest_faults += _walked_access(cpu, guest, gva, kind, value, counts)
         if progress is not None and number % 1000 == 999:
             progress(number + 1)
+    result.accesses += accesses
+    result.tlb_hits += tlb_hits
     result.add(counts)
     return result
 

@@ -71,6 +71,7 @@ _HOT_STATE_FIELDS = frozenset(
         "rflags_ac",
         "pkru",
         "forces_wp_nx",
+        "cpl",
     }
 )
 
@@ -80,12 +81,14 @@ class HotState:
     """What every access needs from the processor's registers, derived once per change of
     them instead of once per access (`Processor.__setattr__` drops it when a bit it depends
     on is assigned): the tag of cached translations, the guest's paging controls, the
-    controls the hardware obeys, and the rights-check memo for those."""
+    controls the hardware obeys, the rights-check memo for those, and the `Access` of each
+    kind at the current CPL."""
 
     tag: Tag
     controls: PagingControls
     hardware_controls: PagingControls
     allowed: dict[int, bool]
+    accesses: dict[AccessKind | str, Access]
 
 
 def _allowed_key(entry: TlbEntry, access: Access) -> int:
@@ -158,7 +161,11 @@ class Processor(ABC):
             controls = self._controls(self._cr0_wp, self.efer_nxe)
             hardware = self._controls(True, True) if self.forces_wp_nx else controls
             allowed = _ALLOWED_UNDER.setdefault(interned_key(hardware), {})
-            hot = self._hot = HotState(tag, controls, hardware, allowed)
+            accesses: dict[AccessKind | str, Access] = {}
+            if type(self.cpl) is int and 0 <= self.cpl <= 3:  # else `Access.of` says what is wrong
+                for kind in AccessKind:
+                    accesses[kind] = accesses[kind.value] = Access.of(kind, self.cpl)
+            hot = self._hot = HotState(tag, controls, hardware, allowed, accesses)
         return hot
 
     @property
@@ -453,7 +460,8 @@ class Processor(ABC):
     def tlb_access(self, gva: int, kind: AccessKind | str, value: int | None = None) -> bool:
         """The counts-only fast path: do the access if the TLB can serve it, recording
         nothing, and say whether it did (False: call `access`, which walks and traces)."""
-        access = Access.of(kind, self.cpl)
+        hot = self._hot or self.hot_state()
+        access = hot.accesses.get(kind) or Access.of(kind, self.cpl)
         if type(gva) is not int or not 0 <= gva < 1 << 64 or (gva & 0xFFF) > 0xFF8:
             return False
         write = access.kind is AccessKind.WRITE
