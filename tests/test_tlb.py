@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 from support import mapped_machine
 
 import twodwalk as tw
+from twodwalk.engine.formats import Rights
 from twodwalk.engine.kvm.memslots import dirty_pages
-from twodwalk.engine.tlb import Tlb, TwoLevelTlb
+from twodwalk.engine.tlb import Tag, Tlb, TlbEntry, TwoLevelTlb
 from twodwalk.engine.trace import CacheHit, GuestWalk, NativeWalk, TlbHit, VmExit
 from twodwalk.engine.units import HUGE_PAGE_SIZE, PAGE_SIZE
 
@@ -152,6 +153,42 @@ def test_lru_replacement_in_a_set() -> None:
         m.vcpu.access(GVA + page * 4096, "read")
     assert not hit(m.vcpu.access(GVA, "read")), "the oldest of three went from a 2-way set"
     assert m.vcpu.access(GVA + 2 * 4096, "read").trace.of_type(NativeWalk) == []
+
+
+def _entry(tag: Tag, page: int) -> TlbEntry:
+    return TlbEntry(
+        tag, page, PAGE_SIZE, page + 0x100_0000, None, Rights(7), None, 0x67, True, False
+    )
+
+
+def test_repeated_hits_keep_the_lru_order_a_probe_would() -> None:
+    """A hit on the page the last hit found skips the probe (`Tlb.lookup`'s shortcut): the
+    LRU victim must still be the way a probe-every-time TLB would evict."""
+    tlb, tag = Tlb({PAGE_SIZE: (1, 2)}), Tag(1, 0, 0)
+    tlb.insert(_entry(tag, 0x1000))
+    tlb.insert(_entry(tag, 0x2000))
+    assert tlb.lookup(tag, 0x1008) is not None  # probe: 0x1000 becomes most recent
+    assert tlb.lookup(tag, 0x1010) is not None  # the shortcut
+    assert tlb.lookup(tag, 0x2000) is not None  # probe: 0x2000 most recent
+    assert tlb.lookup(tag, 0x1000) is not None  # must probe again and make 0x1000 most recent
+    tlb.insert(_entry(tag, 0x3000))
+    assert {e.page for e in tlb.entries()} == {0x1000, 0x3000}, "0x2000 was least recent"
+    assert (tlb.stats.hits, tlb.stats.misses) == (4, 0)
+
+
+def test_the_lookup_shortcut_forgets_on_insert_invalidate_and_switch_off() -> None:
+    tlb, tag = Tlb({PAGE_SIZE: (1, 2)}), Tag(1, 0, 0)
+    tlb.insert(_entry(tag, 0x1000))
+    assert tlb.lookup(tag, 0x1000) is not None
+    tlb.invalidate(lambda e: False)
+    assert tlb.lookup(tag, 0x1000) is None, "an invalidated entry must not be served"
+    tlb.insert(_entry(tag, 0x1000))
+    assert tlb.lookup(tag, 0x1000) is not None
+    tlb.enabled = False
+    assert tlb.lookup(tag, 0x1000) is None, "a switched-off TLB serves nothing"
+    tlb.enabled = True
+    other = Tag(1, 5, 0)  # an equal-valued tag of another PCID is another address space
+    assert tlb.lookup(other, 0x1000) is None
 
 
 def test_stlb_serves_what_the_first_level_evicted_and_refills_it() -> None:

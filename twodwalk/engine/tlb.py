@@ -160,6 +160,7 @@ class SetAssociativeCache(Generic[E]):
         self._held = dict.fromkeys(self._sets, 0)
         self._in_use: list[tuple[int, int, list[OrderedDict[tuple[Tag, int], E]], int]] = []
         self._global_entries = 0  # entries tagged ANY_PCID: without any, a miss is a miss
+        self._last_hit: tuple[Tag, int, int, E] | None = None  # see `lookup`
 
     def _note_sizes_in_use(self) -> None:
         """The arrays a look-up probes: only page sizes that hold an entry now."""
@@ -170,9 +171,18 @@ class SetAssociativeCache(Generic[E]):
         ]
 
     def lookup(self, tag: Tag, address: int) -> E | None:
-        """The entry that translates `address` for `tag`, or None (counted as a miss)."""
+        """The entry that translates `address` for `tag`, or None (counted as a miss).
+
+        The engine's one look-up shortcut: an access to the page the last hit found (same
+        tag object, same page) gets that entry without probing its set. The answer and the
+        set's LRU order are what a probe would give, because that entry is already its
+        set's most recently used way and any insert or invalidation forgets the shortcut."""
         if not self.enabled:
             return None
+        last = self._last_hit
+        if last is not None and last[0] is tag and address & last[1] == last[2]:
+            self.stats.hits += 1
+            return last[3]
         for mask, shift, sets, count in self._in_use:  # per page size: -size, log2(size)
             page = address & mask
             key = (tag, page)
@@ -181,6 +191,7 @@ class SetAssociativeCache(Generic[E]):
             if entry is not None:
                 ways.move_to_end(key)
                 self.stats.hits += 1
+                self._last_hit = (tag, mask, page, entry)
                 return entry
         if self._global_entries and tag.pcid != ANY_PCID:  # another PCID's global entry
             return self.lookup(Tag(tag.vpid, ANY_PCID, tag.ep4ta), address)  # will do (4.10.2.4)
@@ -191,6 +202,7 @@ class SetAssociativeCache(Generic[E]):
         """Cache a translation; the least recently used way of its set makes room."""
         if not self.enabled or entry.page_size not in self._sets:
             return
+        self._last_hit = None
         size = entry.page_size
         sets = self._sets[size]
         ways = sets[(entry.page // size) % len(sets)]
@@ -216,6 +228,7 @@ class SetAssociativeCache(Generic[E]):
 
     def invalidate(self, keep: Callable[[E], bool]) -> int:
         """Drop every entry for which `keep` is false; return how many went."""
+        self._last_hit = None
         dropped = 0
         for sets in self._sets.values():
             for ways in sets:
