@@ -200,22 +200,21 @@ class SetAssociativeCache(Generic[E]):
 
     def insert(self, entry: E) -> None:
         """Cache a translation; the least recently used way of its set makes room."""
-        if not self.enabled or entry.page_size not in self._sets:
+        size = entry.page_size
+        sets = self._sets.get(size)
+        if sets is None or not self.enabled:
             return
         self._last_hit = None
-        size = entry.page_size
-        sets = self._sets[size]
         ways = sets[(entry.page // size) % len(sets)]
         key = (entry.tag, entry.page)
-        old = ways.get(key)
+        old = ways.pop(key, None)  # a new or re-inserted key goes in as the most recent way
         if old is not None:
             self._forget(old)
         ways[key] = entry
-        ways.move_to_end(key)
-        self._held[size] += 1
+        held = self._held[size] = self._held[size] + 1
         if entry.tag.pcid == ANY_PCID:
             self._global_entries += 1
-        if self._held[size] == 1:
+        if held == 1:
             self._note_sizes_in_use()
         if len(ways) > self.geometry[size][1]:
             self._forget(ways.popitem(last=False)[1])

@@ -4,6 +4,9 @@ Every view (text, plots, graphs, widgets, notebooks) consumes these events and n
 none of them walks or translates again. Hardware walks are kept whole as `WalkRecord`s, so the
 two-dimensional walk's references (guest level i, EPT level j) fall out of the data:
 `memory_references()` flattens them in the order the hardware makes them.
+The events every access makes (walks, hits, the data access, retries) are slotted dataclasses,
+not frozen ones, because a frozen dataclass costs several times as much to make on the hot
+path: read them, never change them.
 """
 
 from __future__ import annotations
@@ -16,21 +19,21 @@ from twodwalk.engine.units import hex_repr
 from twodwalk.engine.walker import ROW_LEVEL, ROW_READ, WalkRecord, WalkStep
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class GuestWalk:
     """The hardware walk of the guest tables (each table GPA translated through EPT first)."""
 
     record: WalkRecord
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class EptWalk:
     """The hardware EPT walk of the final guest-physical address."""
 
     record: WalkRecord
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class NativeWalk:
     """A one-dimensional hardware walk: shadow tables (EPT off) or the host's own tables."""
 
@@ -38,7 +41,7 @@ class NativeWalk:
 
 
 @hex_repr
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TlbHit:
     """The TLB held the translation: no walk, no memory reference for it."""
 
@@ -48,7 +51,7 @@ class TlbHit:
 
 
 @hex_repr
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CacheHit:
     """A translation cache answered part of the walk: `cache` names it ("paging-structure
     cache L2", "guest-physical"), `address` is what was looked up, `result` what it gave."""
@@ -122,7 +125,7 @@ class SpteWrite:
     leaf: bool
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Retry:
     """KVM re-entered the guest, which retries the access from the start."""
 
@@ -130,7 +133,7 @@ class Retry:
 
 
 @hex_repr
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class DataAccess:
     """The access itself reached memory."""
 
@@ -252,44 +255,45 @@ class Counts(Trace):
         self.host_page_faults = 0
 
     def add(self, event: Event) -> None:
-        if isinstance(event, GuestWalk | EptWalk | NativeWalk):
-            for dimension, count, cached in _walk_counts(event):
-                self.references[dimension] = self.references.get(dimension, 0) + count
-                if cached:
-                    hits = self.cache_hits.get(PAGE_WALK_CACHE, 0)
-                    self.cache_hits[PAGE_WALK_CACHE] = hits + cached
-        elif isinstance(event, TlbHit):
+        kind = type(event)  # the exact class: a chain of isinstance tests cost a fifth
+        if kind is TlbHit:
             self.tlb_hits += 1
-        elif isinstance(event, CacheHit):
-            key = event.cache.split(" L")[0]
-            self.cache_hits[key] = self.cache_hits.get(key, 0) + 1
-        elif isinstance(event, VmExit):
+        elif kind is GuestWalk:
+            assert isinstance(event, GuestWalk)
+            self._count("guest", event.record)
+            for _, nested in _nested_walks(event.record):
+                self._count("ept", nested)
+        elif kind is EptWalk or kind is NativeWalk:
+            assert isinstance(event, EptWalk | NativeWalk)
+            self._count("ept" if kind is EptWalk else "native", event.record)
+        elif kind is CacheHit:
+            assert isinstance(event, CacheHit)
+            family = _CACHE_FAMILIES.get(event.cache)
+            if family is None:  # "paging-structure cache L2" counts as "paging-structure cache"
+                family = _CACHE_FAMILIES[event.cache] = event.cache.split(" L")[0]
+            self.cache_hits[family] = self.cache_hits.get(family, 0) + 1
+        elif kind is VmExit:
+            assert isinstance(event, VmExit)
             self.exits[event.name] = self.exits.get(event.name, 0) + 1
-        elif isinstance(event, HostPageFault):
+        elif kind is HostPageFault:
             self.host_page_faults += 1
+
+    def _count(self, dimension: str, record: WalkRecord) -> None:
+        """Add one walk's entries read from memory to `dimension`, and those a page-walk
+        cache gave to its hits."""
+        cached = 0
+        for row in record.rows:
+            read = row[ROW_READ]
+            if read is not None and read.pwc:
+                cached += 1
+        references = self.references
+        references[dimension] = references.get(dimension, 0) + len(record.rows) - cached
+        if cached:
+            self.cache_hits[PAGE_WALK_CACHE] = self.cache_hits.get(PAGE_WALK_CACHE, 0) + cached
 
 
 PAGE_WALK_CACHE = "page-walk cache"
-
-
-def _walk_counts(event: GuestWalk | EptWalk | NativeWalk) -> Iterator[tuple[str, int, int]]:
-    """(dimension, references, entries a page-walk cache gave) of one hardware walk event,
-    nested EPT walks included."""
-    record = event.record
-    if isinstance(event, NativeWalk):
-        yield "native", *_split(record)
-    elif isinstance(event, EptWalk):
-        yield "ept", *_split(record)
-    else:
-        yield "guest", *_split(record)
-        for _, nested in _nested_walks(record):
-            yield "ept", *_split(nested)
-
-
-def _split(record: WalkRecord) -> tuple[int, int]:
-    """(entries read from memory, entries a page-walk cache gave) of one walk."""
-    cached = sum(1 for row in record.rows if row[ROW_READ] is not None and row[ROW_READ].pwc)
-    return len(record.rows) - cached, cached
+_CACHE_FAMILIES: dict[str, str] = {}
 
 
 Ref = tuple[str, int | None, int | None, WalkRecord, int]
