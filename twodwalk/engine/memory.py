@@ -52,17 +52,19 @@ class PhysicalMemory:
         value: int = _U64.unpack_from(frame, address & (PAGE_SIZE - 1))[0]
         return value
 
-    def entry_reader(self) -> Callable[[int], int]:
-        """`read_u64` without its checks, for a walker whose addresses are aligned and in
-        range by construction (a checked root or a masked table address, plus 8 * index)."""
+    def entry_reader(self) -> Callable[[int, object], tuple[int, None]]:
+        """`read_u64` without its checks, in the shape of a walker's `read_entry` (the value,
+        and None: read at its own address): for a walker whose addresses are aligned and in
+        range by construction (a checked root or a masked table address, plus 8 * index).
+        A closure, so that each entry a walk reads costs one call."""
         frames, unpack = self._frames, _U64.unpack_from
 
-        def read_entry(address: int) -> int:
+        def read_entry(address: int, access: object) -> tuple[int, None]:
             frame = frames.get(address >> PAGE_SHIFT)
             if frame is None:
-                return 0
+                return 0, None
             value: int = unpack(frame, address & 0xFFF)[0]
-            return value
+            return value, None
 
         return read_entry
 

@@ -104,8 +104,22 @@ class X86AccessRules:
     """SDM 4.6 "Access Rights", checked on the rights accumulated down the walk."""
 
     controls: PagingControls
+    # The answers so far, by `Access.code`, the rights and the leaf's bits 63:59 (the only
+    # leaf bits the rules read): every walk ends in this check, and the answer depends on
+    # nothing else, so each (access, rights, key) is worked out once per controls value.
+    _answers: dict[int, Violation | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def violation(self, access: Access, rights: Rights, leaf: int) -> Violation | None:
+        key = access.code | int(rights) << 4 | (leaf >> 59) << 8
+        answers = self._answers
+        if key in answers:
+            return answers[key]
+        answer = answers[key] = self._violation(access, rights, leaf)
+        return answer
+
+    def _violation(self, access: Access, rights: Rights, leaf: int) -> Violation | None:
         reason = self._rights_violation(access, rights)
         blocked_by_key = self._pkru_blocks(access, rights, leaf)
         if reason is None and not blocked_by_key:

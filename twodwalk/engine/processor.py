@@ -35,7 +35,14 @@ from twodwalk.engine.tlb import (
 )
 from twodwalk.engine.trace import CacheHit, DataAccess, Retry, TlbHit, Trace
 from twodwalk.engine.units import hex_repr
-from twodwalk.engine.walker import Access, AccessKind, TableMemory, WalkRecord, WalkStart
+from twodwalk.engine.walker import (
+    Access,
+    AccessKind,
+    TableMemory,
+    Translation,
+    WalkRecord,
+    WalkStart,
+)
 from twodwalk.errors import TwodwalkError, check_choice, check_int
 
 if TYPE_CHECKING:
@@ -104,12 +111,13 @@ def _address_for(gva: int | None) -> int:
 
 
 @hex_repr
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class AccessResult:
     """What one `access()` did: the guest-visible fault or exit, the value, the addresses
     in all four spaces, and the trace of everything in order. `gpa` is where the guest's
     translation led, also when the guest's own rights refused the access; `hva` and `hpa`
-    are where the access went, None when it went nowhere (a fault) or to the VMM (MMIO)."""
+    are where the access went, None when it went nowhere (a fault) or to the VMM (MMIO).
+    Made by every access, so slotted rather than frozen: read it, never change it."""
 
     fault: PageFault | GeneralProtection | None
     exit: MmioExit | InternalError | None
@@ -487,19 +495,20 @@ class Processor(ABC):
     ) -> None:
         """Cache what a successful walk found, at the smaller of the two page sizes (a
         combined mapping cannot be larger than either of its translations)."""
-        assert walk_leaf.translation is not None
+        translation = walk_leaf.outcome
+        assert isinstance(translation, Translation)
         leaf = walk_leaf.leaf
         mask = page_size - 1
         global_page = bool(leaf & PTE_GLOBAL) and self._cr4_pge
-        tag = self._tag()
-        self.tlb.insert(
+        tag = (self._hot or self.hot_state()).tag
+        self.caches.tlb.insert(
             TlbEntry(
                 Tag(tag.vpid, ANY_PCID, tag.ep4ta) if global_page else tag,
                 gva & ~mask,
                 page_size,
                 hpa & ~mask,
                 None if gpa is None else gpa & ~mask,
-                walk_leaf.translation.rights,
+                translation.rights,
                 ept_rights,
                 leaf,
                 bool(leaf & PTE_DIRTY),

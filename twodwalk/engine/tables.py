@@ -34,10 +34,9 @@ class PhysicalTables:
 
     def __init__(self, memory: PhysicalMemory) -> None:
         self.memory = memory
-        self._read_u64 = memory.entry_reader()
-
-    def read_entry(self, address: int, access: Access) -> tuple[int, TableRead | None]:
-        return self._read_u64(address), None
+        self.read_entry: Callable[[int, Access], tuple[int, TableRead | None]] = (
+            memory.entry_reader()
+        )
 
     def write_entry(self, address: int, read: TableRead | None, value: int) -> WalkRecord | None:
         self.memory.write_u64(address if read is None else read.physical, value)

@@ -328,21 +328,23 @@ class Vcpu(Processor):
         guest = walk(fmt, root, gva, access, tables, controls.rules, start)
         trace.add(GuestWalk(guest))
         final = None
-        if guest.translation is not None:
+        translation = guest.translation
+        if translation is not None:
             self._fill_psc(guest)
             # EPT has no user/supervisor distinction: the final GPA is translated as a plain
             # access of the same kind; under NPT as a user access (`npt.nested_access`).
             kind = access.kind
             nested = nested_access(kind) if mmu.npt else Access.of(kind)
-            final = gpa_path.translate(guest.translation.address, nested)
+            final = gpa_path.translate(translation.address, nested)
         gpa_path.fill_paging_structure_caches()  # the hardware walk is over
-        fault = guest.fault
-        if fault is not None and fault.nested is not None:
-            return self._ept_exit(guest, fault.nested, final=False, value=value, trace=trace)
-        if fault is not None:
+        if translation is None:
+            fault = guest.fault
+            assert fault is not None
+            if fault.nested is not None:
+                return self._ept_exit(guest, fault.nested, final=False, value=value, trace=trace)
             return self._result(trace, fault=exception_for(guest, controls))
-        assert guest.translation is not None and final is not None
-        gpa = guest.translation.address
+        assert final is not None
+        gpa = translation.address
         if final.record is not None:
             trace.add(EptWalk(final.record))
         hpa = final.hpa
@@ -351,7 +353,7 @@ class Vcpu(Processor):
             return self._ept_exit(guest, final.record, final=True, value=value, trace=trace)
         if final.record is None:
             trace.add(CacheHit("guest-physical", gpa, hpa))
-        page_size = min(guest.translation.page_size, final.page_size)
+        page_size = min(translation.page_size, final.page_size)
         self._fill_tlb(gva, page_size, hpa, gpa, guest, final.rights)
         data = self._data_access(hpa, access, value, trace)
         return self._result(trace, value=data, gpa=gpa, hva=self.vm.fault_hva(gpa), hpa=hpa)

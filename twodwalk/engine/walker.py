@@ -149,7 +149,7 @@ class NestedFault:
 
 
 @hex_repr
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WalkStart:
     """Where a walk begins when a paging-structure cache supplied its upper levels (SDM Vol
     3A 4.10.3): the level of the first table read, its address, the rights above it."""
