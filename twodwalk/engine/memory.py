@@ -91,7 +91,12 @@ class PhysicalMemory:
 
     def write(self, address: int, data: bytes) -> None:
         """Write bytes, which may span frames."""
-        self._check(address, len(data))
+        offset = address & (PAGE_SIZE - 1) if type(address) is int else -1
+        size = len(data)
+        if 0 <= offset <= PAGE_SIZE - size and address >= 0 and address + size <= self.limit:
+            self._frame(address >> PAGE_SHIFT)[offset : offset + size] = data  # within a frame
+            return
+        self._check(address, size)
         done = 0
         for pfn, start, end in page_pieces(address, len(data)):
             self._frame(pfn)[start:end] = data[done : done + end - start]

@@ -428,7 +428,7 @@ class Processor(ABC):
         self, gva: int, access: Access, value: int | None, trace: Trace
     ) -> AccessResult | None:
         """Serve the access from the TLB if an entry allows it (see `_usable_entry`)."""
-        entry = self._usable_entry(gva, access)
+        entry = self._usable_entry(gva, access, self._hot or self.hot_state())
         if entry is None:
             return None
         offset = gva & (entry.page_size - 1)
@@ -438,11 +438,10 @@ class Processor(ABC):
         hva = None if gpa is None else self._hva_of(gpa)
         return self._result(trace, value=data, gpa=gpa, hva=hva, hpa=entry.frame + offset)
 
-    def _usable_entry(self, gva: int, access: Access) -> TlbEntry | None:
+    def _usable_entry(self, gva: int, access: Access, hot: HotState) -> TlbEntry | None:
         """The TLB entry for `gva` if it allows the access. An entry whose rights refuse
         it, or a write through a clean entry, is dropped and the CPU walks (SDM Vol 3A
         4.10.4.1: a page fault invalidates the address's TLB entries)."""
-        hot = self._hot or self.hot_state()
         entry = self.caches.tlb.lookup(hot.tag, gva)
         if entry is None:
             return None
@@ -475,7 +474,7 @@ class Processor(ABC):
         write = access.kind is AccessKind.WRITE
         if write and (type(value) is not int or not 0 <= value < 1 << 64):
             return False
-        entry = self._usable_entry(gva, access)
+        entry = self._usable_entry(gva, access, hot)
         if entry is None:
             return False
         if write:
