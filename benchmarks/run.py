@@ -11,12 +11,17 @@ stays under 250 MB; in the JupyterLite site (Chromium, Pyodide), each notebook's
 15 s once its kernel is up; the real-KVM differential fuzzer at least 1,000 cases per second. The
 latency model's outputs stand beside published figures, without targets.
 `--quick` runs a tenth of the workload and scales its time up (said in the table).
+`--engine-only` runs the engine's speed rows alone.
+`--baseline DIR` measures the engine's speed rows once more with the twodwalk of another
+checkout (e.g. `git worktree add /tmp/before HEAD~3`), in the same run, and shows both: what
+a speed change is worth on this machine now, whatever else is running on it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -24,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +60,7 @@ class Row:
     target: float | None  # None: shown for comparison, no target of its own
     higher_is_better: bool
     note: str = ""
+    baseline: float | None = None  # the same row measured with `--baseline`'s checkout
 
     @property
     def met(self) -> bool | None:
@@ -395,30 +401,65 @@ def _note(r: Row) -> str:
     return f"  ({r.note})" if r.note else ""
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a tenth of the workload")
-    args = parser.parse_args()
-    rows = [
+def speed_rows(quick: bool) -> list[Row]:
+    """The engine's own speed: what `--baseline` measures for both checkouts."""
+    lackey = lackey_replay(quick)
+    return [
         import_time(),
         cold_walks(),
         *tlb_hits(),
-        *workloads(args.quick),
-        *published_figures(args.quick),
-        *widget_latency(),
-        *notebook_rows(),
-        *lite_rows(args.quick),
+        *workloads(quick),
+        *([] if lackey is None else [lackey]),
     ]
-    rows += [
-        row
-        for row in (lackey_replay(args.quick), realkvm_rate(), realkvm_sequence_rate())
-        if row is not None
-    ]
+
+
+def baseline_rows(checkout: Path, quick: bool) -> dict[str, float]:
+    """The speed rows measured with another checkout's twodwalk first on the path (this
+    script, the other engine), in a process of their own."""
+    if not (checkout / "twodwalk" / "__init__.py").is_file():
+        raise SystemExit(f"--baseline {checkout}: no twodwalk/ package there (a checkout?)")
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "rows.json"
+        command = [sys.executable, __file__, "--speed-rows-to", str(out)]
+        env = {**os.environ, "PYTHONPATH": str(checkout.resolve())}
+        subprocess.run([*command, *(["--quick"] if quick else [])], check=True, env=env)
+        return {row["name"]: row["value"] for row in json.loads(out.read_text())}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a tenth of the workload")
+    parser.add_argument(
+        "--baseline", type=Path, help="a checkout whose engine speed is measured beside this one"
+    )
+    parser.add_argument(
+        "--engine-only",
+        action="store_true",
+        help="only the engine's speed rows (no figures, widgets, notebooks, site or real KVM)",
+    )
+    parser.add_argument("--speed-rows-to", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.speed_rows_to is not None:  # the baseline's side of `--baseline`
+        args.speed_rows_to.write_text(json.dumps([asdict(r) for r in speed_rows(args.quick)]))
+        return 0
+    before = {} if args.baseline is None else baseline_rows(args.baseline, args.quick)
+    rows = [replace(r, baseline=before.get(r.name)) for r in speed_rows(args.quick)]
+    if not args.engine_only:
+        rows += [
+            *published_figures(args.quick),
+            *widget_latency(),
+            *notebook_rows(),
+            *lite_rows(args.quick),
+            *(row for row in (realkvm_rate(), realkvm_sequence_rate()) if row is not None),
+        ]
     width = max(len(r.name) for r in rows)
-    print(f"{'benchmark':<{width}}  {'measured':>24}  {'target':>24}  met")
+    was = f"  {'baseline':>24}" if before else ""
+    print(f"{'benchmark':<{width}}  {'measured':>24}{was}  {'target':>24}  met")
     for r in rows:
+        shown = "-" if r.baseline is None else _value(r.baseline, r.unit)
+        was = f"  {shown:>24}" if before else ""
         print(
-            f"{r.name:<{width}}  {_value(r.value, r.unit):>24}  {_target(r):>24}"
+            f"{r.name:<{width}}  {_value(r.value, r.unit):>24}{was}  {_target(r):>24}"
             f"  {_met(r)}{_note(r)}"
         )
     out = Path(__file__).parent / "results"
