@@ -161,9 +161,11 @@ def lackey_replay(quick: bool) -> Row | None:
             capture_output=True,
         )
         ept = [c for c in CONFIGURATIONS if c.name == "EPT 4x4"]
-        start = time.perf_counter()
-        ((run,),) = replay(path, ept)
-        seconds = time.perf_counter() - start
+        seconds = float("inf")
+        for _ in range(3):  # the best of three, as `_rate` takes
+            start = time.perf_counter()
+            ((run,),) = replay(path, ept)
+            seconds = min(seconds, time.perf_counter() - start)
     rate = run.accesses / seconds
     return Row(
         "lackey replay, 10,000,000 accesses (projected)",
@@ -172,7 +174,7 @@ def lackey_replay(quick: bool) -> Row | None:
         30.0,  # issue 21
         False,
         f"/bin/true's {run.accesses:,} accesses on EPT 4x4 at {rate:,.0f}/s, cold, demand"
-        " paging included" + (" (quick: the same run)" if quick else ""),
+        " paging included; best of 3" + (" (quick: the same run)" if quick else ""),
     )
 
 

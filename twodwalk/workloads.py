@@ -155,35 +155,52 @@ _LACKEY_RECORD = re.compile(r"(I |\s[LSM]) ([0-9a-fA-F]{1,16}),(\d+)\s*\Z")
 _LACKEY_KINDS = {"I ": ("fetch",), " L": ("read",), " S": ("write",), " M": ("read", "write")}
 
 
+_LINES_REMEMBERED = 1 << 16  # distinct lines a reader keeps parsed: a loop repeats its lines
+
+
 def lackey_trace(path: str | Path) -> Iterator[tuple[int, str]]:
     """The accesses of a lackey trace, read a line at a time (never the whole file): each
     record touches the aligned 8-byte word holding its first byte (the engine's access
     width), and one more at the start of the next page when it crosses into it, since the
-    CPU translates both pages."""
+    CPU translates both pages. A program's loops print the same lines again and again (most
+    of a trace's lines are repeats), so each distinct line is parsed once and remembered."""
+    parsed: dict[str, tuple[tuple[int, str], ...]] = {}
     with Path(path).open(encoding="ascii", errors="replace") as lines:
-        match = _LACKEY_RECORD.match
         for number, line in enumerate(lines, 1):
-            record = match(line)
-            if record is None:
-                if line.startswith("==") or not line.strip():
-                    continue
-                raise TwodwalkError(
-                    f"{path}:{number}: {line.rstrip()!r} is not a lackey record: expected"
-                    " 'I  ADDR,SIZE', ' L ADDR,SIZE', ' S ADDR,SIZE' or ' M ADDR,SIZE' (ADDR in"
-                    " hex), or a '==PID==' line"
-                )
-            opcode, hex_address, decimal_size = record.groups()
-            address, size = int(hex_address, 16), int(decimal_size)
-            if size == 0 or address + size > 1 << 64:
-                raise TwodwalkError(
-                    f"{path}:{number}: {line.rstrip()!r}: size {size} at {address:#x} is not"
-                    " valid: give 1 or more bytes inside the 64-bit address space"
-                )
-            last = address + size - 1
-            for kind in _LACKEY_KINDS[opcode]:
-                yield address & ~7, kind
-                if last >> PAGE_SHIFT != address >> PAGE_SHIFT:
-                    yield last & ~(PAGE_SIZE - 1), kind
+            accesses = parsed.get(line)
+            if accesses is None:
+                accesses = _lackey_accesses(path, number, line)
+                if len(parsed) == _LINES_REMEMBERED:
+                    parsed.clear()
+                parsed[line] = accesses
+            yield from accesses
+
+
+def _lackey_accesses(path: str | Path, number: int, line: str) -> tuple[tuple[int, str], ...]:
+    """The accesses one line of a lackey trace makes (none for its commentary)."""
+    record = _LACKEY_RECORD.match(line)
+    if record is None:
+        if line.startswith("==") or not line.strip():
+            return ()
+        raise TwodwalkError(
+            f"{path}:{number}: {line.rstrip()!r} is not a lackey record: expected"
+            " 'I  ADDR,SIZE', ' L ADDR,SIZE', ' S ADDR,SIZE' or ' M ADDR,SIZE' (ADDR in"
+            " hex), or a '==PID==' line"
+        )
+    opcode, hex_address, decimal_size = record.groups()
+    address, size = int(hex_address, 16), int(decimal_size)
+    if size == 0 or address + size > 1 << 64:
+        raise TwodwalkError(
+            f"{path}:{number}: {line.rstrip()!r}: size {size} at {address:#x} is not"
+            " valid: give 1 or more bytes inside the 64-bit address space"
+        )
+    last = address + size - 1
+    crosses = last >> PAGE_SHIFT != address >> PAGE_SHIFT
+    return tuple(
+        access
+        for kind in _LACKEY_KINDS[opcode]
+        for access in ((address & ~7, kind), (last & ~(PAGE_SIZE - 1), kind))[: 1 + crosses]
+    )
 
 
 @dataclass
