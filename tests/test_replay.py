@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from twodwalk import workloads
 from twodwalk.cli import main
 from twodwalk.errors import TwodwalkError
 from twodwalk.workloads import CONFIGURATIONS, lackey_trace, replay
@@ -47,6 +48,24 @@ def test_the_reader_turns_records_into_accesses(tmp_path: Path) -> None:
         (0x40FFF8, "read"),
         (0x410000, "read"),
     ]
+
+
+def test_repeated_lines_give_their_accesses_each_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader parses a distinct line once and remembers it (`_LINES_REMEMBERED` lines,
+    then it starts over): a repeat must still give the line's own accesses, in order."""
+    monkeypatch.setattr(workloads, "_LINES_REMEMBERED", 2)
+    loop = "I  0401ab70,3\n M 0602a004,4\n L 0040fffc,8\n"
+    path = write_trace(tmp_path, loop * 3 + "I  0401ab70,3\n")
+    once = [
+        (0x401AB70, "fetch"),
+        (0x602A000, "read"),
+        (0x602A000, "write"),
+        (0x40FFF8, "read"),
+        (0x410000, "read"),
+    ]
+    assert list(lackey_trace(path)) == once * 3 + once[:1]
 
 
 @pytest.mark.parametrize(
