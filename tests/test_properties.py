@@ -26,6 +26,7 @@ from twodwalk import (
     ia32e_format,
     translate,
 )
+from twodwalk.engine.formats import ept_format
 
 A_BIT = 1 << 5
 D_BIT = 1 << 6
@@ -514,3 +515,15 @@ def test_encode_of_decoded_fields_reproduces_the_value(
     assert fmt.encode(level, decoded.leaf, **fields) == value
     # The address a leaf maps / a table entry points to is the address field, in place.
     assert fmt.output_address(value, level) == fields["address"]
+
+
+@settings(max_examples=300)
+@given(value=U64, levels=st.sampled_from([4, 5]), nxe=st.booleans())
+def test_the_walkers_rights_table_is_the_formats_rights_mask(
+    value: int, levels: int, nxe: bool
+) -> None:
+    """The walker looks an entry's rights up by its bits 2:0 and 63 (`walk_constants`),
+    instead of calling `rights_mask`: both must agree on any entry, x86 and EPT alike."""
+    for fmt in (ia32e_format(levels, CpuModel(), nxe), ept_format(levels, CpuModel())):
+        table = fmt.walk_constants.rights_by_bits
+        assert table[value & 7 | value >> 60 & 8] == fmt.rights_mask(value), fmt.name

@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
+from typing import NamedTuple
 
 from twodwalk.engine.cpuid import CpuModel
 from twodwalk.engine.units import PAGE_SHIFT, hex_repr
@@ -135,11 +136,11 @@ class DecodedEntry:
         return self.layout.field(key).extract(self.value)
 
 
-@dataclass(frozen=True)
-class LevelShape:
+class LevelShape(NamedTuple):
     """What the walker needs to know about one level, precomputed: the index shift, the
     reserved masks for bit 7 clear and set, whether bit 7 makes a leaf there, and the
-    address masks of a table pointer and of a leaf."""
+    address masks of a table pointer and of a leaf. A named tuple, so that the walker
+    unpacks a level in one step."""
 
     shift: int
     reserved_small: int
@@ -147,6 +148,21 @@ class LevelShape:
     large_ok: bool
     table_mask: int
     leaf_mask: int
+
+
+class WalkConstants(NamedTuple):
+    """A format as the walker reads it (`EntryFormat.walk_constants`). `rights_by_bits`:
+    the rights mask of an entry by its bits 2:0 and 63, indexed `bits 2:0 | bit 63 << 3`,
+    so that each level costs an index, not a call of `rights_mask`."""
+
+    levels: int
+    top_shift: int
+    valid_tops: frozenset[int]
+    all_rights_mask: int
+    shapes: tuple[LevelShape, ...]
+    present_bits: int
+    bad_mt_xwr: int
+    rights_by_bits: tuple[int, ...]
 
 
 class EntryFormat(ABC):
@@ -225,7 +241,23 @@ class EntryFormat(ABC):
     @abstractmethod
     def rights_mask(self, value: int) -> int:
         """The rights one entry grants, as a `Rights` mask; the walker ANDs them down the
-        tree (plain ints: no enum arithmetic on the hot path)."""
+        tree (plain ints: no enum arithmetic on the hot path). It reads bits 2:0 and 63
+        only (x86: R/W, U/S and XD; EPT: read, write, execute), which `walk_constants`
+        relies on."""
+
+    @cached_property
+    def walk_constants(self) -> WalkConstants:
+        """Everything the walker reads from the format, as one value it unpacks once."""
+        return WalkConstants(
+            self.levels,
+            self.top_shift,
+            self.valid_tops,
+            self.all_rights_mask,
+            self.shapes,
+            self.present_bits,
+            self.bad_mt_xwr,
+            tuple(self.rights_mask(bits & 7 | (bits >> 3) << 63) for bits in range(16)),
+        )
 
     @cached_property
     def all_rights_mask(self) -> int:

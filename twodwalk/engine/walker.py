@@ -301,17 +301,19 @@ def walk(
     if type(address) is not int or not 0 <= address < U64_LIMIT:
         check_int("address", address, 0, U64_LIMIT, valid="0 <= address < 2**64")
     rows: list[Row] = []
-    if address >> fmt.top_shift not in fmt.valid_tops:
+    levels, top_shift, valid_tops, all_rights, shapes, present_bits, bad_mt_xwr, rights_by_bits = (
+        fmt.walk_constants
+    )
+    if address >> top_shift not in valid_tops:
         return _fault(fmt, root, address, access, start, rows, FaultKind.NON_CANONICAL, None)
     if start is None:
-        mask, table, level = fmt.all_rights_mask, root, fmt.levels
+        mask, table, level = all_rights, root, levels
     else:
         mask, table, level = int(start.rights), start.table, start.level
-    shapes, present_bits, bad_mt_xwr = fmt.shapes, fmt.present_bits, fmt.bad_mt_xwr
-    rights_mask, read_entry = fmt.rights_mask, tables.read_entry
+    read_entry = tables.read_entry
     while True:
-        shape = shapes[level]
-        index = (address >> shape.shift) & 0x1FF
+        shift, reserved_small, reserved_large, large_ok, table_mask, leaf_mask = shapes[level]
+        index = (address >> shift) & 0x1FF
         value, read = read_entry(table + ENTRY_SIZE * index, access)
         if read is not None and isinstance(read, NestedFault):  # None: the common case
             return _fault(
@@ -319,22 +321,22 @@ def walk(
             )
         present = value & present_bits
         if present:
-            mask &= rights_mask(value)
+            mask &= rights_by_bits[value & 7 | value >> 60 & 8]  # `fmt.rights_mask(value)`
         rows.append((level, table, index, value, mask, read))
         if not present:
             return _fault(fmt, root, address, access, start, rows, FaultKind.NOT_PRESENT, level)
         large = value & 0x80
-        if value & (shape.reserved_large if large else shape.reserved_small) or (
+        if value & (reserved_large if large else reserved_small) or (
             bad_mt_xwr >> (value & 0x3F) & 1
         ):
             return _fault(fmt, root, address, access, start, rows, FaultKind.RESERVED, level)
-        if level == 1 or (large and shape.large_ok):
+        if level == 1 or (large and large_ok):
             break
-        table = value & shape.table_mask
+        table = value & table_mask
         level -= 1
     rights = RIGHTS_BY_MASK[mask]
-    page_size = 1 << shape.shift
-    physical = (value & shape.leaf_mask) | (address & (page_size - 1))
+    page_size = 1 << shift
+    physical = (value & leaf_mask) | (address & (page_size - 1))
     violation = rules.violation(access, rights, value)
     if violation is not None:
         fault = WalkFault(
