@@ -157,18 +157,19 @@ class SetAssociativeCache(Generic[E]):
         self._sets: dict[int, list[OrderedDict[tuple[Tag, int], E]]] = {
             size: [OrderedDict() for _ in range(sets)] for size, (sets, _) in self.geometry.items()
         }
-        self._held = dict.fromkeys(self._sets, 0)
+        self._ways = {size: ways for size, (_, ways) in self.geometry.items()}
         self._in_use: list[tuple[int, int, list[OrderedDict[tuple[Tag, int], E]], int]] = []
-        self._global_entries = 0  # entries tagged ANY_PCID: without any, a miss is a miss
+        self._sizes_in_use: set[int] = set()
+        self._may_hold_global = False  # no entry tagged ANY_PCID: a miss is a miss
         self._last_hit: tuple[Tag, int, int, E] | None = None  # see `lookup`
 
     def _note_sizes_in_use(self) -> None:
-        """The arrays a look-up probes: only page sizes that hold an entry now."""
+        """The arrays a look-up probes: only page sizes that hold an entry. An eviction
+        replaces an entry of the same size, so only inserts and invalidations change this."""
         self._in_use = [
-            (-s, s.bit_length() - 1, sets, len(sets))
-            for s, sets in self._sets.items()
-            if self._held[s]
+            (-s, s.bit_length() - 1, sets, len(sets)) for s, sets in self._sets.items() if any(sets)
         ]
+        self._sizes_in_use = {-mask for mask, _, _, _ in self._in_use}
 
     def lookup(self, tag: Tag, address: int) -> E | None:
         """The entry that translates `address` for `tag`, or None (counted as a miss).
@@ -193,7 +194,7 @@ class SetAssociativeCache(Generic[E]):
                 self.stats.hits += 1
                 self._last_hit = (tag, mask, page, entry)
                 return entry
-        if self._global_entries and tag.pcid != ANY_PCID:  # another PCID's global entry
+        if self._may_hold_global and tag.pcid != ANY_PCID:  # another PCID's global entry
             return self.lookup(Tag(tag.vpid, ANY_PCID, tag.ep4ta), address)  # will do (4.10.2.4)
         self.stats.misses += 1
         return None
@@ -207,35 +208,29 @@ class SetAssociativeCache(Generic[E]):
         self._last_hit = None
         ways = sets[(entry.page // size) % len(sets)]
         key = (entry.tag, entry.page)
-        old = ways.pop(key, None)  # a new or re-inserted key goes in as the most recent way
-        if old is not None:
-            self._forget(old)
+        ways.pop(key, None)  # a new or re-inserted key goes in as the most recent way
         ways[key] = entry
-        held = self._held[size] = self._held[size] + 1
+        if len(ways) > self._ways[size]:
+            ways.popitem(last=False)
         if entry.tag.pcid == ANY_PCID:
-            self._global_entries += 1
-        if held == 1:
+            self._may_hold_global = True
+        if size not in self._sizes_in_use:
             self._note_sizes_in_use()
-        if len(ways) > self.geometry[size][1]:
-            self._forget(ways.popitem(last=False)[1])
-
-    def _forget(self, entry: E) -> None:
-        """Count out an entry that has left its set."""
-        self._held[entry.page_size] -= 1
-        if entry.tag.pcid == ANY_PCID:
-            self._global_entries -= 1
 
     def invalidate(self, keep: Callable[[E], bool]) -> int:
         """Drop every entry for which `keep` is false; return how many went."""
         self._last_hit = None
         dropped = 0
+        held_global = False
         for sets in self._sets.values():
             for ways in sets:
                 for key, entry in list(ways.items()):
                     if not keep(entry):
                         del ways[key]
                         dropped += 1
-                        self._forget(entry)
+                    elif entry.tag.pcid == ANY_PCID:
+                        held_global = True
+        self._may_hold_global = held_global
         self._note_sizes_in_use()
         return dropped
 
