@@ -10,7 +10,7 @@ from support import mapped_machine
 import twodwalk as tw
 from twodwalk.engine.formats import Rights
 from twodwalk.engine.kvm.memslots import dirty_pages
-from twodwalk.engine.tlb import Tag, Tlb, TlbEntry, TwoLevelTlb
+from twodwalk.engine.tlb import ANY_PCID, Tag, Tlb, TlbEntry, TwoLevelTlb
 from twodwalk.engine.trace import CacheHit, GuestWalk, NativeWalk, TlbHit, VmExit
 from twodwalk.engine.units import HUGE_PAGE_SIZE, PAGE_SIZE
 
@@ -189,6 +189,22 @@ def test_the_lookup_shortcut_forgets_on_insert_invalidate_and_switch_off() -> No
     tlb.enabled = True
     other = Tag(1, 5, 0)  # an equal-valued tag of another PCID is another address space
     assert tlb.lookup(other, 0x1000) is None
+
+
+def test_a_global_entry_serves_every_pcid_until_it_is_evicted_or_invalidated() -> None:
+    """Global entries carry ANY_PCID (SDM Vol 3A 4.10.2.4); the cache probes for one only
+    while it may hold one, and a miss is counted once whichever probes it made."""
+    tlb = Tlb({PAGE_SIZE: (1, 1)})
+    everyone, pcid_3 = Tag(1, ANY_PCID, 0), Tag(1, 3, 0)
+    tlb.insert(_entry(everyone, 0x1000))
+    assert tlb.lookup(pcid_3, 0x1000) is not None, "a global entry translates for PCID 3"
+    tlb.insert(_entry(pcid_3, 0x2000))  # one way: the global entry is evicted
+    assert tlb.lookup(pcid_3, 0x1000) is None
+    assert (tlb.stats.hits, tlb.stats.misses) == (1, 1)
+    tlb.insert(_entry(everyone, 0x1000))
+    tlb.invalidate(lambda e: e.tag.pcid != ANY_PCID)
+    assert tlb.lookup(pcid_3, 0x1000) is None
+    assert (tlb.stats.hits, tlb.stats.misses) == (1, 2)
 
 
 def test_stlb_serves_what_the_first_level_evicted_and_refills_it() -> None:
