@@ -521,8 +521,10 @@ class Processor(ABC):
             assert value is not None
             memory.write(hpa, value.to_bytes(ACCESS_SIZE, "little"))
             data = value
-        else:
+        elif hpa & 7:
             data = int.from_bytes(memory.read(hpa, ACCESS_SIZE), "little")
+        else:
+            data = memory.read_u64(hpa)  # aligned: one frame, one unpack
         trace.add(DataAccess(hpa, access.kind.value, data))
         return data if not access.is_write else value or 0
 

@@ -408,8 +408,11 @@ class Vm:
         except for a guest_memfd-only slot, whose pages come from the file by offset and
         have no HVA on that path (the slot's userspace_addr serves only the VMM and KVM's
         own copies)."""
-        memslot = self.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
-        return None if memslot is None or memslot.gmem_only else self.gpa_to_hva(gpa)
+        gfn = gpa >> PAGE_SHIFT
+        memslot = self.memslots.gfn_to_memslot(gfn)
+        if memslot is None or memslot.gmem_only:
+            return None
+        return memslot.gfn_to_hva(gfn) + (gpa & 0xFFF)
 
     def read_gpa(self, gpa: int, size: int) -> bytes:
         """Read guest memory as the VMM does: memslot -> HVA -> host page tables -> frame."""
