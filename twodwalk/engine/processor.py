@@ -59,7 +59,7 @@ _CONTROLS: dict[tuple[bool, bool, bool, bool, bool, bool, bool, int], PagingCont
 interned_key = id
 
 # Whether cached rights allow an access, under each hardware `PagingControls` (by
-# `interned_key`): a memo keyed by `TlbEntry.check_key` and `Access.code` (`_allowed_key`).
+# `interned_key`): a memo keyed by `TlbEntry.check_key` and `Access.code` (`_usable_entry`).
 _ALLOWED_UNDER: dict[int, dict[int, bool]] = {}
 
 # The attributes the TLB-hit path reads through `HotState`: assigning one drops it.
@@ -96,11 +96,6 @@ class HotState:
     hardware_controls: PagingControls
     allowed: dict[int, bool]
     accesses: dict[AccessKind | str, Access]
-
-
-def _allowed_key(entry: TlbEntry, access: Access) -> int:
-    """The rights-check memo's key: everything the check reads, as one int."""
-    return entry.check_key << 4 | access.code
 
 
 def _address_for(gva: int | None) -> int:
@@ -445,24 +440,23 @@ class Processor(ABC):
         entry = self.caches.tlb.lookup(hot.tag, gva)
         if entry is None:
             return None
-        allowed = hot.allowed.get(entry.check_key << 4 | access.code)
+        key = entry.check_key << 4 | access.code  # everything the check reads, as one int
+        allowed = hot.allowed.get(key)
         if allowed is None:
-            allowed = self._rights_allow(entry, access, hot)
+            allowed = hot.allowed[key] = self._rights_allow(entry, access, hot.hardware_controls)
         if not allowed or (access.kind is AccessKind.WRITE and not entry.dirty):
             self.tlb.invalidate(lambda e: e is not entry)
             return None
         return entry
 
     @staticmethod
-    def _rights_allow(entry: TlbEntry, access: Access, hot: HotState) -> bool:
-        """Check cached rights as the walk would have (the leaf's rights and protection
-        key under the hardware controls, then the EPT rights), and remember the answer."""
-        controls = hot.hardware_controls
+    def _rights_allow(entry: TlbEntry, access: Access, controls: PagingControls) -> bool:
+        """Check cached rights as the walk would have: the leaf's rights and protection
+        key under the hardware controls, then the EPT rights."""
         refused = controls.rules.violation(access, entry.rights, entry.leaf)
         if entry.ept_rights is not None and refused is None:
             refused = EptAccessRules().violation(access, entry.ept_rights, 0)
-        allowed = hot.allowed[_allowed_key(entry, access)] = refused is None
-        return allowed
+        return refused is None
 
     def tlb_access(self, gva: int, kind: AccessKind | str, value: int | None = None) -> bool:
         """The counts-only fast path: do the access if the TLB can serve it, recording
