@@ -195,12 +195,12 @@ def _lackey_accesses(path: str | Path, number: int, line: str) -> tuple[tuple[in
             " valid: give 1 or more bytes inside the 64-bit address space"
         )
     last = address + size - 1
-    crosses = last >> PAGE_SHIFT != address >> PAGE_SHIFT
-    return tuple(
-        access
-        for kind in _LACKEY_KINDS[opcode]
-        for access in ((address & ~7, kind), (last & ~(PAGE_SIZE - 1), kind))[: 1 + crosses]
-    )
+    accesses: list[tuple[int, str]] = []
+    for kind in _LACKEY_KINDS[opcode]:
+        accesses.append((address & ~7, kind))
+        if last >> PAGE_SHIFT != address >> PAGE_SHIFT:
+            accesses.append((last & ~(PAGE_SIZE - 1), kind))
+    return tuple(accesses)
 
 
 @dataclass

@@ -493,7 +493,7 @@ class Processor(ABC):
         leaf = walk_leaf.leaf
         mask = page_size - 1
         global_page = bool(leaf & PTE_GLOBAL) and self._cr4_pge
-        tag = (self._hot or self.hot_state()).tag
+        tag = self._tag()
         self.caches.tlb.insert(
             TlbEntry(
                 Tag(tag.vpid, ANY_PCID, tag.ep4ta) if global_page else tag,

@@ -260,7 +260,9 @@ class Counts(Trace):
             self.tlb_hits += 1
         elif kind is GuestWalk:
             assert isinstance(event, GuestWalk)
-            self._count("guest", event.record, nested=True)
+            self._count("guest", event.record)
+            for _, nested in _nested_walks(event.record):
+                self._count("ept", nested)
         elif kind is EptWalk or kind is NativeWalk:
             assert isinstance(event, EptWalk | NativeWalk)
             self._count("ept" if kind is EptWalk else "native", event.record)
@@ -276,21 +278,14 @@ class Counts(Trace):
         elif kind is HostPageFault:
             self.host_page_faults += 1
 
-    def _count(self, dimension: str, record: WalkRecord, nested: bool = False) -> None:
+    def _count(self, dimension: str, record: WalkRecord) -> None:
         """Add one walk's entries read from memory to `dimension`, and those a page-walk
-        cache gave to its hits; `nested`: and the EPT walks it made (`_nested_walks`), in
-        the same pass over its rows."""
+        cache gave to its hits."""
         cached = 0
         for row in record.rows:
             read = row[ROW_READ]
-            if read is not None:
-                if read.pwc:
-                    cached += 1
-                if nested:
-                    for walk in read.nested:
-                        self._count("ept", walk)
-        if nested and record.fault is not None and record.fault.nested is not None:
-            self._count("ept", record.fault.nested)
+            if read is not None and read.pwc:
+                cached += 1
         references = self.references
         references[dimension] = references.get(dimension, 0) + len(record.rows) - cached
         if cached:

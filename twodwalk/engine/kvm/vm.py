@@ -398,19 +398,21 @@ class Vm:
 
     def gpa_to_hva(self, gpa: int) -> int | None:
         """The memslot route GPA -> HVA (`gfn_to_hva`), or None for a hole."""
-        memslot = self.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
-        if memslot is None:
-            return None
-        return memslot.gfn_to_hva(gpa >> PAGE_SHIFT) + (gpa & 0xFFF)
+        return self._memslot_hva(gpa, gmem_only_too=True)
 
     def fault_hva(self, gpa: int) -> int | None:
         """The HVA through which KVM's page-fault path resolves `gpa`: the memslot route,
         except for a guest_memfd-only slot, whose pages come from the file by offset and
         have no HVA on that path (the slot's userspace_addr serves only the VMM and KVM's
         own copies)."""
+        return self._memslot_hva(gpa, gmem_only_too=False)
+
+    def _memslot_hva(self, gpa: int, gmem_only_too: bool) -> int | None:
+        """GPA -> memslot -> HVA, None for a hole (or a guest_memfd-only slot, unless
+        `gmem_only_too`)."""
         gfn = gpa >> PAGE_SHIFT
         memslot = self.memslots.gfn_to_memslot(gfn)
-        if memslot is None or memslot.gmem_only:
+        if memslot is None or (memslot.gmem_only and not gmem_only_too):
             return None
         return memslot.gfn_to_hva(gfn) + (gpa & 0xFFF)
 
